@@ -1,0 +1,204 @@
+// KernelBackend for CPU tensors: the torch-free row kernels of kernels/cpu_kernels.h, run in parallel
+// over rows (or column blocks) with at::parallel_for.
+#include "cpu_backend.h"
+
+#include <ATen/Parallel.h>
+
+#include "kernels/cpu_kernels.h"
+
+namespace ckd {
+namespace {
+
+// Enough elements per task that scheduling costs nothing next to the work.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)); }
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t cols, F&& body) {
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) body(i);
+  });
+}
+
+// Column reductions walk every row for a block of columns; blocks of 256 columns keep the running
+// statistics in L1 while rows stream through.
+template <typename F>
+void parallel_column_blocks(int64_t cols, F&& body) {
+  constexpr int64_t kBlock = 256;
+  const int64_t blocks = (cols + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) body(b * kBlock, std::min(cols, (b + 1) * kBlock));
+  });
+}
+
+template <typename T>
+const T* rows_of(ConstMatrix x, int64_t i) { return static_cast<const T*>(x.data) + i * x.cols; }
+
+template <typename Acc>
+class CpuBackend final : public KernelBackend<Acc> {
+ public:
+  void row_inv_norms(ConstMatrix x, Acc* inv_norm) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_rows(x.rows, x.cols, [&](int64_t i) { cpu::row_inv_norm<Acc>(rows_of<T>(x, i), x.cols, inv_norm + i); });
+    });
+  }
+
+  void row_dots(ConstMatrix a, ConstMatrix b, Acc* out) override {
+    visit_dtype(a.dtype, [&](auto ta) {
+      visit_dtype(b.dtype, [&](auto tb) {
+        using TA = decltype(ta);
+        using TB = decltype(tb);
+        parallel_rows(a.rows, a.cols,
+                      [&](int64_t i) { out[i] = cpu::row_dot<Acc>(rows_of<TA>(a, i), rows_of<TB>(b, i), a.cols); });
+      });
+    });
+  }
+
+  void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* lse1, Acc* lse2) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_rows(x.rows, x.cols, [&](int64_t i) {
+        cpu::softmax_stats_row<Acc>(rows_of<T>(x, i), x.cols, inv_temp, lse1 + i, lse2 ? lse2 + i : nullptr);
+      });
+    });
+  }
+
+  void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, const bool* valid, Acc* loss, const Acc* weight,
+               void* grad) override {
+    visit_dtype(s.dtype, [&](auto ts) {
+      visit_dtype(t.dtype, [&](auto tt) {
+        using TS = decltype(ts);
+        using TT = decltype(tt);
+        parallel_rows(s.rows, s.cols, [&](int64_t i) {
+          TS* g = grad ? static_cast<TS*>(grad) + i * s.cols : nullptr;
+          if (valid && !valid[i]) {
+            loss[i] = 0;
+            if (g) std::fill(g, g + s.cols, TS(0));
+            return;
+          }
+          cpu::kd_row<Acc>(rows_of<TS>(s, i), rows_of<TT>(t, i), s.cols, temperature, loss + i,
+                           weight ? weight[i] : Acc(0), g);
+        });
+      });
+    });
+  }
+
+  void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, Acc* out) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_rows(rows, x.cols, [&](int64_t r) {
+        const T* xi = rows_of<T>(x, row0 + r);
+        const Acc f = row_scale ? row_scale[row0 + r] : Acc(1);
+        Acc* o = out + r * x.cols;
+        for (int64_t j = 0; j < x.cols; ++j) o[j] = static_cast<Acc>(xi[j]) * f;
+      });
+    });
+  }
+
+  void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
+                 const Acc* row_shift, const Acc* col_shift, const bool* valid, Acc* out) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_rows(rows, cols, [&](int64_t r) {
+        const int64_t i = row0 + r;
+        Acc* o = out + r * cols;
+        if (valid && !valid[i]) {
+          std::fill(o, o + cols, Acc(0));
+          return;
+        }
+        const T* xi = rows_of<T>(x, i) + col0;
+        for (int64_t c = 0; c < cols; ++c) {
+          const Acc cs = col_shift ? cpu::clamped_log_norm(col_shift[col0 + c]) : Acc(0);
+          o[c] = std::exp(static_cast<Acc>(xi[c]) * inv_temp - row_shift[i] - cs);
+        }
+      });
+    });
+  }
+
+  void contrastive_epilogue(const EpilogueParams<Acc>& p) override {
+    parallel_rows(p.rows, p.cols, [&](int64_t r) { cpu::contrastive_epilogue_row(p, r); });
+  }
+
+  void scale_columns(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) override {
+    parallel_rows(rows, cols, [&](int64_t r) {
+      Acc* mr = m + r * ld;
+      for (int64_t c = 0; c < cols; ++c) mr[c] *= scale[c];
+    });
+  }
+
+  void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv, ConstMatrix extra_x,
+                          const bool* valid, void* grad) override {
+    visit_dtype(x.dtype, [&](auto tx) {
+      visit_dtype(extra_x.dtype, [&](auto te) {
+        using T = decltype(tx);
+        using TE = decltype(te);
+        parallel_rows(x.rows, x.cols, [&](int64_t i) {
+          T* g = static_cast<T*>(grad) + i * x.cols;
+          if (valid && !valid[i]) {
+            std::fill(g, g + x.cols, T(0));
+            return;
+          }
+          const bool extra = extra_coef != nullptr;
+          cpu::normalize_backward_row<Acc>(dv + i * x.cols, rows_of<T>(x, i), x.cols,
+                                           extra ? extra_coef[i] * extra_inv[i] : Acc(0),
+                                           extra ? rows_of<TE>(extra_x, i) : nullptr, g);
+        });
+      });
+    });
+  }
+
+  void column_log_norms(ConstMatrix x, const Acc* lse1, Acc inv_temp, const bool* valid, Acc* log_norm) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_column_blocks(x.cols, [&](int64_t c0, int64_t c1) {
+        cpu::column_log_norms_block<Acc>(static_cast<const T*>(x.data), x.rows, x.cols, c0, c1, lse1, inv_temp, valid,
+                                         log_norm);
+      });
+    });
+  }
+
+  void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp, const bool* valid,
+                   Acc* out) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      parallel_column_blocks(x.cols, [&](int64_t c0, int64_t c1) {
+        cpu::column_dots_block<Acc>(a, static_cast<const T*>(x.data), x.rows, x.cols, c0, c1, lse1, log_norm, inv_temp,
+                                    valid, out);
+      });
+    });
+  }
+
+  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
+                           const Acc* log_norm, const Acc* col_dot, Acc inv_temp, const bool* valid,
+                           void* grad) override {
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      at::parallel_for(0, x.rows, row_grain(x.cols), [&](int64_t begin, int64_t end) {
+        std::vector<Acc> scratch(2 * x.cols);
+        for (int64_t i = begin; i < end; ++i) {
+          T* g = static_cast<T*>(grad) + i * x.cols;
+          if (valid && !valid[i]) {
+            std::fill(g, g + x.cols, T(0));
+            continue;
+          }
+          cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
+                                       rows_of<T>(x, i), x.cols, lse1[i], lse2[i], log_norm, col_dot, inv_temp,
+                                       scratch.data(), g);
+        }
+      });
+    });
+  }
+};
+
+}  // namespace
+
+template <typename Acc>
+KernelBackend<Acc>& cpu_backend() {
+  static CpuBackend<Acc> backend;
+  return backend;
+}
+
+template KernelBackend<float>& cpu_backend<float>();
+template KernelBackend<double>& cpu_backend<double>();
+
+}  // namespace ckd

@@ -1,0 +1,202 @@
+// Torch-free CPU kernels: each function handles one row (or one block of columns) and is called in
+// parallel by cpu_backend.cpp. Inputs are converted to the accumulation type Acc on load.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "types.h"
+
+namespace ckd::cpu {
+
+template <typename Acc>
+constexpr Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
+
+template <typename Acc>
+inline Acc log_eps() { return static_cast<Acc>(std::log(kNormEps)); }
+
+// Four independent partial sums: lets the compiler keep several lanes busy and roughly halves the
+// rounding error of one long float sum.
+template <typename Acc, typename F>
+inline Acc sum_over(int64_t n, F&& term) {
+  Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    s0 += term(j);
+    s1 += term(j + 1);
+    s2 += term(j + 2);
+    s3 += term(j + 3);
+  }
+  for (; j < n; ++j) s0 += term(j);
+  return (s0 + s1) + (s2 + s3);
+}
+
+template <typename Acc, typename F>
+inline Acc max_over(int64_t n, F&& value) {
+  Acc m = neg_inf<Acc>();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, value(j));
+  return m;
+}
+
+// Max-shifted LSE of value(j); -inf when every value is -inf.
+template <typename Acc, typename F>
+inline Acc logsumexp(int64_t n, F&& value) {
+  const Acc m = max_over<Acc>(n, value);
+  if (m == neg_inf<Acc>()) return m;
+  return m + std::log(sum_over<Acc>(n, [&](int64_t j) { return std::exp(value(j) - m); }));
+}
+
+template <typename Acc, typename T>
+void row_inv_norm(const T* x, int64_t cols, Acc* inv_norm) {
+  const Acc sq = sum_over<Acc>(cols, [&](int64_t j) { const Acc v = static_cast<Acc>(x[j]); return v * v; });
+  *inv_norm = Acc(1) / std::max(std::sqrt(sq), static_cast<Acc>(kNormEps));
+}
+
+template <typename Acc, typename TA, typename TB>
+Acc row_dot(const TA* a, const TB* b, int64_t cols) {
+  return sum_over<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(a[j]) * static_cast<Acc>(b[j]); });
+}
+
+template <typename Acc, typename T>
+void softmax_stats_row(const T* x, int64_t cols, Acc inv_temp, Acc* lse1, Acc* lse2) {
+  *lse1 = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(x[j]) * inv_temp; });
+  if (lse2) *lse2 = logsumexp<Acc>(cols, [&](int64_t j) { return 2 * static_cast<Acc>(x[j]) * inv_temp; });
+}
+
+template <typename Acc, typename TS, typename TT>
+void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, Acc weight, TS* grad) {
+  const Acc inv_temp = Acc(1) / temperature;
+  const Acc lse_s = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp; });
+  const Acc lse_t = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; });
+  // q * (log q - log p) with log q finite, so an underflowed q contributes exactly 0 (0 log 0 = 0).
+  const Acc kl = sum_over<Acc>(cols, [&](int64_t j) {
+    const Acc log_q = static_cast<Acc>(t[j]) * inv_temp - lse_t;
+    const Acc log_p = static_cast<Acc>(s[j]) * inv_temp - lse_s;
+    return std::exp(log_q) * (log_q - log_p);
+  });
+  *loss = temperature * temperature * kl;
+  if (grad) {
+    const Acc g = weight * temperature;
+    for (int64_t j = 0; j < cols; ++j) {
+      const Acc p = std::exp(static_cast<Acc>(s[j]) * inv_temp - lse_s);
+      const Acc q = std::exp(static_cast<Acc>(t[j]) * inv_temp - lse_t);
+      grad[j] = static_cast<TS>(g * (p - q));
+    }
+  }
+}
+
+template <typename Acc>
+void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
+  const int64_t i = p.row0 + r;
+  Acc* z = p.strip + r * p.ld;
+  const bool want_grad = p.weight != nullptr;
+  if (p.row_valid && !p.row_valid[i]) {
+    p.loss[i] = 0;
+    if (want_grad) std::fill(z, z + p.cols, Acc(0));
+    if (p.diagonal_out) p.diagonal_out[i] = 0;
+    return;
+  }
+  for (int64_t j = 0; j < p.cols; ++j) {
+    Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
+    if (p.col_valid && !p.col_valid[j]) v = neg_inf<Acc>();
+    z[j] = v;
+  }
+  if (p.positive) z[i] = p.positive[i];
+  const Acc lse = logsumexp<Acc>(p.cols, [&](int64_t j) { return z[j]; });
+  p.loss[i] = lse - z[i];
+  if (!want_grad) return;
+  const Acc g = p.weight[i] * p.coef_scale;
+  for (int64_t j = 0; j < p.cols; ++j) z[j] = g * std::exp(z[j] - lse);
+  if (p.diagonal_out) {
+    p.diagonal_out[i] = z[i] - g;
+    z[i] = 0;
+  } else {
+    z[i] -= g;
+  }
+}
+
+template <typename Acc, typename T, typename TE>
+void normalize_backward_row(Acc* dv, const T* x, int64_t cols, Acc extra_factor, const TE* extra_x, T* grad) {
+  if (extra_x) {
+    for (int64_t j = 0; j < cols; ++j) dv[j] += extra_factor * static_cast<Acc>(extra_x[j]);
+  }
+  const Acc sq = sum_over<Acc>(cols, [&](int64_t j) { const Acc v = static_cast<Acc>(x[j]); return v * v; });
+  const Acc norm = std::sqrt(sq);
+  if (norm < static_cast<Acc>(kNormEps)) {
+    // The clamped norm is a constant: v = x / eps.
+    const Acc inv = Acc(1) / static_cast<Acc>(kNormEps);
+    for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(dv[j] * inv);
+    return;
+  }
+  const Acc inv = Acc(1) / norm;
+  const Acc proj = row_dot<Acc>(dv, x, cols) * inv * inv;
+  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(inv * (dv[j] - proj * static_cast<Acc>(x[j])));
+}
+
+// Columns [c0, c1) of log_norm: 0.5 * LSE over valid rows of 2 (x_ic * inv_temp - lse1_i).
+template <typename Acc, typename T>
+void column_log_norms_block(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, const Acc* lse1,
+                            Acc inv_temp, const bool* valid, Acc* log_norm) {
+  const int64_t w = c1 - c0;
+  std::vector<Acc> mx(w, neg_inf<Acc>()), sum(w, Acc(0));
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) continue;
+    const T* xi = x + i * cols + c0;
+    for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], 2 * (static_cast<Acc>(xi[c]) * inv_temp - lse1[i]));
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) continue;
+    const T* xi = x + i * cols + c0;
+    for (int64_t c = 0; c < w; ++c) sum[c] += std::exp(2 * (static_cast<Acc>(xi[c]) * inv_temp - lse1[i]) - mx[c]);
+  }
+  for (int64_t c = 0; c < w; ++c) {
+    log_norm[c0 + c] = mx[c] == neg_inf<Acc>() ? mx[c] : Acc(0.5) * (mx[c] + std::log(sum[c]));
+  }
+}
+
+template <typename Acc>
+inline Acc clamped_log_norm(Acc log_norm) { return std::max(log_norm, log_eps<Acc>()); }
+
+template <typename Acc, typename T>
+void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1,
+                       const Acc* lse1, const Acc* log_norm, Acc inv_temp, const bool* valid, Acc* out) {
+  const int64_t w = c1 - c0;
+  std::vector<Acc> sum(w, Acc(0)), shift(w);
+  for (int64_t c = 0; c < w; ++c) shift[c] = clamped_log_norm(log_norm[c0 + c]);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) continue;
+    const T* xi = x + i * cols + c0;
+    const Acc* ai = a + i * cols + c0;
+    for (int64_t c = 0; c < w; ++c) sum[c] += ai[c] * std::exp(static_cast<Acc>(xi[c]) * inv_temp - lse1[i] - shift[c]);
+  }
+  for (int64_t c = 0; c < w; ++c) out[c0 + c] = sum[c];
+}
+
+// dP = (dp - <dp, p> p) / ||P_i||  +  per column (dpbar - k_c pbar) / ||P_.c||, then through the softmax:
+// grad = P (dP - <P, dP>) / T.  `scratch` holds 2 * cols values.
+template <typename Acc, typename T>
+void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc lse1, Acc lse2,
+                        const Acc* log_norm, const Acc* col_dot, Acc inv_temp, Acc* scratch, T* grad) {
+  Acc* prob = scratch;
+  Acc* dprob = scratch + cols;
+  for (int64_t j = 0; j < cols; ++j) prob[j] = std::exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
+  std::fill(dprob, dprob + cols, Acc(0));
+  if (dp) {
+    // p = P / ||P||, with ||P|| = exp(0.5 lse2 - lse1).
+    const Acc inv_row_norm = std::exp(lse1 - Acc(0.5) * lse2);
+    const Acc r = sum_over<Acc>(cols, [&](int64_t j) { return dp[j] * prob[j]; }) * inv_row_norm;
+    for (int64_t j = 0; j < cols; ++j) dprob[j] = (dp[j] - r * prob[j] * inv_row_norm) * inv_row_norm;
+  }
+  if (dpbar) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const Acc shift = clamped_log_norm(log_norm[j]);
+      const Acc inv_col_norm = std::exp(-shift);
+      const Acc k = log_norm[j] < log_eps<Acc>() ? Acc(0) : col_dot[j];
+      dprob[j] += (dpbar[j] - k * prob[j] * inv_col_norm) * inv_col_norm;
+    }
+  }
+  const Acc d = sum_over<Acc>(cols, [&](int64_t j) { return prob[j] * dprob[j]; });
+  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(prob[j] * (dprob[j] - d) * inv_temp);
+}
+
+}  // namespace ckd::cpu

@@ -1,0 +1,73 @@
+// Torch-free vocabulary shared by the orchestration and every kernel backend (CPU now, CUDA later):
+// raw pointers, sizes and a dtype tag; no ATen types cross this boundary.
+#pragma once
+#include <cstdint>
+#include <limits>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace ckd {
+
+enum class DType : int8_t { Float32, Float64, Float16, BFloat16 };
+
+// A row-major, contiguous matrix of logits in its storage dtype.
+struct ConstMatrix {
+  const void* data;
+  DType dtype;
+  int64_t rows;
+  int64_t cols;
+};
+
+// L2 norms are clamped from below by this, as torch.nn.functional.normalize does.
+constexpr double kNormEps = 1e-12;
+
+template <typename T>
+struct dtype_of;
+template <> struct dtype_of<float> { static constexpr DType value = DType::Float32; };
+template <> struct dtype_of<double> { static constexpr DType value = DType::Float64; };
+template <> struct dtype_of<c10::Half> { static constexpr DType value = DType::Float16; };
+template <> struct dtype_of<c10::BFloat16> { static constexpr DType value = DType::BFloat16; };
+
+// Calls f(T{}) with T the C++ type of `dtype`.
+template <typename F>
+decltype(auto) visit_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::Float16: return f(c10::Half{});
+    case DType::BFloat16: break;
+  }
+  return f(c10::BFloat16{});
+}
+
+// Parameters of the contrastive epilogue, which turns one strip of raw similarities (rows = anchors
+// row0 .. row0+rows-1, columns = every candidate) into per-anchor losses and, in place, gradient
+// coefficients. The positive of anchor i sits in column i.
+//   z_ij  = strip_ij * scale * col_scale[j]     (-inf where !col_valid[j])
+//   z_ii  = positive[i] instead, when `positive` is given (CKD's student anchor)
+//   loss_i = LSE_j z_ij - z_ii
+//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * coef_scale
+// Anchor rows arrive already scaled (the orchestration loads them normalised), so only columns need a scale.
+// With `diagonal_out`, the diagonal coefficient goes there and the strip's diagonal becomes 0.
+// Null arrays mean "all ones" / "all valid".
+template <typename Acc>
+struct EpilogueParams {
+  Acc* strip;
+  int64_t ld;       // leading dimension of the strip (elements)
+  int64_t row0;     // global index of the strip's first anchor
+  int64_t rows;
+  int64_t cols;     // number of candidates
+  Acc scale;
+  const Acc* col_scale;
+  const bool* row_valid;
+  const bool* col_valid;
+  const Acc* positive;
+  Acc* loss;        // indexed by global anchor index
+  // Gradient part; weight == nullptr means "loss only".
+  const Acc* weight;
+  Acc coef_scale;
+  Acc* diagonal_out;
+};
+
+}  // namespace ckd

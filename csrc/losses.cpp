@@ -1,0 +1,631 @@
+#include "losses.h"
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+
+#include "cpu_backend.h"
+
+namespace ckd {
+namespace {
+
+int64_t initial_workspace_bytes() {
+  if (const char* mb = std::getenv("CKD_EXT_WORKSPACE_MB")) {
+    const long long v = std::atoll(mb);
+    if (v > 0) return static_cast<int64_t>(v) << 20;
+  }
+  return int64_t{64} << 20;
+}
+
+std::atomic<int64_t> g_workspace_bytes{initial_workspace_bytes()};
+
+}  // namespace
+
+int64_t workspace_bytes() { return g_workspace_bytes.load(); }
+
+void set_workspace_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "ckd_ext: the workspace must be > 0 bytes, got ", bytes);
+  g_workspace_bytes.store(bytes);
+}
+
+namespace {
+
+enum class Reduction { None, Mean, Sum };
+
+Reduction parse_reduction(std::string_view r) {
+  if (r == "mean") return Reduction::Mean;
+  if (r == "sum") return Reduction::Sum;
+  TORCH_CHECK(r == "none", "ckd_ext: reduction must be 'mean', 'sum' or 'none', got '", r, "'");
+  return Reduction::None;
+}
+
+bool parse_student_anchor(std::string_view a) {
+  TORCH_CHECK(a == "student" || a == "teacher", "ckd_ext: anchor must be 'student' or 'teacher', got '", a, "'");
+  return a == "student";
+}
+
+void check_positive(const char* name, double v) {
+  TORCH_CHECK(std::isfinite(v) && v > 0, "ckd_ext: ", name, " must be a finite number > 0, got ", v);
+}
+
+DType storage_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: TORCH_CHECK(false, "ckd_ext: unsupported dtype ", t.scalar_type());
+  }
+}
+
+ConstMatrix as_matrix(const at::Tensor& t) { return {t.const_data_ptr(), storage_dtype(t), t.size(0), t.size(1)}; }
+
+template <typename Acc>
+constexpr at::ScalarType acc_type() { return std::is_same_v<Acc, double> ? at::kDouble : at::kFloat; }
+
+// fp64 students accumulate in fp64 (gradcheck); everything else in fp32.
+template <typename F>
+decltype(auto) dispatch_acc(const at::Tensor& student, F&& f) {
+  if (student.scalar_type() == at::kDouble) return f(double{});
+  return f(float{});
+}
+
+template <typename Acc>
+KernelBackend<Acc>& backend_for(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "ckd_ext: this build has no kernels for device ", x.device());
+  return cpu_backend<Acc>();
+}
+
+struct Inputs {
+  at::Tensor student, teacher, mask;  // contiguous; mask undefined when absent
+  int64_t rows, cols;
+  const bool* valid() const { return mask.defined() ? mask.const_data_ptr<bool>() : nullptr; }
+};
+
+Inputs check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                    const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
+              ": student and teacher must be 2-D tensors of the same shape, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(student.size(1) > 0, op, ": the class dimension must be > 0");
+  storage_dtype(student);
+  storage_dtype(teacher);
+  TORCH_CHECK(teacher.device() == student.device(), op, ": student and teacher must be on the same device, got ",
+              student.device(), " and ", teacher.device());
+  Inputs in{student.contiguous(), teacher.contiguous(), at::Tensor(), student.size(0), student.size(1)};
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == in.rows, op,
+                ": mask must be a bool tensor of shape (", in.rows, "), got ", mask->scalar_type(), " ", mask->sizes());
+    TORCH_CHECK(mask->device() == student.device(), op, ": mask must be on the student's device");
+    in.mask = mask->contiguous();
+  }
+  return in;
+}
+
+int64_t count_valid(const Inputs& in) { return in.mask.defined() ? in.mask.sum().item<int64_t>() : in.rows; }
+
+// Upstream weight of each anchor: grad / divisor ("mean"), grad ("sum") or grad[i] ("none"); 0 where masked.
+template <typename Acc>
+at::Tensor anchor_weights(const at::Tensor& grad, Reduction reduction, int64_t divisor, const at::Tensor& mask,
+                          int64_t anchors, const at::TensorOptions& acc_options) {
+  at::Tensor w;
+  if (reduction == Reduction::None) {
+    TORCH_CHECK(grad.numel() == anchors, "ckd_ext: expected ", anchors, " upstream gradients, got ", grad.numel());
+    w = grad.reshape({anchors}).to(acc_options, /*non_blocking=*/false, /*copy=*/true);
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "ckd_ext: expected a scalar upstream gradient, got ", grad.sizes());
+    at::Tensor g = grad.reshape({}).to(acc_options);
+    if (reduction == Reduction::Mean) g = g / static_cast<double>(std::max<int64_t>(divisor, 1));
+    w = g.expand({anchors}).contiguous();
+  }
+  if (mask.defined()) w.masked_fill_(mask.logical_not(), 0);
+  return w;
+}
+
+at::Tensor reduce_terms(const at::Tensor& terms, Reduction reduction, int64_t divisor) {
+  if (reduction == Reduction::None) return terms;
+  at::Tensor s = terms.sum();
+  if (reduction == Reduction::Mean) s = divisor > 0 ? s / static_cast<double>(divisor) : s * 0;
+  return s;
+}
+
+// Rows a block of `row_elems` Acc values per row may have within `bytes`, at least 1 and at most `total`.
+template <typename Acc>
+int64_t rows_within(int64_t bytes, int64_t row_elems, int64_t total) {
+  const int64_t per_row = std::max<int64_t>(row_elems, 1) * static_cast<int64_t>(sizeof(Acc));
+  return std::max<int64_t>(1, std::min<int64_t>(total, bytes / per_row));
+}
+
+// A reusable Acc work buffer handed out as (rows, cols) views.
+template <typename Acc>
+class WorkBuffer {
+ public:
+  explicit WorkBuffer(const at::TensorOptions& options) : options_(options) {}
+  at::Tensor view(int64_t rows, int64_t cols) {
+    if (storage_.numel() < rows * cols) storage_ = at::empty({rows * cols}, options_);
+    return storage_.narrow(0, 0, rows * cols).view({rows, cols});
+  }
+
+ private:
+  at::TensorOptions options_;
+  at::Tensor storage_;
+};
+
+// Rows [row0, row0 + rows) of x as an Acc matrix, scaled per row when row_scale is given: a view of x when
+// nothing needs converting, else a chunk-sized copy in `buffer`.
+template <typename Acc>
+at::Tensor operand_rows(KernelBackend<Acc>& k, WorkBuffer<Acc>& buffer, const at::Tensor& x, int64_t row0,
+                        int64_t rows, const Acc* row_scale) {
+  if (row_scale == nullptr && x.scalar_type() == acc_type<Acc>()) return x.narrow(0, row0, rows);
+  at::Tensor out = buffer.view(rows, x.size(1));
+  k.load_rows(as_matrix(x), row0, rows, row_scale, out.data_ptr<Acc>());
+  return out;
+}
+
+template <typename Acc>
+EpilogueParams<Acc> strip_epilogue(at::Tensor& strip, int64_t row0, int64_t rows, Acc inv_tau, at::Tensor& loss,
+                                   const at::Tensor& weight) {
+  EpilogueParams<Acc> p{};
+  p.strip = strip.data_ptr<Acc>();
+  p.ld = strip.size(1);
+  p.row0 = row0;
+  p.rows = rows;
+  p.cols = strip.size(1);
+  p.scale = inv_tau;
+  p.loss = loss.data_ptr<Acc>();
+  p.weight = weight.defined() ? weight.const_data_ptr<Acc>() : nullptr;
+  p.coef_scale = inv_tau;
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// CKD. Anchor rows are loaded normalised (a chunk at a time); candidates are the raw student rows, whose
+// norms are applied to the strip afterwards, so no normalised copy of an input exists.
+template <typename Acc>
+void ckd_core(const Inputs& in, double tau, bool student_anchor, const at::Tensor& weight, at::Tensor& row_loss,
+              const at::Tensor& grad) {
+  auto& k = backend_for<Acc>(in.student);
+  const int64_t N = in.rows, C = in.cols;
+  const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+  const Acc inv_tau = static_cast<Acc>(1.0 / tau);
+  const ConstMatrix S = as_matrix(in.student), T = as_matrix(in.teacher);
+  const bool* valid = in.valid();
+  const bool want_grad = grad.defined();
+
+  at::Tensor inv_s = at::empty({N}, acc_options), inv_t = at::empty({N}, acc_options);
+  k.row_inv_norms(S, inv_s.data_ptr<Acc>());
+  k.row_inv_norms(T, inv_t.data_ptr<Acc>());
+  at::Tensor positive;
+  if (student_anchor) {
+    positive = at::empty({N}, acc_options);
+    k.row_dots(T, S, positive.data_ptr<Acc>());
+    positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
+  }
+
+  const int64_t budget = workspace_bytes();
+  const int64_t strip_rows = std::min(rows_within<Acc>(budget / 2, N, N), rows_within<Acc>(budget / 4, C, N));
+  const int64_t block_rows =
+      in.student.scalar_type() == acc_type<Acc>() ? N : rows_within<Acc>(budget / 4, C, N);
+  at::Tensor strip = at::empty({strip_rows, N}, acc_options);
+  WorkBuffer<Acc> anchor_buffer(acc_options), candidate_buffer(acc_options);
+
+  at::Tensor dv, diagonal;  // dL/dv for the student rows v = s / |s|, before the normalisation backward
+  if (want_grad) {
+    dv = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
+    if (student_anchor) diagonal = at::empty({N}, acc_options);
+  }
+  const at::Tensor& anchor_source = student_anchor ? in.student : in.teacher;
+  const Acc* anchor_inv_norm = (student_anchor ? inv_s : inv_t).data_ptr<Acc>();
+
+  for (int64_t r0 = 0; r0 < N; r0 += strip_rows) {
+    const int64_t rows = std::min(strip_rows, N - r0);
+    const at::Tensor anchors = operand_rows(k, anchor_buffer, anchor_source, r0, rows, anchor_inv_norm);
+    at::Tensor z = strip.narrow(0, 0, rows);
+    for (int64_t j0 = 0; j0 < N; j0 += block_rows) {
+      const int64_t kb = std::min(block_rows, N - j0);
+      at::Tensor out = z.narrow(1, j0, kb);
+      at::mm_out(out, anchors, operand_rows<Acc>(k, candidate_buffer, in.student, j0, kb, nullptr).t());
+    }
+    EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau, row_loss, want_grad ? weight : at::Tensor());
+    p.col_scale = inv_s.data_ptr<Acc>();
+    p.row_valid = valid;
+    p.col_valid = valid;
+    p.positive = student_anchor ? positive.data_ptr<Acc>() : nullptr;
+    p.diagonal_out = want_grad && student_anchor ? diagonal.data_ptr<Acc>() : nullptr;
+    k.contrastive_epilogue(p);
+    if (!want_grad) continue;
+    // Every candidate j gains sum_i coef_ij * anchor_i ...
+    dv.addmm_(z.t(), anchors);
+    if (student_anchor) {
+      // ... and with student anchors, each anchor row i gains sum_j coef_ij * v_j (v_j = s_j / |s_j|).
+      k.scale_columns(z.data_ptr<Acc>(), rows, N, N, inv_s.data_ptr<Acc>());
+      at::Tensor dv_rows = dv.narrow(0, r0, rows);
+      for (int64_t j0 = 0; j0 < N; j0 += block_rows) {
+        const int64_t kb = std::min(block_rows, N - j0);
+        dv_rows.addmm_(z.narrow(1, j0, kb), operand_rows<Acc>(k, candidate_buffer, in.student, j0, kb, nullptr));
+      }
+    }
+  }
+  if (want_grad) {
+    // The student anchor's positive <u_i, v_i> adds diagonal_i * u_i to dv_i.
+    k.normalize_backward(dv.data_ptr<Acc>(), S, student_anchor ? diagonal.data_ptr<Acc>() : nullptr,
+                         inv_t.data_ptr<Acc>(), T, valid, grad.data_ptr());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// BicKD. Normalised probabilities are produced block by block in the log domain (p_ic = exp(s_ic/T -
+// LSE(2 s_i/T)/2), pbar_ic = exp(s_ic/T - LSE(s_i/T) - log|P_.c|)), so nothing underflows that float64
+// would keep, and only work buffers within the budget ever hold them.
+template <typename Acc>
+class BicKDPass {
+ public:
+  BicKDPass(const Inputs& in, double temperature, double tau, bool symmetric)
+      : in_(in),
+        k_(backend_for<Acc>(in.student)),
+        N_(in.rows),
+        C_(in.cols),
+        opts_(in.student.options().dtype(acc_type<Acc>())),
+        inv_temp_(static_cast<Acc>(1.0 / temperature)),
+        inv_tau_(static_cast<Acc>(1.0 / tau)),
+        symmetric_(symmetric),
+        budget_(workspace_bytes()),
+        anchor_buffer_(opts_),
+        candidate_buffer_(opts_) {
+    for (auto* t : {&s_lse1_, &s_lse2_, &t_lse1_, &t_lse2_}) *t = at::empty({N_}, opts_);
+    k_.softmax_stats(as_matrix(in.student), inv_temp_, s_lse1_.data_ptr<Acc>(), s_lse2_.data_ptr<Acc>());
+    k_.softmax_stats(as_matrix(in.teacher), inv_temp_, t_lse1_.data_ptr<Acc>(), t_lse2_.data_ptr<Acc>());
+  }
+
+  // Sample side: anchors are student rows p_i, candidates teacher rows q_k (and the reverse for the twin).
+  // Adds each anchor's term, times `half`, to `loss`; accumulates dL/dp into dp when weight is defined.
+  void sample_side(const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dp) {
+    const at::Tensor s_shift = s_lse2_ * 0.5, t_shift = t_lse2_ * 0.5;
+    sample_strips(in_.student, s_shift, in_.teacher, t_shift, /*student_anchors=*/true, weight, loss, dp);
+    if (symmetric_) sample_strips(in_.teacher, t_shift, in_.student, s_shift, false, weight, loss, dp);
+  }
+
+  // Class side: anchors are student columns pbar_c, candidates teacher columns qbar_d (and the reverse).
+  void class_side(const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dpbar) {
+    ensure_column_norms();
+    class_strips(in_.student, s_lse1_, s_lcn_, in_.teacher, t_lse1_, t_lcn_, true, weight, loss, dpbar);
+    if (symmetric_) class_strips(in_.teacher, t_lse1_, t_lcn_, in_.student, s_lse1_, s_lcn_, false, weight, loss, dpbar);
+  }
+
+  void backward(const at::Tensor& dp, const at::Tensor& dpbar, const at::Tensor& grad) {
+    at::Tensor col_dot;
+    if (dpbar.defined()) {
+      ensure_column_norms();
+      col_dot = at::empty({C_}, opts_);
+      k_.column_dots(dpbar.const_data_ptr<Acc>(), as_matrix(in_.student), s_lse1_.data_ptr<Acc>(),
+                     s_lcn_.data_ptr<Acc>(), inv_temp_, in_.valid(), col_dot.data_ptr<Acc>());
+    }
+    k_.bickd_backward_rows(dp.defined() ? dp.data_ptr<Acc>() : nullptr,
+                           dpbar.defined() ? dpbar.const_data_ptr<Acc>() : nullptr, as_matrix(in_.student),
+                           s_lse1_.data_ptr<Acc>(), s_lse2_.data_ptr<Acc>(),
+                           dpbar.defined() ? s_lcn_.data_ptr<Acc>() : nullptr,
+                           dpbar.defined() ? col_dot.data_ptr<Acc>() : nullptr, inv_temp_, in_.valid(),
+                           grad.data_ptr());
+  }
+
+ private:
+  Acc half() const { return symmetric_ ? Acc(0.5) : Acc(1); }
+
+  void ensure_column_norms() {
+    if (s_lcn_.defined()) return;
+    s_lcn_ = at::empty({C_}, opts_);
+    t_lcn_ = at::empty({C_}, opts_);
+    k_.column_log_norms(as_matrix(in_.student), s_lse1_.data_ptr<Acc>(), inv_temp_, in_.valid(), s_lcn_.data_ptr<Acc>());
+    k_.column_log_norms(as_matrix(in_.teacher), t_lse1_.data_ptr<Acc>(), inv_temp_, in_.valid(), t_lcn_.data_ptr<Acc>());
+  }
+
+  // Normalised rows [row0, row0 + rows) of x: exp(x / T - shift).
+  at::Tensor normalised_rows(WorkBuffer<Acc>& buffer, const at::Tensor& x, const at::Tensor& shift, int64_t row0,
+                             int64_t rows) {
+    at::Tensor out = buffer.view(rows, C_);
+    k_.exp_block(as_matrix(x), row0, rows, 0, C_, inv_temp_, shift.data_ptr<Acc>(), nullptr, in_.valid(),
+                 out.data_ptr<Acc>());
+    return out;
+  }
+
+  // Normalised columns [col0, col0 + cols) of softmax(x / T), every row: an (N, cols) block.
+  at::Tensor normalised_columns(WorkBuffer<Acc>& buffer, const at::Tensor& x, const at::Tensor& lse1,
+                                const at::Tensor& log_norm, int64_t col0, int64_t cols) {
+    at::Tensor out = buffer.view(N_, cols);
+    k_.exp_block(as_matrix(x), 0, N_, col0, cols, inv_temp_, lse1.data_ptr<Acc>(), log_norm.data_ptr<Acc>(),
+                 in_.valid(), out.data_ptr<Acc>());
+    return out;
+  }
+
+  at::Tensor scaled_weight(const at::Tensor& weight) const {
+    return weight.defined() && symmetric_ ? weight * 0.5 : weight;
+  }
+
+  void add_terms(at::Tensor& loss, const at::Tensor& terms) const { loss.add_(terms, half()); }
+
+  void sample_strips(const at::Tensor& anchor_x, const at::Tensor& anchor_shift, const at::Tensor& cand_x,
+                     const at::Tensor& cand_shift, bool student_anchors, const at::Tensor& weight, at::Tensor& loss,
+                     const at::Tensor& dp) {
+    const int64_t strip_rows = std::min(rows_within<Acc>(budget_ / 2, N_, N_), rows_within<Acc>(budget_ / 4, C_, N_));
+    const int64_t block_rows = rows_within<Acc>(budget_ / 4, C_, N_);
+    at::Tensor strip = at::empty({strip_rows, N_}, opts_);
+    at::Tensor terms = at::zeros({N_}, opts_);
+    const at::Tensor w = scaled_weight(weight);
+    // All candidates fit in one block: build them once.
+    const at::Tensor all_candidates =
+        block_rows >= N_ ? normalised_rows(candidate_buffer_, cand_x, cand_shift, 0, N_) : at::Tensor();
+    auto candidates = [&](int64_t j0, int64_t kb) {
+      return all_candidates.defined() ? all_candidates : normalised_rows(candidate_buffer_, cand_x, cand_shift, j0, kb);
+    };
+    for (int64_t r0 = 0; r0 < N_; r0 += strip_rows) {
+      const int64_t rows = std::min(strip_rows, N_ - r0);
+      const at::Tensor anchors = normalised_rows(anchor_buffer_, anchor_x, anchor_shift, r0, rows);
+      at::Tensor z = strip.narrow(0, 0, rows);
+      for (int64_t j0 = 0; j0 < N_; j0 += block_rows) {
+        const int64_t kb = std::min(block_rows, N_ - j0);
+        at::Tensor out = z.narrow(1, j0, kb);
+        at::mm_out(out, anchors, candidates(j0, kb).t());
+      }
+      EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau_, terms, w);
+      p.row_valid = in_.valid();
+      p.col_valid = in_.valid();
+      k_.contrastive_epilogue(p);
+      if (!w.defined()) continue;
+      if (student_anchors) {
+        at::Tensor dp_rows = dp.narrow(0, r0, rows);
+        for (int64_t j0 = 0; j0 < N_; j0 += block_rows) {
+          const int64_t kb = std::min(block_rows, N_ - j0);
+          dp_rows.addmm_(z.narrow(1, j0, kb), candidates(j0, kb));
+        }
+      } else {
+        dp.addmm_(z.t(), anchors);
+      }
+    }
+    add_terms(loss, terms);
+  }
+
+  void class_strips(const at::Tensor& anchor_x, const at::Tensor& anchor_lse1, const at::Tensor& anchor_lcn,
+                    const at::Tensor& cand_x, const at::Tensor& cand_lse1, const at::Tensor& cand_lcn,
+                    bool student_anchors, const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dpbar) {
+    const int64_t strip_cols = std::min(rows_within<Acc>(budget_ / 2, C_, C_), rows_within<Acc>(budget_ / 4, N_, C_));
+    const int64_t block_cols = rows_within<Acc>(budget_ / 4, N_, C_);
+    at::Tensor strip = at::empty({strip_cols, C_}, opts_);
+    at::Tensor terms = at::zeros({C_}, opts_);
+    const at::Tensor w = scaled_weight(weight);
+    const at::Tensor all_candidates =
+        block_cols >= C_ ? normalised_columns(candidate_buffer_, cand_x, cand_lse1, cand_lcn, 0, C_) : at::Tensor();
+    auto candidates = [&](int64_t d0, int64_t kb) {
+      return all_candidates.defined() ? all_candidates
+                                      : normalised_columns(candidate_buffer_, cand_x, cand_lse1, cand_lcn, d0, kb);
+    };
+    for (int64_t c0 = 0; c0 < C_; c0 += strip_cols) {
+      const int64_t cols = std::min(strip_cols, C_ - c0);
+      const at::Tensor anchors = normalised_columns(anchor_buffer_, anchor_x, anchor_lse1, anchor_lcn, c0, cols);
+      at::Tensor z = strip.narrow(0, 0, cols);
+      for (int64_t d0 = 0; d0 < C_; d0 += block_cols) {
+        const int64_t kb = std::min(block_cols, C_ - d0);
+        at::Tensor out = z.narrow(1, d0, kb);
+        at::mm_out(out, anchors.t(), candidates(d0, kb));
+      }
+      EpilogueParams<Acc> p = strip_epilogue<Acc>(z, c0, cols, inv_tau_, terms, w);
+      k_.contrastive_epilogue(p);
+      if (!w.defined()) continue;
+      for (int64_t d0 = 0; d0 < C_; d0 += block_cols) {
+        const int64_t kb = std::min(block_cols, C_ - d0);
+        if (student_anchors) {
+          // dpbar_c += sum_d coef_cd qbar_d for the anchor columns c.
+          dpbar.narrow(1, c0, cols).addmm_(candidates(d0, kb), z.narrow(1, d0, kb).t());
+        } else {
+          // Teacher anchors d: every student column c gains coef_dc qbar_d.
+          dpbar.narrow(1, d0, kb).addmm_(anchors, z.narrow(1, d0, kb));
+        }
+      }
+    }
+    add_terms(loss, terms);
+  }
+
+  const Inputs& in_;
+  KernelBackend<Acc>& k_;
+  const int64_t N_, C_;
+  const at::TensorOptions opts_;
+  const Acc inv_temp_, inv_tau_;
+  const bool symmetric_;
+  const int64_t budget_;
+  WorkBuffer<Acc> anchor_buffer_, candidate_buffer_;
+  at::Tensor s_lse1_, s_lse2_, t_lse1_, t_lse2_, s_lcn_, t_lcn_;
+};
+
+struct BicKDConfig {
+  double temperature, tau, w_sample, w_class;
+  bool symmetric;
+};
+
+// Runs BicKD over `in`, filling the unweighted per-sample and per-class terms and, when the weights are
+// defined, the student gradient.
+template <typename Acc>
+void bickd_core(const Inputs& in, int64_t count, const BicKDConfig& cfg, const at::Tensor& sample_weight,
+                const at::Tensor& class_weight, at::Tensor& sample_terms, at::Tensor& class_terms,
+                const at::Tensor& grad) {
+  const bool want_grad = grad.defined();
+  const bool sample_side = cfg.w_sample != 0 && count > 0;
+  // With no valid row, every column is empty and the class side is defined as 0.
+  const bool class_side = cfg.w_class != 0 && count > 0;
+  if (!sample_side && !class_side) {
+    if (want_grad) grad.zero_();
+    return;
+  }
+  BicKDPass<Acc> pass(in, cfg.temperature, cfg.tau, cfg.symmetric);
+  const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+  at::Tensor dp, dpbar;
+  if (want_grad && sample_side) {
+    dp = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({in.rows, in.cols}, acc_options);
+  }
+  if (want_grad && class_side) dpbar = at::zeros({in.rows, in.cols}, acc_options);
+  if (sample_side) pass.sample_side(want_grad ? sample_weight : at::Tensor(), sample_terms, dp);
+  if (class_side) pass.class_side(want_grad ? class_weight : at::Tensor(), class_terms, dpbar);
+  if (want_grad) pass.backward(dp, dpbar, grad);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------
+// The ops.
+
+std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& mask, double tau,
+                                               std::string_view anchor, std::string_view reduction,
+                                               bool compute_grad) {
+  const Inputs in = check_inputs("ckd_forward", student, teacher, mask);
+  const Reduction red = parse_reduction(reduction);
+  const bool student_anchor = parse_student_anchor(anchor);
+  check_positive("tau", tau);
+  const bool want_grad = compute_grad && red != Reduction::None;
+  return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor> {
+    using Acc = decltype(tag);
+    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+    const int64_t count = count_valid(in);
+    at::Tensor row_loss = at::zeros({in.rows}, acc_options);
+    at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
+    at::Tensor weight;
+    if (want_grad) weight = anchor_weights<Acc>(at::ones({}, acc_options), red, count, in.mask, in.rows, acc_options);
+    if (count > 0) {
+      ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, want_grad ? grad : at::Tensor());
+    } else if (want_grad) {
+      grad.zero_();
+    }
+    return {reduce_terms(row_loss, red, count).to(in.student.scalar_type()), grad};
+  });
+}
+
+at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                        const std::optional<at::Tensor>& mask, double tau, std::string_view anchor,
+                        std::string_view reduction) {
+  const Inputs in = check_inputs("ckd_backward", student, teacher, mask);
+  const Reduction red = parse_reduction(reduction);
+  const bool student_anchor = parse_student_anchor(anchor);
+  check_positive("tau", tau);
+  return dispatch_acc(in.student, [&](auto tag) {
+    using Acc = decltype(tag);
+    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+    const int64_t count = count_valid(in);
+    at::Tensor grad = at::empty_like(in.student);
+    if (count == 0) return grad.zero_();
+    const at::Tensor weight = anchor_weights<Acc>(grad_loss, red, count, in.mask, in.rows, acc_options);
+    at::Tensor row_loss = at::empty({in.rows}, acc_options);
+    ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, grad);
+    return grad;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& mask, double temperature,
+                                              std::string_view reduction, bool compute_grad) {
+  const Inputs in = check_inputs("kd_forward", student, teacher, mask);
+  const Reduction red = parse_reduction(reduction);
+  check_positive("temperature", temperature);
+  const bool want_grad = compute_grad && red != Reduction::None;
+  return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor> {
+    using Acc = decltype(tag);
+    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+    const int64_t count = count_valid(in);
+    at::Tensor row_loss = at::empty({in.rows}, acc_options);
+    at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
+    at::Tensor weight;
+    if (want_grad) weight = anchor_weights<Acc>(at::ones({}, acc_options), red, count, in.mask, in.rows, acc_options);
+    backend_for<Acc>(in.student)
+        .kd_rows(as_matrix(in.student), as_matrix(in.teacher), static_cast<Acc>(temperature), in.valid(),
+                 row_loss.data_ptr<Acc>(), want_grad ? weight.const_data_ptr<Acc>() : nullptr,
+                 want_grad ? grad.data_ptr() : nullptr);
+    return {reduce_terms(row_loss, red, count).to(in.student.scalar_type()), grad};
+  });
+}
+
+at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& mask, double temperature, std::string_view reduction) {
+  const Inputs in = check_inputs("kd_backward", student, teacher, mask);
+  const Reduction red = parse_reduction(reduction);
+  check_positive("temperature", temperature);
+  return dispatch_acc(in.student, [&](auto tag) {
+    using Acc = decltype(tag);
+    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+    const int64_t count = count_valid(in);
+    const at::Tensor weight = anchor_weights<Acc>(grad_loss, red, count, in.mask, in.rows, acc_options);
+    at::Tensor row_loss = at::empty({in.rows}, acc_options);
+    at::Tensor grad = at::empty_like(in.student);
+    backend_for<Acc>(in.student)
+        .kd_rows(as_matrix(in.student), as_matrix(in.teacher), static_cast<Acc>(temperature), in.valid(),
+                 row_loss.data_ptr<Acc>(), weight.const_data_ptr<Acc>(), grad.data_ptr());
+    return grad;
+  });
+}
+
+namespace {
+BicKDConfig check_bickd(double temperature, double tau, double w_sample, double w_class, bool symmetric) {
+  check_positive("temperature", temperature);
+  check_positive("tau", tau);
+  TORCH_CHECK(std::isfinite(w_sample) && w_sample >= 0 && std::isfinite(w_class) && w_class >= 0 &&
+                  (w_sample > 0 || w_class > 0),
+              "ckd_ext: w_sample and w_class must be finite, >= 0 and not both 0, got ", w_sample, " and ", w_class);
+  return {temperature, tau, w_sample, w_class, symmetric};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                             const std::optional<at::Tensor>& mask,
+                                                             double temperature, double tau, double w_sample,
+                                                             double w_class, bool symmetric,
+                                                             std::string_view reduction, bool compute_grad) {
+  const Inputs in = check_inputs("bickd_forward", student, teacher, mask);
+  const Reduction red = parse_reduction(reduction);
+  const BicKDConfig cfg = check_bickd(temperature, tau, w_sample, w_class, symmetric);
+  const bool want_grad = compute_grad && red != Reduction::None;
+  return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    using Acc = decltype(tag);
+    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+    const auto out_dtype = in.student.scalar_type();
+    const int64_t count = count_valid(in);
+    at::Tensor sample_terms = at::zeros({in.rows}, acc_options), class_terms = at::zeros({in.cols}, acc_options);
+    at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
+    at::Tensor sample_weight, class_weight;
+    if (want_grad) {
+      const at::Tensor one = at::ones({}, acc_options);
+      sample_weight = anchor_weights<Acc>(one, red, count, in.mask, in.rows, acc_options) * cfg.w_sample;
+      class_weight = anchor_weights<Acc>(one, red, in.cols, at::Tensor(), in.cols, acc_options) * cfg.w_class;
+    }
+    bickd_core<Acc>(in, count, cfg, sample_weight, class_weight, sample_terms, class_terms,
+                    want_grad ? grad : at::Tensor());
+    if (red == Reduction::None) {
+      return {(sample_terms * cfg.w_sample).to(out_dtype), (class_terms * cfg.w_class).to(out_dtype), grad};
+    }
+    const at::Tensor loss =
+        reduce_terms(sample_terms, red, count) * cfg.w_sample + reduce_terms(class_terms, red, in.cols) * cfg.w_class;
+    return {loss.to(out_dtype), at::empty({0}, in.student.options()), grad};
+  });
+}
+
+at::Tensor bickd_backward(const at::Tensor& grad_sample, const at::Tensor& grad_class, const at::Tensor& student,
+                          const at::Tensor& teacher, const std::optional<at::Tensor>& mask, double temperature,
+                          double tau, double w_sample, double w_class, bool symmetric, std::string_view reduction) {
+  const Inputs in = check_inputs("bickd_backward", student, teacher, mask);
+  const Reduction red = parse_reduction(reduction);
+  const BicKDConfig cfg = check_bickd(temperature, tau, w_sample, w_class, symmetric);
+  return dispatch_acc(in.student, [&](auto tag) {
+    using Acc = decltype(tag);
+    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+    const int64_t count = count_valid(in);
+    // For "mean" and "sum" both sides share the one scalar upstream gradient.
+    const at::Tensor& upstream_class = red == Reduction::None ? grad_class : grad_sample;
+    const at::Tensor sample_weight =
+        anchor_weights<Acc>(grad_sample, red, count, in.mask, in.rows, acc_options) * cfg.w_sample;
+    const at::Tensor class_weight =
+        anchor_weights<Acc>(upstream_class, red, in.cols, at::Tensor(), in.cols, acc_options) * cfg.w_class;
+    at::Tensor sample_terms = at::zeros({in.rows}, acc_options), class_terms = at::zeros({in.cols}, acc_options);
+    at::Tensor grad = at::empty_like(in.student);
+    bickd_core<Acc>(in, count, cfg, sample_weight, class_weight, sample_terms, class_terms, grad);
+    return grad;
+  });
+}
+
+}  // namespace ckd

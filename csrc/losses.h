@@ -1,0 +1,44 @@
+// The fused losses on ATen tensors: one orchestration for every device (chunked GEMMs through ATen,
+// the small kernels through KernelBackend). Inputs are 2-D (N, C); validation happens in Python first,
+// these checks only guard direct calls of the ops.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace ckd {
+
+// Bytes of work buffers one call may use beyond its inputs, outputs and gradient accumulator.
+int64_t workspace_bytes();
+void set_workspace_bytes(int64_t bytes);
+
+// Forward ops return the loss in the student's dtype (0-dim for "mean"/"sum", per row for "none") and,
+// when compute_grad is set and the reduction is not "none", the student gradient for an upstream
+// gradient of 1 (else an empty tensor).
+std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& mask, double tau,
+                                               std::string_view anchor, std::string_view reduction,
+                                               bool compute_grad);
+at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                        const std::optional<at::Tensor>& mask, double tau, std::string_view anchor,
+                        std::string_view reduction);
+
+std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& mask, double temperature,
+                                              std::string_view reduction, bool compute_grad);
+at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& mask, double temperature, std::string_view reduction);
+
+// Returns (loss or per-sample terms, per-class terms or empty, gradient or empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                                             const std::optional<at::Tensor>& mask,
+                                                             double temperature, double tau, double w_sample,
+                                                             double w_class, bool symmetric,
+                                                             std::string_view reduction, bool compute_grad);
+at::Tensor bickd_backward(const at::Tensor& grad_sample, const at::Tensor& grad_class, const at::Tensor& student,
+                          const at::Tensor& teacher, const std::optional<at::Tensor>& mask, double temperature,
+                          double tau, double w_sample, double w_class, bool symmetric, std::string_view reduction);
+
+}  // namespace ckd
