@@ -1,0 +1,216 @@
+"""Plain PyTorch reference implementations of the ckd_ext losses.
+
+This module is the oracle of every test (run in float64) and the "eager" benchmark provider. It
+follows ``spec/losses.md`` literally and favours readability over speed and memory: it materialises
+the N x N and C x C similarity matrices, normalises with ``F.normalize(eps=1e-12)`` and uses
+``torch.logsumexp`` (max-shifted). Gradients come from autograd.
+
+Common rules (see docs/math.md):
+
+* inputs ``(..., C)`` are flattened to ``N`` rows; masked rows are dropped before anything is computed,
+  so they take no part at all (not anchors, not negatives, not in column statistics);
+* computation happens in float64 when the student is float64, otherwise in float32 (16-bit inputs are
+  upcast); the result is returned in the student's dtype;
+* the teacher is detached;
+* ``n`` valid rows: ``mean`` divides row terms by ``n`` (class terms by ``C``); with ``n == 0`` every
+  loss is 0 and its gradient 0.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._validation import Prepared, prepare_bickd, prepare_ckd, prepare_kd
+
+__all__ = ["kd_loss", "ckd_loss", "bickd_loss"]
+
+EPS = 1e-12  # lower clamp of every L2 norm, as in F.normalize
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(student_dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 students (gradcheck), float32 accumulation for everything else."""
+    return torch.float64 if student_dtype == torch.float64 else torch.float32
+
+
+def _valid_rows(prepared: Prepared) -> Tuple[Tensor, Tensor]:
+    """Student and teacher rows in the compute dtype, masked rows removed.
+
+    Dropping the masked rows up front is what makes them take no part at all; indexing keeps the
+    student in the autograd graph, so masked rows simply receive a zero gradient.
+    """
+    dtype = _compute_dtype(prepared.student.dtype)
+    student = prepared.student.to(dtype)
+    teacher = prepared.teacher.to(dtype)
+    if prepared.mask is not None:
+        student, teacher = student[prepared.mask], teacher[prepared.mask]
+    return student, teacher
+
+
+def _reduce(terms: Tensor, reduction: str) -> Tensor:
+    """``sum`` or ``mean`` of a 1-D tensor of terms; the mean of no term is 0 (not 0/0 = NaN)."""
+    total = terms.sum()  # an empty sum is exactly 0 and has an (empty) zero gradient
+    if reduction == "sum":
+        return total
+    return total / max(terms.shape[0], 1)
+
+
+def _scatter_rows(row_terms: Tensor, prepared: Prepared) -> Tensor:
+    """Per-valid-row terms (n,) -> per-row terms of the input's leading shape, 0 for masked rows."""
+    if prepared.mask is None:
+        return row_terms.reshape(prepared.lead_shape)
+    all_rows = row_terms.new_zeros(prepared.mask.shape[0])
+    all_rows[prepared.mask] = row_terms
+    return all_rows.reshape(prepared.lead_shape)
+
+
+def _finish_rows(row_terms: Tensor, prepared: Prepared, reduction: str) -> Tensor:
+    """Apply ``reduction`` to per-valid-row terms and return in the student's dtype."""
+    if reduction == "none":
+        out = _scatter_rows(row_terms, prepared)
+    else:
+        out = _reduce(row_terms, reduction)
+    return out.to(prepared.student.dtype)
+
+
+def _diagonal_contrast(logits: Tensor, symmetric: bool = False) -> Tensor:
+    """InfoNCE terms of a square logit matrix whose diagonal holds the positives.
+
+        term_i = LSE_k(logits_ik) - logits_ii                       (anchor: row i)
+
+    With ``symmetric`` each term is averaged with its column-anchored twin
+
+        term'_k = LSE_i(logits_ik) - logits_kk                      (anchor: column k)
+
+    For an empty (0 x 0) matrix this returns an empty vector: torch.logsumexp reduces each of the zero
+    rows, it never evaluates a log-sum-exp over an empty set.
+    """
+    positives = logits.diagonal()
+    terms = torch.logsumexp(logits, dim=1) - positives
+    if symmetric:
+        twin_terms = torch.logsumexp(logits, dim=0) - positives
+        terms = 0.5 * (terms + twin_terms)
+    return terms
+
+
+# --------------------------------------------------------------------------------------------------
+# KD
+# --------------------------------------------------------------------------------------------------
+
+
+def _kd_terms(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """kd_i = T^2 * sum_c Q_ic (log Q_ic - log P_ic),  P = softmax(s/T), Q = softmax(t/T).
+
+    ``xlogy`` makes 0 * log 0 = 0 (a teacher probability that is exactly 0).
+    """
+    log_p = F.log_softmax(student / temperature, dim=1)
+    q = F.softmax(teacher / temperature, dim=1)
+    return temperature ** 2 * (torch.xlogy(q, q) - q * log_p).sum(dim=1)
+
+
+def kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0,
+            mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Vanilla knowledge distillation (Hinton et al.): T^2 * KL(softmax(t/T) || softmax(s/T)) per row.
+
+    ``mean`` averages over the valid rows; ``none`` returns the per-row terms of shape ``(...)``.
+    """
+    prepared = prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    student_rows, teacher_rows = _valid_rows(prepared)
+    return _finish_rows(_kd_terms(student_rows, teacher_rows, temperature), prepared, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# CKD
+# --------------------------------------------------------------------------------------------------
+
+
+def _ckd_terms(student: Tensor, teacher: Tensor, tau: float, anchor: str) -> Tensor:
+    """Per-anchor CKD terms on L2-normalised logits u_i = t_i/|t_i|, v_i = s_i/|s_i|.
+
+    anchor="teacher" (the authors' released code):  z_ij = <u_i, v_j>/tau,
+        ckd_i = LSE_j(z_ij) - z_ii.
+    anchor="student" (the paper's statement):  pos_i = <u_i, v_i>/tau, neg_ij = <v_i, v_j>/tau,
+        ckd_i = LSE({pos_i} U {neg_ij : j != i}) - pos_i,
+    i.e. the same InfoNCE term on the matrix V V^T / tau with its diagonal (the self-similarity,
+    which is not a candidate) replaced by pos_i.
+    """
+    u = F.normalize(teacher, dim=1, eps=EPS)
+    v = F.normalize(student, dim=1, eps=EPS)
+    if anchor == "teacher":
+        return _diagonal_contrast(u @ v.T / tau)
+    positives = (u * v).sum(dim=1) / tau
+    logits = torch.diagonal_scatter(v @ v.T / tau, positives)
+    return _diagonal_contrast(logits)
+
+
+def ckd_loss(student: Tensor, teacher: Tensor, *, tau: float = 1.0, anchor: str = "student",
+             mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Contrastive knowledge distillation (sample-wise) on L2-normalised logits.
+
+    Positive pair (t_i, s_i); negatives (s_i, s_j) for ``anchor="student"`` or (t_i, s_j) for
+    ``anchor="teacher"``, j ranging over the other valid rows. One valid row gives 0.
+    """
+    prepared = prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+    student_rows, teacher_rows = _valid_rows(prepared)
+    return _finish_rows(_ckd_terms(student_rows, teacher_rows, tau, anchor), prepared, reduction)
+
+
+# --------------------------------------------------------------------------------------------------
+# BicKD
+# --------------------------------------------------------------------------------------------------
+
+
+def _bickd_sample_terms(p: Tensor, q: Tensor, tau: float, symmetric: bool) -> Tensor:
+    """Sample side, one term per valid row.
+
+    A_ik = <P_i/|P_i|, Q_k/|Q_k|> / tau,   smp_i = LSE_k(A_ik) - A_ii   (student row i as anchor).
+    """
+    a = F.normalize(p, dim=1, eps=EPS) @ F.normalize(q, dim=1, eps=EPS).T / tau
+    return _diagonal_contrast(a, symmetric)
+
+
+def _bickd_class_terms(p: Tensor, q: Tensor, tau: float, symmetric: bool) -> Tensor:
+    """Class side, one term per class, column statistics over the valid rows only.
+
+    G_cd = <P[:, c]/|P[:, c]|, Q[:, d]/|Q[:, d]|> / tau,   cls_c = LSE_d(G_cd) - G_cc.
+    """
+    if p.shape[0] == 0:
+        # No valid row: the class side is 0 by convention (formally every column would be the
+        # clamped zero vector and cls_c = log C). Summing the empty P over its rows gives C zeros
+        # that stay in the autograd graph, so backward yields a zero gradient.
+        return p.sum(dim=0)
+    g = F.normalize(p, dim=0, eps=EPS).T @ F.normalize(q, dim=0, eps=EPS) / tau
+    return _diagonal_contrast(g, symmetric)
+
+
+def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, tau: float = 0.1,
+               w_sample: float = 1.0, w_class: float = 1.0, symmetric: bool = False,
+               mask: Optional[Tensor] = None,
+               reduction: str = "mean") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Bilateral contrastive KD (this project's definition, see docs/math.md) on P = softmax(s/T),
+    Q = softmax(t/T): a row-wise (sample) and a column-wise (class) InfoNCE with diagonal positives.
+
+        BicKD = w_sample * mean_i smp_i + w_class * mean_c cls_c            (reduction "mean")
+
+    ``sum`` sums each side instead; ``none`` returns ``(sample_terms (...), class_terms (C,))``, each
+    already multiplied by its weight (masked rows 0). ``symmetric`` averages each term with its
+    teacher-anchored twin.
+    """
+    prepared = prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
+                             symmetric, mask, reduction)
+    student_rows, teacher_rows = _valid_rows(prepared)
+    p = F.softmax(student_rows / temperature, dim=1)
+    q = F.softmax(teacher_rows / temperature, dim=1)
+    sample_terms = w_sample * _bickd_sample_terms(p, q, tau, symmetric)
+    class_terms = w_class * _bickd_class_terms(p, q, tau, symmetric)
+    out_dtype = prepared.student.dtype
+    if reduction == "none":
+        return _scatter_rows(sample_terms, prepared).to(out_dtype), class_terms.to(out_dtype)
+    return (_reduce(sample_terms, reduction) + _reduce(class_terms, reduction)).to(out_dtype)

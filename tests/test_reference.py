@@ -1,0 +1,438 @@
+"""Tests of the float64 oracle (ckd_ext.reference) against independent formulations.
+
+Everything runs in float64 on small shapes unless a test is about dtypes. The independent
+formulations deliberately avoid the reference's helpers: cross entropy / kl_div from torch, explicit
+Python loops over rows or columns, cosine_similarity instead of normalize + matmul.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ckd_ext import reference as ref
+
+DTYPE = torch.float64
+
+# Every loss configuration the reference offers, as (function, keyword arguments).
+CONFIGS = {
+    "kd": (ref.kd_loss, {"temperature": 2.0}),
+    "ckd_student": (ref.ckd_loss, {"tau": 0.5, "anchor": "student"}),
+    "ckd_teacher": (ref.ckd_loss, {"tau": 0.5, "anchor": "teacher"}),
+    "bickd": (ref.bickd_loss, {"temperature": 2.0, "tau": 0.2, "w_sample": 1.0, "w_class": 0.5}),
+    "bickd_symmetric": (ref.bickd_loss, {"temperature": 3.0, "tau": 0.3, "w_sample": 0.7,
+                                         "w_class": 1.3, "symmetric": True}),
+}
+CKD_CONFIGS = ["ckd_student", "ckd_teacher"]
+BICKD_CONFIGS = ["bickd", "bickd_symmetric"]
+
+
+def logits(*shape, scale=3.0, dtype=DTYPE, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def pair(*shape, scale=3.0, dtype=DTYPE, seed=0):
+    """A student (requires grad) and a teacher of the same shape."""
+    return (logits(*shape, scale=scale, dtype=dtype, seed=seed, requires_grad=True),
+            logits(*shape, scale=scale, dtype=dtype, seed=seed + 1000))
+
+
+def total(out):
+    """Sum of a loss output; BicKD 'none' returns (sample_terms, class_terms)."""
+    if isinstance(out, tuple):
+        return out[0].sum() + out[1].sum()
+    return out.sum()
+
+
+def student_grad(fn, kwargs, student, teacher, **extra):
+    """(summed loss, gradient of it w.r.t. the student)."""
+    loss = total(fn(student, teacher, **kwargs, **extra))
+    (grad,) = torch.autograd.grad(loss, student)
+    return loss.detach(), grad
+
+
+def assert_close(actual, expected):
+    """float64 agreement up to rounding: the formulations differ only in summation order."""
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------
+# Against independent formulations
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_ckd_teacher_anchor_is_the_released_cross_entropy(tau):
+    student, teacher = pair(7, 11)
+    released = F.cross_entropy(F.normalize(teacher, dim=1) @ F.normalize(student, dim=1).T / tau,
+                               torch.arange(7))
+    ours = ref.ckd_loss(student, teacher, tau=tau, anchor="teacher")
+    assert_close(ours, released)
+    assert_close(torch.autograd.grad(ours, student)[0], torch.autograd.grad(released, student)[0])
+
+
+def ckd_student_anchor_loop(student, teacher, tau):
+    """ckd_i = log(exp(pos_i) + sum_{j != i} exp(neg_ij)) - pos_i, one row at a time."""
+    terms = []
+    for i in range(student.shape[0]):
+        positive = F.cosine_similarity(teacher[i], student[i], dim=0) / tau
+        negatives = [F.cosine_similarity(student[i], student[j], dim=0) / tau
+                     for j in range(student.shape[0]) if j != i]
+        candidates = torch.stack([positive] + negatives)
+        terms.append(torch.log(torch.exp(candidates).sum()) - positive)
+    return torch.stack(terms)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_ckd_student_anchor_against_row_loop(tau):
+    student, teacher = pair(6, 9)
+    expected = ckd_student_anchor_loop(student, teacher, tau)
+    ours = ref.ckd_loss(student, teacher, tau=tau, anchor="student", reduction="none")
+    assert_close(ours, expected)
+    assert_close(torch.autograd.grad(ours.mean(), student)[0],
+                 torch.autograd.grad(expected.mean(), student)[0])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_matches_kl_div_and_its_gradient(temperature):
+    student, teacher = pair(8, 10)
+    n = student.shape[0]
+    common = (F.kl_div(F.log_softmax(student / temperature, 1), F.softmax(teacher / temperature, 1),
+                       reduction="none").sum(1).mean() * temperature ** 2)
+    ours = ref.kd_loss(student, teacher, temperature=temperature)
+    assert_close(ours, common)
+    p = F.softmax(student.detach() / temperature, 1)
+    q = F.softmax(teacher / temperature, 1)
+    assert_close(torch.autograd.grad(ours, student)[0], temperature * (p - q) / n)
+
+
+def bickd_class_loop(p, q, tau):
+    """cls_c = log sum_d exp(G_cd) - G_cc, with G_cd the column cosine / tau, one class at a time."""
+    num_classes = p.shape[1]
+    terms = []
+    for c in range(num_classes):
+        g_row = torch.stack([torch.dot(p[:, c], q[:, d]) / (p[:, c].norm() * q[:, d].norm()) / tau
+                             for d in range(num_classes)])
+        terms.append(torch.log(torch.exp(g_row).sum()) - g_row[c])
+    return torch.stack(terms)
+
+
+def bickd_sample_loop(p, q, tau):
+    """smp_i = log sum_k exp(A_ik) - A_ii, with A_ik the row cosine / tau, one sample at a time."""
+    terms = []
+    for i in range(p.shape[0]):
+        a_row = torch.stack([F.cosine_similarity(p[i], q[k], dim=0) / tau for k in range(q.shape[0])])
+        terms.append(torch.log(torch.exp(a_row).sum()) - a_row[i])
+    return torch.stack(terms)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bickd_against_loops_over_rows_and_columns(symmetric):
+    temperature, tau, w_sample, w_class = 2.0, 0.3, 0.7, 1.6
+    student, teacher = pair(6, 5)
+    p = F.softmax(student / temperature, 1)
+    q = F.softmax(teacher / temperature, 1)
+    sample_terms, class_terms = bickd_sample_loop(p, q, tau), bickd_class_loop(p, q, tau)
+    if symmetric:  # teacher-anchored twins: the same loops with the roles of P and Q swapped
+        sample_terms = 0.5 * (sample_terms + bickd_sample_loop(q, p, tau))
+        class_terms = 0.5 * (class_terms + bickd_class_loop(q, p, tau))
+    kwargs = dict(temperature=temperature, tau=tau, w_sample=w_sample, w_class=w_class,
+                  symmetric=symmetric)
+    ours_sample, ours_class = ref.bickd_loss(student, teacher, **kwargs, reduction="none")
+    assert_close(ours_sample, w_sample * sample_terms)
+    assert_close(ours_class, w_class * class_terms)
+    expected_mean = w_sample * sample_terms.mean() + w_class * class_terms.mean()
+    ours_mean = ref.bickd_loss(student, teacher, **kwargs)
+    assert_close(ours_mean, expected_mean)
+    assert_close(torch.autograd.grad(ours_mean, student)[0],
+                 torch.autograd.grad(expected_mean, student)[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks, reductions, shapes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mask_equals_compacted_batch(name, reduction):
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(7, 6)
+    mask = torch.tensor([True, False, True, True, False, False, True])
+    loss, grad = student_grad(fn, kwargs, student, teacher, mask=mask, reduction=reduction)
+    compact_student = student.detach()[mask].requires_grad_(True)
+    compact_loss, compact_grad = student_grad(fn, kwargs, compact_student, teacher[mask],
+                                              reduction=reduction)
+    assert_close(loss, compact_loss)
+    assert_close(grad[mask], compact_grad)
+    assert torch.all(grad[~mask] == 0)
+    if reduction == "none":  # per-row terms: the compacted ones in place, 0 for masked rows
+        out = fn(student, teacher, **kwargs, mask=mask, reduction="none")
+        compact_out = fn(compact_student, teacher[mask], **kwargs, reduction="none")
+        if isinstance(out, tuple):  # BicKD: the class terms too
+            assert_close(out[1], compact_out[1])
+            out, compact_out = out[0], compact_out[0]
+        assert_close(out[mask], compact_out)
+        assert torch.all(out[~mask] == 0)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_masked_rows_do_not_matter(name):
+    """Whatever the masked rows hold (even NaN / inf), neither the loss nor the gradient changes."""
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(5, 4)
+    mask = torch.tensor([True, True, False, True, False])
+    loss, grad = student_grad(fn, kwargs, student, teacher, mask=mask)
+    garbage_student, garbage_teacher = student.detach().clone(), teacher.clone()
+    garbage_student[~mask] = float("nan")
+    garbage_teacher[~mask] = float("inf")
+    garbage_loss, garbage_grad = student_grad(fn, kwargs, garbage_student.requires_grad_(True),
+                                              garbage_teacher, mask=mask)
+    assert_close(garbage_loss, loss)
+    assert_close(garbage_grad, grad)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_reductions_are_consistent(name):
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(6, 5)
+    mask = torch.tensor([True, True, False, True, True, True])
+    n, num_classes = int(mask.sum()), student.shape[1]
+    mean = fn(student, teacher, **kwargs, mask=mask, reduction="mean")
+    summed = fn(student, teacher, **kwargs, mask=mask, reduction="sum")
+    none = fn(student, teacher, **kwargs, mask=mask, reduction="none")
+    if isinstance(none, tuple):  # BicKD: each side has its own count (n rows, C classes)
+        sample_terms, class_terms = none
+        assert sample_terms.shape == (6,) and class_terms.shape == (num_classes,)
+        assert_close(summed, sample_terms.sum() + class_terms.sum())
+        assert_close(mean, sample_terms.sum() / n + class_terms.sum() / num_classes)
+    else:
+        assert none.shape == (6,)
+        assert_close(mean * n, summed)
+        assert_close(summed, none.sum())
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_leading_dims_equal_flattened(name, reduction):
+    fn, kwargs = CONFIGS[name]
+    batch, length, num_classes = 2, 3, 5
+    student, teacher = pair(batch, length, num_classes)
+    mask = torch.tensor([[True, False, True], [True, True, False]])
+    loss, grad = student_grad(fn, kwargs, student, teacher, mask=mask, reduction=reduction)
+    flat_student = student.detach().reshape(-1, num_classes).requires_grad_(True)
+    flat_loss, flat_grad = student_grad(fn, kwargs, flat_student, teacher.reshape(-1, num_classes),
+                                        mask=mask.reshape(-1), reduction=reduction)
+    assert_close(loss, flat_loss)
+    assert_close(grad.reshape(-1, num_classes), flat_grad)
+    if reduction == "none":
+        out = fn(student, teacher, **kwargs, mask=mask, reduction="none")
+        row_terms = out[0] if isinstance(out, tuple) else out
+        assert row_terms.shape == (batch, length)
+
+
+def test_single_row_input_of_one_dimension():
+    """A (C,) input is one row; mask is then a 0-dimensional bool tensor."""
+    student, teacher = pair(5)
+    assert_close(ref.kd_loss(student, teacher), ref.kd_loss(student[None], teacher[None]))
+    assert ref.kd_loss(student, teacher, reduction="none").shape == ()
+    assert ref.kd_loss(student, teacher, mask=torch.tensor(False)) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Degenerate batches: n = 0, n = 1
+# --------------------------------------------------------------------------------------------------
+
+
+def empty_batches():
+    """(student, teacher, mask) with no valid row: N = 0, and N > 0 fully masked."""
+    empty = pair(0, 5)
+    full = pair(3, 5)
+    return [(*empty, None), (*empty, torch.zeros(0, dtype=torch.bool)),
+            (*full, torch.zeros(3, dtype=torch.bool))]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_valid_row_gives_zero_loss_and_zero_grad(name, reduction):
+    fn, kwargs = CONFIGS[name]
+    for student, teacher, mask in empty_batches():
+        out = fn(student, teacher, **kwargs, mask=mask, reduction=reduction)
+        loss, grad = student_grad(fn, kwargs, student, teacher, mask=mask, reduction=reduction)
+        assert loss == 0
+        assert grad.shape == student.shape and torch.all(grad == 0)
+        if reduction == "none":
+            row_terms = out[0] if isinstance(out, tuple) else out
+            assert row_terms.shape == student.shape[:-1]
+            if isinstance(out, tuple):
+                assert torch.all(out[1] == 0) and out[1].shape == (5,)
+
+
+@pytest.mark.parametrize("name", CKD_CONFIGS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_ckd_one_valid_row_gives_zero(name, reduction):
+    fn, kwargs = CONFIGS[name]
+    for student, teacher, mask in [(*pair(1, 6), None),
+                                   (*pair(4, 6), torch.tensor([False, False, True, False]))]:
+        loss, grad = student_grad(fn, kwargs, student, teacher, mask=mask, reduction=reduction)
+        assert loss == 0
+        assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("name", BICKD_CONFIGS)
+def test_bickd_one_valid_row_has_zero_sample_side(name):
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(1, 6)
+    sample_terms, class_terms = fn(student, teacher, **kwargs, reduction="none")
+    assert torch.all(sample_terms == 0)
+    # With a single row every column is a positive scalar, normalised to 1: G = 1/tau everywhere.
+    assert_close(class_terms, torch.full((6,), kwargs["w_class"] * math.log(6), dtype=DTYPE))
+
+
+# --------------------------------------------------------------------------------------------------
+# gradcheck
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck(name, reduction):
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(4, 3, scale=1.5)
+    mask = torch.tensor([True, True, False, True])
+    assert torch.autograd.gradcheck(
+        lambda s: fn(s, teacher, **kwargs, mask=mask, reduction=reduction), (student,))
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher, dtypes, numerics
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_teacher_gets_no_grad(name):
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(5, 4)
+    teacher.requires_grad_(True)
+    total(fn(student, teacher, **kwargs)).backward()
+    assert teacher.grad is None
+    assert student.grad is not None
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_returns_student_dtype(name, dtype):
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(6, 5, dtype=dtype)
+    out = fn(student, teacher, **kwargs)
+    assert out.dtype == dtype
+    out.backward()
+    assert student.grad.dtype == dtype
+    # Accumulation is in float32, so only the final rounding to the student dtype is lost.
+    exact = fn(student.detach().double(), teacher.double(), **kwargs)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=1e-5)
+    none = fn(student, teacher, **kwargs, reduction="none")
+    for part in none if isinstance(none, tuple) else (none,):
+        assert part.dtype == dtype
+
+
+def test_teacher_of_another_dtype():
+    student, teacher = pair(5, 4, dtype=torch.float32)
+    for name, (fn, kwargs) in CONFIGS.items():
+        out = fn(student, teacher.to(torch.bfloat16), **kwargs)
+        assert out.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_extreme_logits_stay_finite(name):
+    """Max-shifted log-sum-exp: large logits and a zero row (clamped norm) give finite values."""
+    fn, kwargs = CONFIGS[name]
+    student, teacher = pair(5, 6, scale=200.0)
+    with torch.no_grad():
+        student[2] = 0.0
+        teacher[3] = 0.0
+    loss, grad = student_grad(fn, kwargs, student, teacher)
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(grad))
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation (every error of the conventions)
+# --------------------------------------------------------------------------------------------------
+
+GOOD_S = torch.randn(4, 3)
+GOOD_T = torch.randn(4, 3)
+
+
+# The hyperparameters each public loss takes (besides student, teacher, mask and reduction).
+OWN_ARGUMENTS = {
+    ref.kd_loss: {"temperature"},
+    ref.ckd_loss: {"tau", "anchor"},
+    ref.bickd_loss: {"temperature", "tau", "w_sample", "w_class", "symmetric"},
+}
+
+
+def losses_taking(arguments):
+    """The public losses that take all of ``arguments``."""
+    shared = {"student", "teacher", "mask", "reduction"}
+    return [fn for fn, own in OWN_ARGUMENTS.items() if set(arguments) <= own | shared]
+
+
+INVALID = [
+    # (overrides, exception, pattern in the message)
+    (dict(student=[[1.0, 2.0]]), TypeError, "student must be a torch.Tensor"),
+    (dict(teacher=3.0), TypeError, "teacher must be a torch.Tensor"),
+    (dict(student=torch.ones(4, 3, dtype=torch.int64)), TypeError, "student must be a floating"),
+    (dict(teacher=torch.ones(4, 3, dtype=torch.int32)), TypeError, "teacher must be a floating"),
+    (dict(student=torch.ones(4, 3, dtype=torch.complex64)), TypeError, "student must be a floating"),
+    (dict(student=torch.tensor(1.0), teacher=torch.tensor(1.0)), ValueError, "student must have at least 1"),
+    (dict(teacher=torch.randn(4, 4)), ValueError, "teacher must have the same shape"),
+    (dict(teacher=torch.randn(3, 4, 3)), ValueError, "teacher must have the same shape"),
+    (dict(student=torch.randn(4, 0), teacher=torch.randn(4, 0)), ValueError, "student must have at least one class"),
+    (dict(teacher=torch.randn(4, 3, device="meta")), ValueError, "teacher must be on the same device"),
+    (dict(mask=[True] * 4), TypeError, "mask must be a torch.Tensor"),
+    (dict(mask=torch.ones(4)), TypeError, "mask must have dtype torch.bool"),
+    (dict(mask=torch.ones(4, 3, dtype=torch.bool)), ValueError, "mask must have the shape"),
+    (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have the shape"),
+    (dict(mask=torch.ones(4, dtype=torch.bool, device="meta")), ValueError, "mask must be on the same device"),
+    (dict(reduction="avg"), ValueError, "reduction must be one of"),
+    (dict(reduction=None), ValueError, "reduction must be one of"),
+    (dict(anchor="both"), ValueError, "anchor must be one of"),
+    (dict(tau=0.0), ValueError, "tau must be a finite number > 0"),
+    (dict(tau=-1.0), ValueError, r"tau must be a finite number > 0, got -1\.0"),
+    (dict(tau=float("inf")), ValueError, "tau must be a finite number > 0"),
+    (dict(tau=float("nan")), ValueError, "tau must be a finite number > 0"),
+    (dict(tau=True), TypeError, "tau must be a Python number"),
+    (dict(tau=torch.tensor(1.0)), TypeError, "tau must be a Python number"),
+    (dict(temperature=0), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature=float("-inf")), ValueError, "temperature must be a finite number > 0"),
+    (dict(temperature="4"), TypeError, "temperature must be a Python number"),
+    (dict(w_sample=-0.5), ValueError, "w_sample must be a finite number >= 0"),
+    (dict(w_class=float("nan")), ValueError, "w_class must be a finite number >= 0"),
+    (dict(w_class=False), TypeError, "w_class must be a Python number"),
+    (dict(w_sample=0.0, w_class=0), ValueError, "w_sample and w_class must not both be 0"),
+    (dict(symmetric=1), TypeError, "symmetric must be a bool"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, pattern", INVALID,
+                         ids=[f"{i}-{pattern[:30]}" for i, (_, _, pattern) in enumerate(INVALID)])
+def test_validation_errors(overrides, error, pattern):
+    kwargs = dict(overrides)
+    student, teacher = kwargs.pop("student", GOOD_S), kwargs.pop("teacher", GOOD_T)
+    fns = losses_taking(overrides)
+    assert fns, overrides
+    for fn in fns:
+        with pytest.raises(error, match=f"^{fn.__name__}: {pattern}"):
+            fn(student, teacher, **kwargs)
+
+
+def test_valid_edge_arguments_are_accepted():
+    # ints for hyperparameters, one weight 0, N = 0.
+    ref.kd_loss(GOOD_S, GOOD_T, temperature=2)
+    ref.ckd_loss(GOOD_S, GOOD_T, tau=1)
+    ref.bickd_loss(GOOD_S, GOOD_T, w_sample=0, w_class=1)
+    ref.bickd_loss(GOOD_S, GOOD_T, w_sample=1.0, w_class=0.0)
+    ref.ckd_loss(torch.randn(0, 3), torch.randn(0, 3))
