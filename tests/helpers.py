@@ -1,0 +1,89 @@
+"""Shared test inputs and comparisons for the fused ops (and, later, the emulated CUDA kernels)."""
+import torch
+
+# Every loss configuration the suite runs: (loss name, keyword arguments). Non-default hyperparameters
+# so that a forgotten scale (tau, temperature, weights) cannot cancel out.
+CONFIGS = {
+    "kd": ("kd", {"temperature": 2.0}),
+    "ckd_student": ("ckd", {"tau": 0.5, "anchor": "student"}),
+    "ckd_teacher": ("ckd", {"tau": 0.5, "anchor": "teacher"}),
+    "ckd_default": ("ckd", {}),
+    "bickd": ("bickd", {"temperature": 2.0, "tau": 0.2, "w_sample": 1.0, "w_class": 0.5}),
+    "bickd_symmetric": ("bickd", {"temperature": 3.0, "tau": 0.3, "w_sample": 0.7, "w_class": 1.3,
+                                  "symmetric": True}),
+    "bickd_class_only": ("bickd", {"w_sample": 0.0, "w_class": 2.0}),
+    "bickd_sample_only": ("bickd", {"w_sample": 1.5, "w_class": 0.0, "tau": 0.5, "temperature": 1.0}),
+}
+
+# Tolerances of a fused result against the float64 oracle run on the same (already rounded) inputs,
+# relative to the largest magnitude of the expected tensor:
+# - float32: every statistic accumulates in float32 over at most a few thousand terms (C <= 4099 or
+#   N <= 257), so errors stay near sqrt(terms) * 6e-8 < 1e-5, the issue's bound.
+# - float16 / bfloat16: computed in float32, then the loss and each gradient element are rounded once
+#   to the 16-bit type (unit roundoff 4.9e-4 / 3.9e-3); twice that covers the float32 error on top.
+# - float64: accumulates in float64; only summation order differs.
+# float16 gradients below its smallest normal (6.1e-5) are subnormal, spaced 2^-24 apart: that spacing
+# is added as an absolute tolerance.
+# Logits of scale 100 put log-sum-exps near 100 / T, where one float32 ulp is ~1e-5 absolute; exp() turns
+# that into a relative error of the same size, so float32 results at that scale get 5x the tolerance.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def logits(*shape, scale=3.0, dtype=torch.float64, seed=0, requires_grad=False):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+    return x.to(dtype).requires_grad_(requires_grad)
+
+
+def pair(*shape, scale=3.0, dtype=torch.float64, seed=0):
+    """A student (requires grad) and a teacher of the same shape."""
+    return (logits(*shape, scale=scale, dtype=dtype, seed=seed, requires_grad=True),
+            logits(*shape, scale=scale, dtype=dtype, seed=seed + 1000))
+
+
+def random_mask(shape, seed=0, p=0.7):
+    generator = torch.Generator().manual_seed(seed + 7)
+    return torch.rand(shape, generator=generator) < p
+
+
+def weighted_total(out, seed=0):
+    """A scalar from any loss output with distinct upstream weights per term, so that a "none" backward
+    that ignored its per-anchor weights would be caught. BicKD "none" returns (sample, class) terms."""
+    outs = out if isinstance(out, tuple) else (out,)
+    generator = torch.Generator().manual_seed(seed + 11)
+    total = 0
+    for o in outs:
+        w = torch.rand(o.shape, generator=generator, dtype=torch.float64) + 0.5
+        total = total + (o * w.to(o.dtype)).sum()
+    return total
+
+
+def loss_and_grad(module, config, student, teacher, **extra):
+    """(loss output detached, d weighted_total / d student) for `module` in {ckd_ext, ckd_ext.reference}."""
+    name, kwargs = CONFIGS[config]
+    fn = getattr(module, f"{name}_loss")
+    out = fn(student, teacher, **kwargs, **extra)
+    (grad,) = torch.autograd.grad(weighted_total(out), student)
+    detached = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+    return detached, grad
+
+
+def tolerance(dtype, scale=1.0):
+    return TOLERANCE[dtype] * (5 if scale > 10 and dtype == torch.float32 else 1)
+
+
+def assert_matches(actual, expected, dtype, what, tol=None):
+    """actual (any dtype) against the float64 expected, within tol (default TOLERANCE[dtype]) of
+    expected's scale."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    if isinstance(expected, tuple):
+        return max(assert_matches(a, e, dtype, f"{what} ({part})", tol)
+                   for a, e, part in zip(actual, expected, ("sample terms", "class terms")))
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    atol = 2.0 ** -24 if dtype == torch.float16 else 0.0
+    assert err <= tol * scale + atol, f"{what}: max error {err:.3e} > {tol:g} x scale {scale:.3e}"
+    return err / scale if scale else 0.0

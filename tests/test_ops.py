@@ -1,0 +1,230 @@
+"""The fused ops against the float64 oracle: loss and student gradient, every configuration, shape,
+scale, dtype, mask and reduction; plus gradcheck, opcheck, torch.compile and chunked execution."""
+import pytest
+import torch
+
+import ckd_ext
+from ckd_ext import reference as ref
+from helpers import CONFIGS, assert_matches, logits, loss_and_grad, pair, random_mask, tolerance
+
+ALL = list(CONFIGS)
+BICKD = [c for c in ALL if CONFIGS[c][0] == "bickd"]
+
+
+def check_against_oracle(config, student, teacher, dtype=None, scale=1.0, **extra):
+    """Runs the fused op on (student, teacher) and the oracle on their float64 copies; compares both the
+    loss and the gradient. Returns the relative errors."""
+    dtype = dtype or student.dtype
+    tol = tolerance(dtype, scale)
+    s = student.detach().to(dtype).requires_grad_()
+    t = teacher.detach().to(dtype)
+    loss, grad = loss_and_grad(ckd_ext, config, s, t, **extra)
+    s64 = s.detach().double().requires_grad_()
+    loss64, grad64 = loss_and_grad(ref, config, s64, t.double(), **extra)
+    mask = extra.get("mask")
+    one_valid_row = student.shape[0] == 1 or (mask is not None and int(mask.sum()) == 1)
+    if CONFIGS[config][0] != "kd" and (student.shape[-1] == 1 or one_valid_row):
+        # The exact gradient is 0: with one class, normalised rows are +-1 (CKD) and softmaxes are 1
+        # (BicKD); with one valid row, CKD and BicKD's sample side have no negative and BicKD's class
+        # columns are all the same unit vector. The float64 oracle returns rounding residue near 1e-17, the
+        # float32 op rounding of O(1 / tau) terms that cancel: both must be ~0.
+        assert grad64.abs().max().item() <= 1e-12
+        assert grad.abs().max().item() <= 1e-6
+        grad64, grad = torch.zeros_like(grad64), torch.zeros_like(grad)
+    return (assert_matches(loss, loss64, dtype, f"{config} loss", tol),
+            assert_matches(grad, grad64, dtype, f"{config} grad", tol))
+
+
+# --- shapes ----------------------------------------------------------------------------------------
+SHAPES = [(n, c) for n in (1, 2, 3, 67, 257) for c in (1, 2, 3, 100, 1000, 4099)]
+
+
+def shape_is_slow(config, n, c):
+    # The float64 oracle materialises BicKD's C x C matrix; keep the largest such cases to N <= 67.
+    return CONFIGS[config][0] == "bickd" and c == 4099 and n > 67
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("n,c", SHAPES)
+def test_shapes_float32(config, n, c):
+    if shape_is_slow(config, n, c):
+        pytest.skip("oracle too slow at this shape; covered at N=67")
+    student, teacher = pair(n, c, seed=n * 31 + c)
+    check_against_oracle(config, student, teacher, dtype=torch.float32)
+
+
+# --- scales and dtypes -----------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+def test_scales_and_dtypes(config, dtype, scale):
+    student, teacher = pair(67, 100, scale=scale, seed=3)
+    check_against_oracle(config, student, teacher, dtype=dtype, scale=scale)
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("student_dtype,teacher_dtype",
+                         [(torch.float32, torch.bfloat16), (torch.float16, torch.float32),
+                          (torch.bfloat16, torch.float64)])
+def test_teacher_of_another_dtype(config, student_dtype, teacher_dtype):
+    s = logits(33, 50, seed=1, dtype=student_dtype).requires_grad_()
+    t = logits(33, 50, seed=2, dtype=teacher_dtype)
+    loss, grad = loss_and_grad(ckd_ext, config, s, t)
+    s64 = s.detach().double().requires_grad_()
+    loss64, grad64 = loss_and_grad(ref, config, s64, t.double())
+    assert_matches(loss, loss64, student_dtype, "loss")
+    assert_matches(grad, grad64, student_dtype, "grad")
+
+
+# --- masks, reductions, leading dimensions ---------------------------------------------------------
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_and_reductions(config, reduction, dtype):
+    student, teacher = pair(4, 9, 30, seed=5)  # (B, L, C) token batch
+    mask = random_mask((4, 9), seed=5)
+    check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_single_valid_row(config, reduction):
+    student, teacher = pair(6, 20, seed=6)
+    mask = torch.zeros(6, dtype=torch.bool)
+    mask[4] = True
+    check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction=reduction)
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("rows", [0, 5])
+def test_no_valid_row_is_zero_not_nan(config, reduction, rows):
+    student, teacher = pair(rows, 20, seed=7, dtype=torch.float32)
+    mask = torch.zeros(rows, dtype=torch.bool)
+    loss, grad = loss_and_grad(ckd_ext, config, student, teacher, mask=mask, reduction=reduction)
+    for part in loss if isinstance(loss, tuple) else (loss,):
+        assert torch.equal(part, torch.zeros_like(part))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+# --- chunked execution -----------------------------------------------------------------------------
+@pytest.fixture
+def tiny_workspace():
+    """A budget so small that every strip holds a few rows and 16-bit candidates come in several blocks."""
+    saved = ckd_ext.workspace_bytes()
+    ckd_ext.set_workspace_bytes(16 * 1024)
+    yield
+    ckd_ext.set_workspace_bytes(saved)
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_strips_and_blocks(tiny_workspace, config, dtype, reduction):
+    student, teacher = pair(150, 130, seed=8)
+    mask = random_mask(150, seed=8)
+    check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
+
+
+# --- the ops themselves ----------------------------------------------------------------------------
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck(config, reduction):
+    name, kwargs = CONFIGS[config]
+    student, teacher = pair(5, 4, seed=9)
+    mask = torch.tensor([True, True, False, True, True])
+    fn = getattr(ckd_ext, f"{name}_loss")
+    assert torch.autograd.gradcheck(lambda s: fn(s, teacher, mask=mask, reduction=reduction, **kwargs), (student,))
+
+
+def op_samples():
+    """(op, args) for every op: forward with and without the gradient, backward for each reduction."""
+    s, t = pair(7, 5, seed=10, dtype=torch.float32)
+    s = s.detach().requires_grad_()
+    mask = torch.tensor([True, False, True, True, True, True, False])
+    ops = torch.ops.ckd_ext
+    for m in (None, mask):
+        for red in ("mean", "sum", "none"):
+            g = torch.rand(7) if red == "none" else torch.tensor(0.7)
+            gc = torch.rand(5) if red == "none" else torch.tensor(0.7)
+            for grad_flag in (False, True):
+                yield ops.ckd_forward.default, (s, t, m, 0.5, "student", red, grad_flag)
+                yield ops.ckd_forward.default, (s, t, m, 0.5, "teacher", red, grad_flag)
+                yield ops.kd_forward.default, (s, t, m, 2.0, red, grad_flag)
+                yield ops.bickd_forward.default, (s, t, m, 2.0, 0.2, 1.0, 0.5, grad_flag, red, grad_flag)
+            yield ops.ckd_backward.default, (g, s.detach(), t, m, 0.5, "student", red)
+            yield ops.ckd_backward.default, (g, s.detach(), t, m, 0.5, "teacher", red)
+            yield ops.kd_backward.default, (g, s.detach(), t, m, 2.0, red)
+            yield ops.bickd_backward.default, (g, gc, s.detach(), t, m, 2.0, 0.2, 1.0, 0.5, True, red)
+
+
+@pytest.mark.parametrize("op,args", list(op_samples()), ids=lambda x: getattr(x, "__name__", ""))
+def test_opcheck(op, args):
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_backward_op_equals_gradient_from_forward(config, reduction):
+    """The recomputing backward ops agree with the gradient the forward computes."""
+    name, kwargs = CONFIGS[config]
+    student, teacher = pair(20, 16, seed=12, dtype=torch.float32)
+    fn = getattr(ckd_ext, f"{name}_loss")
+    (grad_forward,) = torch.autograd.grad(fn(student, teacher, **kwargs).sum() * 1.3, student)
+    # reduction "mean" forward precomputes; a "none" run with uniform weights 1.3/n recomputes.
+    out = fn(student, teacher, reduction="none", **kwargs)
+    if name == "bickd":
+        total = out[0].sum() * 1.3 / 20 + out[1].sum() * 1.3 / 16
+    else:
+        total = out.sum() * 1.3 / 20
+    (grad_backward,) = torch.autograd.grad(total, student)
+    torch.testing.assert_close(grad_backward, grad_forward, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("config", ALL)
+def test_torch_compile_fullgraph(config):
+    name, kwargs = CONFIGS[config]
+    fn = getattr(ckd_ext, f"{name}_loss")
+    student, teacher = pair(16, 12, seed=13, dtype=torch.float32)
+    mask = random_mask(16, seed=13)
+
+    def step(s, t, m):
+        return fn(s, t, mask=m, **kwargs) * 2.0
+
+    torch._dynamo.reset()  # each config is a new graph of the same `step` code; keep under the recompile limit
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    expected = step(student, teacher, mask)
+    (grad_expected,) = torch.autograd.grad(expected, student)
+    actual = compiled(student, teacher, mask)
+    (grad_actual,) = torch.autograd.grad(actual, student)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(grad_actual, grad_expected)
+
+
+def test_teacher_never_gets_a_gradient():
+    student, teacher = pair(8, 6, seed=14, dtype=torch.float32)
+    teacher.requires_grad_()
+    for config in ALL:
+        name, kwargs = CONFIGS[config]
+        getattr(ckd_ext, f"{name}_loss")(student, teacher, **kwargs).backward()
+        assert teacher.grad is None
+
+
+def test_modules_match_functions():
+    student, teacher = pair(10, 8, seed=15, dtype=torch.float32)
+    torch.testing.assert_close(ckd_ext.CKDLoss(tau=0.5, anchor="teacher")(student, teacher),
+                               ckd_ext.ckd_loss(student, teacher, tau=0.5, anchor="teacher"))
+    torch.testing.assert_close(ckd_ext.KDLoss(temperature=2.0)(student, teacher),
+                               ckd_ext.kd_loss(student, teacher, temperature=2.0))
+    torch.testing.assert_close(ckd_ext.BicKDLoss(symmetric=True, w_class=0.5)(student, teacher),
+                               ckd_ext.bickd_loss(student, teacher, symmetric=True, w_class=0.5))
+
+
+def test_no_grad_forward_matches():
+    student, teacher = pair(10, 8, seed=16, dtype=torch.float32)
+    for config in ALL:
+        name, kwargs = CONFIGS[config]
+        fn = getattr(ckd_ext, f"{name}_loss")
+        with torch.no_grad():
+            without = fn(student, teacher, **kwargs)
+        torch.testing.assert_close(without, fn(student, teacher, **kwargs).detach())
