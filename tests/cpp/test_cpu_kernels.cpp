@@ -1,0 +1,134 @@
+// C++ unit tests of the torch-free CPU kernels (csrc/kernels/cpu_kernels.h) against plain double loops.
+// Run by ctest (CMakeLists.txt); no libtorch needed, only the header-only c10 16-bit types.
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels/cpu_kernels.h"
+
+namespace {
+
+int failures = 0;
+
+void expect_near(double actual, double expected, double tol, const char* what) {
+  if (!(std::fabs(actual - expected) <= tol * std::max(1.0, std::fabs(expected)))) {
+    std::printf("FAIL %s: %.10g vs %.10g\n", what, actual, expected);
+    ++failures;
+  }
+}
+
+std::vector<double> randn(int n, unsigned seed, double scale = 2.0) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<double> d(0.0, scale);
+  std::vector<double> v(n);
+  for (auto& x : v) x = d(gen);
+  return v;
+}
+
+// One strip row of raw similarities -> loss and coefficients, with a masked column and a diagonal override.
+void test_contrastive_epilogue() {
+  const int cols = 37, row = 5;
+  std::vector<double> raw = randn(cols, 1);
+  std::vector<double> col_scale = randn(cols, 2);
+  for (auto& s : col_scale) s = std::fabs(s) + 0.1;
+  std::vector<char> valid_storage(cols, 1);
+  valid_storage[11] = 0;
+  const bool* valid = reinterpret_cast<const bool*>(valid_storage.data());
+  const double scale = 1.7, weight = 0.3, positive = 0.9;
+  for (bool split_diagonal : {false, true}) {
+    std::vector<float> strip(raw.begin(), raw.end());
+    std::vector<float> col(col_scale.begin(), col_scale.end()), loss(row + 1), diag(row + 1), w(row + 1, weight),
+        pos(row + 1, positive);
+    ckd::EpilogueParams<float> p{};
+    p.strip = strip.data();
+    p.ld = cols;
+    p.row0 = row;
+    p.rows = 1;
+    p.cols = cols;
+    p.scale = scale;
+    p.col_scale = col.data();
+    p.col_valid = valid;
+    p.positive = split_diagonal ? pos.data() : nullptr;
+    p.loss = loss.data();
+    p.weight = w.data();
+    p.coef_scale = 2.0f;
+    p.diagonal_out = split_diagonal ? diag.data() : nullptr;
+    ckd::cpu::contrastive_epilogue_row(p, 0);
+
+    std::vector<double> z(cols);
+    double m = -INFINITY;
+    for (int j = 0; j < cols; ++j) {
+      z[j] = valid[j] ? double(float(raw[j])) * scale * double(float(col_scale[j])) : -INFINITY;
+      if (split_diagonal && j == row) z[j] = positive;
+      m = std::max(m, z[j]);
+    }
+    double sum = 0;
+    for (int j = 0; j < cols; ++j) sum += std::exp(z[j] - m);
+    const double lse = m + std::log(sum);
+    expect_near(loss[row], lse - z[row], 1e-5, "epilogue loss");
+    for (int j = 0; j < cols; ++j) {
+      const double coef = weight * 2.0 * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0));
+      if (split_diagonal && j == row) {
+        expect_near(strip[j], 0.0, 0, "split diagonal is zeroed");
+        expect_near(diag[row], coef, 1e-5, "diagonal coefficient");
+      } else {
+        expect_near(strip[j], coef, 1e-5, "epilogue coefficient");
+      }
+    }
+  }
+}
+
+template <typename T>
+void test_softmax_stats(double tol, const char* what) {
+  const int cols = 1000;
+  std::vector<double> x = randn(cols, 3, 30.0);
+  std::vector<T> xs(x.begin(), x.end());
+  float lse1, lse2;
+  ckd::cpu::softmax_stats_row<float>(xs.data(), cols, 0.25f, &lse1, &lse2);
+  double m1 = -INFINITY, m2 = -INFINITY;
+  for (auto v : xs) {
+    m1 = std::max(m1, double(float(v)) * 0.25);
+    m2 = std::max(m2, 2 * double(float(v)) * 0.25);
+  }
+  double s1 = 0, s2 = 0;
+  for (auto v : xs) {
+    s1 += std::exp(double(float(v)) * 0.25 - m1);
+    s2 += std::exp(2 * double(float(v)) * 0.25 - m2);
+  }
+  expect_near(lse1, m1 + std::log(s1), tol, what);
+  expect_near(lse2, m2 + std::log(s2), tol, what);
+}
+
+// grad = (dv - <dv, v> v) / |x| with v = x / |x|, and the clamped branch dv / eps.
+void test_normalize_backward() {
+  const int cols = 50;
+  std::vector<double> x = randn(cols, 4), dv = randn(cols, 5);
+  std::vector<float> xf(x.begin(), x.end()), dvf(dv.begin(), dv.end()), grad(cols);
+  ckd::cpu::normalize_backward_row<float, float, float>(dvf.data(), xf.data(), cols, 0.0f, nullptr, grad.data());
+  double norm = 0, dot = 0;
+  for (int j = 0; j < cols; ++j) norm += double(xf[j]) * xf[j];
+  norm = std::sqrt(norm);
+  for (int j = 0; j < cols; ++j) dot += dv[j] * xf[j] / norm;
+  for (int j = 0; j < cols; ++j) expect_near(grad[j], (dv[j] - dot * xf[j] / norm) / norm, 1e-5, "normalize backward");
+
+  std::vector<float> tiny(cols, 1e-15f), dv2(dv.begin(), dv.end()), grad2(cols);
+  ckd::cpu::normalize_backward_row<float, float, float>(dv2.data(), tiny.data(), cols, 0.0f, nullptr, grad2.data());
+  expect_near(grad2[3], dv[3] / 1e-12, 1e-5, "clamped normalize backward");
+}
+
+}  // namespace
+
+int main() {
+  test_contrastive_epilogue();
+  test_softmax_stats<float>(1e-6, "softmax stats float");
+  test_softmax_stats<c10::Half>(1e-6, "softmax stats half");
+  test_softmax_stats<c10::BFloat16>(1e-6, "softmax stats bfloat16");
+  test_normalize_backward();
+  if (failures) {
+    std::printf("%d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("all CPU kernel tests passed\n");
+  return 0;
+}
