@@ -1,0 +1,1 @@
+"""Benchmarks for ckd_ext (see docs/benchmarks.md). `benchmarks.common` holds the shared helpers."""
