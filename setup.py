@@ -2,10 +2,15 @@
 
 Environment switches:
   CKD_EXT_CUDA=auto|on|off   build the CUDA backend (auto: when nvcc and a CUDA build of torch are present)
+  CKD_EXT_EMULATED=0|1       also build ckd_ext._emulated: the CUDA kernels compiled for the host and run on
+                             CPU tensors by the CUDA emulator (csrc/device/), for tests without a GPU
   MAX_JOBS=N                 parallel compile jobs (default 2, the size of our machines)
   TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0")
+  CUDA_HOME                  the CUDA toolkit (default: found from nvcc on PATH)
 """
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -13,11 +18,36 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 os.environ.setdefault("MAX_JOBS", "2")
 
+
+def find_cuda_home():
+    """The toolkit folder of the nvcc on PATH. nvcc may be a wrapper script outside the toolkit, so torch's
+    guess (the parent of nvcc's folder) can be wrong: ask nvcc itself."""
+    if shutil.which("nvcc") is None:
+        return None
+    try:
+        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            return str(Path(line.split("=", 1)[1].strip()).resolve())  # TOP is the toolkit folder (bin/..)
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+    _cuda_home = find_cuda_home()
+    if _cuda_home:
+        os.environ["CUDA_HOME"] = _cuda_home
+
 import torch  # noqa: E402  (after MAX_JOBS: cpp_extension reads it)
 from torch.utils import cpp_extension  # noqa: E402
 
 CPU_SOURCES = ["csrc/ops.cpp", "csrc/losses.cpp", "csrc/cpu_backend.cpp"]
 CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
+EMULATED_SOURCES = ["csrc/emulated/ops_emulated.cpp", "csrc/emulated/losses_emulated.cpp",
+                    "csrc/emulated/gpu_backend_emulated.cpp", "csrc/device/emulator.cpp"]
+INCLUDE_DIRS = [str(ROOT / "csrc")]
 
 
 def cuda_wanted() -> bool:
@@ -40,30 +70,48 @@ def cuda_wanted() -> bool:
     return not reasons
 
 
-def write_build_info(with_cuda: bool) -> None:
-    # Read by ckd_ext/__init__.py before loading _C, so a torch upgrade gives a clear message instead
+def emulated_wanted() -> bool:
+    value = os.environ.get("CKD_EXT_EMULATED", "0").lower()
+    if value not in ("0", "1", "off", "on"):
+        raise SystemExit(f"CKD_EXT_EMULATED must be 0 or 1, got {value!r}")
+    return value in ("1", "on")
+
+
+def write_build_info(with_cuda: bool, with_emulated: bool) -> None:
+    # Read by ckd_ext/_extension.py before loading _C, so a torch upgrade gives a clear message instead
     # of an undefined-symbol error.
     (ROOT / "ckd_ext" / "_build_info.py").write_text(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {with_cuda!r}\n"
+        f"WITH_EMULATED = {with_emulated!r}\n"
     )
 
 
-def extension():
-    with_cuda = cuda_wanted()
-    write_build_info(with_cuda)
+def extensions():
+    with_cuda, with_emulated = cuda_wanted(), emulated_wanted()
+    write_build_info(with_cuda, with_emulated)
     define = [("CKD_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3", "-fvisibility=hidden"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        return cpp_extension.CUDAExtension(
+        ops = cpp_extension.CUDAExtension(
             "ckd_ext._C",
             CPU_SOURCES + CUDA_SOURCES,
+            include_dirs=INCLUDE_DIRS,
             define_macros=define + [("CKD_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-Xptxas=-v", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-std=c++20"]},
         )
-    return cpp_extension.CppExtension("ckd_ext._C", CPU_SOURCES, define_macros=define, extra_compile_args=cxx)
+    else:
+        ops = cpp_extension.CppExtension("ckd_ext._C", CPU_SOURCES, include_dirs=INCLUDE_DIRS, define_macros=define,
+                                         extra_compile_args=cxx)
+    if not with_emulated:
+        return [ops]
+    emulated = cpp_extension.CppExtension(
+        "ckd_ext._emulated", EMULATED_SOURCES, include_dirs=INCLUDE_DIRS, define_macros=define,
+        extra_compile_args=["-O2", "-pthread", "-fvisibility=hidden"], extra_link_args=["-pthread"],
+    )
+    return [ops, emulated]
 
 
 setup(
@@ -74,7 +122,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["ckd_ext", "ckd_ext.*"]),
-    ext_modules=[extension()],
+    ext_modules=extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch", "numpy"],
     extras_require={

@@ -7,7 +7,7 @@
 from . import reference  # noqa: F401
 from ._extension import is_available, require_extension
 from .modules import BicKDLoss, CKDLoss, KDLoss
-from .ops import bickd_loss, ckd_loss, kd_loss
+from ._fused import bickd_loss, ckd_loss, kd_loss
 
 __version__ = "0.1.0"
 __all__ = [

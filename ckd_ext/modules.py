@@ -1,7 +1,7 @@
 """nn.Module wrappers of the fused losses: hyperparameters at construction, tensors at call time."""
 from torch import nn
 
-from . import ops
+from . import _fused as ops
 
 
 class CKDLoss(nn.Module):

@@ -1,5 +1,9 @@
-"""The fused losses: thin wrappers over the torch.ops.ckd_ext custom ops, with their autograd and fake
-(meta) implementations registered through torch.library.
+"""The fused losses: thin wrappers over the custom ops, with their autograd and fake (meta)
+implementations registered through torch.library.
+
+The same Python layer serves two op libraries with identical schemas: `ckd_ext` (the CPU and CUDA
+kernels, module ckd_ext._C) and `ckd_ext_emulated` (the CUDA kernels run on CPU tensors by the emulator,
+module ckd_ext._emulated, used in tests): `LossOps(namespace)` builds the public functions for one.
 
 Each forward op can return the student gradient along with the loss (for "mean" and "sum", when the
 student requires grad): the loss is nearly always the last node of the graph, so computing the gradient
@@ -9,76 +13,71 @@ while the similarity strips are in cache saves recomputing them, and backward on
 import torch
 
 from . import _validation
-from ._extension import is_available, require_extension
-
-__all__ = ["ckd_loss", "kd_loss", "bickd_loss"]
 
 
 def _grad_needed(student: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and student.requires_grad
 
 
-def _restore_rows(terms: torch.Tensor, lead_shape: torch.Size) -> torch.Tensor:
-    return terms.reshape(lead_shape)
+class LossOps:
+    """ckd_loss / kd_loss / bickd_loss over the ops of one library namespace."""
 
+    def __init__(self, namespace: str, require_module):
+        self.namespace = namespace
+        self._require = require_module
 
-def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean"):
-    """CKD loss (docs/math.md). `student`, `teacher`: logits (..., C); `mask`: bool (...), False rows take
-    no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none"."""
-    p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
-    require_extension()
-    loss, _ = torch.ops.ckd_ext.ckd_forward(
-        p.student, p.teacher, p.mask, float(tau), anchor, reduction, _grad_needed(p.student)
-    )
-    return _restore_rows(loss, p.lead_shape) if reduction == "none" else loss
+    def _ops(self):
+        self._require()
+        return getattr(torch.ops, self.namespace)
 
+    def ckd_loss(self, student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean"):
+        p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+        loss, _ = self._ops().ckd_forward(p.student, p.teacher, p.mask, float(tau), anchor, reduction,
+                                          _grad_needed(p.student))
+        return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
-def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean"):
-    """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md)."""
-    p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
-    require_extension()
-    loss, _ = torch.ops.ckd_ext.kd_forward(
-        p.student, p.teacher, p.mask, float(temperature), reduction, _grad_needed(p.student)
-    )
-    return _restore_rows(loss, p.lead_shape) if reduction == "none" else loss
+    def kd_loss(self, student, teacher, *, temperature=4.0, mask=None, reduction="mean"):
+        p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+        loss, _ = self._ops().kd_forward(p.student, p.teacher, p.mask, float(temperature), reduction,
+                                         _grad_needed(p.student))
+        return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
+    def bickd_loss(self, student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0,
+                   symmetric=False, mask=None, reduction="mean"):
+        p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
+                                      symmetric, mask, reduction)
+        loss, class_terms, _ = self._ops().bickd_forward(
+            p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
+            bool(symmetric), reduction, _grad_needed(p.student),
+        )
+        if reduction == "none":
+            return loss.reshape(p.lead_shape), class_terms
+        return loss
 
-def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0, symmetric=False,
-               mask=None, reduction="mean"):
-    """BicKD loss (this project's definition, docs/math.md). reduction="none" returns the pair
-    (per-sample terms (...), per-class terms (C,)), already weighted by w_sample and w_class."""
-    p = _validation.prepare_bickd(
-        "bickd_loss", student, teacher, temperature, tau, w_sample, w_class, symmetric, mask, reduction
-    )
-    require_extension()
-    loss, class_terms, _ = torch.ops.ckd_ext.bickd_forward(
-        p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
-        bool(symmetric), reduction, _grad_needed(p.student),
-    )
-    if reduction == "none":
-        return _restore_rows(loss, p.lead_shape), class_terms
-    return loss
+    def register(self):
+        """Fake implementations and autograd for this namespace's ops (once its module is loaded)."""
+        _register(self.namespace)
 
 
 # --- torch.library registrations -------------------------------------------------------------------
 
-def _forward_fake(student, reduction, compute_grad, rows_or_scalar):
-    loss = student.new_empty(rows_or_scalar if reduction == "none" else ())
+def _forward_fake(student, reduction, compute_grad):
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else ())
     grad = torch.empty_like(student) if compute_grad and reduction != "none" else student.new_empty((0,))
     return loss, grad
 
 
 def _ckd_forward_fake(student, teacher, mask, tau, anchor, reduction, compute_grad):
-    return _forward_fake(student, reduction, compute_grad, (student.shape[0],))
+    return _forward_fake(student, reduction, compute_grad)
 
 
 def _kd_forward_fake(student, teacher, mask, temperature, reduction, compute_grad):
-    return _forward_fake(student, reduction, compute_grad, (student.shape[0],))
+    return _forward_fake(student, reduction, compute_grad)
 
 
 def _bickd_forward_fake(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction,
                         compute_grad):
-    loss, grad = _forward_fake(student, reduction, compute_grad, (student.shape[0],))
+    loss, grad = _forward_fake(student, reduction, compute_grad)
     class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,))
     return loss, class_terms, grad
 
@@ -102,68 +101,59 @@ def _save_for_backward(ctx, inputs, grad, reduction, compute_grad):
     ctx.save_for_backward(*((grad,) if ctx.precomputed else (student, teacher, mask)))
 
 
-def _ckd_setup(ctx, inputs, output):
-    _, _, _, ctx.tau, ctx.anchor, ctx.reduction, compute_grad = inputs
-    _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
+def _register(ns):
+    ops = getattr(torch.ops, ns)
 
+    def ckd_setup(ctx, inputs, output):
+        _, _, _, ctx.tau, ctx.anchor, ctx.reduction, compute_grad = inputs
+        _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
 
-def _ckd_backward(ctx, grad_loss, _grad_of_grad):
-    if ctx.precomputed:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None
-    student, teacher, mask = ctx.saved_tensors
-    grad = torch.ops.ckd_ext.ckd_backward(grad_loss, student, teacher, mask, ctx.tau, ctx.anchor, ctx.reduction)
-    return grad, None, None, None, None, None, None
+    def ckd_backward(ctx, grad_loss, _grad_of_grad):
+        if ctx.precomputed:
+            (grad,) = ctx.saved_tensors
+            return grad * grad_loss, None, None, None, None, None, None
+        student, teacher, mask = ctx.saved_tensors
+        grad = ops.ckd_backward(grad_loss, student, teacher, mask, ctx.tau, ctx.anchor, ctx.reduction)
+        return grad, None, None, None, None, None, None
 
+    def kd_setup(ctx, inputs, output):
+        _, _, _, ctx.temperature, ctx.reduction, compute_grad = inputs
+        _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
 
-def _kd_setup(ctx, inputs, output):
-    _, _, _, ctx.temperature, ctx.reduction, compute_grad = inputs
-    _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
+    def kd_backward(ctx, grad_loss, _grad_of_grad):
+        if ctx.precomputed:
+            (grad,) = ctx.saved_tensors
+            return grad * grad_loss, None, None, None, None, None
+        student, teacher, mask = ctx.saved_tensors
+        grad = ops.kd_backward(grad_loss, student, teacher, mask, ctx.temperature, ctx.reduction)
+        return grad, None, None, None, None, None
 
+    def bickd_setup(ctx, inputs, output):
+        (_, _, _, ctx.temperature, ctx.tau, ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction,
+         compute_grad) = inputs
+        _save_for_backward(ctx, inputs, output[2], ctx.reduction, compute_grad)
 
-def _kd_backward(ctx, grad_loss, _grad_of_grad):
-    if ctx.precomputed:
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None
-    student, teacher, mask = ctx.saved_tensors
-    grad = torch.ops.ckd_ext.kd_backward(grad_loss, student, teacher, mask, ctx.temperature, ctx.reduction)
-    return grad, None, None, None, None, None
+    def bickd_backward(ctx, grad_loss, grad_class, _grad_of_grad):
+        nones = (None,) * 9
+        if ctx.precomputed:
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_loss,) + nones
+        student, teacher, mask = ctx.saved_tensors
+        if grad_class is None:  # only the per-sample terms were used
+            grad_class = student.new_zeros(student.shape[1])
+        if grad_loss is None:
+            grad_loss = student.new_zeros(student.shape[0])
+        grad = ops.bickd_backward(grad_loss, grad_class, student, teacher, mask, ctx.temperature, ctx.tau,
+                                  ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction)
+        return (grad,) + nones
 
-
-def _bickd_setup(ctx, inputs, output):
-    _, _, _, ctx.temperature, ctx.tau, ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction, compute_grad = inputs
-    _save_for_backward(ctx, inputs, output[2], ctx.reduction, compute_grad)
-
-
-def _bickd_backward(ctx, grad_loss, grad_class, _grad_of_grad):
-    nones = (None,) * 9
-    if ctx.precomputed:
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_loss,) + nones
-    student, teacher, mask = ctx.saved_tensors
-    if grad_class is None:  # only the per-sample terms were used
-        grad_class = torch.zeros(student.shape[1], dtype=student.dtype, device=student.device)
-    if grad_loss is None:
-        grad_loss = torch.zeros(student.shape[0], dtype=student.dtype, device=student.device)
-    grad = torch.ops.ckd_ext.bickd_backward(
-        grad_loss, grad_class, student, teacher, mask, ctx.temperature, ctx.tau, ctx.w_sample, ctx.w_class,
-        ctx.symmetric, ctx.reduction,
-    )
-    return (grad,) + nones
-
-
-def _register():
-    lib = "ckd_ext::"
+    lib = ns + "::"
     torch.library.register_fake(lib + "ckd_forward")(_ckd_forward_fake)
     torch.library.register_fake(lib + "kd_forward")(_kd_forward_fake)
     torch.library.register_fake(lib + "bickd_forward")(_bickd_forward_fake)
     torch.library.register_fake(lib + "ckd_backward")(_ckd_backward_fake)
     torch.library.register_fake(lib + "kd_backward")(_kd_backward_fake)
     torch.library.register_fake(lib + "bickd_backward")(_bickd_backward_fake)
-    torch.library.register_autograd(lib + "ckd_forward", _ckd_backward, setup_context=_ckd_setup)
-    torch.library.register_autograd(lib + "kd_forward", _kd_backward, setup_context=_kd_setup)
-    torch.library.register_autograd(lib + "bickd_forward", _bickd_backward, setup_context=_bickd_setup)
-
-
-if is_available():
-    _register()
+    torch.library.register_autograd(lib + "ckd_forward", ckd_backward, setup_context=ckd_setup)
+    torch.library.register_autograd(lib + "kd_forward", kd_backward, setup_context=kd_setup)
+    torch.library.register_autograd(lib + "bickd_forward", bickd_backward, setup_context=bickd_setup)

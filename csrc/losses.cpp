@@ -1,12 +1,18 @@
 #include "losses.h"
 
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 
 #include "cpu_backend.h"
+#include "gpu_backend.h"
+
+#if defined(CKD_WITH_CUDA)
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cuSPARSE/cuBLAS headers
+#endif
 
 namespace ckd {
 namespace {
@@ -72,10 +78,20 @@ decltype(auto) dispatch_acc(const at::Tensor& student, F&& f) {
   return f(float{});
 }
 
+// The only place that knows devices: the orchestration below is the same for all of them.
 template <typename Acc>
 KernelBackend<Acc>& backend_for(const at::Tensor& x) {
-  TORCH_CHECK(x.device().is_cpu(), "ckd_ext: this build has no kernels for device ", x.device());
-  return cpu_backend<Acc>();
+#if defined(CKD_EMULATED)
+  // ckd_ext.emulated: the CUDA kernels, run by the CPU emulator on CPU tensors.
+  TORCH_CHECK(x.device().is_cpu(), "ckd_ext.emulated runs the CUDA kernels on CPU tensors, got ", x.device());
+  return gpu_backend<Acc>(nullptr);
+#else
+  if (x.device().is_cpu()) return cpu_backend<Acc>();
+#if defined(CKD_WITH_CUDA)
+  if (x.device().is_cuda()) return gpu_backend<Acc>(c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
+#endif
+  TORCH_CHECK(false, "ckd_ext: this build has no kernels for device ", x.device());
+#endif
 }
 
 struct Inputs {
@@ -84,6 +100,8 @@ struct Inputs {
   const bool* valid() const { return mask.defined() ? mask.const_data_ptr<bool>() : nullptr; }
 };
 
+// Callers hold a c10::OptionalDeviceGuard on the student's device while they work (CUDA: the right
+// device and its current stream).
 Inputs check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
                     const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
@@ -478,6 +496,7 @@ std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const 
                                                std::string_view anchor, std::string_view reduction,
                                                bool compute_grad) {
   const Inputs in = check_inputs("ckd_forward", student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
   const Reduction red = parse_reduction(reduction);
   const bool student_anchor = parse_student_anchor(anchor);
   check_positive("tau", tau);
@@ -503,6 +522,7 @@ at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, 
                         const std::optional<at::Tensor>& mask, double tau, std::string_view anchor,
                         std::string_view reduction) {
   const Inputs in = check_inputs("ckd_backward", student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
   const Reduction red = parse_reduction(reduction);
   const bool student_anchor = parse_student_anchor(anchor);
   check_positive("tau", tau);
@@ -523,6 +543,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
                                               const std::optional<at::Tensor>& mask, double temperature,
                                               std::string_view reduction, bool compute_grad) {
   const Inputs in = check_inputs("kd_forward", student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
   const Reduction red = parse_reduction(reduction);
   check_positive("temperature", temperature);
   const bool want_grad = compute_grad && red != Reduction::None;
@@ -545,6 +566,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
 at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
                        const std::optional<at::Tensor>& mask, double temperature, std::string_view reduction) {
   const Inputs in = check_inputs("kd_backward", student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
   const Reduction red = parse_reduction(reduction);
   check_positive("temperature", temperature);
   return dispatch_acc(in.student, [&](auto tag) {
@@ -578,6 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& s
                                                              double w_class, bool symmetric,
                                                              std::string_view reduction, bool compute_grad) {
   const Inputs in = check_inputs("bickd_forward", student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
   const Reduction red = parse_reduction(reduction);
   const BicKDConfig cfg = check_bickd(temperature, tau, w_sample, w_class, symmetric);
   const bool want_grad = compute_grad && red != Reduction::None;
@@ -609,6 +632,7 @@ at::Tensor bickd_backward(const at::Tensor& grad_sample, const at::Tensor& grad_
                           const at::Tensor& teacher, const std::optional<at::Tensor>& mask, double temperature,
                           double tau, double w_sample, double w_class, bool symmetric, std::string_view reduction) {
   const Inputs in = check_inputs("bickd_backward", student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
   const Reduction red = parse_reduction(reduction);
   const BicKDConfig cfg = check_bickd(temperature, tau, w_sample, w_class, symmetric);
   return dispatch_acc(in.student, [&](auto tag) {

@@ -13,7 +13,7 @@ template <typename Acc>
 constexpr Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
 
 template <typename Acc>
-inline Acc log_eps() { return static_cast<Acc>(std::log(kNormEps)); }
+inline Acc log_eps() { return static_cast<Acc>(kLogNormEps); }
 
 // Four independent partial sums: lets the compiler keep several lanes busy and roughly halves the
 // rounding error of one long float sum.

@@ -21,6 +21,7 @@ struct ConstMatrix {
 
 // L2 norms are clamped from below by this, as torch.nn.functional.normalize does.
 constexpr double kNormEps = 1e-12;
+constexpr double kLogNormEps = -27.631021115928547;  // log(kNormEps), for norms kept as logarithms
 
 template <typename T>
 struct dtype_of;

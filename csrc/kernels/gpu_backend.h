@@ -1,0 +1,183 @@
+// KernelBackend over the CUDA kernels of gpu_kernels.h. Torch-free: compiled by nvcc for CUDA tensors
+// (cuda/gpu_backend.cu) and by the host compiler against the CPU emulator for ckd_ext.emulated
+// (emulated/gpu_backend_emulated.cpp), from this one source.
+#pragma once
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "backend.h"
+#include "gpu_kernels.h"
+
+namespace ckd {
+
+inline void check_launch(const char* kernel) {
+#if defined(__CUDACC__)
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("ckd_ext: launching ") + kernel + " failed: " + cudaGetErrorString(err));
+  }
+#else
+  (void)kernel;
+#endif
+}
+
+template <typename Acc>
+class GpuBackend final : public KernelBackend<Acc> {
+ public:
+  void set_stream(cudaStream_t stream) { stream_ = stream; }
+
+  void row_inv_norms(ConstMatrix x, Acc* inv_norm) override {
+    if (x.rows == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::row_inv_norms_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
+                    static_cast<const T*>(x.data), x.cols, inv_norm);
+    });
+    check_launch("row_inv_norms");
+  }
+
+  void row_dots(ConstMatrix a, ConstMatrix b, Acc* out) override {
+    if (a.rows == 0) return;
+    visit_dtype(a.dtype, [&](auto ta) {
+      visit_dtype(b.dtype, [&](auto tb) {
+        using TA = decltype(ta);
+        using TB = decltype(tb);
+        launch_kernel(gpu::row_dots_kernel<Acc, TA, TB>, rows_grid(a.rows), dim3(gpu::kRowThreads), 0, stream_,
+                      static_cast<const TA*>(a.data), static_cast<const TB*>(b.data), a.cols, out);
+      });
+    });
+    check_launch("row_dots");
+  }
+
+  void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* lse1, Acc* lse2) override {
+    if (x.rows == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::softmax_stats_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
+                    static_cast<const T*>(x.data), x.cols, inv_temp, lse1, lse2);
+    });
+    check_launch("softmax_stats");
+  }
+
+  void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, const bool* valid, Acc* loss, const Acc* weight,
+               void* grad) override {
+    if (s.rows == 0) return;
+    visit_dtype(s.dtype, [&](auto ts) {
+      visit_dtype(t.dtype, [&](auto tt) {
+        using TS = decltype(ts);
+        using TT = decltype(tt);
+        launch_kernel(gpu::kd_rows_kernel<Acc, TS, TT>, rows_grid(s.rows), dim3(gpu::kRowThreads), 0, stream_,
+                      static_cast<const TS*>(s.data), static_cast<const TT*>(t.data), s.cols, temperature, valid,
+                      loss, weight, static_cast<TS*>(grad));
+      });
+    });
+    check_launch("kd_rows");
+  }
+
+  void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, Acc* out) override {
+    if (rows * x.cols == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::load_rows_kernel<Acc, T>, elements_grid(rows * x.cols), dim3(gpu::kElementThreads), 0,
+                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, out);
+    });
+    check_launch("load_rows");
+  }
+
+  void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
+                 const Acc* row_shift, const Acc* col_shift, const bool* valid, Acc* out) override {
+    if (rows * cols == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::exp_block_kernel<Acc, T>, elements_grid(rows * cols), dim3(gpu::kElementThreads), 0,
+                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_shift,
+                    col_shift, valid, out);
+    });
+    check_launch("exp_block");
+  }
+
+  void contrastive_epilogue(const EpilogueParams<Acc>& p) override {
+    if (p.rows == 0) return;
+    launch_kernel(gpu::contrastive_epilogue_kernel<Acc>, rows_grid(p.rows), dim3(gpu::kRowThreads), 0, stream_, p);
+    check_launch("contrastive_epilogue");
+  }
+
+  void scale_columns(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) override {
+    if (rows * cols == 0) return;
+    launch_kernel(gpu::scale_columns_kernel<Acc>, elements_grid(rows * cols), dim3(gpu::kElementThreads), 0, stream_,
+                  m, rows, cols, ld, scale);
+    check_launch("scale_columns");
+  }
+
+  void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv, ConstMatrix extra_x,
+                          const bool* valid, void* grad) override {
+    if (x.rows == 0) return;
+    visit_dtype(x.dtype, [&](auto tx) {
+      visit_dtype(extra_x.dtype, [&](auto te) {
+        using T = decltype(tx);
+        using TE = decltype(te);
+        launch_kernel(gpu::normalize_backward_kernel<Acc, T, TE>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0,
+                      stream_, dv, static_cast<const T*>(x.data), x.cols, extra_coef, extra_inv,
+                      static_cast<const TE*>(extra_x.data), valid, static_cast<T*>(grad));
+      });
+    });
+    check_launch("normalize_backward");
+  }
+
+  void column_log_norms(ConstMatrix x, const Acc* lse1, Acc inv_temp, const bool* valid, Acc* log_norm) override {
+    if (x.cols == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::column_log_norms_kernel<Acc, T>, columns_grid(x.cols), dim3(gpu::kColumnThreads), 0,
+                    stream_, static_cast<const T*>(x.data), x.rows, x.cols, lse1, inv_temp, valid, log_norm);
+    });
+    check_launch("column_log_norms");
+  }
+
+  void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp, const bool* valid,
+                   Acc* out) override {
+    if (x.cols == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::column_dots_kernel<Acc, T>, columns_grid(x.cols), dim3(gpu::kColumnThreads), 0, stream_, a,
+                    static_cast<const T*>(x.data), x.rows, x.cols, lse1, log_norm, inv_temp, valid, out);
+    });
+    check_launch("column_dots");
+  }
+
+  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
+                           const Acc* log_norm, const Acc* col_dot, Acc inv_temp, const bool* valid,
+                           void* grad) override {
+    if (x.rows == 0) return;
+    visit_dtype(x.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      launch_kernel(gpu::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
+                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, lse1, lse2, log_norm,
+                    col_dot, inv_temp, valid, static_cast<T*>(grad));
+    });
+    check_launch("bickd_backward_rows");
+  }
+
+ private:
+  static dim3 rows_grid(int64_t rows) { return dim3(static_cast<unsigned>(rows)); }
+  static dim3 columns_grid(int64_t cols) {
+    return dim3(static_cast<unsigned>((cols + gpu::kColumnThreads - 1) / gpu::kColumnThreads));
+  }
+  static dim3 elements_grid(int64_t total) {
+    const int64_t blocks = (total + gpu::kElementThreads - 1) / gpu::kElementThreads;
+    return dim3(static_cast<unsigned>(std::min<int64_t>(blocks, gpu::kMaxElementBlocks)));
+  }
+
+  cudaStream_t stream_ = nullptr;
+};
+
+// The backend for the calling thread, bound to `stream` (a cudaStream_t; ignored by the emulator).
+template <typename Acc>
+KernelBackend<Acc>& gpu_backend_on(void* stream) {
+  thread_local GpuBackend<Acc> backend;
+  backend.set_stream(static_cast<cudaStream_t>(stream));
+  return backend;
+}
+
+}  // namespace ckd

@@ -1,0 +1,365 @@
+// CUDA kernels of the KernelBackend interface (backend.h), written once against device/device.h: nvcc
+// compiles them for the GPU, the host compiler runs them under the CPU emulator in tests. Torch-free;
+// inputs are converted to the accumulation type Acc on load; every reduction is a fixed tree inside one
+// block (no float atomics), so results are identical run to run.
+#pragma once
+#include "device/device.h"
+#include "types.h"
+
+namespace ckd::gpu {
+
+// One block per row for row reductions; 128 threads keep enough rows in flight on a GPU for the widths we
+// see (C from 100 to 150k) and halve the emulator's cost per barrier compared with 256.
+constexpr int kRowThreads = 128;
+constexpr int kElementThreads = 256;
+constexpr int kColumnThreads = 128;
+constexpr int kMaxElementBlocks = 4096;
+
+__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
+__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
+__device__ __forceinline__ float dev_log(float x) { return logf(x); }
+__device__ __forceinline__ double dev_log(double x) { return log(x); }
+__device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
+
+template <typename Acc>
+__device__ __forceinline__ Acc neg_infinity() { return -static_cast<Acc>(INFINITY); }
+
+template <typename Acc>
+__device__ __forceinline__ Acc dev_max(Acc a, Acc b) { return a > b ? a : b; }
+
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc load(const T* p, int64_t i) { return static_cast<Acc>(static_cast<float>(p[i])); }
+template <>
+__device__ __forceinline__ double load<double, double>(const double* p, int64_t i) { return p[i]; }
+template <>
+__device__ __forceinline__ float load<float, double>(const double* p, int64_t i) { return static_cast<float>(p[i]); }
+
+template <typename T, typename Acc>
+__device__ __forceinline__ void store(T* p, int64_t i, Acc v) { p[i] = static_cast<T>(static_cast<float>(v)); }
+template <>
+__device__ __forceinline__ void store<double, double>(double* p, int64_t i, double v) { p[i] = v; }
+template <>
+__device__ __forceinline__ void store<double, float>(double* p, int64_t i, float v) { p[i] = v; }
+
+template <typename Acc>
+__device__ __forceinline__ Acc clamped_log_norm(Acc log_norm) {
+  return dev_max(log_norm, static_cast<Acc>(kLogNormEps));
+}
+
+struct SumOp {
+  template <typename Acc>
+  __device__ __forceinline__ Acc operator()(Acc a, Acc b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename Acc>
+  __device__ __forceinline__ Acc operator()(Acc a, Acc b) const { return a > b ? a : b; }
+};
+
+// The block's total of v, returned to every thread; every thread of the block must call it. `scratch`
+// holds one value per warp (32 entries).
+template <typename Acc, typename Op>
+__device__ __forceinline__ Acc block_reduce(Acc v, Op op, Acc* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(CKD_FULL_MASK, v, offset));
+  __syncthreads();  // a previous reduction may still be reading scratch
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  Acc total = scratch[0];
+  for (unsigned w = 1; w < blockDim.x / 32; ++w) total = op(total, scratch[w]);
+  return total;
+}
+
+// Max-shifted log-sum-exp over the row of value(j), j < cols, computed by the whole block.
+template <typename Acc, typename F>
+__device__ __forceinline__ Acc block_logsumexp(int64_t cols, F value, Acc* scratch) {
+  Acc m = neg_infinity<Acc>();
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) m = dev_max(m, value(j));
+  m = block_reduce(m, MaxOp{}, scratch);
+  if (m == neg_infinity<Acc>()) return m;
+  Acc s = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += dev_exp(value(j) - m);
+  return m + dev_log(block_reduce(s, SumOp{}, scratch));
+}
+
+template <typename Acc, typename T>
+__global__ void row_inv_norms_kernel(const T* x, int64_t cols, Acc* inv_norm) {
+  __shared__ Acc scratch[32];
+  const T* row = x + static_cast<int64_t>(blockIdx.x) * cols;
+  Acc sq = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc v = load<Acc>(row, j);
+    sq += v * v;
+  }
+  sq = block_reduce(sq, SumOp{}, scratch);
+  if (threadIdx.x == 0) inv_norm[blockIdx.x] = Acc(1) / dev_max(dev_sqrt(sq), static_cast<Acc>(kNormEps));
+}
+
+template <typename Acc, typename TA, typename TB>
+__global__ void row_dots_kernel(const TA* a, const TB* b, int64_t cols, Acc* out) {
+  __shared__ Acc scratch[32];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
+  Acc s = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += load<Acc>(a, base + j) * load<Acc>(b, base + j);
+  s = block_reduce(s, SumOp{}, scratch);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+template <typename Acc, typename T>
+__global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc* lse1, Acc* lse2) {
+  __shared__ Acc scratch[32];
+  const T* row = x + static_cast<int64_t>(blockIdx.x) * cols;
+  Acc m = neg_infinity<Acc>();
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) m = dev_max(m, load<Acc>(row, j) * inv_temp);
+  m = block_reduce(m, MaxOp{}, scratch);
+  // max(2 x / T) = 2 max(x / T): one max serves both sums.
+  Acc s1 = 0, s2 = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc d = load<Acc>(row, j) * inv_temp - m;
+    s1 += dev_exp(d);
+    s2 += dev_exp(2 * d);
+  }
+  s1 = block_reduce(s1, SumOp{}, scratch);
+  if (lse2) s2 = block_reduce(s2, SumOp{}, scratch);
+  if (threadIdx.x == 0) {
+    lse1[blockIdx.x] = m + dev_log(s1);
+    if (lse2) lse2[blockIdx.x] = 2 * m + dev_log(s2);
+  }
+}
+
+template <typename Acc, typename TS, typename TT>
+__global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc temperature, const bool* valid, Acc* loss,
+                               const Acc* weight, TS* grad) {
+  __shared__ Acc scratch[32];
+  const int64_t i = blockIdx.x;
+  const int64_t base = i * cols;
+  if (valid && !valid[i]) {  // uniform across the block: no barrier is skipped by part of it
+    if (threadIdx.x == 0) loss[i] = 0;
+    if (grad)
+      for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store(grad, base + j, Acc(0));
+    return;
+  }
+  const Acc inv_temp = Acc(1) / temperature;
+  const Acc lse_s = block_logsumexp<Acc>(cols, [&](int64_t j) { return load<Acc>(s, base + j) * inv_temp; }, scratch);
+  const Acc lse_t = block_logsumexp<Acc>(cols, [&](int64_t j) { return load<Acc>(t, base + j) * inv_temp; }, scratch);
+  Acc kl = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc log_q = load<Acc>(t, base + j) * inv_temp - lse_t;
+    const Acc log_p = load<Acc>(s, base + j) * inv_temp - lse_s;
+    kl += dev_exp(log_q) * (log_q - log_p);  // an underflowed q contributes exactly 0 (0 log 0 = 0)
+  }
+  kl = block_reduce(kl, SumOp{}, scratch);
+  if (threadIdx.x == 0) loss[i] = temperature * temperature * kl;
+  if (grad) {
+    const Acc g = weight[i] * temperature;
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const Acc p = dev_exp(load<Acc>(s, base + j) * inv_temp - lse_s);
+      const Acc q = dev_exp(load<Acc>(t, base + j) * inv_temp - lse_t);
+      store(grad, base + j, g * (p - q));
+    }
+  }
+}
+
+template <typename Acc, typename T>
+__global__ void load_rows_kernel(const T* x, int64_t cols, int64_t row0, int64_t rows, const Acc* row_scale,
+                                 Acc* out) {
+  const int64_t total = rows * cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / cols;
+    const Acc f = row_scale ? row_scale[row0 + r] : Acc(1);
+    out[e] = load<Acc>(x, (row0 + r) * cols + (e - r * cols)) * f;
+  }
+}
+
+template <typename Acc, typename T>
+__global__ void exp_block_kernel(const T* x, int64_t ldx, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
+                                 Acc inv_temp, const Acc* row_shift, const Acc* col_shift, const bool* valid,
+                                 Acc* out) {
+  const int64_t total = rows * cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / cols, c = e - r * cols;
+    const int64_t i = row0 + r;
+    if (valid && !valid[i]) {
+      out[e] = 0;
+      continue;
+    }
+    const Acc cs = col_shift ? clamped_log_norm(col_shift[col0 + c]) : Acc(0);
+    out[e] = dev_exp(load<Acc>(x, i * ldx + col0 + c) * inv_temp - row_shift[i] - cs);
+  }
+}
+
+// One block per strip row; see EpilogueParams for what it computes.
+template <typename Acc>
+__global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
+  __shared__ Acc scratch[32];
+  const int64_t r = blockIdx.x;
+  const int64_t i = p.row0 + r;
+  Acc* z = p.strip + r * p.ld;
+  const bool want_grad = p.weight != nullptr;
+  if (p.row_valid && !p.row_valid[i]) {
+    if (threadIdx.x == 0) {
+      p.loss[i] = 0;
+      if (p.diagonal_out) p.diagonal_out[i] = 0;
+    }
+    if (want_grad)
+      for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = 0;
+    return;
+  }
+  Acc m = neg_infinity<Acc>();
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
+    Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
+    if (p.col_valid && !p.col_valid[j]) v = neg_infinity<Acc>();
+    if (j == i && p.positive) v = p.positive[i];
+    z[j] = v;
+    m = dev_max(m, v);
+  }
+  m = block_reduce(m, MaxOp{}, scratch);
+  Acc s = 0;
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) s += dev_exp(z[j] - m);
+  const Acc lse = m + dev_log(block_reduce(s, SumOp{}, scratch));
+  // z[i] was written by some thread before the barriers inside block_reduce; the coefficients below
+  // overwrite it, so every read of it must happen before the next barrier.
+  if (threadIdx.x == 0) p.loss[i] = lse - z[i];
+  if (!want_grad) return;
+  __syncthreads();
+  const Acc g = p.weight[i] * p.coef_scale;
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
+    const Acc coef = g * dev_exp(z[j] - lse);
+    if (j != i) {
+      z[j] = coef;
+    } else if (p.diagonal_out) {
+      p.diagonal_out[i] = coef - g;
+      z[j] = 0;
+    } else {
+      z[j] = coef - g;
+    }
+  }
+}
+
+template <typename Acc>
+__global__ void scale_columns_kernel(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) {
+  const int64_t total = rows * cols;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = e / cols, c = e - r * cols;
+    m[r * ld + c] *= scale[c];
+  }
+}
+
+// One block per row: dv += extra, then grad = (dv - [unclamped] <dv, x> x / |x|^2) / max(|x|, eps). Each thread
+// reads and writes only its own elements, so grad may alias dv.
+template <typename Acc, typename T, typename TE>
+__global__ void normalize_backward_kernel(Acc* dv, const T* x, int64_t cols, const Acc* extra_coef,
+                                          const Acc* extra_inv, const TE* extra_x, const bool* valid, T* grad) {
+  __shared__ Acc scratch[32];
+  const int64_t i = blockIdx.x;
+  const int64_t base = i * cols;
+  if (valid && !valid[i]) {
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store(grad, base + j, Acc(0));
+    return;
+  }
+  if (extra_coef) {
+    const Acc f = extra_coef[i] * extra_inv[i];
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) dv[base + j] += f * load<Acc>(extra_x, base + j);
+  }
+  Acc sq = 0, dot = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc v = load<Acc>(x, base + j);
+    sq += v * v;
+    dot += dv[base + j] * v;
+  }
+  sq = block_reduce(sq, SumOp{}, scratch);
+  dot = block_reduce(dot, SumOp{}, scratch);
+  const Acc norm = dev_sqrt(sq);
+  const bool clamped = norm < static_cast<Acc>(kNormEps);
+  const Acc inv = Acc(1) / (clamped ? static_cast<Acc>(kNormEps) : norm);
+  const Acc proj = clamped ? Acc(0) : dot * inv * inv;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    store(grad, base + j, inv * (dv[base + j] - proj * load<Acc>(x, base + j)));
+  }
+}
+
+// One thread per column, walking the rows: coalesced across the warp, deterministic, no barrier.
+template <typename Acc, typename T>
+__global__ void column_log_norms_kernel(const T* x, int64_t rows, int64_t cols, const Acc* lse1, Acc inv_temp,
+                                        const bool* valid, Acc* log_norm) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  Acc m = neg_infinity<Acc>();
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) continue;
+    m = dev_max(m, 2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]));
+  }
+  if (m == neg_infinity<Acc>()) {
+    log_norm[c] = m;
+    return;
+  }
+  Acc s = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) continue;
+    s += dev_exp(2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]) - m);
+  }
+  log_norm[c] = Acc(0.5) * (m + dev_log(s));
+}
+
+template <typename Acc, typename T>
+__global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64_t cols, const Acc* lse1,
+                                   const Acc* log_norm, Acc inv_temp, const bool* valid, Acc* out) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const Acc shift = clamped_log_norm(log_norm[c]);
+  Acc s = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) continue;
+    s += a[i * cols + c] * dev_exp(load<Acc>(x, i * cols + c) * inv_temp - lse1[i] - shift);
+  }
+  out[c] = s;
+}
+
+// One block per row: through the row normalisation (dp), the column normalisation (dpbar) and the softmax.
+// P, p, pbar are recomputed from x instead of stored; each thread writes only the elements it read, so grad
+// may alias dp.
+template <typename Acc, typename T>
+__global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols,
+                                           const Acc* lse1_, const Acc* lse2_, const Acc* log_norm,
+                                           const Acc* col_dot, Acc inv_temp, const bool* valid, T* grad) {
+  __shared__ Acc scratch[32];
+  const int64_t i = blockIdx.x;
+  const int64_t base = i * cols;
+  if (valid && !valid[i]) {
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store(grad, base + j, Acc(0));
+    return;
+  }
+  const Acc lse1 = lse1_[i];
+  const Acc inv_row_norm = dev_exp(lse1 - Acc(0.5) * lse2_[i]);
+  Acc r = 0;
+  if (dp) {
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      r += dp[base + j] * dev_exp(load<Acc>(x, base + j) * inv_temp - lse1);
+    }
+    r = block_reduce(r, SumOp{}, scratch) * inv_row_norm;
+  }
+  auto dprob = [&](int64_t j, Acc prob) {
+    Acc d = 0;
+    if (dp) d = (dp[base + j] - r * prob * inv_row_norm) * inv_row_norm;
+    if (dpbar) {
+      const Acc inv_col_norm = dev_exp(-clamped_log_norm(log_norm[j]));
+      const Acc k = log_norm[j] < static_cast<Acc>(kLogNormEps) ? Acc(0) : col_dot[j];
+      d += (dpbar[base + j] - k * prob * inv_col_norm) * inv_col_norm;
+    }
+    return d;
+  };
+  Acc d = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc prob = dev_exp(load<Acc>(x, base + j) * inv_temp - lse1);
+    d += prob * dprob(j, prob);
+  }
+  d = block_reduce(d, SumOp{}, scratch);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc prob = dev_exp(load<Acc>(x, base + j) * inv_temp - lse1);
+    store(grad, base + j, prob * (dprob(j, prob) - d) * inv_temp);
+  }
+}
+
+}  // namespace ckd::gpu
