@@ -1,0 +1,487 @@
+"""Distillation demo: train a teacher, then distil students with CE, KD, CKD and BicKD.
+
+    python -m ckd_ext.train                        # digits (bundled with scikit-learn), all methods, 3 seeds
+    python -m ckd_ext.train --impl reference       # the pure-PyTorch losses instead of the fused ops
+    python -m ckd_ext.train --dataset cifar100 --data-dir ~/data --teacher resnet32x4.pt
+
+Every method's objective is ``ce_weight * CE(student, y)`` plus its weighted distillation terms
+(``kd``, ``ckd``, ``bickd`` or a ``+`` combination such as ``kd+bickd``; ``ce`` is the student alone).
+The teacher is trained first (or loaded with ``--teacher``) and is used in eval mode under ``no_grad``.
+Prints a table (test accuracy mean +- std over seeds, time per step inside the distillation loss call)
+and writes ``results.json`` and ``accuracy.png`` to ``--out``. See docs/training.md.
+Needs the ``train`` extra (scikit-learn, matplotlib, tqdm); CIFAR-100 also needs ``cifar`` (torchvision).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import build_model
+
+DISTILL_TERMS = ("kd", "ckd", "bickd")
+DEFAULT_METHODS = "ce,kd,ckd,bickd,kd+bickd"
+CIFAR_FILES = ("train", "test", "meta")
+CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+# Per-dataset defaults; the flags override them.
+DATASETS = {
+    "digits": dict(teacher_model="digits_teacher", student_model="digits_student", num_classes=10,
+                   epochs=30, teacher_epochs=30, lr=0.05, threads=1),
+    "cifar100": dict(teacher_model="resnet32x4", student_model="resnet8x4", num_classes=100,
+                     epochs=240, teacher_epochs=240, lr=0.05, threads=0),
+}
+
+
+# ------------------------------------------------------------------------------------------ arguments
+def _number(kind, low, strict, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+weight = _number(float, 0.0, False, "a weight >= 0")
+positive = _number(float, 0.0, True, "a number > 0")
+count = _number(int, 1, False, "an integer >= 1")
+count0 = _number(int, 0, False, "an integer >= 0")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where they depend on --dataset (None) or are flags (False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckd-train", description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    g = p.add_argument_group("run")
+    g.add_argument("--methods", default=DEFAULT_METHODS,
+                   help="comma list of ce, kd, ckd, bickd or '+' combinations of the distillation terms")
+    g.add_argument("--impl", choices=("fused", "reference"), default="fused",
+                   help="fused: ckd_ext's compiled ops; reference: ckd_ext.reference (plain PyTorch)")
+    g.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
+    g.add_argument("--seed", type=int, default=None, help="a single seed (shortcut for --seeds N)")
+    g.add_argument("--teacher-seed", type=int, default=0, help="seed of the teacher's training")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    g.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast for the forward")
+    g.add_argument("--out", default="ckd-train-results", help="folder for results.json and accuracy.png")
+    g.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    g.add_argument("--threads", type=count0, default=None,
+                   help="CPU threads for torch (default: 1 on digits, whose tiny ops only lose from "
+                        "threading; torch's default on cifar100; 0: torch's default)")
+    g = p.add_argument_group("data and models")
+    g.add_argument("--dataset", choices=tuple(DATASETS), default="digits", help="digits: bundled with scikit-learn")
+    g.add_argument("--data-dir", default=None,
+                   help="CIFAR-100: the folder holding cifar-100-python/{train,test,meta} (never downloaded)")
+    g.add_argument("--workers", type=count0, default=None, help="CIFAR loader workers (default: min(4, CPUs))")
+    g.add_argument("--teacher", metavar="PATH", default=None, help="load a saved teacher instead of training")
+    g.add_argument("--save-teacher", metavar="PATH", default=None, help="save the trained teacher here")
+    g = p.add_argument_group("optimisation (SGD, momentum 0.9, cosine schedule, like the CKD authors)")
+    g.add_argument("--epochs", type=count, default=None, help="student epochs (default: digits 30, cifar100 240)")
+    g.add_argument("--teacher-epochs", type=count0, default=None, help="teacher epochs (default: as --epochs)")
+    g.add_argument("--batch-size", type=count, default=64, help="training batch size")
+    g.add_argument("--lr", type=positive, default=None, help="learning rate (default: 0.05)")
+    g.add_argument("--weight-decay", type=weight, default=5e-4, help="SGD weight decay")
+    g = p.add_argument_group("loss weights and temperatures")
+    g.add_argument("--ce-weight", type=weight, default=1.0, help="weight of CE(student, labels), every method")
+    g.add_argument("--kd-weight", type=weight, default=1.0, help="KD weight (T^2 scaling is inside kd_loss)")
+    g.add_argument("--kd-temperature", type=positive, default=4.0, help="KD softmax temperature T")
+    g.add_argument("--ckd-weight", type=weight, default=10.0, help="CKD weight (authors: 10, 50 or 100)")
+    g.add_argument("--ckd-tau", type=positive, default=1.0, help="CKD contrastive temperature")
+    g.add_argument("--ckd-anchor", choices=("teacher", "student"), default="teacher",
+                   help="teacher: the authors' released code; student: the paper's statement")
+    g.add_argument("--bickd-weight", type=weight, default=1.0, help="BicKD weight")
+    g.add_argument("--bickd-temperature", type=positive, default=4.0, help="BicKD softmax temperature")
+    g.add_argument("--bickd-tau", type=positive, default=0.1, help="BicKD contrastive temperature")
+    g.add_argument("--bickd-w-sample", type=weight, default=1.0, help="BicKD sample-side weight")
+    g.add_argument("--bickd-w-class", type=weight, default=1.0, help="BicKD class-side weight")
+    g.add_argument("--bickd-symmetric", action="store_true", help="average BicKD with its teacher-anchored twin")
+    return p
+
+
+def _parse_methods(text: str, p: argparse.ArgumentParser) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        p.error("--methods is empty")
+    for m in methods:
+        terms = m.split("+")
+        ok = m == "ce" or (all(t in DISTILL_TERMS for t in terms) and len(set(terms)) == len(terms))
+        if not ok:
+            p.error(f"unknown method {m!r} in --methods; expected ce, kd, ckd, bickd "
+                    f"or a '+' combination of kd/ckd/bickd such as kd+bickd")
+    if len(set(methods)) != len(methods):
+        p.error(f"--methods lists a method twice: {text!r}")
+    return methods
+
+
+def _need(module: str, extra: str, p: argparse.ArgumentParser) -> None:
+    if importlib.util.find_spec(module) is None:
+        p.error(f"this needs the {module} package: pip install 'ckd_ext[{extra}]'")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check everything that can be checked before training; errors exit with status 2."""
+    p = build_parser()
+    a = p.parse_args(argv)
+    a.methods = _parse_methods(a.methods, p)
+    if a.seed is not None:
+        a.seeds = [a.seed]
+    else:
+        try:
+            a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            p.error(f"--seeds expects a comma list of integers, got {a.seeds!r}")
+        if not a.seeds:
+            p.error("--seeds is empty")
+    if a.workers is None:
+        a.workers = min(4, os.cpu_count() or 1)
+    for key, value in DATASETS[a.dataset].items():
+        if getattr(a, key, None) is None:
+            setattr(a, key, value)
+    for module in ("matplotlib", "tqdm") + (("sklearn",) if a.dataset == "digits" else ()):
+        _need(module, "train", p)
+    if a.dataset == "cifar100":
+        if a.data_dir is None:
+            p.error("--dataset cifar100 needs --data-dir DIR with DIR/cifar-100-python/{train,test,meta}")
+        missing = [f for f in CIFAR_FILES if not (Path(a.data_dir) / "cifar-100-python" / f).is_file()]
+        if missing:
+            p.error(f"--data-dir {a.data_dir}: no CIFAR-100 copy there (missing "
+                    f"{', '.join('cifar-100-python/' + f for f in missing)}); expected the python version "
+                    f"of CIFAR-100 unpacked as DIR/cifar-100-python/{{train,test,meta}}; nothing is downloaded")
+        _need("torchvision", "cifar", p)
+    elif a.data_dir is not None:
+        p.error("--data-dir is only used with --dataset cifar100")
+    if a.teacher is not None and not Path(a.teacher).is_file():
+        p.error(f"--teacher {a.teacher}: no such file")
+    if a.teacher is not None and a.save_teacher is not None:
+        p.error("--save-teacher saves a trained teacher; it cannot be combined with --teacher")
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    try:
+        a.ops = loss_ops(a.impl)
+    except ImportError as e:
+        p.error(f"--impl {a.impl}: {e}")
+    a.parser = p
+    return a
+
+
+def loss_ops(impl: str):
+    """The module providing ckd_loss / bickd_loss / kd_loss (same signatures for both impls)."""
+    if impl == "reference":
+        return importlib.import_module("ckd_ext.reference")
+    ops = importlib.import_module("ckd_ext")
+    if not ops.is_available():
+        try:
+            ops.require_extension()  # raises with the reason and the build command
+        except Exception as e:
+            reason = str(e)
+        else:
+            reason = "ckd_ext._C did not load"
+        raise ImportError(f"the fused ops need the compiled extension ckd_ext._C: {reason}; "
+                          f"or use --impl reference")
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------- data
+class TensorLoader:
+    """Mini-batches of in-memory tensors; reshuffled each epoch from a seeded generator."""
+
+    def __init__(self, x, y, batch_size, shuffle=False, drop_last=False, seed=0):
+        self.x, self.y, self.bs, self.shuffle, self.drop_last = x, y, batch_size, shuffle, drop_last
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=self.gen) if self.shuffle else torch.arange(len(self.y))
+        for i in range(len(self)):
+            idx = order[i * self.bs:(i + 1) * self.bs].to(self.x.device)
+            yield self.x[idx], self.y[idx]
+
+
+def load_data(a):
+    """(train_loader_factory(seed), test_loader, description). Training batches drop the last partial one."""
+    if a.dataset == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        x, y = load_digits(return_X_y=True)
+        xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.25, stratify=y, random_state=0)
+        t = lambda v, dt: torch.as_tensor(v, dtype=dt, device=a.device)  # noqa: E731
+        xtr, xte, ytr, yte = t(xtr, torch.float32), t(xte, torch.float32), t(ytr, torch.long), t(yte, torch.long)
+        test = TensorLoader(xte, yte, 512)
+        train = lambda seed: TensorLoader(xtr, ytr, a.batch_size, True, True, seed)  # noqa: E731
+        return train, test, f"digits ({len(ytr)} train / {len(yte)} test, 8x8, 10 classes)"
+
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import CIFAR100
+    norm = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
+    augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm])
+    try:
+        trainset = CIFAR100(a.data_dir, train=True, transform=augment, download=False)
+        testset = CIFAR100(a.data_dir, train=False, transform=T.Compose(norm), download=False)
+    except Exception as e:  # torchvision: "Dataset not found or corrupted", unpickling errors, ...
+        a.parser.error(f"--data-dir {a.data_dir}: the CIFAR-100 copy could not be read ({e}); expected the "
+                       f"python version unpacked as DIR/cifar-100-python/{{train,test,meta}}")
+    kw = dict(num_workers=a.workers, pin_memory=a.device == "cuda", persistent_workers=a.workers > 0)
+    test = DataLoader(testset, batch_size=256, **kw)
+    train = lambda seed: DataLoader(trainset, a.batch_size, shuffle=True, drop_last=True,  # noqa: E731
+                                    generator=torch.Generator().manual_seed(seed), **kw)
+    return train, test, f"cifar100 ({len(trainset)} train / {len(testset)} test)"
+
+
+# ------------------------------------------------------------------------------------------ objective
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def distillation(method: str, a):
+    """fn(student_logits, teacher_logits) -> weighted sum of the method's distillation terms, or None."""
+    if method == "ce":
+        return None
+    ops, terms = a.ops, method.split("+")
+    calls = {
+        "kd": lambda s, t: a.kd_weight * ops.kd_loss(s, t, temperature=a.kd_temperature),
+        "ckd": lambda s, t: a.ckd_weight * ops.ckd_loss(s, t, tau=a.ckd_tau, anchor=a.ckd_anchor),
+        "bickd": lambda s, t: a.bickd_weight * ops.bickd_loss(
+            s, t, temperature=a.bickd_temperature, tau=a.bickd_tau, w_sample=a.bickd_w_sample,
+            w_class=a.bickd_w_class, symmetric=a.bickd_symmetric),
+    }
+    return lambda s, t: sum(calls[name](s, t) for name in terms)
+
+
+def evaluate(model, test, a) -> float:
+    model.eval()
+    correct = total = 0
+    with torch.no_grad(), torch.autocast(a.device, torch.bfloat16, enabled=a.amp == "bf16"):
+        for x, y in test:
+            x, y = x.to(a.device, non_blocking=True), y.to(a.device, non_blocking=True)
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    return 100.0 * correct / total
+
+
+def fit(model, train, test, a, *, epochs, seed, distill=None, teacher=None, desc="", max_steps=None):
+    """Train `model` with SGD + cosine; returns {"test_acc": per epoch, "loss": per step, "loss_time": s, ...}.
+
+    With `distill`, the objective is ce_weight * CE + distill(student_logits, teacher_logits) and the time
+    spent inside the distill call (forward only) is accumulated. With `max_steps`, stops after that many
+    steps (used by `loss_trajectory`).
+    """
+    from tqdm.auto import tqdm
+    device = torch.device(a.device)
+    torch.manual_seed(seed)
+    loader = train(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=a.amp == "bf16")
+    hist = dict(test_acc=[], loss=[], loss_time=0.0, steps=0)
+    bars = not a.quiet and sys.stderr.isatty()
+    for epoch in range(epochs):
+        model.train()
+        bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not bars)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(**amp):
+                logits = model(x)
+                loss = a.ce_weight * F.cross_entropy(logits, y)
+                if distill is not None:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    _sync(device)
+                    start = time.perf_counter()
+                    d = distill(logits, t_logits)
+                    _sync(device)
+                    hist["loss_time"] += time.perf_counter() - start
+                    loss = loss + d
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hist["loss"].append(loss.item())
+            hist["steps"] += 1
+            if hist["steps"] % 10 == 0:
+                bar.set_postfix(loss=f"{hist['loss'][-1]:.4f}")
+            if max_steps is not None and hist["steps"] >= max_steps:
+                return hist
+        sched.step()
+        hist["test_acc"].append(evaluate(model, test, a))
+    return hist
+
+
+def get_teacher(a, train, test):
+    """Load (--teacher) or train the teacher; returns (model in eval mode, record for the results)."""
+    arch = a.teacher_model
+    torch.manual_seed(a.teacher_seed)
+    teacher = build_model(arch, a.num_classes).to(a.device)
+    if a.teacher is not None:
+        try:
+            state = torch.load(a.teacher, map_location=a.device)
+        except Exception as e:
+            a.parser.error(f"--teacher {a.teacher}: cannot be read ({e})")
+        if not isinstance(state, dict) or state.get("arch") != arch:
+            a.parser.error(f"--teacher {a.teacher}: not a saved {arch!r} teacher (--save-teacher writes one)")
+        teacher.load_state_dict(state["state_dict"])
+        record = dict(source=a.teacher, history=[])
+    else:
+        hist = fit(teacher, train, test, a, epochs=a.teacher_epochs, seed=a.teacher_seed, desc="teacher")
+        record = dict(source="trained", history=hist["test_acc"])
+        if a.save_teacher:
+            Path(a.save_teacher).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(arch=arch, state_dict=teacher.state_dict()), a.save_teacher)
+    teacher.eval()
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    record["test_acc"] = evaluate(teacher, test, a)
+    return teacher, record
+
+
+def student_run(method, seed, teacher, train, test, a, max_steps=None):
+    torch.manual_seed(seed)
+    student = build_model(a.student_model, a.num_classes).to(a.device)
+    return fit(student, train, test, a, epochs=a.epochs, seed=seed, distill=distillation(method, a),
+               teacher=teacher, desc=f"{method} seed {seed}", max_steps=max_steps)
+
+
+class _Threads:
+    """torch.set_num_threads(n) for the duration of a run (n = 0: unchanged), then restored."""
+
+    def __init__(self, n):
+        self.n, self.saved = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
+
+
+def loss_trajectory(argv=(), steps=20) -> dict[str, list[float]]:
+    """Per-step total training loss for each of --methods over the first `steps` steps of the first seed.
+
+    Uses the same path as `main` (teacher trained per --teacher-epochs). For tests comparing --impl fused
+    with --impl reference: with the same seeds both give the same trajectory up to rounding.
+    """
+    a = parse_args(list(argv))
+    with _Threads(a.threads):
+        train, test, _ = load_data(a)
+        teacher, _ = get_teacher(a, train, test)
+        return {m: student_run(m, a.seeds[0], teacher, train, test, a, max_steps=steps)["loss"]
+                for m in a.methods}
+
+
+# -------------------------------------------------------------------------------------------- results
+def _mean_std(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_table(results) -> str:
+    rows = [("method", "test acc (%)", "loss ms/step")]
+    rows.append(("teacher", f"{results['teacher']['test_acc']:.2f}", "-"))
+    for m, s in results["summary"].items():
+        label = "ce (student alone)" if m == "ce" else m
+        ms = "-" if m == "ce" else f"{s['loss_ms_per_step']:.3f}"
+        rows.append((label, f"{s['test_acc_mean']:.2f} +- {s['test_acc_std']:.2f}", ms))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    teacher = results["teacher"]
+    if teacher["history"]:
+        ax.plot(range(1, len(teacher["history"]) + 1), teacher["history"], "k--", label="teacher")
+    else:
+        ax.axhline(teacher["test_acc"], color="k", ls="--", label="teacher")
+    for m in results["summary"]:
+        curves = [r["test_acc"] for r in results["runs"] if r["method"] == m]
+        epochs = range(1, len(curves[0]) + 1)
+        stats = [_mean_std(v) for v in zip(*curves)]
+        mean = [s[0] for s in stats]
+        ax.plot(epochs, mean, label="ce (student alone)" if m == "ce" else m)
+        ax.fill_between(epochs, [s[0] - s[1] for s in stats], [s[0] + s[1] for s in stats], alpha=0.15)
+    c = results["config"]
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+           title=f"{c['dataset']}: {c['teacher_model']} -> {c['student_model']}, {len(c['seeds'])} seed(s), "
+                 f"--impl {c['impl']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    with _Threads(a.threads):
+        return _run(a)
+
+
+def _run(a) -> dict:
+    started = time.perf_counter()
+    say = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
+    train, test, data_desc = load_data(a)
+    teacher, teacher_rec = get_teacher(a, train, test)
+    say(f"teacher {a.teacher_model}: test acc {teacher_rec['test_acc']:.2f}%")
+    runs = []
+    for method in a.methods:
+        for seed in a.seeds:
+            h = student_run(method, seed, teacher, train, test, a)
+            runs.append(dict(method=method, seed=seed, final_test_acc=h["test_acc"][-1], test_acc=h["test_acc"],
+                             loss_ms_per_step=1e3 * h["loss_time"] / max(h["steps"], 1), steps=h["steps"]))
+            say(f"{method} seed {seed}: test acc {h['test_acc'][-1]:.2f}%")
+    summary = {}
+    for m in a.methods:
+        rs = [r for r in runs if r["method"] == m]
+        mean, std = _mean_std([r["final_test_acc"] for r in rs])
+        summary[m] = dict(test_acc_mean=mean, test_acc_std=std,
+                          loss_ms_per_step=statistics.fmean(r["loss_ms_per_step"] for r in rs))
+    config = {k: v for k, v in vars(a).items() if k not in ("ops", "parser")}
+    config.update(data=data_desc, torch=torch.__version__)
+    results = dict(config=config, teacher=teacher_rec, summary=summary, runs=runs,
+                   wall_seconds=time.perf_counter() - started)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "accuracy.png")
+    threads = f" ({torch.get_num_threads()} threads)" if a.device == "cpu" else ""
+    print(f"{data_desc}; {config['teacher_model']} -> {config['student_model']}; --impl {a.impl}; "
+          f"device {a.device}{threads}; amp {a.amp}; {len(a.seeds)} seed(s), {a.epochs} epochs")
+    print(format_table(results))
+    print(f"(test accuracy after the last epoch, mean +- std over seeds; loss ms/step = time inside the "
+          f"distillation loss call, forward only; {results['wall_seconds']:.1f} s in all; "
+          f"results in {out}/results.json, plot in {out}/accuracy.png)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

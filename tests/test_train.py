@@ -1,0 +1,169 @@
+"""Tests of the distillation demo (ckd_ext/train.py): smoke run, fused == reference trajectories, bad arguments.
+
+Needs the `train` extra (scikit-learn, matplotlib, tqdm). Everything runs on the bundled digits data with
+1 epoch and the tiny models, a few seconds in all on 2 CPU cores.
+"""
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn", reason="the demo needs the train extra: pip install 'ckd_ext[train]'")
+pytest.importorskip("matplotlib", reason="the demo needs the train extra: pip install 'ckd_ext[train]'")
+pytest.importorskip("tqdm", reason="the demo needs the train extra: pip install 'ckd_ext[train]'")
+
+from ckd_ext import models, train  # noqa: E402
+
+ALL_METHODS = ["ce", "kd", "ckd", "bickd", "kd+bickd"]
+TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--quiet"]
+
+
+def _fused_import_error():
+    try:
+        importlib.import_module("ckd_ext._C")
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+_FUSED_ERR = _fused_import_error()
+needs_fused = pytest.mark.skipif(
+    _FUSED_ERR is not None,
+    reason=f"ckd_ext._C (the compiled extension) cannot be imported, so --impl fused cannot run: {_FUSED_ERR}")
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("fused", marks=needs_fused)])
+def test_smoke_all_methods_table_json_png(impl, tmp_path, capsys):
+    out = tmp_path / "out"
+    threads = torch.get_num_threads()
+    results = train.main([*TINY, "--impl", impl, "--out", str(out)])
+    assert torch.get_num_threads() == threads  # --threads (1 on digits) is restored after the run
+    printed = capsys.readouterr().out
+    for label in ["method", "test acc (%)", "loss ms/step", "teacher", "ce (student alone)", *ALL_METHODS]:
+        assert label in printed, f"{label!r} missing from the printed table:\n{printed}"
+    saved = json.loads((out / "results.json").read_text())
+    assert list(saved["summary"]) == ALL_METHODS
+    assert len(saved["runs"]) == len(ALL_METHODS)
+    for run in saved["runs"]:
+        assert len(run["test_acc"]) == 1 and 0.0 <= run["final_test_acc"] <= 100.0
+        assert (run["loss_ms_per_step"] == 0.0) == (run["method"] == "ce")
+    assert 0.0 <= saved["teacher"]["test_acc"] <= 100.0
+    assert saved["config"]["impl"] == impl and results["summary"].keys() == saved["summary"].keys()
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_give_mean_and_std(tmp_path):
+    results = train.main(["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0,1", "--quiet",
+                          "--impl", "reference", "--methods", "ce", "--out", str(tmp_path)])
+    accs = [r["final_test_acc"] for r in results["runs"]]
+    assert len(accs) == 2
+    summary = results["summary"]["ce"]
+    assert summary["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    assert summary["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+
+
+def test_same_seed_same_trajectory():
+    argv = ["--impl", "reference", "--teacher-epochs", "1", "--methods", "kd,ckd", "--quiet"]
+    assert train.loss_trajectory(argv, steps=5) == train.loss_trajectory(argv, steps=5)
+
+
+@needs_fused
+def test_fused_and_reference_trajectories_match():
+    argv = ["--teacher-epochs", "1", "--seed", "0", "--methods", ",".join(ALL_METHODS), "--quiet"]
+    fused = train.loss_trajectory([*argv, "--impl", "fused"], steps=20)
+    ref = train.loss_trajectory([*argv, "--impl", "reference"], steps=20)
+    for method in ALL_METHODS:
+        assert len(fused[method]) == len(ref[method]) == 20
+        for step, (f, r) in enumerate(zip(fused[method], ref[method])):
+            assert abs(f - r) <= 1e-4 * abs(r), f"{method} step {step}: fused {f} vs reference {r}"
+
+
+def test_teacher_save_and_load(tmp_path):
+    path = tmp_path / "teacher.pt"
+    base = ["--epochs", "1", "--seeds", "0", "--quiet", "--impl", "reference", "--methods", "ce"]
+    trained = train.main([*base, "--teacher-epochs", "2", "--save-teacher", str(path), "--out", str(tmp_path / "a")])
+    loaded = train.main([*base, "--teacher", str(path), "--out", str(tmp_path / "b")])
+    assert loaded["teacher"]["test_acc"] == trained["teacher"]["test_acc"]
+    assert loaded["runs"][0]["final_test_acc"] == trained["runs"][0]["final_test_acc"]
+
+
+def _garbage(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    torch.save({"arch": "resnet8x4", "state_dict": {}}, bad)
+    return bad
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "ce,foo"], "unknown method 'foo'"),
+    (["--methods", "kd+kd"], "unknown method 'kd+kd'"),
+    (["--methods", "ce+kd"], "unknown method 'ce+kd'"),
+    (["--kd-weight", "-1"], "expected a weight >= 0"),
+    (["--ckd-weight", "-0.5"], "expected a weight >= 0"),
+    (["--bickd-w-class", "-2"], "expected a weight >= 0"),
+    (["--ce-weight", "nan"], "expected a weight >= 0"),
+    (["--ckd-tau", "0"], "expected a number > 0"),
+    (["--kd-temperature", "-4"], "expected a number > 0"),
+    (["--impl", "eager"], "invalid choice: 'eager'"),
+    (["--seeds", "0,x"], "--seeds expects a comma list of integers"),
+    (["--epochs", "0"], "expected an integer >= 1"),
+    (["--threads", "-1"], "expected an integer >= 0"),
+    (["--dataset", "cifar100"], "needs --data-dir"),
+    (["--dataset", "cifar100", "--data-dir", "/nonexistent/cifar"], "cifar-100-python/{train,test,meta}"),
+    (["--data-dir", "/tmp"], "only used with --dataset cifar100"),
+    (["--teacher", "/nonexistent/teacher.pt"], "no such file"),
+])
+def test_bad_arguments_fail_before_training(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started despite a bad argument"))
+    monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("data loaded despite a bad argument"))
+    with pytest.raises(SystemExit) as exc:
+        train.main([*argv, "--impl", "reference"] if argv[0] != "--impl" else argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_wrong_teacher_file_is_rejected_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started despite a bad teacher"))
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--teacher", str(_garbage(tmp_path)), "--impl", "reference", "--quiet",
+                    "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "not a saved 'digits_teacher' teacher" in capsys.readouterr().err
+
+
+def test_malformed_cifar_copy_gets_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("torchvision", reason="the CIFAR-100 path needs the cifar extra (torchvision)")
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    for name in ("train", "test", "meta"):
+        (folder / name).write_bytes(b"not a pickle")
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--impl", "reference",
+                    "--quiet", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "cifar-100-python/{train,test,meta}" in capsys.readouterr().err
+
+
+def test_module_entry_point_rejects_unknown_method():
+    proc = subprocess.run([sys.executable, "-m", "ckd_ext.train", "--methods", "crd", "--impl", "reference"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown method 'crd'" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_models_shapes_and_sizes():
+    x = torch.rand(3, 64)
+    assert models.digits_teacher()(x).shape == (3, 10)
+    assert models.digits_student()(x).shape == (3, 10)
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(models.digits_student()) < n_params(models.digits_teacher()) // 100
+    img = torch.rand(2, 3, 32, 32)
+    small, big = models.resnet8x4(), models.resnet32x4()
+    assert small(img).shape == big(img).shape == (2, 100)
+    # the standard CIFAR pair (CRD / mdistiller): ~1.23 M and ~7.43 M parameters
+    assert round(n_params(small) / 1e6, 2) == 1.23 and round(n_params(big) / 1e6, 2) == 7.43
+    with pytest.raises(ValueError, match="unknown model"):
+        models.build_model("resnet9000", 10)
