@@ -11,6 +11,7 @@ Environment switches:
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -88,8 +89,20 @@ def write_build_info(with_cuda: bool, with_emulated: bool) -> None:
     )
 
 
+WITH_CUDA = cuda_wanted()
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Also writes build/ptxas_report.md (registers, shared memory, spills per CUDA kernel)."""
+
+    def run(self):
+        super().run()
+        if WITH_CUDA:
+            subprocess.run([sys.executable, str(ROOT / "tools" / "ptxas_report.py")], check=True)
+
+
 def extensions():
-    with_cuda, with_emulated = cuda_wanted(), emulated_wanted()
+    with_cuda, with_emulated = WITH_CUDA, emulated_wanted()
     write_build_info(with_cuda, with_emulated)
     define = [("CKD_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx = ["-O3", "-fvisibility=hidden"]
@@ -123,7 +136,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["ckd_ext", "ckd_ext.*"]),
     ext_modules=extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension},
     install_requires=["torch", "numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "scikit-learn", "tqdm"],

@@ -24,8 +24,10 @@ CONFIGS = {
 # - float64: accumulates in float64; only summation order differs.
 # float16 gradients below its smallest normal (6.1e-5) are subnormal, spaced 2^-24 apart: that spacing
 # is added as an absolute tolerance.
-# Logits of scale 100 put log-sum-exps near 100 / T, where one float32 ulp is ~1e-5 absolute; exp() turns
-# that into a relative error of the same size, so float32 results at that scale get 5x the tolerance.
+# Logits of scale 100 put softmax arguments near 300 / T (3 sigma), where float32 rounding of x / T and of
+# the log-sum-exp is ~2e-5 absolute; exp() turns that into a relative error of the same size, and BicKD's
+# gradient (a difference of such terms through the softmax backward) can lose another factor of ~10 to
+# cancellation. float32 results at that scale get 20x the tolerance (2e-4); at scale 10 the 1e-5 holds.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
@@ -69,7 +71,7 @@ def loss_and_grad(module, config, student, teacher, **extra):
 
 
 def tolerance(dtype, scale=1.0):
-    return TOLERANCE[dtype] * (5 if scale > 10 and dtype == torch.float32 else 1)
+    return TOLERANCE[dtype] * (20 if scale > 10 and dtype == torch.float32 else 1)
 
 
 def assert_matches(actual, expected, dtype, what, tol=None):
@@ -87,3 +89,31 @@ def assert_matches(actual, expected, dtype, what, tol=None):
     atol = 2.0 ** -24 if dtype == torch.float16 else 0.0
     assert err <= tol * scale + atol, f"{what}: max error {err:.3e} > {tol:g} x scale {scale:.3e}"
     return err / scale if scale else 0.0
+
+
+def check_against_oracle(config, student, teacher, dtype=None, scale=1.0, module=None, **extra):
+    """Runs `module`'s op (default: the fused ckd_ext) on (student, teacher) and the oracle on their float64
+    copies; compares both the loss and the gradient. Returns the relative errors."""
+    import ckd_ext
+    from ckd_ext import reference as ref
+
+    module = module or ckd_ext
+    dtype = dtype or student.dtype
+    tol = tolerance(dtype, scale)
+    s = student.detach().to(dtype).requires_grad_()
+    t = teacher.detach().to(dtype)
+    loss, grad = loss_and_grad(module, config, s, t, **extra)
+    s64 = s.detach().double().requires_grad_()
+    loss64, grad64 = loss_and_grad(ref, config, s64, t.double(), **extra)
+    mask = extra.get("mask")
+    one_valid_row = student.shape[0] == 1 or (mask is not None and int(mask.sum()) == 1)
+    if CONFIGS[config][0] != "kd" and (student.shape[-1] == 1 or one_valid_row):
+        # The exact gradient is 0: with one class, normalised rows are +-1 (CKD) and softmaxes are 1
+        # (BicKD); with one valid row, CKD and BicKD's sample side have no negative and BicKD's class
+        # columns are all the same unit vector. The float64 oracle returns rounding residue near 1e-17, the
+        # float32 op rounding of O(1 / tau) terms that cancel: both must be ~0.
+        assert grad64.abs().max().item() <= 1e-12
+        assert grad.abs().max().item() <= 1e-6
+        grad64, grad = torch.zeros_like(grad64), torch.zeros_like(grad)
+    return (assert_matches(loss, loss64, dtype, f"{config} loss", tol),
+            assert_matches(grad, grad64, dtype, f"{config} grad", tol))

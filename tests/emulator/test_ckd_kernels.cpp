@@ -1,0 +1,189 @@
+// ckd_ext's own CUDA kernels (csrc/kernels/gpu_kernels.h, through GpuBackend) under the emulator, against
+// the torch-free CPU kernels (csrc/kernels/cpu_kernels.h) on the same inputs. Built in every configuration of
+// this project, so ThreadSanitizer and AddressSanitizer+UBSan run the real kernels.
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "kernels/cpu_kernels.h"
+#include "kernels/gpu_backend.h"
+
+namespace {
+
+constexpr int kRows = 6;
+constexpr int kCols = 300;  // more than one element per thread of a 128-thread row block
+
+std::vector<float> random_values(size_t n, unsigned seed, float scale = 3.0f) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(gen);
+  return v;
+}
+
+void expect_close(const std::vector<float>& actual, const std::vector<float>& expected, const char* what) {
+  CKD_CHECK(actual.size() == expected.size(), "%s: sizes differ", what);
+  float scale = 1e-30f;
+  for (float e : expected) scale = std::max(scale, std::fabs(e));
+  for (size_t k = 0; k < actual.size(); ++k) {
+    CKD_CHECK(std::fabs(actual[k] - expected[k]) <= 2e-5f * scale, "%s[%zu]: %.8g vs %.8g", what, k, actual[k],
+              expected[k]);
+  }
+}
+
+ckd::ConstMatrix matrix(const std::vector<float>& v, int rows, int cols) {
+  return {v.data(), ckd::DType::Float32, rows, cols};
+}
+
+struct Inputs {
+  std::vector<float> s = random_values(kRows * kCols, 1), t = random_values(kRows * kCols, 2);
+  bool valid[kRows] = {true, true, false, true, true, true};
+  std::vector<float> weight = {0.5f, 1.0f, 2.0f, 0.25f, 1.5f, 0.75f};
+};
+
+void test_row_statistics(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  std::vector<float> inv(kRows), inv_ref(kRows), dots(kRows), dots_ref(kRows);
+  std::vector<float> lse1(kRows), lse2(kRows), lse1_ref(kRows), lse2_ref(kRows);
+  gpu.row_inv_norms(matrix(in.s, kRows, kCols), inv.data());
+  gpu.row_dots(matrix(in.t, kRows, kCols), matrix(in.s, kRows, kCols), dots.data());
+  gpu.softmax_stats(matrix(in.s, kRows, kCols), 0.25f, lse1.data(), lse2.data());
+  for (int i = 0; i < kRows; ++i) {
+    const float* si = in.s.data() + i * kCols;
+    ckd::cpu::row_inv_norm<float>(si, kCols, &inv_ref[i]);
+    dots_ref[i] = ckd::cpu::row_dot<float>(in.t.data() + i * kCols, si, kCols);
+    ckd::cpu::softmax_stats_row<float>(si, kCols, 0.25f, &lse1_ref[i], &lse2_ref[i]);
+  }
+  expect_close(inv, inv_ref, "row_inv_norms");
+  expect_close(dots, dots_ref, "row_dots");
+  expect_close(lse1, lse1_ref, "softmax_stats lse1");
+  expect_close(lse2, lse2_ref, "softmax_stats lse2");
+}
+
+void test_kd_rows(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  std::vector<float> loss(kRows), grad(kRows * kCols), loss_ref(kRows, 0.0f), grad_ref(kRows * kCols, 0.0f);
+  gpu.kd_rows(matrix(in.s, kRows, kCols), matrix(in.t, kRows, kCols), 2.0f, in.valid, loss.data(), in.weight.data(),
+              grad.data());
+  for (int i = 0; i < kRows; ++i) {
+    if (!in.valid[i]) continue;
+    ckd::cpu::kd_row<float>(in.s.data() + i * kCols, in.t.data() + i * kCols, kCols, 2.0f, &loss_ref[i],
+                            in.weight[i], grad_ref.data() + i * kCols);
+  }
+  expect_close(loss, loss_ref, "kd_rows loss");
+  expect_close(grad, grad_ref, "kd_rows grad");
+}
+
+void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  for (bool student_anchor : {false, true}) {
+    std::vector<float> strip = random_values(kRows * kRows, 3), strip_ref = strip;
+    std::vector<float> col_scale = random_values(kRows, 4), positive = random_values(kRows, 5);
+    for (auto& c : col_scale) c = std::fabs(c) + 0.1f;
+    std::vector<float> loss(kRows), loss_ref(kRows), diag(kRows), diag_ref(kRows);
+    auto params = [&](std::vector<float>& z, std::vector<float>& l, std::vector<float>& d) {
+      ckd::EpilogueParams<float> p{};
+      p.strip = z.data();
+      p.ld = kRows;
+      p.row0 = 0;
+      p.rows = kRows;
+      p.cols = kRows;
+      p.scale = 2.0f;
+      p.col_scale = col_scale.data();
+      p.row_valid = in.valid;
+      p.col_valid = in.valid;
+      p.positive = student_anchor ? positive.data() : nullptr;
+      p.loss = l.data();
+      p.weight = in.weight.data();
+      p.coef_scale = 2.0f;
+      p.diagonal_out = student_anchor ? d.data() : nullptr;
+      return p;
+    };
+    gpu.contrastive_epilogue(params(strip, loss, diag));
+    const auto p_ref = params(strip_ref, loss_ref, diag_ref);
+    for (int r = 0; r < kRows; ++r) ckd::cpu::contrastive_epilogue_row(p_ref, r);
+    expect_close(loss, loss_ref, "epilogue loss");
+    expect_close(strip, strip_ref, "epilogue coefficients");
+    if (student_anchor) expect_close(diag, diag_ref, "epilogue diagonal");
+  }
+}
+
+void test_normalize_backward(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  std::vector<float> dv = random_values(kRows * kCols, 6), dv_ref = dv, grad(kRows * kCols), grad_ref(kRows * kCols, 0);
+  std::vector<float> extra_coef = random_values(kRows, 7), extra_inv(kRows, 0.3f);
+  gpu.normalize_backward(dv.data(), matrix(in.s, kRows, kCols), extra_coef.data(), extra_inv.data(),
+                         matrix(in.t, kRows, kCols), in.valid, grad.data());
+  for (int i = 0; i < kRows; ++i) {
+    if (!in.valid[i]) continue;
+    ckd::cpu::normalize_backward_row<float>(dv_ref.data() + i * kCols, in.s.data() + i * kCols, kCols,
+                                            extra_coef[i] * extra_inv[i], in.t.data() + i * kCols,
+                                            grad_ref.data() + i * kCols);
+  }
+  expect_close(grad, grad_ref, "normalize_backward");
+}
+
+void test_bickd_kernels(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  const float inv_temp = 0.5f;
+  std::vector<float> lse1(kRows), lse2(kRows);
+  for (int i = 0; i < kRows; ++i) ckd::cpu::softmax_stats_row<float>(in.s.data() + i * kCols, kCols, inv_temp, &lse1[i], &lse2[i]);
+  std::vector<float> log_norm(kCols), log_norm_ref(kCols);
+  gpu.column_log_norms(matrix(in.s, kRows, kCols), lse1.data(), inv_temp, in.valid, log_norm.data());
+  ckd::cpu::column_log_norms_block<float>(in.s.data(), kRows, kCols, 0, kCols, lse1.data(), inv_temp, in.valid,
+                                          log_norm_ref.data());
+  expect_close(log_norm, log_norm_ref, "column_log_norms");
+
+  std::vector<float> dpbar = random_values(kRows * kCols, 8), col_dot(kCols), col_dot_ref(kCols);
+  gpu.column_dots(dpbar.data(), matrix(in.s, kRows, kCols), lse1.data(), log_norm_ref.data(), inv_temp, in.valid,
+                  col_dot.data());
+  ckd::cpu::column_dots_block<float>(dpbar.data(), in.s.data(), kRows, kCols, 0, kCols, lse1.data(),
+                                     log_norm_ref.data(), inv_temp, in.valid, col_dot_ref.data());
+  expect_close(col_dot, col_dot_ref, "column_dots");
+
+  std::vector<float> dp = random_values(kRows * kCols, 9), grad(kRows * kCols), grad_ref(kRows * kCols, 0);
+  std::vector<float> scratch(2 * kCols);
+  gpu.bickd_backward_rows(dp.data(), dpbar.data(), matrix(in.s, kRows, kCols), lse1.data(), lse2.data(),
+                          log_norm_ref.data(), col_dot_ref.data(), inv_temp, in.valid, grad.data());
+  for (int i = 0; i < kRows; ++i) {
+    if (!in.valid[i]) continue;
+    ckd::cpu::bickd_backward_row<float>(dp.data() + i * kCols, dpbar.data() + i * kCols, in.s.data() + i * kCols,
+                                        kCols, lse1[i], lse2[i], log_norm_ref.data(), col_dot_ref.data(), inv_temp,
+                                        scratch.data(), grad_ref.data() + i * kCols);
+  }
+  expect_close(grad, grad_ref, "bickd_backward_rows");
+}
+
+void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  std::vector<float> shift = random_values(kRows, 10), col_shift = random_values(kCols, 11);
+  std::vector<float> block(3 * 40), block_ref(3 * 40);
+  gpu.exp_block(matrix(in.s, kRows, kCols), 2, 3, 50, 40, 0.5f, shift.data(), col_shift.data(), in.valid, block.data());
+  for (int r = 0; r < 3; ++r)
+    for (int c = 0; c < 40; ++c)
+      block_ref[r * 40 + c] = in.valid[2 + r] ? std::exp(in.s[(2 + r) * kCols + 50 + c] * 0.5f - shift[2 + r] -
+                                                         std::max(col_shift[50 + c], float(ckd::kLogNormEps)))
+                                              : 0.0f;
+  expect_close(block, block_ref, "exp_block");
+
+  std::vector<float> loaded(2 * kCols), loaded_ref(2 * kCols);
+  gpu.load_rows(matrix(in.t, kRows, kCols), 3, 2, shift.data(), loaded.data());
+  for (int r = 0; r < 2; ++r)
+    for (int c = 0; c < kCols; ++c) loaded_ref[r * kCols + c] = in.t[(3 + r) * kCols + c] * shift[3 + r];
+  expect_close(loaded, loaded_ref, "load_rows");
+
+  std::vector<float> m = random_values(4 * 10, 12), m_ref = m, scale = random_values(7, 13);
+  gpu.scale_columns(m.data(), 4, 7, 10, scale.data());
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 7; ++c) m_ref[r * 10 + c] *= scale[c];
+  expect_close(m, m_ref, "scale_columns");
+}
+
+}  // namespace
+
+int main() {
+  ckd::KernelBackend<float>& gpu = ckd::gpu_backend_on<float>(nullptr);
+  const Inputs in;
+  test_row_statistics(gpu, in);
+  test_kd_rows(gpu, in);
+  test_contrastive_epilogue(gpu, in);
+  test_normalize_backward(gpu, in);
+  test_bickd_kernels(gpu, in);
+  test_elementwise(gpu, in);
+  return ckd_check::finish("test_ckd_kernels");
+}
