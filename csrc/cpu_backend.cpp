@@ -119,10 +119,20 @@ class CpuBackend final : public KernelBackend<Acc> {
     parallel_rows(p.rows, p.cols, [&](int64_t r) { cpu::contrastive_epilogue_row(p, r); });
   }
 
-  void scale_columns(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) override {
-    parallel_rows(rows, cols, [&](int64_t r) {
-      Acc* mr = m + r * ld;
-      for (int64_t c = 0; c < cols; ++c) mr[c] *= scale[c];
+  void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) override {
+    parallel_rows(t.rows, t.cols, [&](int64_t r) { cpu::symmetric_tile_lse_row(t, r, row_max, row_sum); });
+    // The transposed half updates other rows (col0 > row0 + rows - 1), so it runs after, not alongside.
+    if (t.row0 != t.col0) {
+      parallel_column_blocks(t.cols, [&](int64_t c0, int64_t c1) {
+        cpu::symmetric_tile_lse_columns(t, c0, c1, row_max, row_sum);
+      });
+    }
+  }
+
+  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight, Acc coef_scale,
+                                   Acc* diagonal_out) override {
+    parallel_rows(t.rows, t.cols, [&](int64_t r) {
+      cpu::symmetric_tile_coefficients_row(t, r, lse, weight, coef_scale, diagonal_out);
     });
   }
 

@@ -3,9 +3,11 @@
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 
 #include "cpu_backend.h"
 #include "gpu_backend.h"
@@ -199,28 +201,33 @@ EpilogueParams<Acc> strip_epilogue(at::Tensor& strip, int64_t row0, int64_t rows
 }
 
 // ---------------------------------------------------------------------------------------------------
-// CKD. Anchor rows are loaded normalised (a chunk at a time); candidates are the raw student rows, whose
-// norms are applied to the strip afterwards, so no normalised copy of an input exists.
+// CKD. Anchor rows are loaded normalised (a chunk at a time); no normalised copy of an input exists beyond
+// those chunks.
+
+// The positive pair's logit <u_i, v_i> / tau, from a row dot product and the two norms.
 template <typename Acc>
-void ckd_core(const Inputs& in, double tau, bool student_anchor, const at::Tensor& weight, at::Tensor& row_loss,
-              const at::Tensor& grad) {
+at::Tensor positive_logits(KernelBackend<Acc>& k, const Inputs& in, const at::Tensor& inv_s, const at::Tensor& inv_t,
+                           Acc inv_tau) {
+  at::Tensor positive = at::empty({in.rows}, inv_s.options());
+  k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
+  return positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
+}
+
+// Teacher anchors: z_ij = <u_i, v_j> / tau over the student rows j. Strips of anchor rows against every
+// candidate (raw student rows, whose norms are applied in the epilogue); the gradient of candidate j is
+// sum_i coef_ij u_i, one GEMM per strip.
+template <typename Acc>
+void ckd_teacher_anchor(const Inputs& in, double tau, const at::Tensor& weight, at::Tensor& row_loss,
+                        const at::Tensor& grad) {
   auto& k = backend_for<Acc>(in.student);
   const int64_t N = in.rows, C = in.cols;
   const auto acc_options = in.student.options().dtype(acc_type<Acc>());
   const Acc inv_tau = static_cast<Acc>(1.0 / tau);
-  const ConstMatrix S = as_matrix(in.student), T = as_matrix(in.teacher);
-  const bool* valid = in.valid();
   const bool want_grad = grad.defined();
 
   at::Tensor inv_s = at::empty({N}, acc_options), inv_t = at::empty({N}, acc_options);
-  k.row_inv_norms(S, inv_s.data_ptr<Acc>());
-  k.row_inv_norms(T, inv_t.data_ptr<Acc>());
-  at::Tensor positive;
-  if (student_anchor) {
-    positive = at::empty({N}, acc_options);
-    k.row_dots(T, S, positive.data_ptr<Acc>());
-    positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
-  }
+  k.row_inv_norms(as_matrix(in.student), inv_s.data_ptr<Acc>());
+  k.row_inv_norms(as_matrix(in.teacher), inv_t.data_ptr<Acc>());
 
   const int64_t budget = workspace_bytes();
   const int64_t strip_rows = std::min(rows_within<Acc>(budget / 2, N, N), rows_within<Acc>(budget / 4, C, N));
@@ -228,18 +235,13 @@ void ckd_core(const Inputs& in, double tau, bool student_anchor, const at::Tenso
       in.student.scalar_type() == acc_type<Acc>() ? N : rows_within<Acc>(budget / 4, C, N);
   at::Tensor strip = at::empty({strip_rows, N}, acc_options);
   WorkBuffer<Acc> anchor_buffer(acc_options), candidate_buffer(acc_options);
-
-  at::Tensor dv, diagonal;  // dL/dv for the student rows v = s / |s|, before the normalisation backward
-  if (want_grad) {
-    dv = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
-    if (student_anchor) diagonal = at::empty({N}, acc_options);
-  }
-  const at::Tensor& anchor_source = student_anchor ? in.student : in.teacher;
-  const Acc* anchor_inv_norm = (student_anchor ? inv_s : inv_t).data_ptr<Acc>();
+  // dL/dv for the student rows v = s / |s|, before the normalisation backward.
+  at::Tensor dv;
+  if (want_grad) dv = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
 
   for (int64_t r0 = 0; r0 < N; r0 += strip_rows) {
     const int64_t rows = std::min(strip_rows, N - r0);
-    const at::Tensor anchors = operand_rows(k, anchor_buffer, anchor_source, r0, rows, anchor_inv_norm);
+    const at::Tensor anchors = operand_rows(k, anchor_buffer, in.teacher, r0, rows, inv_t.data_ptr<Acc>());
     at::Tensor z = strip.narrow(0, 0, rows);
     for (int64_t j0 = 0; j0 < N; j0 += block_rows) {
       const int64_t kb = std::min(block_rows, N - j0);
@@ -248,28 +250,90 @@ void ckd_core(const Inputs& in, double tau, bool student_anchor, const at::Tenso
     }
     EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau, row_loss, want_grad ? weight : at::Tensor());
     p.col_scale = inv_s.data_ptr<Acc>();
-    p.row_valid = valid;
-    p.col_valid = valid;
-    p.positive = student_anchor ? positive.data_ptr<Acc>() : nullptr;
-    p.diagonal_out = want_grad && student_anchor ? diagonal.data_ptr<Acc>() : nullptr;
+    p.row_valid = in.valid();
+    p.col_valid = in.valid();
     k.contrastive_epilogue(p);
-    if (!want_grad) continue;
-    // Every candidate j gains sum_i coef_ij * anchor_i ...
-    dv.addmm_(z.t(), anchors);
-    if (student_anchor) {
-      // ... and with student anchors, each anchor row i gains sum_j coef_ij * v_j (v_j = s_j / |s_j|).
-      k.scale_columns(z.data_ptr<Acc>(), rows, N, N, inv_s.data_ptr<Acc>());
-      at::Tensor dv_rows = dv.narrow(0, r0, rows);
-      for (int64_t j0 = 0; j0 < N; j0 += block_rows) {
-        const int64_t kb = std::min(block_rows, N - j0);
-        dv_rows.addmm_(z.narrow(1, j0, kb), operand_rows<Acc>(k, candidate_buffer, in.student, j0, kb, nullptr));
-      }
-    }
+    if (want_grad) dv.addmm_(z.t(), anchors);
   }
   if (want_grad) {
-    // The student anchor's positive <u_i, v_i> adds diagonal_i * u_i to dv_i.
-    k.normalize_backward(dv.data_ptr<Acc>(), S, student_anchor ? diagonal.data_ptr<Acc>() : nullptr,
-                         inv_t.data_ptr<Acc>(), T, valid, grad.data_ptr());
+    k.normalize_backward(dv.data_ptr<Acc>(), as_matrix(in.student), nullptr, nullptr, as_matrix(in.teacher),
+                         in.valid(), grad.data_ptr());
+  }
+}
+
+// Student anchors: z_ij = <v_i, v_j> / tau for j != i and the positive <u_i, v_i> / tau in place of z_ii.
+// That matrix is symmetric, so only tiles on and above the diagonal are computed: one pass of half-size
+// GEMMs merges every row's log-sum-exp statistics (a tile serves its rows and, transposed, its columns'),
+// and the gradient pass recomputes them and applies the symmetric coefficients (w_i pi_ij + w_j pi_ji) / tau
+// to both sides. Work: 2 N^2 C multiply-adds for loss and gradient, as a plain similarity + gradient GEMM.
+template <typename Acc>
+void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, at::Tensor& row_loss,
+                        const at::Tensor& grad) {
+  auto& k = backend_for<Acc>(in.student);
+  const int64_t N = in.rows, C = in.cols;
+  const auto acc_options = in.student.options().dtype(acc_type<Acc>());
+  const Acc inv_tau = static_cast<Acc>(1.0 / tau);
+  const bool want_grad = grad.defined();
+
+  at::Tensor inv_s = at::empty({N}, acc_options), inv_t = at::empty({N}, acc_options);
+  k.row_inv_norms(as_matrix(in.student), inv_s.data_ptr<Acc>());
+  k.row_inv_norms(as_matrix(in.teacher), inv_t.data_ptr<Acc>());
+  const at::Tensor positive = positive_logits(k, in, inv_s, inv_t, inv_tau);
+
+  const int64_t budget = workspace_bytes();
+  const auto square_side = static_cast<int64_t>(std::sqrt(static_cast<double>(budget / 2 / sizeof(Acc))));
+  const int64_t tile_rows = std::max<int64_t>(1, std::min({square_side, rows_within<Acc>(budget / 8, C, N), N}));
+  at::Tensor tile = at::empty({tile_rows, tile_rows}, acc_options);
+  WorkBuffer<Acc> row_buffer(acc_options), col_buffer(acc_options);
+
+  // f(tile params, normalised rows of the tile's rows, of its columns) for every tile on or above the diagonal.
+  auto for_each_tile = [&](auto&& f) {
+    for (int64_t i0 = 0; i0 < N; i0 += tile_rows) {
+      const int64_t ri = std::min(tile_rows, N - i0);
+      const at::Tensor vi = operand_rows(k, row_buffer, in.student, i0, ri, inv_s.data_ptr<Acc>());
+      for (int64_t j0 = i0; j0 < N; j0 += tile_rows) {
+        const int64_t rj = std::min(tile_rows, N - j0);
+        const at::Tensor vj = j0 == i0 ? vi : operand_rows(k, col_buffer, in.student, j0, rj, inv_s.data_ptr<Acc>());
+        at::Tensor z = tile.narrow(0, 0, ri).narrow(1, 0, rj);
+        at::mm_out(z, vi, vj.t());
+        const SymmetricTile<Acc> t{z.data_ptr<Acc>(), tile_rows, i0, ri, j0, rj, inv_tau,
+                                   positive.const_data_ptr<Acc>(), in.valid()};
+        f(t, vi, vj, z);
+      }
+    }
+  };
+
+  at::Tensor row_max = at::full({N}, -std::numeric_limits<double>::infinity(), acc_options);
+  at::Tensor row_sum = at::zeros({N}, acc_options);
+  for_each_tile([&](const SymmetricTile<Acc>& t, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+    k.symmetric_tile_lse(t, row_max.data_ptr<Acc>(), row_sum.data_ptr<Acc>());
+  });
+  const at::Tensor lse = row_max + row_sum.log();  // -inf only for masked rows, which every pass skips
+  at::Tensor terms = lse - positive;
+  if (in.mask.defined()) terms.masked_fill_(in.mask.logical_not(), 0);
+  row_loss.copy_(terms);
+  if (!want_grad) return;
+
+  at::Tensor dv = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
+  at::Tensor diagonal = at::zeros({N}, acc_options);  // w_i (pi_ii - 1) / tau, the positive's coefficient
+  for_each_tile([&](const SymmetricTile<Acc>& t, const at::Tensor& vi, const at::Tensor& vj, const at::Tensor& z) {
+    k.symmetric_tile_coefficients(t, lse.const_data_ptr<Acc>(), weight.const_data_ptr<Acc>(), inv_tau,
+                                  diagonal.data_ptr<Acc>());
+    dv.narrow(0, t.row0, t.rows).addmm_(z, vj);
+    if (t.row0 != t.col0) dv.narrow(0, t.col0, t.cols).addmm_(z.t(), vi);
+  });
+  // The positive <u_i, v_i> adds diagonal_i * u_i to dv_i.
+  k.normalize_backward(dv.data_ptr<Acc>(), as_matrix(in.student), diagonal.data_ptr<Acc>(), inv_t.data_ptr<Acc>(),
+                       as_matrix(in.teacher), in.valid(), grad.data_ptr());
+}
+
+template <typename Acc>
+void ckd_core(const Inputs& in, double tau, bool student_anchor, const at::Tensor& weight, at::Tensor& row_loss,
+              const at::Tensor& grad) {
+  if (student_anchor) {
+    ckd_student_anchor<Acc>(in, tau, weight, row_loss, grad);
+  } else {
+    ckd_teacher_anchor<Acc>(in, tau, weight, row_loss, grad);
   }
 }
 

@@ -28,8 +28,13 @@ class KernelBackend {
   virtual void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
                          const Acc* row_shift, const Acc* col_shift, const bool* valid, Acc* out) = 0;
   virtual void contrastive_epilogue(const EpilogueParams<Acc>& p) = 0;
-  // m[r][c] *= scale[c]
-  virtual void scale_columns(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) = 0;
+  // Merges the tile's max-shifted exp-sums into the running (row_max, row_sum) of every row it touches:
+  // rows i over columns j and, for an off-diagonal tile, rows j over columns i.
+  virtual void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) = 0;
+  // In place: tile_ij = (weight[i] pi_ij + weight[j] pi_ji) * coef_scale for i != j (pi_ij = exp(z_ij -
+  // lse[i])), 0 on the diagonal, whose coefficient weight[i] (pi_ii - 1) * coef_scale goes to diagonal_out[i].
+  virtual void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
+                                           Acc coef_scale, Acc* diagonal_out) = 0;
   // Backward of v = x / max(||x||, eps) for every row, after adding extra_coef[i] * extra_inv[i] * extra_x_i
   // to dv_i when extra_coef is given: grad_i = (dv_i - [unclamped] <dv_i, v_i> v_i) / max(||x_i||, eps),
   // written in x's dtype (grad may alias dv when that dtype is Acc). Rows with !valid[i] get 0.

@@ -93,7 +93,6 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   if (p.row_valid && !p.row_valid[i]) {
     p.loss[i] = 0;
     if (want_grad) std::fill(z, z + p.cols, Acc(0));
-    if (p.diagonal_out) p.diagonal_out[i] = 0;
     return;
   }
   for (int64_t j = 0; j < p.cols; ++j) {
@@ -101,17 +100,74 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
     if (p.col_valid && !p.col_valid[j]) v = neg_inf<Acc>();
     z[j] = v;
   }
-  if (p.positive) z[i] = p.positive[i];
   const Acc lse = logsumexp<Acc>(p.cols, [&](int64_t j) { return z[j]; });
   p.loss[i] = lse - z[i];
   if (!want_grad) return;
   const Acc g = p.weight[i] * p.coef_scale;
   for (int64_t j = 0; j < p.cols; ++j) z[j] = g * std::exp(z[j] - lse);
-  if (p.diagonal_out) {
-    p.diagonal_out[i] = z[i] - g;
-    z[i] = 0;
+  z[i] -= g;
+}
+
+// (m, s) <- the log-sum-exp statistics of both (m, s) and (part_max, part_sum); sums are relative to their max.
+template <typename Acc>
+inline void merge_lse(Acc& m, Acc& s, Acc part_max, Acc part_sum) {
+  if (part_max == neg_inf<Acc>()) return;
+  if (part_max > m) {
+    s = s * std::exp(m - part_max) + part_sum;
+    m = part_max;
   } else {
-    z[i] -= g;
+    s += part_sum * std::exp(part_max - m);
+  }
+}
+
+template <typename Acc>
+inline Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
+  const int64_t i = t.row0 + r, j = t.col0 + c;
+  if (t.valid && (!t.valid[i] || !t.valid[j])) return neg_inf<Acc>();
+  return i == j ? t.positive[i] : t.tile[r * t.ld + c] * t.scale;
+}
+
+// Row r of the tile: merges LSE_j z_ij into row i's statistics.
+template <typename Acc>
+void symmetric_tile_lse_row(const SymmetricTile<Acc>& t, int64_t r, Acc* row_max, Acc* row_sum) {
+  const int64_t i = t.row0 + r;
+  if (t.valid && !t.valid[i]) return;
+  const Acc m = max_over<Acc>(t.cols, [&](int64_t c) { return symmetric_tile_value(t, r, c); });
+  if (m == neg_inf<Acc>()) return;
+  const Acc s = sum_over<Acc>(t.cols, [&](int64_t c) { return std::exp(symmetric_tile_value(t, r, c) - m); });
+  merge_lse(row_max[i], row_sum[i], m, s);
+}
+
+// Columns [c0, c1) of an off-diagonal tile: merges LSE_i z_ij into row j's statistics (the transposed tile).
+template <typename Acc>
+void symmetric_tile_lse_columns(const SymmetricTile<Acc>& t, int64_t c0, int64_t c1, Acc* row_max, Acc* row_sum) {
+  const int64_t w = c1 - c0;
+  std::vector<Acc> mx(w, neg_inf<Acc>()), sum(w, Acc(0));
+  for (int64_t r = 0; r < t.rows; ++r)
+    for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], symmetric_tile_value(t, r, c0 + c));
+  for (int64_t r = 0; r < t.rows; ++r)
+    for (int64_t c = 0; c < w; ++c) {
+      if (mx[c] != neg_inf<Acc>()) sum[c] += std::exp(symmetric_tile_value(t, r, c0 + c) - mx[c]);
+    }
+  for (int64_t c = 0; c < w; ++c) merge_lse(row_max[t.col0 + c0 + c], row_sum[t.col0 + c0 + c], mx[c], sum[c]);
+}
+
+template <typename Acc>
+void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, const Acc* lse, const Acc* weight,
+                                     Acc coef_scale, Acc* diagonal_out) {
+  const int64_t i = t.row0 + r;
+  Acc* row = t.tile + r * t.ld;
+  for (int64_t c = 0; c < t.cols; ++c) {
+    const int64_t j = t.col0 + c;
+    const Acc z = symmetric_tile_value(t, r, c);
+    if (z == neg_inf<Acc>()) {
+      row[c] = 0;
+    } else if (i == j) {
+      diagonal_out[i] = weight[i] * (std::exp(z - lse[i]) - 1) * coef_scale;
+      row[c] = 0;
+    } else {
+      row[c] = (weight[i] * std::exp(z - lse[i]) + weight[j] * std::exp(z - lse[j])) * coef_scale;
+    }
   }
 }
 

@@ -103,11 +103,25 @@ class GpuBackend final : public KernelBackend<Acc> {
     check_launch("contrastive_epilogue");
   }
 
-  void scale_columns(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) override {
-    if (rows * cols == 0) return;
-    launch_kernel(gpu::scale_columns_kernel<Acc>, elements_grid(rows * cols), dim3(gpu::kElementThreads), 0, stream_,
-                  m, rows, cols, ld, scale);
-    check_launch("scale_columns");
+  void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) override {
+    if (t.rows * t.cols == 0) return;
+    launch_kernel(gpu::symmetric_tile_lse_rows_kernel<Acc>, rows_grid(t.rows), dim3(gpu::kRowThreads), 0, stream_, t,
+                  row_max, row_sum);
+    check_launch("symmetric_tile_lse_rows");
+    // Off-diagonal tiles also stand for their transpose, whose rows (the tile's columns) are other rows.
+    if (t.row0 != t.col0) {
+      launch_kernel(gpu::symmetric_tile_lse_columns_kernel<Acc>, columns_grid(t.cols), dim3(gpu::kColumnThreads), 0,
+                    stream_, t, row_max, row_sum);
+      check_launch("symmetric_tile_lse_columns");
+    }
+  }
+
+  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight, Acc coef_scale,
+                                   Acc* diagonal_out) override {
+    if (t.rows * t.cols == 0) return;
+    launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, elements_grid(t.rows * t.cols),
+                  dim3(gpu::kElementThreads), 0, stream_, t, lse, weight, coef_scale, diagonal_out);
+    check_launch("symmetric_tile_coefficients");
   }
 
   void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv, ConstMatrix extra_x,

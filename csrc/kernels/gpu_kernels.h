@@ -198,10 +198,7 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
   Acc* z = p.strip + r * p.ld;
   const bool want_grad = p.weight != nullptr;
   if (p.row_valid && !p.row_valid[i]) {
-    if (threadIdx.x == 0) {
-      p.loss[i] = 0;
-      if (p.diagonal_out) p.diagonal_out[i] = 0;
-    }
+    if (threadIdx.x == 0) p.loss[i] = 0;
     if (want_grad)
       for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = 0;
     return;
@@ -210,7 +207,6 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
   for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
     Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
     if (p.col_valid && !p.col_valid[j]) v = neg_infinity<Acc>();
-    if (j == i && p.positive) v = p.positive[i];
     z[j] = v;
     m = dev_max(m, v);
   }
@@ -224,26 +220,75 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
   if (!want_grad) return;
   __syncthreads();
   const Acc g = p.weight[i] * p.coef_scale;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
-    const Acc coef = g * dev_exp(z[j] - lse);
-    if (j != i) {
-      z[j] = coef;
-    } else if (p.diagonal_out) {
-      p.diagonal_out[i] = coef - g;
-      z[j] = 0;
-    } else {
-      z[j] = coef - g;
-    }
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = g * dev_exp(z[j] - lse) - (j == i ? g : Acc(0));
+}
+
+// (m, s) <- the log-sum-exp statistics of both (m, s) and (part_max, part_sum).
+template <typename Acc>
+__device__ __forceinline__ void merge_lse(Acc& m, Acc& s, Acc part_max, Acc part_sum) {
+  if (part_max == neg_infinity<Acc>()) return;
+  if (part_max > m) {
+    s = s * dev_exp(m - part_max) + part_sum;
+    m = part_max;
+  } else {
+    s += part_sum * dev_exp(part_max - m);
   }
 }
 
 template <typename Acc>
-__global__ void scale_columns_kernel(Acc* m, int64_t rows, int64_t cols, int64_t ld, const Acc* scale) {
-  const int64_t total = rows * cols;
+__device__ __forceinline__ Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
+  const int64_t i = t.row0 + r, j = t.col0 + c;
+  if (t.valid && (!t.valid[i] || !t.valid[j])) return neg_infinity<Acc>();
+  return i == j ? t.positive[i] : t.tile[r * t.ld + c] * t.scale;
+}
+
+// One block per tile row: LSE_j z_ij merged into row i's statistics.
+template <typename Acc>
+__global__ void symmetric_tile_lse_rows_kernel(SymmetricTile<Acc> t, Acc* row_max, Acc* row_sum) {
+  __shared__ Acc scratch[32];
+  const int64_t r = blockIdx.x;
+  const int64_t i = t.row0 + r;
+  if (t.valid && !t.valid[i]) return;
+  Acc m = neg_infinity<Acc>();
+  for (int64_t c = threadIdx.x; c < t.cols; c += blockDim.x) m = dev_max(m, symmetric_tile_value(t, r, c));
+  m = block_reduce(m, MaxOp{}, scratch);
+  if (m == neg_infinity<Acc>()) return;
+  Acc s = 0;
+  for (int64_t c = threadIdx.x; c < t.cols; c += blockDim.x) s += dev_exp(symmetric_tile_value(t, r, c) - m);
+  s = block_reduce(s, SumOp{}, scratch);
+  if (threadIdx.x == 0) merge_lse(row_max[i], row_sum[i], m, s);
+}
+
+// One thread per column of an off-diagonal tile: LSE_i z_ij merged into row j's statistics.
+template <typename Acc>
+__global__ void symmetric_tile_lse_columns_kernel(SymmetricTile<Acc> t, Acc* row_max, Acc* row_sum) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= t.cols) return;
+  Acc m = neg_infinity<Acc>();
+  for (int64_t r = 0; r < t.rows; ++r) m = dev_max(m, symmetric_tile_value(t, r, c));
+  if (m == neg_infinity<Acc>()) return;
+  Acc s = 0;
+  for (int64_t r = 0; r < t.rows; ++r) s += dev_exp(symmetric_tile_value(t, r, c) - m);
+  merge_lse(row_max[t.col0 + c], row_sum[t.col0 + c], m, s);
+}
+
+template <typename Acc>
+__global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const Acc* lse, const Acc* weight,
+                                                   Acc coef_scale, Acc* diagonal_out) {
+  const int64_t total = t.rows * t.cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = e / cols, c = e - r * cols;
-    m[r * ld + c] *= scale[c];
+    const int64_t r = e / t.cols, c = e - r * t.cols;
+    const int64_t i = t.row0 + r, j = t.col0 + c;
+    const Acc z = symmetric_tile_value(t, r, c);
+    Acc coef = 0;
+    if (z == neg_infinity<Acc>()) {
+    } else if (i == j) {
+      diagonal_out[i] = weight[i] * (dev_exp(z - lse[i]) - 1) * coef_scale;
+    } else {
+      coef = (weight[i] * dev_exp(z - lse[i]) + weight[j] * dev_exp(z - lse[j])) * coef_scale;
+    }
+    t.tile[r * t.ld + c] = coef;
   }
 }
 

@@ -46,11 +46,9 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
 // row0 .. row0+rows-1, columns = every candidate) into per-anchor losses and, in place, gradient
 // coefficients. The positive of anchor i sits in column i.
 //   z_ij  = strip_ij * scale * col_scale[j]     (-inf where !col_valid[j])
-//   z_ii  = positive[i] instead, when `positive` is given (CKD's student anchor)
 //   loss_i = LSE_j z_ij - z_ii
 //   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * coef_scale
 // Anchor rows arrive already scaled (the orchestration loads them normalised), so only columns need a scale.
-// With `diagonal_out`, the diagonal coefficient goes there and the strip's diagonal becomes 0.
 // Null arrays mean "all ones" / "all valid".
 template <typename Acc>
 struct EpilogueParams {
@@ -63,12 +61,24 @@ struct EpilogueParams {
   const Acc* col_scale;
   const bool* row_valid;
   const bool* col_valid;
-  const Acc* positive;
   Acc* loss;        // indexed by global anchor index
   // Gradient part; weight == nullptr means "loss only".
   const Acc* weight;
   Acc coef_scale;
-  Acc* diagonal_out;
+};
+
+// One tile of CKD's student-anchor similarities, whose matrix is symmetric: rows i in [row0, row0 + rows),
+// columns j in [col0, col0 + cols), col0 >= row0, holding cosines <v_i, v_j>. z_ij = tile_ij * scale for
+// i != j, z_ii = positive[i] (the positive pair <u_i, v_i> / tau takes the diagonal's place); rows and
+// columns with !valid take no part. An off-diagonal tile (row0 != col0) stands for its transpose too.
+template <typename Acc>
+struct SymmetricTile {
+  Acc* tile;
+  int64_t ld;
+  int64_t row0, rows, col0, cols;
+  Acc scale;
+  const Acc* positive;
+  const bool* valid;
 };
 
 }  // namespace ckd

@@ -26,7 +26,7 @@ std::vector<double> randn(int n, unsigned seed, double scale = 2.0) {
   return v;
 }
 
-// One strip row of raw similarities -> loss and coefficients, with a masked column and a diagonal override.
+// One strip row of raw similarities -> loss and coefficients, with a masked column.
 void test_contrastive_epilogue() {
   const int cols = 37, row = 5;
   std::vector<double> raw = randn(cols, 1);
@@ -35,47 +35,72 @@ void test_contrastive_epilogue() {
   std::vector<char> valid_storage(cols, 1);
   valid_storage[11] = 0;
   const bool* valid = reinterpret_cast<const bool*>(valid_storage.data());
-  const double scale = 1.7, weight = 0.3, positive = 0.9;
-  for (bool split_diagonal : {false, true}) {
-    std::vector<float> strip(raw.begin(), raw.end());
-    std::vector<float> col(col_scale.begin(), col_scale.end()), loss(row + 1), diag(row + 1), w(row + 1, weight),
-        pos(row + 1, positive);
-    ckd::EpilogueParams<float> p{};
-    p.strip = strip.data();
-    p.ld = cols;
-    p.row0 = row;
-    p.rows = 1;
-    p.cols = cols;
-    p.scale = scale;
-    p.col_scale = col.data();
-    p.col_valid = valid;
-    p.positive = split_diagonal ? pos.data() : nullptr;
-    p.loss = loss.data();
-    p.weight = w.data();
-    p.coef_scale = 2.0f;
-    p.diagonal_out = split_diagonal ? diag.data() : nullptr;
-    ckd::cpu::contrastive_epilogue_row(p, 0);
+  const double scale = 1.7, weight = 0.3;
+  std::vector<float> strip(raw.begin(), raw.end());
+  std::vector<float> col(col_scale.begin(), col_scale.end()), loss(row + 1), w(row + 1, weight);
+  ckd::EpilogueParams<float> p{};
+  p.strip = strip.data();
+  p.ld = cols;
+  p.row0 = row;
+  p.rows = 1;
+  p.cols = cols;
+  p.scale = scale;
+  p.col_scale = col.data();
+  p.col_valid = valid;
+  p.loss = loss.data();
+  p.weight = w.data();
+  p.coef_scale = 2.0f;
+  ckd::cpu::contrastive_epilogue_row(p, 0);
 
-    std::vector<double> z(cols);
+  std::vector<double> z(cols);
+  double m = -INFINITY;
+  for (int j = 0; j < cols; ++j) {
+    z[j] = valid[j] ? double(float(raw[j])) * scale * double(float(col_scale[j])) : -INFINITY;
+    m = std::max(m, z[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j < cols; ++j) sum += std::exp(z[j] - m);
+  const double lse = m + std::log(sum);
+  expect_near(loss[row], lse - z[row], 1e-5, "epilogue loss");
+  for (int j = 0; j < cols; ++j) {
+    expect_near(strip[j], weight * 2.0 * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0)), 1e-5, "epilogue coefficient");
+  }
+}
+
+// The log-sum-exp statistics merged over two off-diagonal tiles equal one pass over the whole row; the
+// transposed half of a tile updates the rows of its columns.
+void test_symmetric_tiles() {
+  const int n = 6;
+  std::vector<double> sym = randn(n * n, 9);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < i; ++j) sym[i * n + j] = sym[j * n + i];
+  std::vector<float> positive = {0.3f, -0.2f, 0.9f, 0.1f, 0.5f, -0.7f};
+  std::vector<char> valid_storage = {1, 1, 0, 1, 1, 1};
+  const bool* valid = reinterpret_cast<const bool*>(valid_storage.data());
+  std::vector<float> row_max(n, -INFINITY), row_sum(n, 0.0f);
+  // Tiles of 3 rows: (0..2, 0..2), (0..2, 3..5), (3..5, 3..5).
+  for (int i0 : {0, 3}) {
+    for (int j0 = i0; j0 < n; j0 += 3) {
+      std::vector<float> tile(9);
+      for (int r = 0; r < 3; ++r)
+        for (int c = 0; c < 3; ++c) tile[r * 3 + c] = float(sym[(i0 + r) * n + j0 + c]);
+      const ckd::SymmetricTile<float> t{tile.data(), 3, i0, 3, j0, 3, 2.0f, positive.data(), valid};
+      for (int r = 0; r < 3; ++r) ckd::cpu::symmetric_tile_lse_row(t, r, row_max.data(), row_sum.data());
+      if (i0 != j0) ckd::cpu::symmetric_tile_lse_columns(t, 0, 3, row_max.data(), row_sum.data());
+    }
+  }
+  for (int i = 0; i < n; ++i) {
+    if (!valid[i]) continue;
     double m = -INFINITY;
-    for (int j = 0; j < cols; ++j) {
-      z[j] = valid[j] ? double(float(raw[j])) * scale * double(float(col_scale[j])) : -INFINITY;
-      if (split_diagonal && j == row) z[j] = positive;
+    std::vector<double> z(n, -INFINITY);
+    for (int j = 0; j < n; ++j) {
+      if (!valid[j]) continue;
+      z[j] = i == j ? positive[i] : 2.0 * float(sym[i * n + j]);
       m = std::max(m, z[j]);
     }
-    double sum = 0;
-    for (int j = 0; j < cols; ++j) sum += std::exp(z[j] - m);
-    const double lse = m + std::log(sum);
-    expect_near(loss[row], lse - z[row], 1e-5, "epilogue loss");
-    for (int j = 0; j < cols; ++j) {
-      const double coef = weight * 2.0 * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0));
-      if (split_diagonal && j == row) {
-        expect_near(strip[j], 0.0, 0, "split diagonal is zeroed");
-        expect_near(diag[row], coef, 1e-5, "diagonal coefficient");
-      } else {
-        expect_near(strip[j], coef, 1e-5, "epilogue coefficient");
-      }
-    }
+    double s = 0;
+    for (int j = 0; j < n; ++j) s += std::exp(z[j] - m);
+    expect_near(row_max[i] + std::log(row_sum[i]), m + std::log(s), 1e-5, "symmetric tile log-sum-exp");
   }
 }
 
@@ -121,6 +146,7 @@ void test_normalize_backward() {
 
 int main() {
   test_contrastive_epilogue();
+  test_symmetric_tiles();
   test_softmax_stats<float>(1e-6, "softmax stats float");
   test_softmax_stats<c10::Half>(1e-6, "softmax stats half");
   test_softmax_stats<c10::BFloat16>(1e-6, "softmax stats bfloat16");

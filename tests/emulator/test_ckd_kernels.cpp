@@ -24,10 +24,11 @@ std::vector<float> random_values(size_t n, unsigned seed, float scale = 3.0f) {
 
 void expect_close(const std::vector<float>& actual, const std::vector<float>& expected, const char* what) {
   CKD_CHECK(actual.size() == expected.size(), "%s: sizes differ", what);
-  float scale = 1e-30f;
-  for (float e : expected) scale = std::max(scale, std::fabs(e));
+  float scale = 1e-30f;  // the largest finite magnitude (row maxima may be -inf, matched exactly)
+  for (float e : expected)
+    if (std::isfinite(e)) scale = std::max(scale, std::fabs(e));
   for (size_t k = 0; k < actual.size(); ++k) {
-    CKD_CHECK(std::fabs(actual[k] - expected[k]) <= 2e-5f * scale, "%s[%zu]: %.8g vs %.8g", what, k, actual[k],
+    CKD_CHECK(actual[k] == expected[k] || std::fabs(actual[k] - expected[k]) <= 2e-5f * scale, "%s[%zu]: %.8g vs %.8g", what, k, actual[k],
               expected[k]);
   }
 }
@@ -74,35 +75,55 @@ void test_kd_rows(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 }
 
 void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in) {
-  for (bool student_anchor : {false, true}) {
-    std::vector<float> strip = random_values(kRows * kRows, 3), strip_ref = strip;
-    std::vector<float> col_scale = random_values(kRows, 4), positive = random_values(kRows, 5);
-    for (auto& c : col_scale) c = std::fabs(c) + 0.1f;
-    std::vector<float> loss(kRows), loss_ref(kRows), diag(kRows), diag_ref(kRows);
-    auto params = [&](std::vector<float>& z, std::vector<float>& l, std::vector<float>& d) {
-      ckd::EpilogueParams<float> p{};
-      p.strip = z.data();
-      p.ld = kRows;
-      p.row0 = 0;
-      p.rows = kRows;
-      p.cols = kRows;
-      p.scale = 2.0f;
-      p.col_scale = col_scale.data();
-      p.row_valid = in.valid;
-      p.col_valid = in.valid;
-      p.positive = student_anchor ? positive.data() : nullptr;
-      p.loss = l.data();
-      p.weight = in.weight.data();
-      p.coef_scale = 2.0f;
-      p.diagonal_out = student_anchor ? d.data() : nullptr;
-      return p;
-    };
-    gpu.contrastive_epilogue(params(strip, loss, diag));
-    const auto p_ref = params(strip_ref, loss_ref, diag_ref);
-    for (int r = 0; r < kRows; ++r) ckd::cpu::contrastive_epilogue_row(p_ref, r);
-    expect_close(loss, loss_ref, "epilogue loss");
-    expect_close(strip, strip_ref, "epilogue coefficients");
-    if (student_anchor) expect_close(diag, diag_ref, "epilogue diagonal");
+  std::vector<float> strip = random_values(kRows * kRows, 3), strip_ref = strip;
+  std::vector<float> col_scale = random_values(kRows, 4);
+  for (auto& c : col_scale) c = std::fabs(c) + 0.1f;
+  std::vector<float> loss(kRows), loss_ref(kRows);
+  auto params = [&](std::vector<float>& z, std::vector<float>& l) {
+    ckd::EpilogueParams<float> p{};
+    p.strip = z.data();
+    p.ld = kRows;
+    p.row0 = 0;
+    p.rows = kRows;
+    p.cols = kRows;
+    p.scale = 2.0f;
+    p.col_scale = col_scale.data();
+    p.row_valid = in.valid;
+    p.col_valid = in.valid;
+    p.loss = l.data();
+    p.weight = in.weight.data();
+    p.coef_scale = 2.0f;
+    return p;
+  };
+  gpu.contrastive_epilogue(params(strip, loss));
+  const auto p_ref = params(strip_ref, loss_ref);
+  for (int r = 0; r < kRows; ++r) ckd::cpu::contrastive_epilogue_row(p_ref, r);
+  expect_close(loss, loss_ref, "epilogue loss");
+  expect_close(strip, strip_ref, "epilogue coefficients");
+}
+
+// A diagonal and an off-diagonal tile of a symmetric 6 x 6 matrix, 3 rows each: LSE statistics (rows and the
+// transposed columns) and the symmetric coefficients.
+void test_symmetric_tiles(ckd::KernelBackend<float>& gpu, const Inputs& in) {
+  std::vector<float> positive = random_values(kRows, 14), lse = random_values(kRows, 15, 1.0f);
+  for (auto& l : lse) l += 3.0f;
+  for (int j0 : {0, 3}) {
+    std::vector<float> tile = random_values(9, 16 + j0), tile_ref = tile;
+    const ckd::SymmetricTile<float> t{tile.data(), 3, 0, 3, j0, 3, 2.0f, positive.data(), in.valid};
+    const ckd::SymmetricTile<float> t_ref{tile_ref.data(), 3, 0, 3, j0, 3, 2.0f, positive.data(), in.valid};
+    std::vector<float> row_max(kRows, -INFINITY), row_sum(kRows, 0.0f), max_ref = row_max, sum_ref = row_sum;
+    gpu.symmetric_tile_lse(t, row_max.data(), row_sum.data());
+    for (int r = 0; r < 3; ++r) ckd::cpu::symmetric_tile_lse_row(t_ref, r, max_ref.data(), sum_ref.data());
+    if (j0 != 0) ckd::cpu::symmetric_tile_lse_columns(t_ref, 0, 3, max_ref.data(), sum_ref.data());
+    expect_close(row_max, max_ref, "symmetric_tile_lse max");
+    expect_close(row_sum, sum_ref, "symmetric_tile_lse sum");
+
+    std::vector<float> diagonal(kRows, 0.0f), diagonal_ref(kRows, 0.0f);
+    gpu.symmetric_tile_coefficients(t, lse.data(), in.weight.data(), 2.0f, diagonal.data());
+    for (int r = 0; r < 3; ++r)
+      ckd::cpu::symmetric_tile_coefficients_row(t_ref, r, lse.data(), in.weight.data(), 2.0f, diagonal_ref.data());
+    expect_close(tile, tile_ref, "symmetric_tile_coefficients");
+    expect_close(diagonal, diagonal_ref, "symmetric_tile_coefficients diagonal");
   }
 }
 
@@ -167,11 +188,6 @@ void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
     for (int c = 0; c < kCols; ++c) loaded_ref[r * kCols + c] = in.t[(3 + r) * kCols + c] * shift[3 + r];
   expect_close(loaded, loaded_ref, "load_rows");
 
-  std::vector<float> m = random_values(4 * 10, 12), m_ref = m, scale = random_values(7, 13);
-  gpu.scale_columns(m.data(), 4, 7, 10, scale.data());
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < 7; ++c) m_ref[r * 10 + c] *= scale[c];
-  expect_close(m, m_ref, "scale_columns");
 }
 
 }  // namespace
@@ -182,6 +198,7 @@ int main() {
   test_row_statistics(gpu, in);
   test_kd_rows(gpu, in);
   test_contrastive_epilogue(gpu, in);
+  test_symmetric_tiles(gpu, in);
   test_normalize_backward(gpu, in);
   test_bickd_kernels(gpu, in);
   test_elementwise(gpu, in);
