@@ -105,7 +105,11 @@ def extensions():
     with_cuda, with_emulated = WITH_CUDA, emulated_wanted()
     write_build_info(with_cuda, with_emulated)
     define = [("CKD_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = ["-O3", "-fvisibility=hidden"]
+    # -fno-trapping-math lets GCC if-convert the float compares in the CPU kernels' exp and max-shift loops
+    # and vectorise them (about 3x on KD); IEEE results are unchanged, only FP-exception traps are not kept.
+    # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled in *our* sources;
+    # without the flag every CPU kernel runs on one thread.
+    cxx = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ops = cpp_extension.CUDAExtension(
@@ -114,10 +118,11 @@ def extensions():
             include_dirs=INCLUDE_DIRS,
             define_macros=define + [("CKD_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-std=c++20"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
         ops = cpp_extension.CppExtension("ckd_ext._C", CPU_SOURCES, include_dirs=INCLUDE_DIRS, define_macros=define,
-                                         extra_compile_args=cxx)
+                                         extra_compile_args=cxx, extra_link_args=["-fopenmp"])
     if not with_emulated:
         return [ops]
     emulated = cpp_extension.CppExtension(

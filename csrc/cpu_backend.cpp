@@ -109,7 +109,7 @@ class CpuBackend final : public KernelBackend<Acc> {
         const T* xi = rows_of<T>(x, i) + col0;
         for (int64_t c = 0; c < cols; ++c) {
           const Acc cs = col_shift ? cpu::clamped_log_norm(col_shift[col0 + c]) : Acc(0);
-          o[c] = std::exp(static_cast<Acc>(xi[c]) * inv_temp - row_shift[i] - cs);
+          o[c] = cpu::fast_exp(static_cast<Acc>(xi[c]) * inv_temp - row_shift[i] - cs);
         }
       });
     });

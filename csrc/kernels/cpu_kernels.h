@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "types.h"
@@ -31,6 +32,47 @@ inline Acc sum_over(int64_t n, F&& term) {
   return (s0 + s1) + (s2 + s3);
 }
 
+// exp for float, branch-free so that loops over it vectorise (libm's expf is a scalar call): Cody-Waite
+// reduction x = k ln2 + r and the Cephes polynomial for exp(r), about 1 ulp. Arguments below -87 give 0
+// (true values < 1.6e-38 there), -inf included; the kernels only exponentiate max-shifted values (<= 0) and
+// norms' logs (< 28), far below the clamp at 88.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  // Rounds x / ln2 to the nearest integer: adding 1.5 * 2^23 leaves no fraction bits.
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  float r = xc - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return x < -87.0f ? 0.0f : y * two_k;
+}
+// float64 accumulation (gradcheck) keeps libm's exp.
+inline double fast_exp(double x) { return std::exp(x); }
+
+// sum_j f(j) for an f worth vectorising (an exp): values are computed a chunk at a time by a loop the
+// compiler vectorises, then summed in a fixed order (float addition is not associative, so the sum itself
+// stays scalar and results stay deterministic without -ffast-math).
+template <typename Acc, typename F>
+inline Acc sum_mapped(int64_t n, F&& f) {
+  constexpr int64_t kChunk = 512;
+  Acc buffer[kChunk];
+  Acc total = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
+    const int64_t w = std::min(kChunk, n - j0);
+    for (int64_t j = 0; j < w; ++j) buffer[j] = f(j0 + j);
+    total += sum_over<Acc>(w, [&](int64_t j) { return buffer[j]; });
+  }
+  return total;
+}
+
 template <typename Acc, typename F>
 inline Acc max_over(int64_t n, F&& value) {
   Acc m = neg_inf<Acc>();
@@ -43,7 +85,7 @@ template <typename Acc, typename F>
 inline Acc logsumexp(int64_t n, F&& value) {
   const Acc m = max_over<Acc>(n, value);
   if (m == neg_inf<Acc>()) return m;
-  return m + std::log(sum_over<Acc>(n, [&](int64_t j) { return std::exp(value(j) - m); }));
+  return m + std::log(sum_mapped<Acc>(n, [&](int64_t j) { return fast_exp(value(j) - m); }));
 }
 
 template <typename Acc, typename T>
@@ -69,17 +111,17 @@ void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, 
   const Acc lse_s = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp; });
   const Acc lse_t = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; });
   // q * (log q - log p) with log q finite, so an underflowed q contributes exactly 0 (0 log 0 = 0).
-  const Acc kl = sum_over<Acc>(cols, [&](int64_t j) {
+  const Acc kl = sum_mapped<Acc>(cols, [&](int64_t j) {
     const Acc log_q = static_cast<Acc>(t[j]) * inv_temp - lse_t;
     const Acc log_p = static_cast<Acc>(s[j]) * inv_temp - lse_s;
-    return std::exp(log_q) * (log_q - log_p);
+    return fast_exp(log_q) * (log_q - log_p);
   });
   *loss = temperature * temperature * kl;
   if (grad) {
     const Acc g = weight * temperature;
     for (int64_t j = 0; j < cols; ++j) {
-      const Acc p = std::exp(static_cast<Acc>(s[j]) * inv_temp - lse_s);
-      const Acc q = std::exp(static_cast<Acc>(t[j]) * inv_temp - lse_t);
+      const Acc p = fast_exp(static_cast<Acc>(s[j]) * inv_temp - lse_s);
+      const Acc q = fast_exp(static_cast<Acc>(t[j]) * inv_temp - lse_t);
       grad[j] = static_cast<TS>(g * (p - q));
     }
   }
@@ -104,7 +146,7 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   p.loss[i] = lse - z[i];
   if (!want_grad) return;
   const Acc g = p.weight[i] * p.coef_scale;
-  for (int64_t j = 0; j < p.cols; ++j) z[j] = g * std::exp(z[j] - lse);
+  for (int64_t j = 0; j < p.cols; ++j) z[j] = g * fast_exp(z[j] - lse);
   z[i] -= g;
 }
 
@@ -134,7 +176,7 @@ void symmetric_tile_lse_row(const SymmetricTile<Acc>& t, int64_t r, Acc* row_max
   if (t.valid && !t.valid[i]) return;
   const Acc m = max_over<Acc>(t.cols, [&](int64_t c) { return symmetric_tile_value(t, r, c); });
   if (m == neg_inf<Acc>()) return;
-  const Acc s = sum_over<Acc>(t.cols, [&](int64_t c) { return std::exp(symmetric_tile_value(t, r, c) - m); });
+  const Acc s = sum_mapped<Acc>(t.cols, [&](int64_t c) { return fast_exp(symmetric_tile_value(t, r, c) - m); });
   merge_lse(row_max[i], row_sum[i], m, s);
 }
 
@@ -147,7 +189,7 @@ void symmetric_tile_lse_columns(const SymmetricTile<Acc>& t, int64_t c0, int64_t
     for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], symmetric_tile_value(t, r, c0 + c));
   for (int64_t r = 0; r < t.rows; ++r)
     for (int64_t c = 0; c < w; ++c) {
-      if (mx[c] != neg_inf<Acc>()) sum[c] += std::exp(symmetric_tile_value(t, r, c0 + c) - mx[c]);
+      if (mx[c] != neg_inf<Acc>()) sum[c] += fast_exp(symmetric_tile_value(t, r, c0 + c) - mx[c]);
     }
   for (int64_t c = 0; c < w; ++c) merge_lse(row_max[t.col0 + c0 + c], row_sum[t.col0 + c0 + c], mx[c], sum[c]);
 }
@@ -166,7 +208,7 @@ void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, con
       diagonal_out[i] = weight[i] * (std::exp(z - lse[i]) - 1) * coef_scale;
       row[c] = 0;
     } else {
-      row[c] = (weight[i] * std::exp(z - lse[i]) + weight[j] * std::exp(z - lse[j])) * coef_scale;
+      row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * coef_scale;
     }
   }
 }
@@ -203,7 +245,7 @@ void column_log_norms_block(const T* x, int64_t rows, int64_t cols, int64_t c0, 
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
     const T* xi = x + i * cols + c0;
-    for (int64_t c = 0; c < w; ++c) sum[c] += std::exp(2 * (static_cast<Acc>(xi[c]) * inv_temp - lse1[i]) - mx[c]);
+    for (int64_t c = 0; c < w; ++c) sum[c] += fast_exp(2 * (static_cast<Acc>(xi[c]) * inv_temp - lse1[i]) - mx[c]);
   }
   for (int64_t c = 0; c < w; ++c) {
     log_norm[c0 + c] = mx[c] == neg_inf<Acc>() ? mx[c] : Acc(0.5) * (mx[c] + std::log(sum[c]));
@@ -223,7 +265,7 @@ void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int
     if (valid && !valid[i]) continue;
     const T* xi = x + i * cols + c0;
     const Acc* ai = a + i * cols + c0;
-    for (int64_t c = 0; c < w; ++c) sum[c] += ai[c] * std::exp(static_cast<Acc>(xi[c]) * inv_temp - lse1[i] - shift[c]);
+    for (int64_t c = 0; c < w; ++c) sum[c] += ai[c] * fast_exp(static_cast<Acc>(xi[c]) * inv_temp - lse1[i] - shift[c]);
   }
   for (int64_t c = 0; c < w; ++c) out[c0 + c] = sum[c];
 }
@@ -235,7 +277,7 @@ void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t col
                         const Acc* log_norm, const Acc* col_dot, Acc inv_temp, Acc* scratch, T* grad) {
   Acc* prob = scratch;
   Acc* dprob = scratch + cols;
-  for (int64_t j = 0; j < cols; ++j) prob[j] = std::exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
+  for (int64_t j = 0; j < cols; ++j) prob[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
   std::fill(dprob, dprob + cols, Acc(0));
   if (dp) {
     // p = P / ||P||, with ||P|| = exp(0.5 lse2 - lse1).
@@ -246,7 +288,7 @@ void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t col
   if (dpbar) {
     for (int64_t j = 0; j < cols; ++j) {
       const Acc shift = clamped_log_norm(log_norm[j]);
-      const Acc inv_col_norm = std::exp(-shift);
+      const Acc inv_col_norm = fast_exp(-shift);
       const Acc k = log_norm[j] < log_eps<Acc>() ? Acc(0) : col_dot[j];
       dprob[j] += (dpbar[j] - k * prob[j] * inv_col_norm) * inv_col_norm;
     }
