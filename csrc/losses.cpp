@@ -287,15 +287,20 @@ void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
   WorkBuffer<Acc> row_buffer(acc_options), col_buffer(acc_options);
 
   // f(tile params, normalised rows of the tile's rows, of its columns) for every tile on or above the diagonal.
+  // With a single tile (N fits the budget), the second pass finds the tile and its rows still in place from the
+  // first (which only reads them) and skips the recompute.
+  const bool single_tile = tile_rows >= N;
+  bool tile_ready = false;
   auto for_each_tile = [&](auto&& f) {
     for (int64_t i0 = 0; i0 < N; i0 += tile_rows) {
       const int64_t ri = std::min(tile_rows, N - i0);
-      const at::Tensor vi = operand_rows(k, row_buffer, in.student, i0, ri, inv_s.data_ptr<Acc>());
+      const at::Tensor vi = tile_ready ? row_buffer.view(ri, C)
+                                       : operand_rows(k, row_buffer, in.student, i0, ri, inv_s.data_ptr<Acc>());
       for (int64_t j0 = i0; j0 < N; j0 += tile_rows) {
         const int64_t rj = std::min(tile_rows, N - j0);
         const at::Tensor vj = j0 == i0 ? vi : operand_rows(k, col_buffer, in.student, j0, rj, inv_s.data_ptr<Acc>());
         at::Tensor z = tile.narrow(0, 0, ri).narrow(1, 0, rj);
-        at::mm_out(z, vi, vj.t());
+        if (!tile_ready) at::mm_out(z, vi, vj.t());
         const SymmetricTile<Acc> t{z.data_ptr<Acc>(), tile_rows, i0, ri, j0, rj, inv_tau,
                                    positive.const_data_ptr<Acc>(), in.valid()};
         f(t, vi, vj, z);
@@ -308,6 +313,7 @@ void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
   for_each_tile([&](const SymmetricTile<Acc>& t, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
     k.symmetric_tile_lse(t, row_max.data_ptr<Acc>(), row_sum.data_ptr<Acc>());
   });
+  tile_ready = single_tile;
   const at::Tensor lse = row_max + row_sum.log();  // -inf only for masked rows, which every pass skips
   at::Tensor terms = lse - positive;
   if (in.mask.defined()) terms.masked_fill_(in.mask.logical_not(), 0);

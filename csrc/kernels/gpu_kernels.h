@@ -3,6 +3,8 @@
 // inputs are converted to the accumulation type Acc on load; every reduction is a fixed tree inside one
 // block (no float atomics), so results are identical run to run.
 #pragma once
+#include <cstdint>
+
 #include "device/device.h"
 #include "types.h"
 
@@ -42,6 +44,42 @@ __device__ __forceinline__ void store<double, double>(double* p, int64_t i, doub
 template <>
 __device__ __forceinline__ void store<double, float>(double* p, int64_t i, float v) { p[i] = v; }
 
+// Four consecutive elements, read with one 16-byte (float) or 8-byte (fp16 / bf16) access.
+template <typename T>
+struct alignas(4 * sizeof(T)) Pack4 {
+  T v[4];
+};
+
+// Calls f(j, a_j, b_j) for this thread's elements of two rows of `cols` elements, the block's threads striding
+// over them. When both rows start on a pack boundary and cols % 4 == 0 (rows of a contiguous (N, C) tensor,
+// C % 4 == 0), each step reads four consecutive elements of each row with one vector load; otherwise one
+// element at a time. Which path runs is the same for the whole block, and each path sums in a fixed order.
+template <typename Acc, typename TA, typename TB, typename F>
+__device__ __forceinline__ void for_row_pair(const TA* a, const TB* b, int64_t cols, F f) {
+  if constexpr (sizeof(TA) <= 4 && sizeof(TB) <= 4) {
+    const bool packed = cols % 4 == 0 && reinterpret_cast<uintptr_t>(a) % sizeof(Pack4<TA>) == 0 &&
+                        reinterpret_cast<uintptr_t>(b) % sizeof(Pack4<TB>) == 0;
+    if (packed) {
+      const Pack4<TA>* pa = reinterpret_cast<const Pack4<TA>*>(a);
+      const Pack4<TB>* pb = reinterpret_cast<const Pack4<TB>*>(b);
+      for (int64_t q = threadIdx.x; q < cols / 4; q += blockDim.x) {
+        const Pack4<TA> va = pa[q];
+        const Pack4<TB> vb = pb[q];
+        for (int k = 0; k < 4; ++k) {
+          f(4 * q + k, static_cast<Acc>(static_cast<float>(va.v[k])), static_cast<Acc>(static_cast<float>(vb.v[k])));
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) f(j, load<Acc>(a, j), load<Acc>(b, j));
+}
+
+template <typename Acc, typename T, typename F>
+__device__ __forceinline__ void for_row(const T* a, int64_t cols, F f) {
+  for_row_pair<Acc>(a, a, cols, [&](int64_t j, Acc x, Acc) { f(j, x); });
+}
+
 template <typename Acc>
 __device__ __forceinline__ Acc clamped_log_norm(Acc log_norm) {
   return dev_max(log_norm, static_cast<Acc>(kLogNormEps));
@@ -69,15 +107,15 @@ __device__ __forceinline__ Acc block_reduce(Acc v, Op op, Acc* scratch) {
   return total;
 }
 
-// Max-shifted log-sum-exp over the row of value(j), j < cols, computed by the whole block.
-template <typename Acc, typename F>
-__device__ __forceinline__ Acc block_logsumexp(int64_t cols, F value, Acc* scratch) {
+// Max-shifted log-sum-exp of row[j] * scale over the row, computed by the whole block.
+template <typename Acc, typename T>
+__device__ __forceinline__ Acc block_row_logsumexp(const T* row, int64_t cols, Acc scale, Acc* scratch) {
   Acc m = neg_infinity<Acc>();
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) m = dev_max(m, value(j));
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = dev_max(m, x * scale); });
   m = block_reduce(m, MaxOp{}, scratch);
   if (m == neg_infinity<Acc>()) return m;
   Acc s = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += dev_exp(value(j) - m);
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) { s += dev_exp(x * scale - m); });
   return m + dev_log(block_reduce(s, SumOp{}, scratch));
 }
 
@@ -86,10 +124,7 @@ __global__ void row_inv_norms_kernel(const T* x, int64_t cols, Acc* inv_norm) {
   __shared__ Acc scratch[32];
   const T* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   Acc sq = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc v = load<Acc>(row, j);
-    sq += v * v;
-  }
+  for_row<Acc>(row, cols, [&](int64_t, Acc v) { sq += v * v; });
   sq = block_reduce(sq, SumOp{}, scratch);
   if (threadIdx.x == 0) inv_norm[blockIdx.x] = Acc(1) / dev_max(dev_sqrt(sq), static_cast<Acc>(kNormEps));
 }
@@ -99,7 +134,7 @@ __global__ void row_dots_kernel(const TA* a, const TB* b, int64_t cols, Acc* out
   __shared__ Acc scratch[32];
   const int64_t base = static_cast<int64_t>(blockIdx.x) * cols;
   Acc s = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) s += load<Acc>(a, base + j) * load<Acc>(b, base + j);
+  for_row_pair<Acc>(a + base, b + base, cols, [&](int64_t, Acc x, Acc y) { s += x * y; });
   s = block_reduce(s, SumOp{}, scratch);
   if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
@@ -109,15 +144,15 @@ __global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc
   __shared__ Acc scratch[32];
   const T* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   Acc m = neg_infinity<Acc>();
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) m = dev_max(m, load<Acc>(row, j) * inv_temp);
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = dev_max(m, x * inv_temp); });
   m = block_reduce(m, MaxOp{}, scratch);
   // max(2 x / T) = 2 max(x / T): one max serves both sums.
   Acc s1 = 0, s2 = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc d = load<Acc>(row, j) * inv_temp - m;
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) {
+    const Acc d = x * inv_temp - m;
     s1 += dev_exp(d);
     s2 += dev_exp(2 * d);
-  }
+  });
   s1 = block_reduce(s1, SumOp{}, scratch);
   if (lse2) s2 = block_reduce(s2, SumOp{}, scratch);
   if (threadIdx.x == 0) {
@@ -139,23 +174,21 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     return;
   }
   const Acc inv_temp = Acc(1) / temperature;
-  const Acc lse_s = block_logsumexp<Acc>(cols, [&](int64_t j) { return load<Acc>(s, base + j) * inv_temp; }, scratch);
-  const Acc lse_t = block_logsumexp<Acc>(cols, [&](int64_t j) { return load<Acc>(t, base + j) * inv_temp; }, scratch);
+  const Acc lse_s = block_row_logsumexp(s + base, cols, inv_temp, scratch);
+  const Acc lse_t = block_row_logsumexp(t + base, cols, inv_temp, scratch);
   Acc kl = 0;
-  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc log_q = load<Acc>(t, base + j) * inv_temp - lse_t;
-    const Acc log_p = load<Acc>(s, base + j) * inv_temp - lse_s;
+  for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
+    const Acc log_q = tj * inv_temp - lse_t;
+    const Acc log_p = sj * inv_temp - lse_s;
     kl += dev_exp(log_q) * (log_q - log_p);  // an underflowed q contributes exactly 0 (0 log 0 = 0)
-  }
+  });
   kl = block_reduce(kl, SumOp{}, scratch);
   if (threadIdx.x == 0) loss[i] = temperature * temperature * kl;
   if (grad) {
     const Acc g = weight[i] * temperature;
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-      const Acc p = dev_exp(load<Acc>(s, base + j) * inv_temp - lse_s);
-      const Acc q = dev_exp(load<Acc>(t, base + j) * inv_temp - lse_t);
-      store(grad, base + j, g * (p - q));
-    }
+    for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t j, Acc sj, Acc tj) {
+      store(grad, base + j, g * (dev_exp(sj * inv_temp - lse_s) - dev_exp(tj * inv_temp - lse_t)));
+    });
   }
 }
 
