@@ -204,14 +204,34 @@ EpilogueParams<Acc> strip_epilogue(at::Tensor& strip, int64_t row0, int64_t rows
 // CKD. Anchor rows are loaded normalised (a chunk at a time); no normalised copy of an input exists beyond
 // those chunks.
 
-// The positive pair's logit <u_i, v_i> / tau, from a row dot product and the two norms.
+// What both anchor conventions start from: the backend, sizes, 1 / tau and the inverse row norms.
 template <typename Acc>
-at::Tensor positive_logits(KernelBackend<Acc>& k, const Inputs& in, const at::Tensor& inv_s, const at::Tensor& inv_t,
-                           Acc inv_tau) {
-  at::Tensor positive = at::empty({in.rows}, inv_s.options());
-  k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
-  return positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
-}
+struct CkdSetup {
+  CkdSetup(const Inputs& in, double tau)
+      : k(backend_for<Acc>(in.student)),
+        N(in.rows),
+        C(in.cols),
+        acc_options(in.student.options().dtype(acc_type<Acc>())),
+        inv_tau(static_cast<Acc>(1.0 / tau)),
+        inv_s(at::empty({N}, acc_options)),
+        inv_t(at::empty({N}, acc_options)) {
+    k.row_inv_norms(as_matrix(in.student), inv_s.data_ptr<Acc>());
+    k.row_inv_norms(as_matrix(in.teacher), inv_t.data_ptr<Acc>());
+  }
+
+  // The positive pair's logit <u_i, v_i> / tau, from a row dot product and the two norms.
+  at::Tensor positive_logits(const Inputs& in) {
+    at::Tensor positive = at::empty({N}, acc_options);
+    k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
+    return positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
+  }
+
+  KernelBackend<Acc>& k;
+  const int64_t N, C;
+  const at::TensorOptions acc_options;
+  const Acc inv_tau;
+  at::Tensor inv_s, inv_t;
+};
 
 // Teacher anchors: z_ij = <u_i, v_j> / tau over the student rows j. Strips of anchor rows against every
 // candidate (raw student rows, whose norms are applied in the epilogue); the gradient of candidate j is
@@ -219,15 +239,13 @@ at::Tensor positive_logits(KernelBackend<Acc>& k, const Inputs& in, const at::Te
 template <typename Acc>
 void ckd_teacher_anchor(const Inputs& in, double tau, const at::Tensor& weight, at::Tensor& row_loss,
                         const at::Tensor& grad) {
-  auto& k = backend_for<Acc>(in.student);
-  const int64_t N = in.rows, C = in.cols;
-  const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-  const Acc inv_tau = static_cast<Acc>(1.0 / tau);
+  CkdSetup<Acc> setup(in, tau);
+  auto& k = setup.k;
+  const int64_t N = setup.N, C = setup.C;
+  const auto& acc_options = setup.acc_options;
+  const Acc inv_tau = setup.inv_tau;
+  const at::Tensor &inv_s = setup.inv_s, &inv_t = setup.inv_t;
   const bool want_grad = grad.defined();
-
-  at::Tensor inv_s = at::empty({N}, acc_options), inv_t = at::empty({N}, acc_options);
-  k.row_inv_norms(as_matrix(in.student), inv_s.data_ptr<Acc>());
-  k.row_inv_norms(as_matrix(in.teacher), inv_t.data_ptr<Acc>());
 
   const int64_t budget = workspace_bytes();
   const int64_t strip_rows = std::min(rows_within<Acc>(budget / 2, N, N), rows_within<Acc>(budget / 4, C, N));
@@ -269,16 +287,14 @@ void ckd_teacher_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
 template <typename Acc>
 void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, at::Tensor& row_loss,
                         const at::Tensor& grad) {
-  auto& k = backend_for<Acc>(in.student);
-  const int64_t N = in.rows, C = in.cols;
-  const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-  const Acc inv_tau = static_cast<Acc>(1.0 / tau);
+  CkdSetup<Acc> setup(in, tau);
+  auto& k = setup.k;
+  const int64_t N = setup.N, C = setup.C;
+  const auto& acc_options = setup.acc_options;
+  const Acc inv_tau = setup.inv_tau;
+  const at::Tensor &inv_s = setup.inv_s, &inv_t = setup.inv_t;
   const bool want_grad = grad.defined();
-
-  at::Tensor inv_s = at::empty({N}, acc_options), inv_t = at::empty({N}, acc_options);
-  k.row_inv_norms(as_matrix(in.student), inv_s.data_ptr<Acc>());
-  k.row_inv_norms(as_matrix(in.teacher), inv_t.data_ptr<Acc>());
-  const at::Tensor positive = positive_logits(k, in, inv_s, inv_t, inv_tau);
+  const at::Tensor positive = setup.positive_logits(in);
 
   const int64_t budget = workspace_bytes();
   const auto square_side = static_cast<int64_t>(std::sqrt(static_cast<double>(budget / 2 / sizeof(Acc))));

@@ -80,6 +80,12 @@ __device__ __forceinline__ void for_row(const T* a, int64_t cols, F f) {
   for_row_pair<Acc>(a, a, cols, [&](int64_t j, Acc x, Acc) { f(j, x); });
 }
 
+// Row i's gradient is 0 (a masked row); the whole block calls it and returns.
+template <typename T>
+__device__ __forceinline__ void zero_row(T* grad, int64_t base, int64_t cols) {
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) grad[base + j] = static_cast<T>(0.0f);
+}
+
 template <typename Acc>
 __device__ __forceinline__ Acc clamped_log_norm(Acc log_norm) {
   return dev_max(log_norm, static_cast<Acc>(kLogNormEps));
@@ -169,8 +175,7 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
   const int64_t base = i * cols;
   if (valid && !valid[i]) {  // uniform across the block: no barrier is skipped by part of it
     if (threadIdx.x == 0) loss[i] = 0;
-    if (grad)
-      for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store(grad, base + j, Acc(0));
+    if (grad) zero_row(grad, base, cols);
     return;
   }
   const Acc inv_temp = Acc(1) / temperature;
@@ -334,7 +339,7 @@ __global__ void normalize_backward_kernel(Acc* dv, const T* x, int64_t cols, con
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
   if (valid && !valid[i]) {
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store(grad, base + j, Acc(0));
+    zero_row(grad, base, cols);
     return;
   }
   if (extra_coef) {
@@ -406,7 +411,7 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
   if (valid && !valid[i]) {
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store(grad, base + j, Acc(0));
+    zero_row(grad, base, cols);
     return;
   }
   const Acc lse1 = lse1_[i];
