@@ -149,6 +149,6 @@ setup(
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["ckd-train = ckd_ext.train:main"]},
+    entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli"]},
     zip_safe=False,
 )

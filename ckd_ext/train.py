@@ -483,5 +483,12 @@ def _run(a) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The `ckd-train` console script: runs main() and exits 0 (console scripts pass main's return value to
+    sys.exit, which would print the results dict and exit 1)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

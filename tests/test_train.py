@@ -154,6 +154,17 @@ def test_module_entry_point_rejects_unknown_method():
     assert proc.stdout == ""
 
 
+def test_console_entry_point_exits_zero(tmp_path):
+    """`ckd-train` is ckd_ext.train:cli: a successful run exits 0 and prints the table, not the results dict."""
+    code = ("import sys; from ckd_ext.train import cli; sys.argv = ['ckd-train'] + sys.argv[1:]; "
+            "sys.exit(cli())")
+    proc = subprocess.run([sys.executable, "-c", code, "--methods", "ce", "--seeds", "0", "--epochs", "1",
+                           "--teacher-epochs", "1", "--impl", "reference", "--quiet", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "test acc (%)" in proc.stdout and "'config'" not in proc.stdout + proc.stderr
+
+
 def test_models_shapes_and_sizes():
     x = torch.rand(3, 64)
     assert models.digits_teacher()(x).shape == (3, 10)
