@@ -179,7 +179,7 @@ class CpuBackend final : public KernelBackend<Acc> {
   }
 
   void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
-                           const Acc* log_norm, const Acc* col_dot, Acc inv_temp, const bool* valid,
+                           const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
                            void* grad) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
@@ -192,7 +192,7 @@ class CpuBackend final : public KernelBackend<Acc> {
             continue;
           }
           cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
-                                       rows_of<T>(x, i), x.cols, lse1[i], lse2[i], log_norm, col_dot, inv_temp,
+                                       rows_of<T>(x, i), x.cols, lse1[i], lse2[i], inv_col_norm, col_projection, inv_temp,
                                        scratch.data(), g);
         }
       });

@@ -47,10 +47,11 @@ class KernelBackend {
   virtual void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp,
                            const bool* valid, Acc* out) = 0;
   // BicKD's last pass: through the row normalisation (dp, may be null), the column normalisation (dpbar,
-  // may be null; col_dot from column_dots) and the softmax, into grad (x's dtype; may alias dp).
+  // may be null; per column inv_col_norm = 1 / max(|P_.c|, eps) and col_projection = <dpbar_c, pbar_c>, 0 where
+  // the norm is clamped) and the softmax, into grad (x's dtype; may alias dp).
   virtual void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
-                                   const Acc* log_norm, const Acc* col_dot, Acc inv_temp, const bool* valid,
-                                   void* grad) = 0;
+                                   const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp,
+                                   const bool* valid, void* grad) = 0;
 };
 
 }  // namespace ckd

@@ -271,10 +271,11 @@ void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int
 }
 
 // dP = (dp - <dp, p> p) / ||P_i||  +  per column (dpbar - k_c pbar) / ||P_.c||, then through the softmax:
-// grad = P (dP - <P, dP>) / T.  `scratch` holds 2 * cols values.
+// grad = P (dP - <P, dP>) / T, with pbar_c = P_.c / ||P_.c|| and k_c = col_projection[c].  `scratch` holds
+// 2 * cols values.
 template <typename Acc, typename T>
 void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc lse1, Acc lse2,
-                        const Acc* log_norm, const Acc* col_dot, Acc inv_temp, Acc* scratch, T* grad) {
+                        const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp, Acc* scratch, T* grad) {
   Acc* prob = scratch;
   Acc* dprob = scratch + cols;
   for (int64_t j = 0; j < cols; ++j) prob[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
@@ -287,10 +288,7 @@ void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t col
   }
   if (dpbar) {
     for (int64_t j = 0; j < cols; ++j) {
-      const Acc shift = clamped_log_norm(log_norm[j]);
-      const Acc inv_col_norm = fast_exp(-shift);
-      const Acc k = log_norm[j] < log_eps<Acc>() ? Acc(0) : col_dot[j];
-      dprob[j] += (dpbar[j] - k * prob[j] * inv_col_norm) * inv_col_norm;
+      dprob[j] += (dpbar[j] - col_projection[j] * prob[j] * inv_col_norm[j]) * inv_col_norm[j];
     }
   }
   const Acc d = sum_over<Acc>(cols, [&](int64_t j) { return prob[j] * dprob[j]; });

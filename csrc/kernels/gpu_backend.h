@@ -161,14 +161,14 @@ class GpuBackend final : public KernelBackend<Acc> {
   }
 
   void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
-                           const Acc* log_norm, const Acc* col_dot, Acc inv_temp, const bool* valid,
+                           const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
                            void* grad) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
-                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, lse1, lse2, log_norm,
-                    col_dot, inv_temp, valid, static_cast<T*>(grad));
+                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, lse1, lse2, inv_col_norm,
+                    col_projection, inv_temp, valid, static_cast<T*>(grad));
     });
     check_launch("bickd_backward_rows");
   }

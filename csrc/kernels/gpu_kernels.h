@@ -405,8 +405,8 @@ __global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64
 // may alias dp.
 template <typename Acc, typename T>
 __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols,
-                                           const Acc* lse1_, const Acc* lse2_, const Acc* log_norm,
-                                           const Acc* col_dot, Acc inv_temp, const bool* valid, T* grad) {
+                                           const Acc* lse1_, const Acc* lse2_, const Acc* inv_col_norm,
+                                           const Acc* col_projection, Acc inv_temp, const bool* valid, T* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
@@ -426,11 +426,7 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
   auto dprob = [&](int64_t j, Acc prob) {
     Acc d = 0;
     if (dp) d = (dp[base + j] - r * prob * inv_row_norm) * inv_row_norm;
-    if (dpbar) {
-      const Acc inv_col_norm = dev_exp(-clamped_log_norm(log_norm[j]));
-      const Acc k = log_norm[j] < static_cast<Acc>(kLogNormEps) ? Acc(0) : col_dot[j];
-      d += (dpbar[base + j] - k * prob * inv_col_norm) * inv_col_norm;
-    }
+    if (dpbar) d += (dpbar[base + j] - col_projection[j] * prob * inv_col_norm[j]) * inv_col_norm[j];
     return d;
   };
   Acc d = 0;
