@@ -70,3 +70,16 @@ def require_extension():
 
 def is_available() -> bool:
     return ops_module.module is not None
+
+
+def unavailable_reason() -> str:
+    """Why the fused ops cannot run, with the command that builds them; "" when they can."""
+    return "" if is_available() else ops_module.error
+
+
+def synchronize(device) -> None:
+    """Waits for the work queued on `device` (a torch.device or its name); a no-op off CUDA. The one place
+    timing code (training, benchmarks) synchronises."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
