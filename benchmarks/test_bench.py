@@ -21,15 +21,18 @@ import pytest
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks import common as C  # noqa: E402
+from benchmarks.cases import MODES, PROVIDERS as ALL_PROVIDERS, make_inputs, select_shapes  # noqa: E402
+from benchmarks.measure import saved_bytes  # noqa: E402
+from benchmarks.providers import Floor, extension, loss_fn, mode_callables, provider_status  # noqa: E402
 
 DEVICE = os.environ.get("CKD_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 BACKEND = os.environ.get("CKD_BENCH_COMPILE_BACKEND", "inductor")
 torch.set_num_threads(int(os.environ.get("CKD_BENCH_THREADS") or os.cpu_count() or 1))
 
 _sel = [x.strip() for x in os.environ.get("CKD_BENCH_SHAPES", "cifar100-b64,imagenet-b512").split(",") if x.strip()]
-SHAPES = C.select_shapes(DEVICE, smoke=_sel == ["smoke"], only=None if _sel == ["smoke"] else {"shape": _sel})
-PROVIDERS = [p.strip() for p in os.environ.get("CKD_BENCH_PROVIDERS", ",".join(C.PROVIDERS)).split(",") if p.strip()]
+SHAPES = select_shapes(DEVICE, smoke=_sel == ["smoke"], only=None if _sel == ["smoke"] else {"shape": _sel})
+PROVIDERS = [p.strip() for p in os.environ.get("CKD_BENCH_PROVIDERS", ",".join(ALL_PROVIDERS)).split(",")
+             if p.strip()]
 
 _fn_cache = {}
 
@@ -37,31 +40,30 @@ _fn_cache = {}
 def _fn(provider, loss):
     key = (provider, loss)
     if key not in _fn_cache:  # one torch.compile wrapper per loss, shared by the modes (graphs are reused)
-        _fn_cache[key] = C.loss_fn(provider, loss, BACKEND)
+        _fn_cache[key] = loss_fn(provider, loss, BACKEND)
     return _fn_cache[key]
 
 
-@pytest.mark.parametrize("mode", C.MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s.loss}-{s.name}-{s.dtype}")
 def test_bench(benchmark, shape, provider, mode):
-    ok, why = C.provider_status(provider, shape.loss)
+    ok, why = provider_status(provider, shape.loss)
     if not ok:
         pytest.skip(why)
-    student, teacher = C.make_inputs(shape.N, shape.C, shape.dtype, DEVICE)
-    floor = C.Floor(shape.loss, student, teacher) if provider == "floor" else None
+    student, teacher = make_inputs(shape.N, shape.C, shape.dtype, DEVICE)
+    floor = Floor(shape.loss, student, teacher) if provider == "floor" else None
     fn = None if provider == "floor" else _fn(provider, shape.loss)
-    setup, run = C.mode_callables(provider, shape.loss, student, teacher, mode, fn, floor)
+    setup, run = mode_callables(provider, shape.loss, student, teacher, mode, fn, floor)
+    sync = extension().synchronize
 
     def target():
         run()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        sync(DEVICE)
 
     def pedantic_setup():
         setup()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        sync(DEVICE)
 
     benchmark.group = f"{shape.loss} {shape.name} {shape.shape} {shape.dtype} {mode}"
     benchmark.extra_info.update(loss=shape.loss, provider=provider, mode=mode, N=shape.N, C=shape.C,
@@ -69,7 +71,7 @@ def test_bench(benchmark, shape, provider, mode):
     if provider == "compiled":
         benchmark.extra_info["compile_backend"] = BACKEND
     if mode == "forward" and provider != "floor":
-        benchmark.extra_info.update(C.saved_bytes(fn, student, teacher))
+        benchmark.extra_info.update(saved_bytes(fn, student, teacher))
     # warm-up (compiles for `compiled`) is separate from the timed rounds
     benchmark.pedantic(target, setup=pedantic_setup, rounds=5, warmup_rounds=2 if provider == "compiled" else 1,
                        iterations=1)

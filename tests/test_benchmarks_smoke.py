@@ -12,7 +12,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
-from benchmarks import common as C  # noqa: E402
+from benchmarks import cases  # noqa: E402
+from benchmarks.measure import quantiles  # noqa: E402
+from benchmarks.providers import provider_status  # noqa: E402
 
 
 def test_smoke_run_produces_csv_table_and_plots(tmp_path):
@@ -24,18 +26,18 @@ def test_smoke_run_produces_csv_table_and_plots(tmp_path):
 
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
-        assert tuple(reader.fieldnames) == C.CSV_COLUMNS
+        assert tuple(reader.fieldnames) == cases.CSV_COLUMNS
         rows = list(reader)
     assert rows, "empty CSV"
 
-    available = [p for p in C.PROVIDERS if C.provider_status(p)[0]]
+    available = [p for p in cases.PROVIDERS if provider_status(p)[0]]
     assert "floor" in available
     have = {(r["loss"], r["provider"], r["mode"], r["metric"], r["shape_name"]): r for r in rows}
     missing, empty = [], []
-    for s in C.SMOKE_SHAPES:
+    for s in cases.SMOKE_SHAPES:
         for p in available:
-            for mode in C.MODES:
-                for metric in C.expected_metrics(p, mode):
+            for mode in cases.MODES:
+                for metric in cases.expected_metrics(p, mode):
                     r = have.get((s.loss, p, mode, metric, s.name))
                     if r is None:
                         missing.append((s.loss, p, mode, metric, s.name))
@@ -44,7 +46,7 @@ def test_smoke_run_produces_csv_table_and_plots(tmp_path):
     assert not missing, f"rows missing from the CSV: {missing[:10]}"
     assert not empty, f"rows without a value: {empty[:10]}"
     for r in rows:
-        assert r["unit"] == C.UNITS[r["metric"]]
+        assert r["unit"] == cases.UNITS[r["metric"]]
         assert r["device"] == "cpu" and r["threads"] == "1" and r["torch_version"] and r["timestamp"]
         if r["metric"] == "time":
             assert float(r["p20"]) <= float(r["p50"]) <= float(r["p80"])
@@ -52,7 +54,7 @@ def test_smoke_run_produces_csv_table_and_plots(tmp_path):
     md = (out / "results.md").read_text()
     for heading in ("### Machine", "### Headline", "### Peak memory", "### Bytes kept for backward", "### Targets"):
         assert heading in md
-    for loss in C.LOSSES:
+    for loss in cases.LOSSES:
         png = out / "plots" / f"{loss}_float32.png"
         assert png.exists() and png.stat().st_size > 1000, png
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -61,18 +63,18 @@ def test_smoke_run_produces_csv_table_and_plots(tmp_path):
 @pytest.mark.parametrize("item,expected", [("loss=ckd,kd", {"loss": ["ckd", "kd"]}),
                                            ("shape=tokens", {"shape": ["tokens"]})])
 def test_parse_only(item, expected):
-    assert C.parse_only([item]) == expected
+    assert cases.parse_only([item]) == expected
 
 
 def test_parse_only_rejects_unknown_key():
     with pytest.raises(ValueError):
-        C.parse_only(["colour=red"])
+        cases.parse_only(["colour=red"])
 
 
 def test_quantiles_and_shapes():
-    assert C.quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [1.8, 3.0, 4.2]
-    names = {s.name for s in C.SHAPES}
+    assert quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == [1.8, 3.0, 4.2]
+    names = {s.name for s in cases.SHAPES}
     for n in ("cifar100-b64", "imagenet-b512", "contrastive-b4096", "tokens-2k-v8k", "tokens-8k-v1k",
               "tokens-1k-v8k", "scale-rows-64k", "scale-classes-32k", "gpu-tokens-16k-v128k"):
         assert n in names
-    assert not any(s.cuda_only for s in C.select_shapes("cpu"))
+    assert not any(s.cuda_only for s in cases.select_shapes("cpu"))
