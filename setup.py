@@ -1,12 +1,15 @@
-"""Builds ckd_ext and its compiled extension ckd_ext._C.
+"""Builds ckd_ext and its compiled extension ckd_ext._C (and, for tests, ckd_ext._emulated).
 
 Environment switches:
   CKD_EXT_CUDA=auto|on|off   build the CUDA backend (auto: when nvcc and a CUDA build of torch are present)
-  CKD_EXT_EMULATED=0|1       also build ckd_ext._emulated: the CUDA kernels compiled for the host and run on
-                             CPU tensors by the CUDA emulator (csrc/device/), for tests without a GPU
+  CKD_EXT_EMULATED=0|1       also build ckd_ext._emulated: the CUDA kernels compiled for the host, a backend
+                             that runs CPU tensors through the CUDA emulator (csrc/device/) inside
+                             ckd_ext.testing.emulated_cuda(), for tests without a GPU
   MAX_JOBS=N                 parallel compile jobs (default 2, the size of our machines)
-  TORCH_CUDA_ARCH_LIST       CUDA architectures (default "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST       CUDA architectures (default: tools/build_config.py)
   CUDA_HOME                  the CUDA toolkit (default: found from nvcc on PATH)
+
+Sources and flags: tools/build_config.py (shared with CMakeLists.txt).
 """
 import os
 import shutil
@@ -44,11 +47,8 @@ if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
 import torch  # noqa: E402  (after MAX_JOBS: cpp_extension reads it)
 from torch.utils import cpp_extension  # noqa: E402
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/losses.cpp", "csrc/cpu_backend.cpp"]
-CUDA_SOURCES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu"))
-EMULATED_SOURCES = ["csrc/emulated/ops_emulated.cpp", "csrc/emulated/losses_emulated.cpp",
-                    "csrc/emulated/gpu_backend_emulated.cpp", "csrc/device/emulator.cpp"]
-INCLUDE_DIRS = [str(ROOT / "csrc")]
+sys.path.insert(0, str(ROOT / "tools"))
+import build_config as cfg  # noqa: E402
 
 
 def cuda_wanted() -> bool:
@@ -62,8 +62,6 @@ def cuda_wanted() -> bool:
         reasons.append("torch is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         reasons.append("no CUDA toolkit (nvcc) was found; set CUDA_HOME")
-    if not CUDA_SOURCES:
-        reasons.append("this version has no CUDA backend sources yet (csrc/cuda/*.cu)")
     if reasons and mode == "on":
         raise SystemExit("CKD_EXT_CUDA=on but the CUDA backend cannot be built: " + "; ".join(reasons))
     if reasons:
@@ -78,13 +76,12 @@ def emulated_wanted() -> bool:
     return value in ("1", "on")
 
 
-def write_build_info(with_cuda: bool, with_emulated: bool) -> None:
+def write_build_info(with_emulated: bool) -> None:
     # Read by ckd_ext/_extension.py before loading _C, so a torch upgrade gives a clear message instead
     # of an undefined-symbol error.
     (ROOT / "ckd_ext" / "_build_info.py").write_text(
         "# Written by setup.py at build time.\n"
         f"TORCH_VERSION = {torch.__version__!r}\n"
-        f"WITH_CUDA = {with_cuda!r}\n"
         f"WITH_EMULATED = {with_emulated!r}\n"
     )
 
@@ -102,41 +99,44 @@ class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
 
 
 def extensions():
-    with_cuda, with_emulated = WITH_CUDA, emulated_wanted()
-    write_build_info(with_cuda, with_emulated)
-    define = [("CKD_TORCH_VERSION", f'"{torch.__version__}"')]
-    # -fno-trapping-math lets GCC if-convert the float compares in the CPU kernels' exp and max-shift loops
-    # and vectorise them (about 3x on KD); IEEE results are unchanged, only FP-exception traps are not kept.
-    # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled in *our* sources;
-    # without the flag every CPU kernel runs on one thread.
-    cxx = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp"]
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    with_emulated = emulated_wanted()
+    write_build_info(with_emulated)
+    include_dirs = [str(ROOT / d) for d in cfg.INCLUDE_DIRS]
+    if WITH_CUDA:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", cfg.DEFAULT_CUDA_ARCHS)
         ops = cpp_extension.CUDAExtension(
-            "ckd_ext._C",
-            CPU_SOURCES + CUDA_SOURCES,
-            include_dirs=INCLUDE_DIRS,
-            define_macros=define + [("CKD_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-std=c++20"]},
-            extra_link_args=["-fopenmp"],
+            "ckd_ext._C", cfg.OPS_SOURCES + cfg.CUDA_SOURCES, include_dirs=include_dirs,
+            define_macros=[("CKD_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cfg.CXX_FLAGS, "nvcc": cfg.NVCC_FLAGS}, extra_link_args=cfg.LINK_FLAGS,
         )
     else:
-        ops = cpp_extension.CppExtension("ckd_ext._C", CPU_SOURCES, include_dirs=INCLUDE_DIRS, define_macros=define,
-                                         extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+        ops = cpp_extension.CppExtension("ckd_ext._C", cfg.OPS_SOURCES, include_dirs=include_dirs,
+                                         extra_compile_args=cfg.CXX_FLAGS, extra_link_args=cfg.LINK_FLAGS)
     if not with_emulated:
         return [ops]
     emulated = cpp_extension.CppExtension(
-        "ckd_ext._emulated", EMULATED_SOURCES, include_dirs=INCLUDE_DIRS, define_macros=define,
-        extra_compile_args=["-O2", "-pthread", "-fvisibility=hidden"], extra_link_args=["-pthread"],
+        "ckd_ext._emulated", cfg.EMULATED_SOURCES, include_dirs=include_dirs,
+        extra_compile_args=cfg.EMULATED_CXX_FLAGS, extra_link_args=cfg.EMULATED_LINK_FLAGS,
     )
     return [ops, emulated]
 
 
+def requirements(path: str):
+    lines = (line.split("#", 1)[0].strip() for line in (ROOT / path).read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def version() -> str:
+    scope = {}
+    exec((ROOT / "ckd_ext" / "_version.py").read_text(), scope)
+    return scope["__version__"]
+
+
 setup(
     name="ckd_ext",
-    version="0.1.0",
+    version=version(),
     description="Fused CKD, BicKD and KD distillation losses for PyTorch (C++/CUDA)",
-    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description=(ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["ckd_ext", "ckd_ext.*"]),
@@ -144,7 +144,7 @@ setup(
     cmdclass={"build_ext": BuildExtension},
     install_requires=["torch", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy", "matplotlib", "scikit-learn", "tqdm"],
+        "test": requirements("requirements-test.txt"),
         "train": ["scikit-learn", "matplotlib", "tqdm"],
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],

@@ -3,13 +3,13 @@
     ckd_ext.ckd_loss / bickd_loss / kd_loss     fused ops (need the compiled extension)
     ckd_ext.CKDLoss / BicKDLoss / KDLoss        nn.Module wrappers
     ckd_ext.reference                           plain PyTorch, the float64 oracle (no extension needed)
+    ckd_ext.testing                             test-only switches (the emulated CUDA backend)
 """
 from . import reference  # noqa: F401
 from ._extension import is_available, require_extension
+from ._version import __version__  # noqa: F401
 from .modules import BicKDLoss, CKDLoss, KDLoss
-from ._fused import bickd_loss, ckd_loss, kd_loss
-
-__version__ = "0.1.0"
+from .ops import bickd_loss, ckd_loss, kd_loss
 __all__ = [
     "ckd_loss", "bickd_loss", "kd_loss", "CKDLoss", "BicKDLoss", "KDLoss", "reference",
     "is_available", "workspace_bytes", "set_workspace_bytes",

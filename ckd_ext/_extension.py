@@ -1,8 +1,10 @@
-"""Loads the compiled extension modules: ckd_ext._C (the ops, CPU and CUDA kernels) and, when built with
-CKD_EXT_EMULATED=1, ckd_ext._emulated (the CUDA kernels run on CPU tensors by the emulator, for tests).
+"""Loads the compiled extension: ckd_ext._C (the ops, with the CPU and CUDA backends) and, in test builds
+(CKD_EXT_EMULATED=1), ckd_ext._emulated (the CUDA kernels under the CPU emulator), which it installs into _C as
+the backend ckd_ext.testing.emulated_cuda() switches to.
 
-`import ckd_ext` must work without them (ckd_ext.reference is pure PyTorch), so a missing or stale build
-is remembered here and reported, with the command that fixes it, when a fused op is called.
+`import ckd_ext` must work without them (ckd_ext.reference is pure PyTorch), so a missing or stale build is
+remembered here and reported, with the command that fixes it, when a fused op is called. This module is the one
+answer to "is the extension built, and how do I build it".
 """
 import importlib
 import warnings
@@ -10,36 +12,7 @@ import warnings
 import torch
 
 REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps -e .  (from the ckd_ext source folder)"
-
-
-class CompiledModule:
-    def __init__(self, name: str, what: str, build_hint: str = ""):
-        self.name, self.what, self.build_hint = name, what, build_hint
-        self.module, self.error = None, None
-
-    def load(self, build_info):
-        if build_info is None:
-            self.error = (f"ckd_ext's compiled extension (ckd_ext.{self.name}) is not built, so {self.what} is "
-                          f"unavailable (ckd_ext.reference works without it). Build it with: "
-                          f"{self.build_hint}{REBUILD}")
-            return
-        if build_info.TORCH_VERSION != torch.__version__:
-            # Loading it now would fail with an undefined-symbol error, or load against a different ABI.
-            self.error = (f"ckd_ext was built against torch {build_info.TORCH_VERSION}, but torch "
-                          f"{torch.__version__} is installed. Rebuild the extension against the installed "
-                          f"torch: {self.build_hint}{REBUILD}")
-            warnings.warn(self.error, RuntimeWarning, stacklevel=4)
-            return
-        try:
-            self.module = importlib.import_module(f"ckd_ext.{self.name}")
-        except ImportError as exc:
-            self.error = (f"ckd_ext.{self.name} failed to load ({exc}). Rebuild it with: "
-                          f"{self.build_hint}{REBUILD}")
-
-    def require(self):
-        if self.module is None:
-            raise RuntimeError(self.error)
-        return self.module
+EMULATED_REBUILD = f"CKD_EXT_EMULATED=1 {REBUILD}"
 
 
 def _build_info():
@@ -50,31 +23,50 @@ def _build_info():
     return _build_info
 
 
-ops_module = CompiledModule("_C", "the fused ops")
-emulated_module = CompiledModule("_emulated", "ckd_ext.emulated (the CUDA kernels under the CPU emulator)",
-                                 build_hint="CKD_EXT_EMULATED=1 ")
+def _load():
+    """(_C or None, why not, emulated backend installed)."""
+    info = _build_info()
+    if info is None:
+        return None, ("ckd_ext's compiled extension (ckd_ext._C) is not built, so the fused ops are unavailable "
+                      f"(ckd_ext.reference works without it). Build it with: {REBUILD}"), False
+    if info.TORCH_VERSION != torch.__version__:
+        # Loading it now would fail with an undefined-symbol error, or load against a different ABI.
+        error = (f"ckd_ext was built against torch {info.TORCH_VERSION}, but torch {torch.__version__} is "
+                 f"installed. Rebuild the extension against the installed torch: {REBUILD}")
+        warnings.warn(error, RuntimeWarning, stacklevel=3)
+        return None, error, False
+    try:
+        module = importlib.import_module("ckd_ext._C")
+    except ImportError as exc:
+        return None, f"ckd_ext._C failed to load ({exc}). Rebuild it with: {REBUILD}", False
+    if not info.WITH_EMULATED:
+        return module, "", False
+    module.install_emulated_backend(importlib.import_module("ckd_ext._emulated").backend_table())
+    return module, "", True
 
-_info = _build_info()
-ops_module.load(_info)
-if _info is not None and not getattr(_info, "WITH_EMULATED", False):
-    emulated_module.error = ("ckd_ext.emulated was not built (it is opt-in). Build it with: "
-                             f"CKD_EXT_EMULATED=1 {REBUILD}")
-else:
-    emulated_module.load(_info)
+
+_module, _error, _emulated = _load()
 
 
 def require_extension():
     """Returns the loaded _C module, or raises RuntimeError saying how to build it."""
-    return ops_module.require()
+    if _module is None:
+        raise RuntimeError(_error)
+    return _module
 
 
 def is_available() -> bool:
-    return ops_module.module is not None
+    return _module is not None
 
 
 def unavailable_reason() -> str:
     """Why the fused ops cannot run, with the command that builds them; "" when they can."""
-    return "" if is_available() else ops_module.error
+    return _error
+
+
+def emulated_available() -> bool:
+    """Whether the emulated CUDA backend is built (test builds: CKD_EXT_EMULATED=1)."""
+    return _emulated
 
 
 def synchronize(device) -> None:

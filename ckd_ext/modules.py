@@ -1,7 +1,7 @@
 """nn.Module wrappers of the fused losses: hyperparameters at construction, tensors at call time."""
 from torch import nn
 
-from . import _fused as ops
+from . import ops
 
 
 class CKDLoss(nn.Module):

@@ -1,9 +1,6 @@
-"""The fused losses: thin wrappers over the custom ops, with their autograd and fake (meta)
-implementations registered through torch.library.
-
-The same Python layer serves two op libraries with identical schemas: `ckd_ext` (the CPU and CUDA
-kernels, module ckd_ext._C) and `ckd_ext_emulated` (the CUDA kernels run on CPU tensors by the emulator,
-module ckd_ext._emulated, used in tests): `LossOps(namespace)` builds the public functions for one.
+"""The fused losses: thin wrappers over the custom ops `torch.ops.ckd_ext.*` (schemas in csrc/ops.cpp), with
+their fake (meta) implementations and autograd registered below through torch.library, next to the ops they
+serve.
 
 Each forward op can return the student gradient along with the loss (for "mean" and "sum", when the
 student requires grad): the loss is nearly always the last node of the graph, so computing the gradient
@@ -13,50 +10,46 @@ while the similarity strips are in cache saves recomputing them, and backward on
 import torch
 
 from . import _validation
+from ._extension import is_available, require_extension
 
 
 def _grad_needed(student: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and student.requires_grad
 
 
-class LossOps:
-    """ckd_loss / kd_loss / bickd_loss over the ops of one library namespace."""
+def _ops():
+    require_extension()
+    return torch.ops.ckd_ext
 
-    def __init__(self, namespace: str, require_module):
-        self.namespace = namespace
-        self._require = require_module
 
-    def _ops(self):
-        self._require()
-        return getattr(torch.ops, self.namespace)
+def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean"):
+    """CKD loss (docs/math.md). `student`, `teacher`: logits (..., C); `mask`: bool (...), False rows take
+    no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none"."""
+    p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+    loss, _ = _ops().ckd_forward(p.student, p.teacher, p.mask, float(tau), anchor, reduction, _grad_needed(p.student))
+    return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
-    def ckd_loss(self, student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean"):
-        p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
-        loss, _ = self._ops().ckd_forward(p.student, p.teacher, p.mask, float(tau), anchor, reduction,
-                                          _grad_needed(p.student))
-        return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
-    def kd_loss(self, student, teacher, *, temperature=4.0, mask=None, reduction="mean"):
-        p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
-        loss, _ = self._ops().kd_forward(p.student, p.teacher, p.mask, float(temperature), reduction,
-                                         _grad_needed(p.student))
-        return loss.reshape(p.lead_shape) if reduction == "none" else loss
+def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean"):
+    """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md)."""
+    p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    loss, _ = _ops().kd_forward(p.student, p.teacher, p.mask, float(temperature), reduction, _grad_needed(p.student))
+    return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
-    def bickd_loss(self, student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0,
-                   symmetric=False, mask=None, reduction="mean"):
-        p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
-                                      symmetric, mask, reduction)
-        loss, class_terms, _ = self._ops().bickd_forward(
-            p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
-            bool(symmetric), reduction, _grad_needed(p.student),
-        )
-        if reduction == "none":
-            return loss.reshape(p.lead_shape), class_terms
-        return loss
 
-    def register(self):
-        """Fake implementations and autograd for this namespace's ops (once its module is loaded)."""
-        _register(self.namespace)
+def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0, symmetric=False,
+               mask=None, reduction="mean"):
+    """BicKD loss (this project's definition, docs/math.md). reduction="none" returns the pair
+    (per-sample terms (...), per-class terms (C,)), already weighted by w_sample and w_class."""
+    p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class, symmetric,
+                                  mask, reduction)
+    loss, class_terms, _ = _ops().bickd_forward(
+        p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
+        bool(symmetric), reduction, _grad_needed(p.student),
+    )
+    if reduction == "none":
+        return loss.reshape(p.lead_shape), class_terms
+    return loss
 
 
 # --- torch.library registrations -------------------------------------------------------------------
@@ -101,8 +94,8 @@ def _save_for_backward(ctx, inputs, grad, reduction, compute_grad):
     ctx.save_for_backward(*((grad,) if ctx.precomputed else (student, teacher, mask)))
 
 
-def _register(ns):
-    ops = getattr(torch.ops, ns)
+def _register():
+    ops = torch.ops.ckd_ext
 
     def ckd_setup(ctx, inputs, output):
         _, _, _, ctx.tau, ctx.anchor, ctx.reduction, compute_grad = inputs
@@ -147,7 +140,7 @@ def _register(ns):
                                   ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction)
         return (grad,) + nones
 
-    lib = ns + "::"
+    lib = "ckd_ext::"
     torch.library.register_fake(lib + "ckd_forward")(_ckd_forward_fake)
     torch.library.register_fake(lib + "kd_forward")(_kd_forward_fake)
     torch.library.register_fake(lib + "bickd_forward")(_bickd_forward_fake)
@@ -157,3 +150,7 @@ def _register(ns):
     torch.library.register_autograd(lib + "ckd_forward", ckd_backward, setup_context=ckd_setup)
     torch.library.register_autograd(lib + "kd_forward", kd_backward, setup_context=kd_setup)
     torch.library.register_autograd(lib + "bickd_forward", bickd_backward, setup_context=bickd_setup)
+
+
+if is_available():
+    _register()

@@ -9,12 +9,7 @@
 #include <cstdlib>
 #include <limits>
 
-#include "cpu_backend.h"
-#include "gpu_backend.h"
-
-#if defined(CKD_WITH_CUDA)
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cuSPARSE/cuBLAS headers
-#endif
+#include "backends/select.h"
 
 namespace ckd {
 namespace {
@@ -78,22 +73,6 @@ template <typename F>
 decltype(auto) dispatch_acc(const at::Tensor& student, F&& f) {
   if (student.scalar_type() == at::kDouble) return f(double{});
   return f(float{});
-}
-
-// The only place that knows devices: the orchestration below is the same for all of them.
-template <typename Acc>
-KernelBackend<Acc>& backend_for(const at::Tensor& x) {
-#if defined(CKD_EMULATED)
-  // ckd_ext.emulated: the CUDA kernels, run by the CPU emulator on CPU tensors.
-  TORCH_CHECK(x.device().is_cpu(), "ckd_ext.emulated runs the CUDA kernels on CPU tensors, got ", x.device());
-  return gpu_backend<Acc>(nullptr);
-#else
-  if (x.device().is_cpu()) return cpu_backend<Acc>();
-#if defined(CKD_WITH_CUDA)
-  if (x.device().is_cuda()) return gpu_backend<Acc>(c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
-#endif
-  TORCH_CHECK(false, "ckd_ext: this build has no kernels for device ", x.device());
-#endif
 }
 
 struct Inputs {
@@ -185,18 +164,17 @@ at::Tensor operand_rows(KernelBackend<Acc>& k, WorkBuffer<Acc>& buffer, const at
 }
 
 template <typename Acc>
-EpilogueParams<Acc> strip_epilogue(at::Tensor& strip, int64_t row0, int64_t rows, Acc inv_tau, at::Tensor& loss,
-                                   const at::Tensor& weight) {
+EpilogueParams<Acc> strip_epilogue(at::Tensor& strip, int64_t row0, int64_t rows, Acc inv_tau, const bool* valid,
+                                   at::Tensor& loss, const at::Tensor& weight) {
   EpilogueParams<Acc> p{};
   p.strip = strip.data_ptr<Acc>();
-  p.ld = strip.size(1);
   p.row0 = row0;
   p.rows = rows;
   p.cols = strip.size(1);
   p.scale = inv_tau;
+  p.valid = valid;
   p.loss = loss.data_ptr<Acc>();
   p.weight = weight.defined() ? weight.const_data_ptr<Acc>() : nullptr;
-  p.coef_scale = inv_tau;
   return p;
 }
 
@@ -266,10 +244,9 @@ void ckd_teacher_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
       at::Tensor out = z.narrow(1, j0, kb);
       at::mm_out(out, anchors, operand_rows<Acc>(k, candidate_buffer, in.student, j0, kb, nullptr).t());
     }
-    EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau, row_loss, want_grad ? weight : at::Tensor());
+    EpilogueParams<Acc> p =
+        strip_epilogue<Acc>(z, r0, rows, inv_tau, in.valid(), row_loss, want_grad ? weight : at::Tensor());
     p.col_scale = inv_s.data_ptr<Acc>();
-    p.row_valid = in.valid();
-    p.col_valid = in.valid();
     k.contrastive_epilogue(p);
     if (want_grad) dv.addmm_(z.t(), anchors);
   }
@@ -339,8 +316,7 @@ void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
   at::Tensor dv = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
   at::Tensor diagonal = at::zeros({N}, acc_options);  // w_i (pi_ii - 1) / tau, the positive's coefficient
   for_each_tile([&](const SymmetricTile<Acc>& t, const at::Tensor& vi, const at::Tensor& vj, const at::Tensor& z) {
-    k.symmetric_tile_coefficients(t, lse.const_data_ptr<Acc>(), weight.const_data_ptr<Acc>(), inv_tau,
-                                  diagonal.data_ptr<Acc>());
+    k.symmetric_tile_coefficients(t, lse.const_data_ptr<Acc>(), weight.const_data_ptr<Acc>(), diagonal.data_ptr<Acc>());
     dv.narrow(0, t.row0, t.rows).addmm_(z, vj);
     if (t.row0 != t.col0) dv.narrow(0, t.col0, t.cols).addmm_(z.t(), vi);
   });
@@ -476,9 +452,7 @@ class BicKDPass {
         at::Tensor out = z.narrow(1, j0, kb);
         at::mm_out(out, anchors, candidates(j0, kb).t());
       }
-      EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau_, terms, w);
-      p.row_valid = in_.valid();
-      p.col_valid = in_.valid();
+      EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau_, in_.valid(), terms, w);
       k_.contrastive_epilogue(p);
       if (!w.defined()) continue;
       if (student_anchors) {
@@ -517,7 +491,7 @@ class BicKDPass {
         at::Tensor out = z.narrow(1, d0, kb);
         at::mm_out(out, anchors.t(), candidates(d0, kb));
       }
-      EpilogueParams<Acc> p = strip_epilogue<Acc>(z, c0, cols, inv_tau_, terms, w);
+      EpilogueParams<Acc> p = strip_epilogue<Acc>(z, c0, cols, inv_tau_, nullptr, terms, w);
       k_.contrastive_epilogue(p);
       if (!w.defined()) continue;
       for (int64_t d0 = 0; d0 < C_; d0 += block_cols) {

@@ -1,27 +1,13 @@
-// Schemas of the ckd_ext ops, their CPU (and CUDA) kernels and the _C Python module (build information and the
-// workspace budget). Autograd and the fake (meta) implementations are registered from Python
+// Schemas of the ckd_ext ops, their CPU (and CUDA) kernels and the _C Python module (the workspace budget and
+// the test-only emulated CUDA backend). Autograd and the fake (meta) implementations are registered from Python
 // (ckd_ext/ops.py) with torch.library.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 
+#include "backends/select.h"
 #include "losses.h"
 
-// The same file builds ckd_ext._C (library ckd_ext) and, with CKD_LIBRARY / CKD_MODULE defined by
-// emulated/ops_emulated.cpp, ckd_ext._emulated (library ckd_ext_emulated: the CUDA kernels run on CPU
-// tensors by the emulator). The indirection lets the macros expand before TORCH_LIBRARY pastes them.
-#ifndef CKD_LIBRARY
-#define CKD_LIBRARY ckd_ext
-#define CKD_MODULE _C
-#endif
-#define CKD_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
-#define CKD_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
-#define CKD_PYBIND11_MODULE(name, m) PYBIND11_MODULE(name, m)
-
-#ifndef CKD_TORCH_VERSION
-#error "setup.py / CMakeLists.txt define CKD_TORCH_VERSION, the torch version the extension is built against"
-#endif
-
-CKD_TORCH_LIBRARY(CKD_LIBRARY, m) {
+TORCH_LIBRARY(ckd_ext, m) {
   m.def(
       "ckd_forward(Tensor student, Tensor teacher, Tensor? mask, float tau, str anchor, str reduction, "
       "bool compute_grad) -> (Tensor, Tensor)");
@@ -43,7 +29,7 @@ CKD_TORCH_LIBRARY(CKD_LIBRARY, m) {
 }
 
 // The orchestration is device-generic; each device key maps to the same functions, which pick that
-// device's kernel backend.
+// device's kernel backend (backends/select.h).
 namespace {
 void register_kernels(torch::Library& m) {
   m.impl("ckd_forward", &ckd::ckd_forward);
@@ -55,19 +41,24 @@ void register_kernels(torch::Library& m) {
 }
 }  // namespace
 
-CKD_TORCH_LIBRARY_IMPL(CKD_LIBRARY, CPU, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(ckd_ext, CPU, m) { register_kernels(m); }
 #if defined(CKD_WITH_CUDA)
-CKD_TORCH_LIBRARY_IMPL(CKD_LIBRARY, CUDA, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(ckd_ext, CUDA, m) { register_kernels(m); }
 #endif
 
-CKD_PYBIND11_MODULE(CKD_MODULE, module) {
+PYBIND11_MODULE(_C, module) {
   module.doc() = "ckd_ext compiled ops (registered under torch.ops.ckd_ext)";
-  module.attr("torch_version") = CKD_TORCH_VERSION;
-#if defined(CKD_WITH_CUDA)
-  module.attr("with_cuda") = true;
-#else
-  module.attr("with_cuda") = false;
-#endif
   module.def("workspace_bytes", &ckd::workspace_bytes, "Bytes of work buffers one op call may use.");
   module.def("set_workspace_bytes", &ckd::set_workspace_bytes, "Set the bytes of work buffers one op call may use.");
+  module.def(
+      "install_emulated_backend",
+      [](const pybind11::capsule& table) {
+        TORCH_CHECK(std::string_view(table.name()) == ckd::kEmulatedBackendCapsule,
+                    "ckd_ext: install_emulated_backend expects ckd_ext._emulated.backend_table()");
+        ckd::install_emulated_backend(table.get_pointer<const ckd::EmulatedBackendTable>());
+      },
+      "Installs ckd_ext._emulated's kernels as the emulated CUDA backend (test builds).");
+  module.def("set_emulated_cuda", &ckd::set_emulated_cuda,
+             "Test-only: run CPU tensors through the emulated CUDA backend (see ckd_ext.testing).");
+  module.def("emulated_cuda", &ckd::emulated_cuda, "Whether CPU tensors run through the emulated CUDA backend.");
 }

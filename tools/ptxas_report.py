@@ -12,11 +12,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import build_config as cfg  # noqa: E402  (tools/ is this script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "cuda" / "gpu_backend.cu"
 # The flags torch's cpp_extension gives nvcc for 16-bit types (c10::Half / c10::BFloat16 on the device).
 HALF_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-              "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
+              "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 
 def torch_include_dir() -> str:
@@ -26,7 +27,7 @@ def torch_include_dir() -> str:
 
 
 def default_archs():
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", cfg.DEFAULT_CUDA_ARCHS)
     return [a.replace(".", "").replace("+PTX", "") for a in re.split(r"[;\s]+", archs) if a]
 
 
@@ -40,14 +41,18 @@ def _demangle(names):
 
 def ptxas_usage(arch: str, nvcc: str = "nvcc"):
     """[{kernel, arch, registers, shared_bytes, spill_stores, spill_loads, stack_bytes}] for one architecture."""
+    includes = [f"-I{ROOT / d}" for d in cfg.INCLUDE_DIRS] + [f"-I{torch_include_dir()}"]
+    stderr = ""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-std=c++20", "-O3", f"-arch=sm_{arch}", "-Xptxas=-v", "-c", str(SOURCE),
-               "-o", os.path.join(tmp, "k.o"), f"-I{ROOT / 'csrc'}", f"-I{torch_include_dir()}", *HALF_FLAGS]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-5000:]}")
+        for source in cfg.CUDA_SOURCES:
+            cmd = [nvcc, *cfg.NVCC_FLAGS, *HALF_FLAGS, f"-arch=sm_{arch}", "-Xptxas=-v", "-c", str(ROOT / source),
+                   "-o", os.path.join(tmp, "k.o"), *includes]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{proc.stderr[-5000:]}")
+            stderr += proc.stderr
     rows, current = [], None
-    for line in proc.stderr.splitlines():
+    for line in stderr.splitlines():
         m = re.search(r"Compiling entry function '(\S+)' for '(sm_\d+)'", line)
         if m:
             current = {"kernel": m.group(1), "arch": m.group(2), "registers": 0, "shared_bytes": 0,

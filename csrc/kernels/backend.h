@@ -1,6 +1,6 @@
-// The small kernels the shared orchestration (csrc/losses.cpp) is built from. Each device implements
-// this interface once (cpu_backend.cpp; the CUDA backend later); everything else, the chunked GEMMs
-// included, is shared. Pointers are device pointers; indices are global row / column indices.
+// The small kernels the shared orchestration (csrc/losses.cpp) is built from. Each backend implements this
+// interface once (csrc/backends/: cpu, cuda, and cuda's kernels again under the emulator); everything else, the
+// chunked GEMMs included, is shared. Pointers are device pointers; indices are global row / column indices.
 #pragma once
 #include "types.h"
 
@@ -31,10 +31,10 @@ class KernelBackend {
   // Merges the tile's max-shifted exp-sums into the running (row_max, row_sum) of every row it touches:
   // rows i over columns j and, for an off-diagonal tile, rows j over columns i.
   virtual void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) = 0;
-  // In place: tile_ij = (weight[i] pi_ij + weight[j] pi_ji) * coef_scale for i != j (pi_ij = exp(z_ij -
-  // lse[i])), 0 on the diagonal, whose coefficient weight[i] (pi_ii - 1) * coef_scale goes to diagonal_out[i].
+  // In place: tile_ij = (weight[i] pi_ij + weight[j] pi_ji) * t.scale for i != j (pi_ij = exp(z_ij - lse[i])),
+  // 0 on the diagonal, whose coefficient weight[i] (pi_ii - 1) * t.scale goes to diagonal_out[i].
   virtual void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
-                                           Acc coef_scale, Acc* diagonal_out) = 0;
+                                           Acc* diagonal_out) = 0;
   // Backward of v = x / max(||x||, eps) for every row, after adding extra_coef[i] * extra_inv[i] * extra_x_i
   // to dv_i when extra_coef is given: grad_i = (dv_i - [unclamped] <dv_i, v_i> v_i) / max(||x_i||, eps),
   // written in x's dtype (grad may alias dv when that dtype is Acc). Rows with !valid[i] get 0.

@@ -1,5 +1,5 @@
-// Torch-free vocabulary shared by the orchestration and every kernel backend (CPU now, CUDA later):
-// raw pointers, sizes and a dtype tag; no ATen types cross this boundary.
+// Torch-free vocabulary shared by the orchestration and every kernel backend: raw pointers, sizes and a dtype
+// tag; no ATen types cross this boundary.
 #pragma once
 #include <cstdint>
 #include <limits>
@@ -23,13 +23,6 @@ struct ConstMatrix {
 constexpr double kNormEps = 1e-12;
 constexpr double kLogNormEps = -27.631021115928547;  // log(kNormEps), for norms kept as logarithms
 
-template <typename T>
-struct dtype_of;
-template <> struct dtype_of<float> { static constexpr DType value = DType::Float32; };
-template <> struct dtype_of<double> { static constexpr DType value = DType::Float64; };
-template <> struct dtype_of<c10::Half> { static constexpr DType value = DType::Float16; };
-template <> struct dtype_of<c10::BFloat16> { static constexpr DType value = DType::BFloat16; };
-
 // Calls f(T{}) with T the C++ type of `dtype`.
 template <typename F>
 decltype(auto) visit_dtype(DType dtype, F&& f) {
@@ -43,28 +36,25 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
 }
 
 // Parameters of the contrastive epilogue, which turns one strip of raw similarities (rows = anchors
-// row0 .. row0+rows-1, columns = every candidate) into per-anchor losses and, in place, gradient
-// coefficients. The positive of anchor i sits in column i.
-//   z_ij  = strip_ij * scale * col_scale[j]     (-inf where !col_valid[j])
-//   loss_i = LSE_j z_ij - z_ii
-//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * coef_scale
+// row0 .. row0+rows-1, columns = every candidate, row-major with leading dimension cols) into per-anchor losses
+// and, in place, gradient coefficients. The positive of anchor i sits in column i.
+//   z_ij  = strip_ij * scale * col_scale[j]     (-inf where !valid[j])
+//   loss_i = LSE_j z_ij - z_ii                   (0 where !valid[i])
+//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * scale
 // Anchor rows arrive already scaled (the orchestration loads them normalised), so only columns need a scale.
-// Null arrays mean "all ones" / "all valid".
+// Anchors and candidates are the same rows of one batch, so one mask serves both. Null arrays mean "all ones" /
+// "all valid".
 template <typename Acc>
 struct EpilogueParams {
   Acc* strip;
-  int64_t ld;       // leading dimension of the strip (elements)
   int64_t row0;     // global index of the strip's first anchor
   int64_t rows;
   int64_t cols;     // number of candidates
-  Acc scale;
+  Acc scale;        // 1 / tau
   const Acc* col_scale;
-  const bool* row_valid;
-  const bool* col_valid;
+  const bool* valid;
   Acc* loss;        // indexed by global anchor index
-  // Gradient part; weight == nullptr means "loss only".
-  const Acc* weight;
-  Acc coef_scale;
+  const Acc* weight;  // upstream weight per anchor; nullptr means "loss only"
 };
 
 // One tile of CKD's student-anchor similarities, whose matrix is symmetric: rows i in [row0, row0 + rows),

@@ -1,11 +1,11 @@
-// C++ unit tests of the torch-free CPU kernels (csrc/kernels/cpu_kernels.h) against plain double loops.
+// C++ unit tests of the torch-free CPU kernels (csrc/backends/cpu/cpu_kernels.h) against plain double loops.
 // Run by ctest (CMakeLists.txt); no libtorch needed, only the header-only c10 16-bit types.
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-#include "kernels/cpu_kernels.h"
+#include "backends/cpu/cpu_kernels.h"
 
 namespace {
 
@@ -40,16 +40,14 @@ void test_contrastive_epilogue() {
   std::vector<float> col(col_scale.begin(), col_scale.end()), loss(row + 1), w(row + 1, weight);
   ckd::EpilogueParams<float> p{};
   p.strip = strip.data();
-  p.ld = cols;
   p.row0 = row;
   p.rows = 1;
   p.cols = cols;
   p.scale = scale;
   p.col_scale = col.data();
-  p.col_valid = valid;
+  p.valid = valid;
   p.loss = loss.data();
   p.weight = w.data();
-  p.coef_scale = 2.0f;
   ckd::cpu::contrastive_epilogue_row(p, 0);
 
   std::vector<double> z(cols);
@@ -63,7 +61,7 @@ void test_contrastive_epilogue() {
   const double lse = m + std::log(sum);
   expect_near(loss[row], lse - z[row], 1e-5, "epilogue loss");
   for (int j = 0; j < cols; ++j) {
-    expect_near(strip[j], weight * 2.0 * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0)), 1e-5, "epilogue coefficient");
+    expect_near(strip[j], weight * scale * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0)), 1e-5, "epilogue coefficient");
   }
 }
 

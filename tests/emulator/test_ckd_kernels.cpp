@@ -1,13 +1,13 @@
-// ckd_ext's own CUDA kernels (csrc/kernels/gpu_kernels.h, through GpuBackend) under the emulator, against
-// the torch-free CPU kernels (csrc/kernels/cpu_kernels.h) on the same inputs. Built in every configuration of
+// ckd_ext's own CUDA kernels (csrc/backends/cuda/cuda_kernels.h, through CudaBackend) under the emulator, against
+// the torch-free CPU kernels (csrc/backends/cpu/cpu_kernels.h) on the same inputs. Built in every configuration of
 // this project, so ThreadSanitizer and AddressSanitizer+UBSan run the real kernels.
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "check.h"
-#include "kernels/cpu_kernels.h"
-#include "kernels/gpu_backend.h"
+#include "backends/cpu/cpu_kernels.h"
+#include "backends/cuda/cuda_backend.h"
 
 namespace {
 
@@ -82,17 +82,14 @@ void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in)
   auto params = [&](std::vector<float>& z, std::vector<float>& l) {
     ckd::EpilogueParams<float> p{};
     p.strip = z.data();
-    p.ld = kRows;
     p.row0 = 0;
     p.rows = kRows;
     p.cols = kRows;
     p.scale = 2.0f;
     p.col_scale = col_scale.data();
-    p.row_valid = in.valid;
-    p.col_valid = in.valid;
+    p.valid = in.valid;
     p.loss = l.data();
     p.weight = in.weight.data();
-    p.coef_scale = 2.0f;
     return p;
   };
   gpu.contrastive_epilogue(params(strip, loss));
@@ -119,9 +116,9 @@ void test_symmetric_tiles(ckd::KernelBackend<float>& gpu, const Inputs& in) {
     expect_close(row_sum, sum_ref, "symmetric_tile_lse sum");
 
     std::vector<float> diagonal(kRows, 0.0f), diagonal_ref(kRows, 0.0f);
-    gpu.symmetric_tile_coefficients(t, lse.data(), in.weight.data(), 2.0f, diagonal.data());
+    gpu.symmetric_tile_coefficients(t, lse.data(), in.weight.data(), diagonal.data());
     for (int r = 0; r < 3; ++r)
-      ckd::cpu::symmetric_tile_coefficients_row(t_ref, r, lse.data(), in.weight.data(), 2.0f, diagonal_ref.data());
+      ckd::cpu::symmetric_tile_coefficients_row(t_ref, r, lse.data(), in.weight.data(), diagonal_ref.data());
     expect_close(tile, tile_ref, "symmetric_tile_coefficients");
     expect_close(diagonal, diagonal_ref, "symmetric_tile_coefficients diagonal");
   }
@@ -198,7 +195,7 @@ void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 }  // namespace
 
 int main() {
-  ckd::KernelBackend<float>& gpu = ckd::gpu_backend_on<float>(nullptr);
+  ckd::KernelBackend<float>& gpu = ckd::cuda_backend_on<float>(nullptr);
   const Inputs in;
   test_row_statistics(gpu, in);
   test_kd_rows(gpu, in);

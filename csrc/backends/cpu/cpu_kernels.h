@@ -6,15 +6,10 @@
 #include <cstring>
 #include <vector>
 
-#include "types.h"
+#include "kernels/scalar_math.h"
+#include "kernels/types.h"
 
 namespace ckd::cpu {
-
-template <typename Acc>
-constexpr Acc neg_inf() { return -std::numeric_limits<Acc>::infinity(); }
-
-template <typename Acc>
-inline Acc log_eps() { return static_cast<Acc>(kLogNormEps); }
 
 // Four independent partial sums: lets the compiler keep several lanes busy and roughly halves the
 // rounding error of one long float sum.
@@ -130,43 +125,24 @@ void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, 
 template <typename Acc>
 void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   const int64_t i = p.row0 + r;
-  Acc* z = p.strip + r * p.ld;
+  Acc* z = p.strip + r * p.cols;
   const bool want_grad = p.weight != nullptr;
-  if (p.row_valid && !p.row_valid[i]) {
+  if (p.valid && !p.valid[i]) {
     p.loss[i] = 0;
     if (want_grad) std::fill(z, z + p.cols, Acc(0));
     return;
   }
   for (int64_t j = 0; j < p.cols; ++j) {
     Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
-    if (p.col_valid && !p.col_valid[j]) v = neg_inf<Acc>();
+    if (p.valid && !p.valid[j]) v = neg_inf<Acc>();
     z[j] = v;
   }
   const Acc lse = logsumexp<Acc>(p.cols, [&](int64_t j) { return z[j]; });
   p.loss[i] = lse - z[i];
   if (!want_grad) return;
-  const Acc g = p.weight[i] * p.coef_scale;
+  const Acc g = p.weight[i] * p.scale;
   for (int64_t j = 0; j < p.cols; ++j) z[j] = g * fast_exp(z[j] - lse);
   z[i] -= g;
-}
-
-// (m, s) <- the log-sum-exp statistics of both (m, s) and (part_max, part_sum); sums are relative to their max.
-template <typename Acc>
-inline void merge_lse(Acc& m, Acc& s, Acc part_max, Acc part_sum) {
-  if (part_max == neg_inf<Acc>()) return;
-  if (part_max > m) {
-    s = s * std::exp(m - part_max) + part_sum;
-    m = part_max;
-  } else {
-    s += part_sum * std::exp(part_max - m);
-  }
-}
-
-template <typename Acc>
-inline Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
-  const int64_t i = t.row0 + r, j = t.col0 + c;
-  if (t.valid && (!t.valid[i] || !t.valid[j])) return neg_inf<Acc>();
-  return i == j ? t.positive[i] : t.tile[r * t.ld + c] * t.scale;
 }
 
 // Row r of the tile: merges LSE_j z_ij into row i's statistics.
@@ -196,7 +172,7 @@ void symmetric_tile_lse_columns(const SymmetricTile<Acc>& t, int64_t c0, int64_t
 
 template <typename Acc>
 void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, const Acc* lse, const Acc* weight,
-                                     Acc coef_scale, Acc* diagonal_out) {
+                                     Acc* diagonal_out) {
   const int64_t i = t.row0 + r;
   Acc* row = t.tile + r * t.ld;
   for (int64_t c = 0; c < t.cols; ++c) {
@@ -205,10 +181,10 @@ void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, con
     if (z == neg_inf<Acc>()) {
       row[c] = 0;
     } else if (i == j) {
-      diagonal_out[i] = weight[i] * (std::exp(z - lse[i]) - 1) * coef_scale;
+      diagonal_out[i] = weight[i] * (std::exp(z - lse[i]) - 1) * t.scale;
       row[c] = 0;
     } else {
-      row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * coef_scale;
+      row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * t.scale;
     }
   }
 }
@@ -251,9 +227,6 @@ void column_log_norms_block(const T* x, int64_t rows, int64_t cols, int64_t c0, 
     log_norm[c0 + c] = mx[c] == neg_inf<Acc>() ? mx[c] : Acc(0.5) * (mx[c] + std::log(sum[c]));
   }
 }
-
-template <typename Acc>
-inline Acc clamped_log_norm(Acc log_norm) { return std::max(log_norm, log_eps<Acc>()); }
 
 template <typename Acc, typename T>
 void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1,

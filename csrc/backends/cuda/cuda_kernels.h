@@ -1,4 +1,4 @@
-// CUDA kernels of the KernelBackend interface (backend.h), written once against device/device.h: nvcc
+// CUDA kernels of the KernelBackend interface (kernels/backend.h), written once against device/device.h: nvcc
 // compiles them for the GPU, the host compiler runs them under the CPU emulator in tests. Torch-free;
 // inputs are converted to the accumulation type Acc on load; every reduction is a fixed tree inside one
 // block (no float atomics), so results are identical run to run.
@@ -6,29 +6,18 @@
 #include <cstdint>
 
 #include "device/device.h"
-#include "types.h"
+#include "kernels/scalar_math.h"
+#include "kernels/types.h"
 
 namespace ckd::gpu {
 
-// One block per row for row reductions; 128 threads keep enough rows in flight on a GPU for the widths we
-// see (C from 100 to 150k) and halve the emulator's cost per barrier compared with 256.
+// One block per row for row reductions: 128 threads (4 warps) let up to 16 blocks share an SM (2048 threads), so
+// enough rows are in flight to hide memory latency at the widths we see (C from 100 to 150k), while a row of
+// 150k still gives each thread ~1.2k elements to stream; the block reduction stays a 4-entry scratch.
 constexpr int kRowThreads = 128;
 constexpr int kElementThreads = 256;
 constexpr int kColumnThreads = 128;
 constexpr int kMaxElementBlocks = 4096;
-
-__device__ __forceinline__ float dev_exp(float x) { return expf(x); }
-__device__ __forceinline__ double dev_exp(double x) { return exp(x); }
-__device__ __forceinline__ float dev_log(float x) { return logf(x); }
-__device__ __forceinline__ double dev_log(double x) { return log(x); }
-__device__ __forceinline__ float dev_sqrt(float x) { return sqrtf(x); }
-__device__ __forceinline__ double dev_sqrt(double x) { return sqrt(x); }
-
-template <typename Acc>
-__device__ __forceinline__ Acc neg_infinity() { return -static_cast<Acc>(INFINITY); }
-
-template <typename Acc>
-__device__ __forceinline__ Acc dev_max(Acc a, Acc b) { return a > b ? a : b; }
 
 template <typename Acc, typename T>
 __device__ __forceinline__ Acc load(const T* p, int64_t i) { return static_cast<Acc>(static_cast<float>(p[i])); }
@@ -86,11 +75,6 @@ __device__ __forceinline__ void zero_row(T* grad, int64_t base, int64_t cols) {
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) grad[base + j] = static_cast<T>(0.0f);
 }
 
-template <typename Acc>
-__device__ __forceinline__ Acc clamped_log_norm(Acc log_norm) {
-  return dev_max(log_norm, static_cast<Acc>(kLogNormEps));
-}
-
 struct SumOp {
   template <typename Acc>
   __device__ __forceinline__ Acc operator()(Acc a, Acc b) const { return a + b; }
@@ -116,13 +100,13 @@ __device__ __forceinline__ Acc block_reduce(Acc v, Op op, Acc* scratch) {
 // Max-shifted log-sum-exp of row[j] * scale over the row, computed by the whole block.
 template <typename Acc, typename T>
 __device__ __forceinline__ Acc block_row_logsumexp(const T* row, int64_t cols, Acc scale, Acc* scratch) {
-  Acc m = neg_infinity<Acc>();
-  for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = dev_max(m, x * scale); });
+  Acc m = neg_inf<Acc>();
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = max_acc(m, x * scale); });
   m = block_reduce(m, MaxOp{}, scratch);
-  if (m == neg_infinity<Acc>()) return m;
+  if (m == neg_inf<Acc>()) return m;
   Acc s = 0;
-  for_row<Acc>(row, cols, [&](int64_t, Acc x) { s += dev_exp(x * scale - m); });
-  return m + dev_log(block_reduce(s, SumOp{}, scratch));
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) { s += exp_acc(x * scale - m); });
+  return m + log_acc(block_reduce(s, SumOp{}, scratch));
 }
 
 template <typename Acc, typename T>
@@ -132,7 +116,7 @@ __global__ void row_inv_norms_kernel(const T* x, int64_t cols, Acc* inv_norm) {
   Acc sq = 0;
   for_row<Acc>(row, cols, [&](int64_t, Acc v) { sq += v * v; });
   sq = block_reduce(sq, SumOp{}, scratch);
-  if (threadIdx.x == 0) inv_norm[blockIdx.x] = Acc(1) / dev_max(dev_sqrt(sq), static_cast<Acc>(kNormEps));
+  if (threadIdx.x == 0) inv_norm[blockIdx.x] = Acc(1) / max_acc(sqrt_acc(sq), static_cast<Acc>(kNormEps));
 }
 
 template <typename Acc, typename TA, typename TB>
@@ -149,21 +133,21 @@ template <typename Acc, typename T>
 __global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc* lse1, Acc* lse2) {
   __shared__ Acc scratch[32];
   const T* row = x + static_cast<int64_t>(blockIdx.x) * cols;
-  Acc m = neg_infinity<Acc>();
-  for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = dev_max(m, x * inv_temp); });
+  Acc m = neg_inf<Acc>();
+  for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = max_acc(m, x * inv_temp); });
   m = block_reduce(m, MaxOp{}, scratch);
   // max(2 x / T) = 2 max(x / T): one max serves both sums.
   Acc s1 = 0, s2 = 0;
   for_row<Acc>(row, cols, [&](int64_t, Acc x) {
     const Acc d = x * inv_temp - m;
-    s1 += dev_exp(d);
-    s2 += dev_exp(2 * d);
+    s1 += exp_acc(d);
+    s2 += exp_acc(2 * d);
   });
   s1 = block_reduce(s1, SumOp{}, scratch);
   if (lse2) s2 = block_reduce(s2, SumOp{}, scratch);
   if (threadIdx.x == 0) {
-    lse1[blockIdx.x] = m + dev_log(s1);
-    if (lse2) lse2[blockIdx.x] = 2 * m + dev_log(s2);
+    lse1[blockIdx.x] = m + log_acc(s1);
+    if (lse2) lse2[blockIdx.x] = 2 * m + log_acc(s2);
   }
 }
 
@@ -185,14 +169,14 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
   for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
     const Acc log_q = tj * inv_temp - lse_t;
     const Acc log_p = sj * inv_temp - lse_s;
-    kl += dev_exp(log_q) * (log_q - log_p);  // an underflowed q contributes exactly 0 (0 log 0 = 0)
+    kl += exp_acc(log_q) * (log_q - log_p);  // an underflowed q contributes exactly 0 (0 log 0 = 0)
   });
   kl = block_reduce(kl, SumOp{}, scratch);
   if (threadIdx.x == 0) loss[i] = temperature * temperature * kl;
   if (grad) {
     const Acc g = weight[i] * temperature;
     for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t j, Acc sj, Acc tj) {
-      store(grad, base + j, g * (dev_exp(sj * inv_temp - lse_s) - dev_exp(tj * inv_temp - lse_t)));
+      store(grad, base + j, g * (exp_acc(sj * inv_temp - lse_s) - exp_acc(tj * inv_temp - lse_t)));
     });
   }
 }
@@ -223,7 +207,7 @@ __global__ void exp_block_kernel(const T* x, int64_t ldx, int64_t row0, int64_t 
       continue;
     }
     const Acc cs = col_shift ? clamped_log_norm(col_shift[col0 + c]) : Acc(0);
-    out[e] = dev_exp(load<Acc>(x, i * ldx + col0 + c) * inv_temp - row_shift[i] - cs);
+    out[e] = exp_acc(load<Acc>(x, i * ldx + col0 + c) * inv_temp - row_shift[i] - cs);
   }
 }
 
@@ -233,51 +217,32 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
   __shared__ Acc scratch[32];
   const int64_t r = blockIdx.x;
   const int64_t i = p.row0 + r;
-  Acc* z = p.strip + r * p.ld;
+  Acc* z = p.strip + r * p.cols;
   const bool want_grad = p.weight != nullptr;
-  if (p.row_valid && !p.row_valid[i]) {
+  if (p.valid && !p.valid[i]) {
     if (threadIdx.x == 0) p.loss[i] = 0;
     if (want_grad)
       for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = 0;
     return;
   }
-  Acc m = neg_infinity<Acc>();
+  Acc m = neg_inf<Acc>();
   for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
     Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
-    if (p.col_valid && !p.col_valid[j]) v = neg_infinity<Acc>();
+    if (p.valid && !p.valid[j]) v = neg_inf<Acc>();
     z[j] = v;
-    m = dev_max(m, v);
+    m = max_acc(m, v);
   }
   m = block_reduce(m, MaxOp{}, scratch);
   Acc s = 0;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) s += dev_exp(z[j] - m);
-  const Acc lse = m + dev_log(block_reduce(s, SumOp{}, scratch));
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) s += exp_acc(z[j] - m);
+  const Acc lse = m + log_acc(block_reduce(s, SumOp{}, scratch));
   // z[i] was written by some thread before the barriers inside block_reduce; the coefficients below
   // overwrite it, so every read of it must happen before the next barrier.
   if (threadIdx.x == 0) p.loss[i] = lse - z[i];
   if (!want_grad) return;
   __syncthreads();
-  const Acc g = p.weight[i] * p.coef_scale;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = g * dev_exp(z[j] - lse) - (j == i ? g : Acc(0));
-}
-
-// (m, s) <- the log-sum-exp statistics of both (m, s) and (part_max, part_sum).
-template <typename Acc>
-__device__ __forceinline__ void merge_lse(Acc& m, Acc& s, Acc part_max, Acc part_sum) {
-  if (part_max == neg_infinity<Acc>()) return;
-  if (part_max > m) {
-    s = s * dev_exp(m - part_max) + part_sum;
-    m = part_max;
-  } else {
-    s += part_sum * dev_exp(part_max - m);
-  }
-}
-
-template <typename Acc>
-__device__ __forceinline__ Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
-  const int64_t i = t.row0 + r, j = t.col0 + c;
-  if (t.valid && (!t.valid[i] || !t.valid[j])) return neg_infinity<Acc>();
-  return i == j ? t.positive[i] : t.tile[r * t.ld + c] * t.scale;
+  const Acc g = p.weight[i] * p.scale;
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = g * exp_acc(z[j] - lse) - (j == i ? g : Acc(0));
 }
 
 // One block per tile row: LSE_j z_ij merged into row i's statistics.
@@ -287,12 +252,12 @@ __global__ void symmetric_tile_lse_rows_kernel(SymmetricTile<Acc> t, Acc* row_ma
   const int64_t r = blockIdx.x;
   const int64_t i = t.row0 + r;
   if (t.valid && !t.valid[i]) return;
-  Acc m = neg_infinity<Acc>();
-  for (int64_t c = threadIdx.x; c < t.cols; c += blockDim.x) m = dev_max(m, symmetric_tile_value(t, r, c));
+  Acc m = neg_inf<Acc>();
+  for (int64_t c = threadIdx.x; c < t.cols; c += blockDim.x) m = max_acc(m, symmetric_tile_value(t, r, c));
   m = block_reduce(m, MaxOp{}, scratch);
-  if (m == neg_infinity<Acc>()) return;
+  if (m == neg_inf<Acc>()) return;
   Acc s = 0;
-  for (int64_t c = threadIdx.x; c < t.cols; c += blockDim.x) s += dev_exp(symmetric_tile_value(t, r, c) - m);
+  for (int64_t c = threadIdx.x; c < t.cols; c += blockDim.x) s += exp_acc(symmetric_tile_value(t, r, c) - m);
   s = block_reduce(s, SumOp{}, scratch);
   if (threadIdx.x == 0) merge_lse(row_max[i], row_sum[i], m, s);
 }
@@ -302,17 +267,17 @@ template <typename Acc>
 __global__ void symmetric_tile_lse_columns_kernel(SymmetricTile<Acc> t, Acc* row_max, Acc* row_sum) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= t.cols) return;
-  Acc m = neg_infinity<Acc>();
-  for (int64_t r = 0; r < t.rows; ++r) m = dev_max(m, symmetric_tile_value(t, r, c));
-  if (m == neg_infinity<Acc>()) return;
+  Acc m = neg_inf<Acc>();
+  for (int64_t r = 0; r < t.rows; ++r) m = max_acc(m, symmetric_tile_value(t, r, c));
+  if (m == neg_inf<Acc>()) return;
   Acc s = 0;
-  for (int64_t r = 0; r < t.rows; ++r) s += dev_exp(symmetric_tile_value(t, r, c) - m);
+  for (int64_t r = 0; r < t.rows; ++r) s += exp_acc(symmetric_tile_value(t, r, c) - m);
   merge_lse(row_max[t.col0 + c], row_sum[t.col0 + c], m, s);
 }
 
 template <typename Acc>
 __global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const Acc* lse, const Acc* weight,
-                                                   Acc coef_scale, Acc* diagonal_out) {
+                                                   Acc* diagonal_out) {
   const int64_t total = t.rows * t.cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -320,11 +285,11 @@ __global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const A
     const int64_t i = t.row0 + r, j = t.col0 + c;
     const Acc z = symmetric_tile_value(t, r, c);
     Acc coef = 0;
-    if (z == neg_infinity<Acc>()) {
+    if (z == neg_inf<Acc>()) {
     } else if (i == j) {
-      diagonal_out[i] = weight[i] * (dev_exp(z - lse[i]) - 1) * coef_scale;
+      diagonal_out[i] = weight[i] * (exp_acc(z - lse[i]) - 1) * t.scale;
     } else {
-      coef = (weight[i] * dev_exp(z - lse[i]) + weight[j] * dev_exp(z - lse[j])) * coef_scale;
+      coef = (weight[i] * exp_acc(z - lse[i]) + weight[j] * exp_acc(z - lse[j])) * t.scale;
     }
     t.tile[r * t.ld + c] = coef;
   }
@@ -354,7 +319,7 @@ __global__ void normalize_backward_kernel(Acc* dv, const T* x, int64_t cols, con
   }
   sq = block_reduce(sq, SumOp{}, scratch);
   dot = block_reduce(dot, SumOp{}, scratch);
-  const Acc norm = dev_sqrt(sq);
+  const Acc norm = sqrt_acc(sq);
   const bool clamped = norm < static_cast<Acc>(kNormEps);
   const Acc inv = Acc(1) / (clamped ? static_cast<Acc>(kNormEps) : norm);
   const Acc proj = clamped ? Acc(0) : dot * inv * inv;
@@ -369,21 +334,21 @@ __global__ void column_log_norms_kernel(const T* x, int64_t rows, int64_t cols, 
                                         const bool* valid, Acc* log_norm) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
-  Acc m = neg_infinity<Acc>();
+  Acc m = neg_inf<Acc>();
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
-    m = dev_max(m, 2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]));
+    m = max_acc(m, 2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]));
   }
-  if (m == neg_infinity<Acc>()) {
+  if (m == neg_inf<Acc>()) {
     log_norm[c] = m;
     return;
   }
   Acc s = 0;
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
-    s += dev_exp(2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]) - m);
+    s += exp_acc(2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]) - m);
   }
-  log_norm[c] = Acc(0.5) * (m + dev_log(s));
+  log_norm[c] = Acc(0.5) * (m + log_acc(s));
 }
 
 template <typename Acc, typename T>
@@ -395,7 +360,7 @@ __global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64
   Acc s = 0;
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
-    s += a[i * cols + c] * dev_exp(load<Acc>(x, i * cols + c) * inv_temp - lse1[i] - shift);
+    s += a[i * cols + c] * exp_acc(load<Acc>(x, i * cols + c) * inv_temp - lse1[i] - shift);
   }
   out[c] = s;
 }
@@ -415,11 +380,11 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
     return;
   }
   const Acc lse1 = lse1_[i];
-  const Acc inv_row_norm = dev_exp(lse1 - Acc(0.5) * lse2_[i]);
+  const Acc inv_row_norm = exp_acc(lse1 - Acc(0.5) * lse2_[i]);
   Acc r = 0;
   if (dp) {
     for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-      r += dp[base + j] * dev_exp(load<Acc>(x, base + j) * inv_temp - lse1);
+      r += dp[base + j] * exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
     }
     r = block_reduce(r, SumOp{}, scratch) * inv_row_norm;
   }
@@ -431,12 +396,12 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
   };
   Acc d = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc prob = dev_exp(load<Acc>(x, base + j) * inv_temp - lse1);
+    const Acc prob = exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
     d += prob * dprob(j, prob);
   }
   d = block_reduce(d, SumOp{}, scratch);
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc prob = dev_exp(load<Acc>(x, base + j) * inv_temp - lse1);
+    const Acc prob = exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
     store(grad, base + j, prob * (dprob(j, prob) - d) * inv_temp);
   }
 }

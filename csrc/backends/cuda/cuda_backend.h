@@ -1,13 +1,13 @@
-// KernelBackend over the CUDA kernels of gpu_kernels.h. Torch-free: compiled by nvcc for CUDA tensors
-// (cuda/gpu_backend.cu) and by the host compiler against the CPU emulator for ckd_ext.emulated
-// (emulated/gpu_backend_emulated.cpp), from this one source.
+// KernelBackend over the CUDA kernels of cuda_kernels.h. Torch-free: compiled by nvcc for CUDA tensors
+// (cuda_backend.cu, in ckd_ext._C) and by the host compiler against the CPU emulator
+// (../emulated/emulated_backend.cpp, in ckd_ext._emulated), from this one source.
 #pragma once
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 
-#include "backend.h"
-#include "gpu_kernels.h"
+#include "kernels/backend.h"
+#include "backends/cuda/cuda_kernels.h"
 
 namespace ckd {
 
@@ -23,7 +23,7 @@ inline void check_launch(const char* kernel) {
 }
 
 template <typename Acc>
-class GpuBackend final : public KernelBackend<Acc> {
+class CudaBackend final : public KernelBackend<Acc> {
  public:
   void set_stream(cudaStream_t stream) { stream_ = stream; }
 
@@ -116,11 +116,11 @@ class GpuBackend final : public KernelBackend<Acc> {
     }
   }
 
-  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight, Acc coef_scale,
+  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
                                    Acc* diagonal_out) override {
     if (t.rows * t.cols == 0) return;
     launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, elements_grid(t.rows * t.cols),
-                  dim3(gpu::kElementThreads), 0, stream_, t, lse, weight, coef_scale, diagonal_out);
+                  dim3(gpu::kElementThreads), 0, stream_, t, lse, weight, diagonal_out);
     check_launch("symmetric_tile_coefficients");
   }
 
@@ -188,8 +188,8 @@ class GpuBackend final : public KernelBackend<Acc> {
 
 // The backend for the calling thread, bound to `stream` (a cudaStream_t; ignored by the emulator).
 template <typename Acc>
-KernelBackend<Acc>& gpu_backend_on(void* stream) {
-  thread_local GpuBackend<Acc> backend;
+KernelBackend<Acc>& cuda_backend_on(void* stream) {
+  thread_local CudaBackend<Acc> backend;
   backend.set_stream(static_cast<cudaStream_t>(stream));
   return backend;
 }

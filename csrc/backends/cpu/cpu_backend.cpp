@@ -1,10 +1,10 @@
-// KernelBackend for CPU tensors: the torch-free row kernels of kernels/cpu_kernels.h, run in parallel
+// KernelBackend for CPU tensors: the torch-free row kernels of cpu_kernels.h, run in parallel
 // over rows (or column blocks) with at::parallel_for.
-#include "cpu_backend.h"
+#include "backends/backends.h"
 
 #include <ATen/Parallel.h>
 
-#include "kernels/cpu_kernels.h"
+#include "backends/cpu/cpu_kernels.h"
 
 namespace ckd {
 namespace {
@@ -108,7 +108,7 @@ class CpuBackend final : public KernelBackend<Acc> {
         }
         const T* xi = rows_of<T>(x, i) + col0;
         for (int64_t c = 0; c < cols; ++c) {
-          const Acc cs = col_shift ? cpu::clamped_log_norm(col_shift[col0 + c]) : Acc(0);
+          const Acc cs = col_shift ? clamped_log_norm(col_shift[col0 + c]) : Acc(0);
           o[c] = cpu::fast_exp(static_cast<Acc>(xi[c]) * inv_temp - row_shift[i] - cs);
         }
       });
@@ -129,10 +129,10 @@ class CpuBackend final : public KernelBackend<Acc> {
     }
   }
 
-  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight, Acc coef_scale,
+  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
                                    Acc* diagonal_out) override {
     parallel_rows(t.rows, t.cols, [&](int64_t r) {
-      cpu::symmetric_tile_coefficients_row(t, r, lse, weight, coef_scale, diagonal_out);
+      cpu::symmetric_tile_coefficients_row(t, r, lse, weight, diagonal_out);
     });
   }
 
