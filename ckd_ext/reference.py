@@ -1,7 +1,7 @@
 """Plain PyTorch reference implementations of the ckd_ext losses.
 
 This module is the oracle of every test (run in float64) and the "eager" benchmark provider. It
-follows ``spec/losses.md`` literally and favours readability over speed and memory: it materialises
+follows ``docs/math.md`` literally and favours readability over speed and memory: it materialises
 the N x N and C x C similarity matrices, normalises with ``F.normalize(eps=1e-12)`` and uses
 ``torch.logsumexp`` (max-shifted). Gradients come from autograd.
 

@@ -1,4 +1,4 @@
-"""Shared test inputs and comparisons for the fused ops (and, later, the emulated CUDA kernels)."""
+"""Shared test inputs and comparisons for the fused ops on every backend (CPU, emulated CUDA, CUDA)."""
 import torch
 
 # Every loss configuration the suite runs: (loss name, keyword arguments). Non-default hyperparameters
@@ -18,7 +18,7 @@ CONFIGS = {
 # Tolerances of a fused result against the float64 oracle run on the same (already rounded) inputs,
 # relative to the largest magnitude of the expected tensor:
 # - float32: every statistic accumulates in float32 over at most a few thousand terms (C <= 4099 or
-#   N <= 257), so errors stay near sqrt(terms) * 6e-8 < 1e-5, the issue's bound.
+#   N <= 257), so errors stay near sqrt(terms) * 6e-8 < 1e-5.
 # - float16 / bfloat16: computed in float32, then the loss and each gradient element are rounded once
 #   to the 16-bit type (unit roundoff 4.9e-4 / 3.9e-3); twice that covers the float32 error on top.
 # - float64: accumulates in float64; only summation order differs.
