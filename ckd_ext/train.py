@@ -14,6 +14,8 @@ Needs the ``train`` extra (scikit-learn, matplotlib, tqdm); CIFAR-100 also needs
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -23,10 +25,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+from . import _extension
 from .models import build_model
 
 DISTILL_TERMS = ("kd", "ckd", "bickd")
@@ -138,9 +142,10 @@ def _need(module: str, extra: str, p: argparse.ArgumentParser) -> None:
         p.error(f"this needs the {module} package: pip install 'ckd_ext[{extra}]'")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """Parse and check everything that can be checked before training; errors exit with status 2."""
-    p = build_parser()
+def parse_args(argv=None, parser=None) -> argparse.Namespace:
+    """Parse and check everything that can be checked before training (errors exit with status 2); fills in
+    the per-dataset defaults."""
+    p = parser or build_parser()
     a = p.parse_args(argv)
     a.methods = _parse_methods(a.methods, p)
     if a.seed is not None:
@@ -178,29 +183,51 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    try:
-        a.ops = loss_ops(a.impl)
-    except ImportError as e:
-        p.error(f"--impl {a.impl}: {e}")
-    a.parser = p
     return a
 
 
 def loss_ops(impl: str):
-    """The module providing ckd_loss / bickd_loss / kd_loss (same signatures for both impls)."""
+    """The module providing ckd_loss / bickd_loss / kd_loss (same signatures for both impls); ImportError,
+    with the reason and the build command, when the fused ops cannot run."""
     if impl == "reference":
         return importlib.import_module("ckd_ext.reference")
-    ops = importlib.import_module("ckd_ext")
-    if not ops.is_available():
-        try:
-            ops.require_extension()  # raises with the reason and the build command
-        except Exception as e:
-            reason = str(e)
-        else:
-            reason = "ckd_ext._C did not load"
+    reason = _extension.unavailable_reason()
+    if reason:
         raise ImportError(f"the fused ops need the compiled extension ckd_ext._C: {reason}; "
                           f"or use --impl reference")
-    return ops
+    return importlib.import_module("ckd_ext")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """How `fit` trains and `evaluate` tests a model (the optimisation flags, --device, --amp, --quiet)."""
+    device: str
+    lr: float
+    weight_decay: float
+    ce_weight: float
+    amp: str
+    quiet: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Terms:
+    """Weights and temperatures of the distillation terms (the --kd-*, --ckd-* and --bickd-* flags)."""
+    kd_weight: float
+    kd_temperature: float
+    ckd_weight: float
+    ckd_tau: float
+    ckd_anchor: str
+    bickd_weight: float
+    bickd_temperature: float
+    bickd_tau: float
+    bickd_w_sample: float
+    bickd_w_class: float
+    bickd_symmetric: bool
+
+
+def _config(cls, args: argparse.Namespace):
+    """A config dataclass filled from the parsed flags of the same names."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -222,17 +249,18 @@ class TensorLoader:
             yield self.x[idx], self.y[idx]
 
 
-def load_data(a):
-    """(train_loader_factory(seed), test_loader, description). Training batches drop the last partial one."""
-    if a.dataset == "digits":
+def load_data(dataset: str, device: str, batch_size: int, data_dir=None, workers: int = 0):
+    """(train_loader_factory(seed), test_loader, description). Training batches drop the last partial one.
+    ValueError where the CIFAR-100 copy in `data_dir` cannot be read."""
+    if dataset == "digits":
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
         x, y = load_digits(return_X_y=True)
         xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.25, stratify=y, random_state=0)
-        t = lambda v, dt: torch.as_tensor(v, dtype=dt, device=a.device)  # noqa: E731
+        t = lambda v, dt: torch.as_tensor(v, dtype=dt, device=device)  # noqa: E731
         xtr, xte, ytr, yte = t(xtr, torch.float32), t(xte, torch.float32), t(ytr, torch.long), t(yte, torch.long)
         test = TensorLoader(xte, yte, 512)
-        train = lambda seed: TensorLoader(xtr, ytr, a.batch_size, True, True, seed)  # noqa: E731
+        train = lambda seed: TensorLoader(xtr, ytr, batch_size, True, True, seed)  # noqa: E731
         return train, test, f"digits ({len(ytr)} train / {len(yte)} test, 8x8, 10 classes)"
 
     import torchvision.transforms as T
@@ -241,51 +269,45 @@ def load_data(a):
     norm = [T.ToTensor(), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
     augment = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm])
     try:
-        trainset = CIFAR100(a.data_dir, train=True, transform=augment, download=False)
-        testset = CIFAR100(a.data_dir, train=False, transform=T.Compose(norm), download=False)
+        trainset = CIFAR100(data_dir, train=True, transform=augment, download=False)
+        testset = CIFAR100(data_dir, train=False, transform=T.Compose(norm), download=False)
     except Exception as e:  # torchvision: "Dataset not found or corrupted", unpickling errors, ...
-        a.parser.error(f"--data-dir {a.data_dir}: the CIFAR-100 copy could not be read ({e}); expected the "
-                       f"python version unpacked as DIR/cifar-100-python/{{train,test,meta}}")
-    kw = dict(num_workers=a.workers, pin_memory=a.device == "cuda", persistent_workers=a.workers > 0)
+        raise ValueError(f"the CIFAR-100 copy could not be read ({e}); expected the python version unpacked "
+                         f"as DIR/cifar-100-python/{{train,test,meta}}") from e
+    kw = dict(num_workers=workers, pin_memory=device == "cuda", persistent_workers=workers > 0)
     test = DataLoader(testset, batch_size=256, **kw)
-    train = lambda seed: DataLoader(trainset, a.batch_size, shuffle=True, drop_last=True,  # noqa: E731
+    train = lambda seed: DataLoader(trainset, batch_size, shuffle=True, drop_last=True,  # noqa: E731
                                     generator=torch.Generator().manual_seed(seed), **kw)
     return train, test, f"cifar100 ({len(trainset)} train / {len(testset)} test)"
 
 
-# ------------------------------------------------------------------------------------------ objective
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def distillation(method: str, a):
+# -------------------------------------------------------------------------------------------- training
+def distillation(method: str, ops, terms: Terms):
     """fn(student_logits, teacher_logits) -> weighted sum of the method's distillation terms, or None."""
     if method == "ce":
         return None
-    ops, terms = a.ops, method.split("+")
     calls = {
-        "kd": lambda s, t: a.kd_weight * ops.kd_loss(s, t, temperature=a.kd_temperature),
-        "ckd": lambda s, t: a.ckd_weight * ops.ckd_loss(s, t, tau=a.ckd_tau, anchor=a.ckd_anchor),
-        "bickd": lambda s, t: a.bickd_weight * ops.bickd_loss(
-            s, t, temperature=a.bickd_temperature, tau=a.bickd_tau, w_sample=a.bickd_w_sample,
-            w_class=a.bickd_w_class, symmetric=a.bickd_symmetric),
+        "kd": lambda s, t: terms.kd_weight * ops.kd_loss(s, t, temperature=terms.kd_temperature),
+        "ckd": lambda s, t: terms.ckd_weight * ops.ckd_loss(s, t, tau=terms.ckd_tau, anchor=terms.ckd_anchor),
+        "bickd": lambda s, t: terms.bickd_weight * ops.bickd_loss(
+            s, t, temperature=terms.bickd_temperature, tau=terms.bickd_tau, w_sample=terms.bickd_w_sample,
+            w_class=terms.bickd_w_class, symmetric=terms.bickd_symmetric),
     }
-    return lambda s, t: sum(calls[name](s, t) for name in terms)
+    return lambda s, t: sum(calls[name](s, t) for name in method.split("+"))
 
 
-def evaluate(model, test, a) -> float:
+def evaluate(model, test, cfg: Fit) -> float:
     model.eval()
     correct = total = 0
-    with torch.no_grad(), torch.autocast(a.device, torch.bfloat16, enabled=a.amp == "bf16"):
+    with torch.no_grad(), torch.autocast(cfg.device, torch.bfloat16, enabled=cfg.amp == "bf16"):
         for x, y in test:
-            x, y = x.to(a.device, non_blocking=True), y.to(a.device, non_blocking=True)
+            x, y = x.to(cfg.device, non_blocking=True), y.to(cfg.device, non_blocking=True)
             correct += (model(x).argmax(1) == y).sum().item()
             total += len(y)
     return 100.0 * correct / total
 
 
-def fit(model, train, test, a, *, epochs, seed, distill=None, teacher=None, desc="", max_steps=None):
+def fit(model, train, test, cfg: Fit, *, epochs, seed, distill=None, teacher=None, desc="", max_steps=None):
     """Train `model` with SGD + cosine; returns {"test_acc": per epoch, "loss": per step, "loss_time": s, ...}.
 
     With `distill`, the objective is ce_weight * CE + distill(student_logits, teacher_logits) and the time
@@ -293,14 +315,14 @@ def fit(model, train, test, a, *, epochs, seed, distill=None, teacher=None, desc
     steps (used by `loss_trajectory`).
     """
     from tqdm.auto import tqdm
-    device = torch.device(a.device)
+    device = torch.device(cfg.device)
     torch.manual_seed(seed)
     loader = train(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9, weight_decay=a.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=a.amp == "bf16")
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
     hist = dict(test_acc=[], loss=[], loss_time=0.0, steps=0)
-    bars = not a.quiet and sys.stderr.isatty()
+    bars = not cfg.quiet and sys.stderr.isatty()
     for epoch in range(epochs):
         model.train()
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not bars)
@@ -308,14 +330,14 @@ def fit(model, train, test, a, *, epochs, seed, distill=None, teacher=None, desc
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(**amp):
                 logits = model(x)
-                loss = a.ce_weight * F.cross_entropy(logits, y)
+                loss = cfg.ce_weight * F.cross_entropy(logits, y)
                 if distill is not None:
                     with torch.no_grad():
                         t_logits = teacher(x)
-                    _sync(device)
+                    _extension.synchronize(device)
                     start = time.perf_counter()
                     d = distill(logits, t_logits)
-                    _sync(device)
+                    _extension.synchronize(device)
                     hist["loss_time"] += time.perf_counter() - start
                     loss = loss + d
             opt.zero_grad(set_to_none=True)
@@ -328,42 +350,32 @@ def fit(model, train, test, a, *, epochs, seed, distill=None, teacher=None, desc
             if max_steps is not None and hist["steps"] >= max_steps:
                 return hist
         sched.step()
-        hist["test_acc"].append(evaluate(model, test, a))
+        hist["test_acc"].append(evaluate(model, test, cfg))
     return hist
 
 
-def get_teacher(a, train, test):
-    """Load (--teacher) or train the teacher; returns (model in eval mode, record for the results)."""
-    arch = a.teacher_model
-    torch.manual_seed(a.teacher_seed)
-    teacher = build_model(arch, a.num_classes).to(a.device)
-    if a.teacher is not None:
-        try:
-            state = torch.load(a.teacher, map_location=a.device)
-        except Exception as e:
-            a.parser.error(f"--teacher {a.teacher}: cannot be read ({e})")
-        if not isinstance(state, dict) or state.get("arch") != arch:
-            a.parser.error(f"--teacher {a.teacher}: not a saved {arch!r} teacher (--save-teacher writes one)")
-        teacher.load_state_dict(state["state_dict"])
-        record = dict(source=a.teacher, history=[])
-    else:
-        hist = fit(teacher, train, test, a, epochs=a.teacher_epochs, seed=a.teacher_seed, desc="teacher")
-        record = dict(source="trained", history=hist["test_acc"])
-        if a.save_teacher:
-            Path(a.save_teacher).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(arch=arch, state_dict=teacher.state_dict()), a.save_teacher)
-    teacher.eval()
-    for param in teacher.parameters():
-        param.requires_grad_(False)
-    record["test_acc"] = evaluate(teacher, test, a)
-    return teacher, record
-
-
-def student_run(method, seed, teacher, train, test, a, max_steps=None):
+def new_model(arch: str, num_classes: int, seed: int, device: str):
+    """`arch` built after torch.manual_seed(seed), on `device`."""
     torch.manual_seed(seed)
-    student = build_model(a.student_model, a.num_classes).to(a.device)
-    return fit(student, train, test, a, epochs=a.epochs, seed=seed, distill=distillation(method, a),
-               teacher=teacher, desc=f"{method} seed {seed}", max_steps=max_steps)
+    return build_model(arch, num_classes).to(device)
+
+
+def load_teacher(path: str, arch: str, num_classes: int, device: str):
+    """A teacher saved by `save_teacher`; ValueError where `path` cannot be read or holds no `arch` teacher."""
+    teacher = build_model(arch, num_classes).to(device)
+    try:
+        state = torch.load(path, map_location=device)
+    except Exception as e:
+        raise ValueError(f"cannot be read ({e})") from e
+    if not isinstance(state, dict) or state.get("arch") != arch:
+        raise ValueError(f"not a saved {arch!r} teacher (--save-teacher writes one)")
+    teacher.load_state_dict(state["state_dict"])
+    return teacher
+
+
+def save_teacher(teacher, arch: str, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(arch=arch, state_dict=teacher.state_dict()), path)
 
 
 class _Threads:
@@ -380,18 +392,72 @@ class _Threads:
         torch.set_num_threads(self.saved)
 
 
+# --------------------------------------------------------------------------------------------- session
+@dataclasses.dataclass
+class Session:
+    """A checked command line ready to run: its loss ops, data and (frozen) teacher. Made by `session`."""
+    args: argparse.Namespace
+    ops: object
+    fit: Fit
+    terms: Terms
+    train: Callable
+    test: Iterable
+    data_desc: str
+    teacher: torch.nn.Module
+    teacher_record: dict
+
+    def student(self, method: str, seed: int, max_steps=None) -> dict:
+        """Train a fresh student with `method`; `fit`'s history."""
+        a = self.args
+        return fit(new_model(a.student_model, a.num_classes, seed, a.device), self.train, self.test, self.fit,
+                   epochs=a.epochs, seed=seed, distill=distillation(method, self.ops, self.terms),
+                   teacher=self.teacher, desc=f"{method} seed {seed}", max_steps=max_steps)
+
+
+@contextlib.contextmanager
+def session(argv=None):
+    """Parse `argv`, load the loss ops and the data, load or train the teacher, and yield the `Session`, with
+    torch's thread count set for the run. What the loss ops, data and teacher code reject (--impl, --data-dir,
+    --teacher) is reported as a usage error (exit 2), like a bad flag."""
+    parser = build_parser()
+    a = parse_args(argv, parser)
+    try:
+        ops = loss_ops(a.impl)
+    except ImportError as e:
+        parser.error(f"--impl {a.impl}: {e}")
+    cfg = _config(Fit, a)
+    with _Threads(a.threads):
+        try:
+            train, test, data_desc = load_data(a.dataset, a.device, a.batch_size, a.data_dir, a.workers)
+        except ValueError as e:
+            parser.error(f"--data-dir {a.data_dir}: {e}")
+        if a.teacher is not None:
+            try:
+                teacher = load_teacher(a.teacher, a.teacher_model, a.num_classes, a.device)
+            except ValueError as e:
+                parser.error(f"--teacher {a.teacher}: {e}")
+            record = dict(source=a.teacher, history=[])
+        else:
+            teacher = new_model(a.teacher_model, a.num_classes, a.teacher_seed, a.device)
+            hist = fit(teacher, train, test, cfg, epochs=a.teacher_epochs, seed=a.teacher_seed, desc="teacher")
+            record = dict(source="trained", history=hist["test_acc"])
+            if a.save_teacher:
+                save_teacher(teacher, a.teacher_model, a.save_teacher)
+        teacher.eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+        record["test_acc"] = evaluate(teacher, test, cfg)
+        yield Session(a, ops, cfg, _config(Terms, a), train, test, data_desc, teacher, record)
+
+
 def loss_trajectory(argv=(), steps=20) -> dict[str, list[float]]:
     """Per-step total training loss for each of --methods over the first `steps` steps of the first seed.
 
     Uses the same path as `main` (teacher trained per --teacher-epochs). For tests comparing --impl fused
     with --impl reference: with the same seeds both give the same trajectory up to rounding.
     """
-    a = parse_args(list(argv))
-    with _Threads(a.threads):
-        train, test, _ = load_data(a)
-        teacher, _ = get_teacher(a, train, test)
-        return {m: student_run(m, a.seeds[0], teacher, train, test, a, max_steps=steps)["loss"]
-                for m in a.methods}
+    with session(list(argv)) as s:
+        return {m: s.student(m, s.args.seeds[0], max_steps=steps)["loss"] for m in s.args.methods}
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -441,21 +507,19 @@ def plot(results, path):
 
 
 def main(argv=None) -> dict:
-    a = parse_args(argv)
-    with _Threads(a.threads):
-        return _run(a)
-
-
-def _run(a) -> dict:
     started = time.perf_counter()
+    with session(argv) as s:
+        return _run(s, started)
+
+
+def _run(s: Session, started: float) -> dict:
+    a = s.args
     say = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
-    train, test, data_desc = load_data(a)
-    teacher, teacher_rec = get_teacher(a, train, test)
-    say(f"teacher {a.teacher_model}: test acc {teacher_rec['test_acc']:.2f}%")
+    say(f"teacher {a.teacher_model}: test acc {s.teacher_record['test_acc']:.2f}%")
     runs = []
     for method in a.methods:
         for seed in a.seeds:
-            h = student_run(method, seed, teacher, train, test, a)
+            h = s.student(method, seed)
             runs.append(dict(method=method, seed=seed, final_test_acc=h["test_acc"][-1], test_acc=h["test_acc"],
                              loss_ms_per_step=1e3 * h["loss_time"] / max(h["steps"], 1), steps=h["steps"]))
             say(f"{method} seed {seed}: test acc {h['test_acc'][-1]:.2f}%")
@@ -465,16 +529,15 @@ def _run(a) -> dict:
         mean, std = _mean_std([r["final_test_acc"] for r in rs])
         summary[m] = dict(test_acc_mean=mean, test_acc_std=std,
                           loss_ms_per_step=statistics.fmean(r["loss_ms_per_step"] for r in rs))
-    config = {k: v for k, v in vars(a).items() if k not in ("ops", "parser")}
-    config.update(data=data_desc, torch=torch.__version__)
-    results = dict(config=config, teacher=teacher_rec, summary=summary, runs=runs,
+    config = dict(vars(a), data=s.data_desc, torch=torch.__version__)
+    results = dict(config=config, teacher=s.teacher_record, summary=summary, runs=runs,
                    wall_seconds=time.perf_counter() - started)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "accuracy.png")
     threads = f" ({torch.get_num_threads()} threads)" if a.device == "cpu" else ""
-    print(f"{data_desc}; {config['teacher_model']} -> {config['student_model']}; --impl {a.impl}; "
+    print(f"{s.data_desc}; {a.teacher_model} -> {a.student_model}; --impl {a.impl}; "
           f"device {a.device}{threads}; amp {a.amp}; {len(a.seeds)} seed(s), {a.epochs} epochs")
     print(format_table(results))
     print(f"(test accuracy after the last epoch, mean +- std over seeds; loss ms/step = time inside the "

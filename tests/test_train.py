@@ -3,7 +3,6 @@
 Needs the `train` extra (scikit-learn, matplotlib, tqdm). Everything runs on the bundled digits data with
 1 epoch and the tiny models, a few seconds in all on 2 CPU cores.
 """
-import importlib
 import json
 import subprocess
 import sys
@@ -15,24 +14,14 @@ pytest.importorskip("sklearn", reason="the demo needs the train extra: pip insta
 pytest.importorskip("matplotlib", reason="the demo needs the train extra: pip install 'ckd_ext[train]'")
 pytest.importorskip("tqdm", reason="the demo needs the train extra: pip install 'ckd_ext[train]'")
 
-from ckd_ext import models, train  # noqa: E402
+import ckd_ext  # noqa: E402
+from ckd_ext import _extension, models, train  # noqa: E402
 
 ALL_METHODS = ["ce", "kd", "ckd", "bickd", "kd+bickd"]
 TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--quiet"]
 
-
-def _fused_import_error():
-    try:
-        importlib.import_module("ckd_ext._C")
-    except ImportError as e:
-        return str(e)
-    return None
-
-
-_FUSED_ERR = _fused_import_error()
-needs_fused = pytest.mark.skipif(
-    _FUSED_ERR is not None,
-    reason=f"ckd_ext._C (the compiled extension) cannot be imported, so --impl fused cannot run: {_FUSED_ERR}")
+needs_fused = pytest.mark.skipif(not ckd_ext.is_available(),
+                                 reason=f"--impl fused cannot run: {_extension.unavailable_reason()}")
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("fused", marks=needs_fused)])
@@ -131,6 +120,25 @@ def test_wrong_teacher_file_is_rejected_before_training(tmp_path, monkeypatch, c
                     "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "not a saved 'digits_teacher' teacher" in capsys.readouterr().err
+
+
+def test_teacher_and_data_code_raise_value_errors(tmp_path):
+    """Below `main` the errors are exceptions; only `main` turns them into usage errors."""
+    with pytest.raises(ValueError, match="not a saved 'digits_teacher' teacher"):
+        train.load_teacher(str(_garbage(tmp_path)), "digits_teacher", 10, "cpu")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot be read"):
+        train.load_teacher(str(tmp_path / "empty.pt"), "digits_teacher", 10, "cpu")
+
+
+@pytest.mark.skipif(ckd_ext.is_available(), reason="the fused ops can run here")
+def test_fused_without_the_extension_is_a_usage_error(monkeypatch, capsys):
+    monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("data loaded without the fused ops"))
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--impl", "fused", "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert _extension.unavailable_reason() in err and "or use --impl reference" in err
 
 
 def test_malformed_cifar_copy_gets_a_clear_error(tmp_path, capsys):
