@@ -89,24 +89,37 @@ def _check_mask(fn: str, mask, student: Tensor) -> None:
         )
 
 
+# Hyperparameters enter the kernels in float32 as their reciprocal (1 / tau, 1 / T) and KD scales by T^2: a value
+# whose reciprocal or square is not finite in float32 would return inf or NaN, so it is rejected. The checks are
+# comparisons only (no math.isfinite, no float()): they hold for Python ints too large for a float, reject NaN
+# (every comparison with it is False), and trace under torch.compile(dynamic=True), where a float attribute
+# arrives as a symbolic float.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+POSITIVE_MIN = 1.0 / FLOAT32_MAX      # smallest value whose reciprocal is finite in float32
+POSITIVE_MAX = math.sqrt(FLOAT32_MAX)  # largest value whose square is finite in float32
+
+
 def _check_number(fn: str, name: str, value) -> None:
     # bool is a numbers.Real in Python; a True/False temperature is a bug in the caller.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{fn}: {name} must be a Python number (int or float), "
                         f"got {type(value).__name__}")
 
 
 def _check_positive(fn: str, name: str, value) -> None:
     _check_number(fn, name, value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r}")
+    if not (POSITIVE_MIN <= value <= POSITIVE_MAX):
+        raise ValueError(f"{fn}: {name} must be a finite number > 0, got {value!r} (accepted: "
+                         f"[{POSITIVE_MIN:.3g}, {POSITIVE_MAX:.3g}], where its reciprocal and square are finite in "
+                         f"float32)")
 
 
 def _check_weights(fn: str, w_sample, w_class) -> None:
     for name, value in (("w_sample", w_sample), ("w_class", w_class)):
         _check_number(fn, name, value)
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r}")
+        if not (0 <= value <= FLOAT32_MAX):
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {value!r} (accepted: "
+                             f"[0, {FLOAT32_MAX:.3g}], finite in float32)")
     if w_sample == 0 and w_class == 0:
         raise ValueError(
             f"{fn}: w_sample and w_class must not both be 0 (the loss would be identically 0)"

@@ -49,8 +49,11 @@ bool parse_student_anchor(std::string_view a) {
   return a == "student";
 }
 
+// The same ranges as ckd_ext/_validation.py: reciprocal and square finite in float32.
 void check_positive(const char* name, double v) {
-  TORCH_CHECK(std::isfinite(v) && v > 0, "ckd_ext: ", name, " must be a finite number > 0, got ", v);
+  const double max = std::numeric_limits<float>::max();
+  TORCH_CHECK(v >= 1.0 / max && v <= std::sqrt(max), "ckd_ext: ", name,
+              " must be a number whose reciprocal and square are finite in float32, got ", v);
 }
 
 DType storage_dtype(const at::Tensor& t) {
@@ -651,9 +654,10 @@ namespace {
 BicKDConfig check_bickd(double temperature, double tau, double w_sample, double w_class, bool symmetric) {
   check_positive("temperature", temperature);
   check_positive("tau", tau);
-  TORCH_CHECK(std::isfinite(w_sample) && w_sample >= 0 && std::isfinite(w_class) && w_class >= 0 &&
-                  (w_sample > 0 || w_class > 0),
-              "ckd_ext: w_sample and w_class must be finite, >= 0 and not both 0, got ", w_sample, " and ", w_class);
+  const double max = std::numeric_limits<float>::max();
+  TORCH_CHECK(w_sample >= 0 && w_sample <= max && w_class >= 0 && w_class <= max && (w_sample > 0 || w_class > 0),
+              "ckd_ext: w_sample and w_class must be finite in float32, >= 0 and not both 0, got ", w_sample, " and ",
+              w_class);
   return {temperature, tau, w_sample, w_class, symmetric};
 }
 }  // namespace
