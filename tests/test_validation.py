@@ -47,6 +47,11 @@ INVALID = [
     (dict(mask=torch.ones(4)), TypeError, "mask must have dtype torch.bool"),
     (dict(mask=torch.ones(4, 3, dtype=torch.bool)), ValueError, "mask must have the shape"),
     (dict(mask=torch.ones(3, dtype=torch.bool)), ValueError, "mask must have the shape"),
+    # The right number of elements (6) in the wrong shape for a (2, 3, C) student: not reshaped, rejected.
+    (dict(student=torch.randn(2, 3, 5), teacher=torch.randn(2, 3, 5), mask=torch.ones(3, 2, dtype=torch.bool)),
+     ValueError, r"mask must have the shape of student without its last dimension \(2, 3\), got \(3, 2\)"),
+    (dict(student=torch.randn(2, 3, 5), teacher=torch.randn(2, 3, 5), mask=torch.ones(6, dtype=torch.bool)),
+     ValueError, r"mask must have the shape of student without its last dimension \(2, 3\), got \(6,\)"),
     (dict(mask=torch.ones(4, dtype=torch.bool, device="meta")), ValueError, "mask must be on the same device"),
     (dict(reduction="avg"), ValueError, "reduction must be one of"),
     (dict(reduction=None), ValueError, "reduction must be one of"),
