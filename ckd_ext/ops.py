@@ -5,16 +5,31 @@ serve.
 Each forward op can return the student gradient along with the loss (for "mean" and "sum", when the
 student requires grad): the loss is nearly always the last node of the graph, so computing the gradient
 while the similarity strips are in cache saves recomputing them, and backward only scales it. For
-"none" the upstream weights are only known in backward, which then recomputes.
+"none" the upstream weights are only known in backward, which then recomputes; so does float16 (below).
+
+The ops return the loss in float32 (float64 for float64 students), as they accumulate it; it is rounded to the
+student's dtype here, except under torch.autocast, where the losses behave like torch's own losses on autocast's
+float32 list (cross_entropy, kl_div): the loss stays float32, the 16-bit inputs are read as they are (no copy).
 """
 import torch
 
 from . import _validation
 from ._extension import is_available, require_extension
 
+DOUBLE_BACKWARD = ("double backward through ckd_ext losses is not supported; use ckd_ext.reference (plain "
+                   "PyTorch) for higher-order gradients")
+
 
 def _grad_needed(student: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and student.requires_grad
+    """Whether the forward computes the gradient. Not for float16: a gradient rounded to float16 for an upstream
+    gradient of 1 has already lost its small entries (below 2^-24) when backward multiplies it by GradScaler's
+    2^16; recomputed in backward, it is rounded once, after the upstream scale (bfloat16 has float32's range, and
+    keeps the precomputed gradient: rounding it once more after the scale costs at most one more bfloat16 ulp)."""
+    return torch.is_grad_enabled() and student.requires_grad and student.dtype != torch.float16
+
+
+def _output(loss: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    return loss if torch.is_autocast_enabled(student.device.type) else loss.to(student.dtype)
 
 
 def _ops():
@@ -27,6 +42,7 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none"."""
     p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
     loss, _ = _ops().ckd_forward(p.student, p.teacher, p.mask, float(tau), anchor, reduction, _grad_needed(p.student))
+    loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
 
@@ -34,6 +50,7 @@ def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean"):
     """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md)."""
     p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
     loss, _ = _ops().kd_forward(p.student, p.teacher, p.mask, float(temperature), reduction, _grad_needed(p.student))
+    loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
 
@@ -47,15 +64,20 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
         p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
         bool(symmetric), reduction, _grad_needed(p.student),
     )
+    loss = _output(loss, student)
     if reduction == "none":
-        return loss.reshape(p.lead_shape), class_terms
+        return loss.reshape(p.lead_shape), _output(class_terms, student)
     return loss
 
 
 # --- torch.library registrations -------------------------------------------------------------------
 
+def _loss_dtype(student):
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
 def _forward_fake(student, reduction, compute_grad):
-    loss = student.new_empty((student.shape[0],) if reduction == "none" else ())
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(student))
     grad = torch.empty_like(student) if compute_grad and reduction != "none" else student.new_empty((0,))
     return loss, grad
 
@@ -71,7 +93,7 @@ def _kd_forward_fake(student, teacher, mask, temperature, reduction, compute_gra
 def _bickd_forward_fake(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction,
                         compute_grad):
     loss, grad = _forward_fake(student, reduction, compute_grad)
-    class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,))
+    class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,), dtype=_loss_dtype(student))
     return loss, class_terms, grad
 
 
@@ -92,6 +114,24 @@ def _save_for_backward(ctx, inputs, grad, reduction, compute_grad):
     student, teacher, mask = inputs[:3]
     ctx.precomputed = bool(compute_grad) and reduction != "none"
     ctx.save_for_backward(*((grad,) if ctx.precomputed else (student, teacher, mask)))
+
+
+def _once_differentiable(backward):
+    """The ops' backward is not itself differentiable (it is a fused kernel), so a second derivative would be
+    silently 0: under create_graph=True the gradients it returns are marked so that differentiating them raises
+    DOUBLE_BACKWARD (what torch.autograd.function.once_differentiable does for autograd.Functions). First-order
+    gradients with create_graph=True still work."""
+
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return outputs
+        grad = outputs[0].detach().requires_grad_()
+        marked = torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), 1)(grad)
+        return (marked,) + tuple(outputs[1:])
+
+    return wrapper
 
 
 def _register():
@@ -147,9 +187,12 @@ def _register():
     torch.library.register_fake(lib + "ckd_backward")(_ckd_backward_fake)
     torch.library.register_fake(lib + "kd_backward")(_kd_backward_fake)
     torch.library.register_fake(lib + "bickd_backward")(_bickd_backward_fake)
-    torch.library.register_autograd(lib + "ckd_forward", ckd_backward, setup_context=ckd_setup)
-    torch.library.register_autograd(lib + "kd_forward", kd_backward, setup_context=kd_setup)
-    torch.library.register_autograd(lib + "bickd_forward", bickd_backward, setup_context=bickd_setup)
+    torch.library.register_autograd(lib + "ckd_forward", _once_differentiable(ckd_backward),
+                                    setup_context=ckd_setup)
+    torch.library.register_autograd(lib + "kd_forward", _once_differentiable(kd_backward),
+                                    setup_context=kd_setup)
+    torch.library.register_autograd(lib + "bickd_forward", _once_differentiable(bickd_backward),
+                                    setup_context=bickd_setup)
 
 
 if is_available():

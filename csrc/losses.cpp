@@ -155,14 +155,17 @@ class WorkBuffer {
   at::Tensor storage_;
 };
 
-// Rows [row0, row0 + rows) of x as an Acc matrix, scaled per row when row_scale is given: a view of x when
-// nothing needs converting, else a chunk-sized copy in `buffer`.
+// Rows [row0, row0 + rows) of x as a GEMM operand in Acc, scaled per row when row_scale is given, masked rows
+// exactly 0 (they take no part in any product, NaN or Inf included): a view of x when nothing needs converting or
+// masking, else a chunk-sized copy in `buffer`.
 template <typename Acc>
-at::Tensor operand_rows(KernelBackend<Acc>& k, WorkBuffer<Acc>& buffer, const at::Tensor& x, int64_t row0,
-                        int64_t rows, const Acc* row_scale) {
-  if (row_scale == nullptr && x.scalar_type() == acc_type<Acc>()) return x.narrow(0, row0, rows);
+at::Tensor operand_rows(KernelBackend<Acc>& k, WorkBuffer<Acc>& buffer, const Inputs& in, const at::Tensor& x,
+                        int64_t row0, int64_t rows, const Acc* row_scale) {
+  if (row_scale == nullptr && in.valid() == nullptr && x.scalar_type() == acc_type<Acc>()) {
+    return x.narrow(0, row0, rows);
+  }
   at::Tensor out = buffer.view(rows, x.size(1));
-  k.load_rows(as_matrix(x), row0, rows, row_scale, out.data_ptr<Acc>());
+  k.load_rows(as_matrix(x), row0, rows, row_scale, in.valid(), out.data_ptr<Acc>());
   return out;
 }
 
@@ -230,8 +233,9 @@ void ckd_teacher_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
 
   const int64_t budget = workspace_bytes();
   const int64_t strip_rows = std::min(rows_within<Acc>(budget / 2, N, N), rows_within<Acc>(budget / 4, C, N));
-  const int64_t block_rows =
-      in.student.scalar_type() == acc_type<Acc>() ? N : rows_within<Acc>(budget / 4, C, N);
+  // Candidates are views of the student when it needs neither converting nor masking, else budget-sized copies.
+  const bool candidates_are_views = in.student.scalar_type() == acc_type<Acc>() && in.valid() == nullptr;
+  const int64_t block_rows = candidates_are_views ? N : rows_within<Acc>(budget / 4, C, N);
   at::Tensor strip = at::empty({strip_rows, N}, acc_options);
   WorkBuffer<Acc> anchor_buffer(acc_options), candidate_buffer(acc_options);
   // dL/dv for the student rows v = s / |s|, before the normalisation backward.
@@ -240,12 +244,12 @@ void ckd_teacher_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
 
   for (int64_t r0 = 0; r0 < N; r0 += strip_rows) {
     const int64_t rows = std::min(strip_rows, N - r0);
-    const at::Tensor anchors = operand_rows(k, anchor_buffer, in.teacher, r0, rows, inv_t.data_ptr<Acc>());
+    const at::Tensor anchors = operand_rows(k, anchor_buffer, in, in.teacher, r0, rows, inv_t.data_ptr<Acc>());
     at::Tensor z = strip.narrow(0, 0, rows);
     for (int64_t j0 = 0; j0 < N; j0 += block_rows) {
       const int64_t kb = std::min(block_rows, N - j0);
       at::Tensor out = z.narrow(1, j0, kb);
-      at::mm_out(out, anchors, operand_rows<Acc>(k, candidate_buffer, in.student, j0, kb, nullptr).t());
+      at::mm_out(out, anchors, operand_rows<Acc>(k, candidate_buffer, in, in.student, j0, kb, nullptr).t());
     }
     EpilogueParams<Acc> p =
         strip_epilogue<Acc>(z, r0, rows, inv_tau, in.valid(), row_loss, want_grad ? weight : at::Tensor());
@@ -291,10 +295,11 @@ void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
     for (int64_t i0 = 0; i0 < N; i0 += tile_rows) {
       const int64_t ri = std::min(tile_rows, N - i0);
       const at::Tensor vi = tile_ready ? row_buffer.view(ri, C)
-                                       : operand_rows(k, row_buffer, in.student, i0, ri, inv_s.data_ptr<Acc>());
+                                       : operand_rows(k, row_buffer, in, in.student, i0, ri, inv_s.data_ptr<Acc>());
       for (int64_t j0 = i0; j0 < N; j0 += tile_rows) {
         const int64_t rj = std::min(tile_rows, N - j0);
-        const at::Tensor vj = j0 == i0 ? vi : operand_rows(k, col_buffer, in.student, j0, rj, inv_s.data_ptr<Acc>());
+        const at::Tensor vj =
+            j0 == i0 ? vi : operand_rows(k, col_buffer, in, in.student, j0, rj, inv_s.data_ptr<Acc>());
         at::Tensor z = tile.narrow(0, 0, ri).narrow(1, 0, rj);
         if (!tile_ready) at::mm_out(z, vi, vj.t());
         const SymmetricTile<Acc> t{z.data_ptr<Acc>(), tile_rows, i0, ri, j0, rj, inv_tau,
@@ -581,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const 
     } else if (want_grad) {
       grad.zero_();
     }
-    return {reduce_terms(row_loss, red, count).to(in.student.scalar_type()), grad};
+    return {reduce_terms(row_loss, red, count), grad};
   });
 }
 
@@ -626,7 +631,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
         .kd_rows(as_matrix(in.student), as_matrix(in.teacher), static_cast<Acc>(temperature), in.valid(),
                  row_loss.data_ptr<Acc>(), want_grad ? weight.const_data_ptr<Acc>() : nullptr,
                  want_grad ? grad.data_ptr() : nullptr);
-    return {reduce_terms(row_loss, red, count).to(in.student.scalar_type()), grad};
+    return {reduce_terms(row_loss, red, count), grad};
   });
 }
 
@@ -675,7 +680,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& s
   return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     using Acc = decltype(tag);
     const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const auto out_dtype = in.student.scalar_type();
     const int64_t count = count_valid(in);
     at::Tensor sample_terms = at::zeros({in.rows}, acc_options), class_terms = at::zeros({in.cols}, acc_options);
     at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
@@ -688,11 +692,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& s
     bickd_core<Acc>(in, count, cfg, sample_weight, class_weight, sample_terms, class_terms,
                     want_grad ? grad : at::Tensor());
     if (red == Reduction::None) {
-      return {(sample_terms * cfg.w_sample).to(out_dtype), (class_terms * cfg.w_class).to(out_dtype), grad};
+      return {sample_terms * cfg.w_sample, class_terms * cfg.w_class, grad};
     }
     const at::Tensor loss =
         reduce_terms(sample_terms, red, count) * cfg.w_sample + reduce_terms(class_terms, red, in.cols) * cfg.w_class;
-    return {loss.to(out_dtype), at::empty({0}, in.student.options()), grad};
+    return {loss, at::empty({0}, acc_options), grad};
   });
 }
 

@@ -14,7 +14,8 @@ namespace ckd {
 int64_t workspace_bytes();
 void set_workspace_bytes(int64_t bytes);
 
-// Forward ops return the loss in the student's dtype (0-dim for "mean"/"sum", per row for "none") and,
+// Forward ops return the loss in the accumulation dtype, float32 (float64 for float64 students), 0-dim for
+// "mean"/"sum", per row for "none"; the Python layer rounds it to the student's dtype outside autocast. And,
 // when compute_grad is set and the reduction is not "none", the student gradient for an upstream
 // gradient of 1 (else an empty tensor).
 std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const at::Tensor& teacher,

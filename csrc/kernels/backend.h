@@ -21,8 +21,10 @@ class KernelBackend {
   // given, grad_i = weight[i] * T * (P_i - Q_i) in the student's dtype.
   virtual void kd_rows(ConstMatrix student, ConstMatrix teacher, Acc temperature, const bool* valid,
                        Acc* loss, const Acc* weight, void* grad) = 0;
-  // out[r][c] = x[row0 + r][c] * row_scale[row0 + r], converted to Acc (row_scale may be null).
-  virtual void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, Acc* out) = 0;
+  // out[r][c] = x[row0 + r][c] * row_scale[row0 + r], converted to Acc (row_scale may be null); exactly 0 in rows
+  // with !valid[row0 + r], whatever they hold (a masked row's NaN must not reach a GEMM, where 0 * NaN = NaN).
+  virtual void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, const bool* valid,
+                         Acc* out) = 0;
   // out[r][c] = valid(row0 + r) ? exp(x[row0+r][col0+c] * inv_temp - row_shift[row0+r] - col_shift[col0+c]) : 0
   // for the block rows x cols, stored row-major with leading dimension `cols` (col_shift may be null).
   virtual void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,

@@ -184,10 +184,11 @@ void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
                                               : 0.0f;
   expect_close(block, block_ref, "exp_block");
 
-  std::vector<float> loaded(2 * kCols), loaded_ref(2 * kCols);
-  gpu.load_rows(matrix(in.t, kRows, kCols), 3, 2, shift.data(), loaded.data());
-  for (int r = 0; r < 2; ++r)
-    for (int c = 0; c < kCols; ++c) loaded_ref[r * kCols + c] = in.t[(3 + r) * kCols + c] * shift[3 + r];
+  std::vector<float> loaded(4 * kCols, 1.0f), loaded_ref(4 * kCols);
+  gpu.load_rows(matrix(in.t, kRows, kCols), 1, 4, shift.data(), in.valid, loaded.data());
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < kCols; ++c)
+      loaded_ref[r * kCols + c] = in.valid[1 + r] ? in.t[(1 + r) * kCols + c] * shift[1 + r] : 0.0f;
   expect_close(loaded, loaded_ref, "load_rows");
 
 }

@@ -83,13 +83,18 @@ class CpuBackend final : public KernelBackend<Acc> {
     });
   }
 
-  void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, Acc* out) override {
+  void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, const bool* valid,
+                 Acc* out) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       parallel_rows(rows, x.cols, [&](int64_t r) {
         const T* xi = rows_of<T>(x, row0 + r);
-        const Acc f = row_scale ? row_scale[row0 + r] : Acc(1);
         Acc* o = out + r * x.cols;
+        if (valid && !valid[row0 + r]) {
+          std::fill(o, o + x.cols, Acc(0));
+          return;
+        }
+        const Acc f = row_scale ? row_scale[row0 + r] : Acc(1);
         for (int64_t j = 0; j < x.cols; ++j) o[j] = static_cast<Acc>(xi[j]) * f;
       });
     });

@@ -75,12 +75,13 @@ class CudaBackend final : public KernelBackend<Acc> {
     check_launch("kd_rows");
   }
 
-  void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, Acc* out) override {
+  void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, const bool* valid,
+                 Acc* out) override {
     if (rows * x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::load_rows_kernel<Acc, T>, elements_grid(rows * x.cols), dim3(gpu::kElementThreads), 0,
-                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, out);
+                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, valid, out);
     });
     check_launch("load_rows");
   }

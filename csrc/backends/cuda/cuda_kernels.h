@@ -183,11 +183,15 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
 
 template <typename Acc, typename T>
 __global__ void load_rows_kernel(const T* x, int64_t cols, int64_t row0, int64_t rows, const Acc* row_scale,
-                                 Acc* out) {
+                                 const bool* valid, Acc* out) {
   const int64_t total = rows * cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / cols;
+    if (valid && !valid[row0 + r]) {  // exactly 0, whatever a masked row holds
+      out[e] = 0;
+      continue;
+    }
     const Acc f = row_scale ? row_scale[row0 + r] : Acc(1);
     out[e] = load<Acc>(x, (row0 + r) * cols + (e - r * cols)) * f;
   }
