@@ -356,3 +356,160 @@ def test_extreme_logits_stay_finite(name):
         teacher[3] = 0.0
     loss, grad = student_grad(fn, kwargs, student, teacher)
     assert torch.isfinite(loss) and torch.all(torch.isfinite(grad))
+
+
+# --------------------------------------------------------------------------------------------------
+# The norm clamp of CKD, x / max(|x|, eps) with eps = 1e-12, against hand-written float64 formulas
+# --------------------------------------------------------------------------------------------------
+
+EPS = 1e-12
+
+
+def ckd_by_hand(student, teacher, tau, anchor, weights):
+    """CKD terms and d(sum_i w_i ckd_i)/ds, from docs/math.md sections 1 and 4 in plain Python floats.
+
+    v_i = s_i / max(|s_i|, eps) (likewise u_i); the backward through the normalisation is the projection
+    (dv - <dv, v> v) / |s| where |s| > eps and dv / eps where the clamp is active."""
+    s, t = student.tolist(), teacher.tolist()
+    n, c = len(s), len(s[0])
+
+    def dot(a, b):
+        return sum(x * y for x, y in zip(a, b))
+
+    def normalised(rows):
+        norms = [math.sqrt(dot(r, r)) for r in rows]
+        return [[x / max(norm, EPS) for x in r] for r, norm in zip(rows, norms)], norms
+
+    v, s_norms = normalised(s)
+    u, _ = normalised(t)
+    if anchor == "teacher":
+        logit = [[dot(u[i], v[j]) / tau for j in range(n)] for i in range(n)]
+    else:  # the diagonal (self-similarity) replaced by the positive <u_i, v_i> / tau
+        logit = [[(dot(u[i], v[i]) if j == i else dot(v[i], v[j])) / tau for j in range(n)] for i in range(n)]
+    terms, pi = [], []
+    for i in range(n):
+        m = max(logit[i])
+        lse = m + math.log(sum(math.exp(z - m) for z in logit[i]))
+        terms.append(lse - logit[i][i])
+        pi.append([math.exp(z - lse) for z in logit[i]])
+    dv = [[0.0] * c for _ in range(n)]
+    for k in range(n):
+        for col in range(c):
+            if anchor == "teacher":  # dv_k = (1/tau) sum_i w_i (pi_ik - delta_ik) u_i
+                dv[k][col] = sum(weights[i] * (pi[i][k] - (i == k)) * u[i][col] for i in range(n)) / tau
+            else:  # dv_k = (1/tau) [w_k (pi_kk - 1) u_k + sum_{j != k} (w_k pi_kj + w_j pi_jk) v_j]
+                dv[k][col] = (weights[k] * (pi[k][k] - 1) * u[k][col]
+                              + sum((weights[k] * pi[k][j] + weights[j] * pi[j][k]) * v[j][col]
+                                    for j in range(n) if j != k)) / tau
+    grad = []
+    for k in range(n):
+        if s_norms[k] > EPS:
+            along = dot(dv[k], v[k])
+            grad.append([(dv[k][col] - along * v[k][col]) / s_norms[k] for col in range(c)])
+        else:
+            grad.append([x / EPS for x in dv[k]])
+    return (torch.tensor(terms, dtype=DTYPE), torch.tensor(grad, dtype=DTYPE),
+            torch.tensor(v, dtype=DTYPE))
+
+
+def clamp_cases():
+    """(student, teacher): rows below, at zero and just above the clamp, and logits of scale 200."""
+    base_s, base_t = pair(5, 4, seed=40)
+    base_s, base_t = base_s.detach(), base_t.detach()
+    zero_student = base_s.clone()
+    zero_student[1] = 0.0
+    zero_both = base_s.clone()
+    zero_both[3] = 0.0
+    zero_teacher = base_t.clone()
+    zero_teacher[3] = 0.0
+    tiny = base_s.clone()
+    tiny[2] = torch.tensor([6e-14, -8e-14, 0.0, 0.0], dtype=DTYPE)  # norm 1e-13 < eps: divided by eps
+    tiny_teacher = base_t.clone()
+    tiny_teacher[0] = torch.tensor([0.0, 3e-14, 0.0, 4e-14], dtype=DTYPE)
+    small = base_s.clone()
+    small[4] = torch.tensor([0.0, 6e-11, 8e-11, 0.0], dtype=DTYPE)  # norm 1e-10 > eps: divided by its norm
+    big_s, big_t = pair(5, 4, seed=41, scale=200.0)
+    return {
+        "zero_student_row": (zero_student, base_t),
+        "zero_student_and_teacher_rows": (zero_both, zero_teacher),
+        "tiny_student_row": (tiny, base_t),
+        "tiny_teacher_row": (base_s, tiny_teacher),
+        "small_row_above_eps": (small, base_t),
+        "scale_200": (big_s.detach(), big_t),
+    }
+
+
+CLAMP_CASES = clamp_cases()
+
+
+@pytest.mark.parametrize("case", CLAMP_CASES)
+@pytest.mark.parametrize("anchor", ["student", "teacher"])
+def test_ckd_norm_clamp_against_hand_formulas(case, anchor):
+    student, teacher = CLAMP_CASES[case]
+    tau, weights = 0.5, [1.3, 0.6, 0.9, 1.1, 0.7]
+    terms, grad, _ = ckd_by_hand(student, teacher, tau, anchor, weights)
+    s = student.clone().requires_grad_(True)
+    ours = ref.ckd_loss(s, teacher, tau=tau, anchor=anchor, reduction="none")
+    (ours_grad,) = torch.autograd.grad((ours * torch.tensor(weights, dtype=DTYPE)).sum(), s)
+    # Terms are O(1 / tau) sums of a few float64 products: agreement to ~1e-15.
+    torch.testing.assert_close(ours, terms, rtol=1e-12, atol=1e-12)
+    # Gradient rows span 1 (ordinary rows), 1 / 200 (scale 200), 1e10 (norm 1e-10) and 1e12 (clamped rows, dv / eps):
+    # each row against its own magnitude, float64 rounding (with the projection's cancellation) well below 1e-10.
+    for k in range(student.shape[0]):
+        row_scale = grad[k].abs().max().item()
+        err = (ours_grad[k] - grad[k]).abs().max().item()
+        assert err <= 1e-10 * row_scale + 1e-300, f"row {k}: error {err:.3e}, row magnitude {row_scale:.3e}"
+
+
+def test_ckd_clamp_values_pinned():
+    """The numbers the clamp must give, independent of the hand formula's code: a zero student row normalises to 0,
+    so every cosine it is in is 0; a row of norm 1e-13 is divided by 1e-12 (a vector of norm 0.1, not a unit vector)
+    and its gradient is dv / eps, with no projection; a row of norm 1e-10 is a unit vector."""
+    (zero_student, teacher), (tiny, _) = CLAMP_CASES["zero_student_row"], CLAMP_CASES["tiny_student_row"]
+    tau = 0.5
+    # Teacher anchor, zero student row 1: z_i1 = <u_i, 0> / tau = 0 for every anchor i, so with the other logits
+    # z_ij the term of anchor 1 is LSE_j(z_1j) - 0 and anchor i's LSE holds exp(0) = 1 for candidate 1.
+    u = teacher / teacher.norm(dim=1, keepdim=True)
+    v = zero_student / zero_student.norm(dim=1, keepdim=True).clamp_min(EPS)
+    assert torch.equal(v[1], torch.zeros(4, dtype=DTYPE))
+    z = u @ v.T / tau
+    assert torch.equal(z[:, 1], torch.zeros(5, dtype=DTYPE))
+    expected = torch.logsumexp(z, dim=1) - z.diagonal()
+    ours = ref.ckd_loss(zero_student, teacher, tau=tau, anchor="teacher", reduction="none")
+    torch.testing.assert_close(ours, expected, rtol=1e-13, atol=1e-13)
+    assert abs(ours[1].item() - math.log(sum(math.exp(x) for x in z[1].tolist()))) < 1e-13
+
+    # Tiny row 2 (norm 1e-13): v_2 = s_2 / 1e-12 = (0.06, -0.08, 0, 0).
+    _, grad, v_tiny = ckd_by_hand(tiny, teacher, tau, "student", [1.0] * 5)
+    torch.testing.assert_close(v_tiny[2], torch.tensor([0.06, -0.08, 0.0, 0.0], dtype=DTYPE), rtol=1e-14, atol=0)
+    s = tiny.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(ref.ckd_loss(s, teacher, tau=tau, anchor="student", reduction="sum"), s)
+    # Without the projection the gradient of the clamped row keeps a component along v_2; with it (dividing by the
+    # norm, not eps) it would be orthogonal to v_2 and 10x larger.
+    assert abs(torch.dot(g[2], v_tiny[2]).item()) > 1e-3 * g[2].norm().item() * v_tiny[2].norm().item()
+    torch.testing.assert_close(g[2], grad[2], rtol=1e-10, atol=1e-10 * grad[2].abs().max().item())
+    assert 1e9 < g[2].abs().max().item() < 1e14  # dv / 1e-12 with dv = O(1 / tau)
+
+    # Small row 4 (norm 1e-10, above eps) is a unit vector: its term equals that of the same direction at norm 1.
+    small, _ = CLAMP_CASES["small_row_above_eps"]
+    unit = small.clone()
+    unit[4] = torch.tensor([0.0, 0.6, 0.8, 0.0], dtype=DTYPE)
+    for anchor in ("student", "teacher"):
+        torch.testing.assert_close(ref.ckd_loss(small, teacher, tau=tau, anchor=anchor, reduction="none"),
+                                   ref.ckd_loss(unit, teacher, tau=tau, anchor=anchor, reduction="none"),
+                                   rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("anchor", ["student", "teacher"])
+def test_ckd_scale_200_is_scale_invariant(anchor):
+    """At logit scale 200 no norm is clamped (nor overflows): the terms are those of the rows divided by 200 and the
+    gradient is theirs divided by 200 (v = s / |s| is homogeneous of degree 0)."""
+    big_s, big_t = CLAMP_CASES["scale_200"]
+    s_big = big_s.clone().requires_grad_(True)
+    s_one = (big_s / 200).requires_grad_(True)
+    out_big = ref.ckd_loss(s_big, big_t, tau=0.1, anchor=anchor, reduction="sum")
+    out_one = ref.ckd_loss(s_one, big_t / 200, tau=0.1, anchor=anchor, reduction="sum")
+    torch.testing.assert_close(out_big, out_one, rtol=1e-12, atol=1e-12)
+    (g_big,) = torch.autograd.grad(out_big, s_big)
+    (g_one,) = torch.autograd.grad(out_one, s_one)
+    torch.testing.assert_close(g_big * 200, g_one, rtol=1e-10, atol=1e-12)
