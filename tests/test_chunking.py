@@ -50,12 +50,12 @@ def with_workspace(nbytes, run):
 @pytest.mark.parametrize("n", [151, 152])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
-def test_cpu_partial_strips_and_tiles(config, n, dtype, reduction, masked):
+def test_cpu_partial_strips_and_tiles(config, n, dtype, reduction):
     """16 KiB: partial last strips, tiles and blocks (module docstring). "mean" computes the gradient in the
-    forward, "none" recomputes it in backward with per-anchor weights; a mask makes candidates copies."""
+    forward, "none" recomputes it in backward with per-anchor weights. N = 151 is masked (masked candidates are
+    copied block by block, and masked rows sit inside partial tiles), N = 152 is not (candidates are views)."""
     student, teacher = pair(n, 32, seed=n)
-    mask = random_mask(n, seed=n) if masked else None
+    mask = random_mask(n, seed=n) if n == 151 else None
     with_workspace(16 * 1024, lambda: check_against_oracle(config, student, teacher, dtype=dtype, mask=mask,
                                                            reduction=reduction))
 
