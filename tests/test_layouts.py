@@ -53,6 +53,7 @@ def views(layout, dtype):
         assert not mask.is_contiguous()
     else:
         raise AssertionError(layout)
+    assert not all(x.is_contiguous() and x.storage_offset() == 0 for x in (student, teacher)), layout
     return s_leaf, student, teacher, mask
 
 
