@@ -19,9 +19,9 @@ N, C = 12, 30
 
 
 def views(layout, dtype):
-    """(leaves, student, teacher, mask): `student` a view of the leaf `leaves[0]` (the tensor the gradient is taken
-    with respect to), `teacher` and `mask` possibly views too. Float32 leaves are rounded from float64 draws; the
-    float64 leaves hold those same rounded values, so the oracle sees exactly the fused op's inputs."""
+    """(s_leaf, student, teacher, mask): `student` a view of the contiguous leaf `s_leaf` (the tensor the gradient is
+    taken with respect to), `teacher` and `mask` possibly views too. Values are float64 draws rounded to float32 (then
+    to `dtype`), so the oracle, run on float64 copies, sees exactly the fused op's inputs."""
 
     def leaf(*shape, seed):
         return logits(*shape, seed=seed, dtype=torch.float32).to(dtype)
