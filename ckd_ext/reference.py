@@ -108,11 +108,13 @@ def _diagonal_contrast(logits: Tensor, symmetric: bool = False) -> Tensor:
 def _kd_terms(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """kd_i = T^2 * sum_c Q_ic (log Q_ic - log P_ic),  P = softmax(s/T), Q = softmax(t/T).
 
-    ``xlogy`` makes 0 * log 0 = 0 (a teacher probability that is exactly 0).
+    A class with Q_ic = 0 (a teacher logit of -inf, or one that underflows) takes no part: 0 log 0 = 0 even where
+    the student's logit is -inf too (log P_ic = -inf).
     """
     log_p = F.log_softmax(student / temperature, dim=1)
     q = F.softmax(teacher / temperature, dim=1)
-    return temperature ** 2 * (torch.xlogy(q, q) - q * log_p).sum(dim=1)
+    terms = torch.where(q > 0, q * (torch.log(q) - log_p), torch.zeros_like(q))
+    return temperature ** 2 * terms.sum(dim=1)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0,

@@ -100,24 +100,42 @@ void softmax_stats_row(const T* x, int64_t cols, Acc inv_temp, Acc* lse1, Acc* l
   if (lse2) *lse2 = logsumexp<Acc>(cols, [&](int64_t j) { return 2 * static_cast<Acc>(x[j]) * inv_temp; });
 }
 
+struct FastExp {
+  template <typename Acc>
+  Acc operator()(Acc x) const { return fast_exp(x); }
+};
+
+// KD for one row in the cancellation-free form of kernels/scalar_math.h: lse_t with the q-mean c of x, lse_s,
+// Delta - c refined from the mass excess where it is small (<= 1/2, where the refinement cannot overflow), then
+// the KL terms and the gradient T w (p - q).
 template <typename Acc, typename TS, typename TT>
 void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, Acc weight, TS* grad) {
   const Acc inv_temp = Acc(1) / temperature;
+  const FastExp e;
+  auto x = [&](int64_t j) { return (static_cast<Acc>(s[j]) - static_cast<Acc>(t[j])) * inv_temp; };
+  const Acc max_t = max_over<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; });
+  auto weight_t = [&](int64_t j) { return fast_exp(static_cast<Acc>(t[j]) * inv_temp - max_t); };
+  const Acc sum_t = sum_mapped<Acc>(cols, weight_t);
+  const Acc lse_t = max_t + std::log(sum_t);
+  const Acc c = sum_mapped<Acc>(cols, [&](int64_t j) { return kd_shift_term(weight_t(j), x(j)); }) / sum_t;
   const Acc lse_s = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp; });
-  const Acc lse_t = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; });
-  // q * (log q - log p) with log q finite, so an underflowed q contributes exactly 0 (0 log 0 = 0).
+  auto log_q = [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp - lse_t; };
+  Acc d = lse_s - lse_t - c;  // Delta - c
+  if (kd_small(d)) {
+    d = log1p_acc(sum_mapped<Acc>(cols, [&](int64_t j) {
+      return kd_mass_excess(x(j) - c, log_q(j), static_cast<Acc>(s[j]) * inv_temp - lse_t - c, e);
+    }));
+  }
+  const Acc lse_p = lse_t + c + d;
   const Acc kl = sum_mapped<Acc>(cols, [&](int64_t j) {
-    const Acc log_q = static_cast<Acc>(t[j]) * inv_temp - lse_t;
-    const Acc log_p = static_cast<Acc>(s[j]) * inv_temp - lse_s;
-    return fast_exp(log_q) * (log_q - log_p);
+    return kd_kl_term(log_q(j), x(j) - c - d, static_cast<Acc>(s[j]) * inv_temp - lse_p, e);
   });
   *loss = temperature * temperature * kl;
   if (grad) {
     const Acc g = weight * temperature;
     for (int64_t j = 0; j < cols; ++j) {
-      const Acc p = fast_exp(static_cast<Acc>(s[j]) * inv_temp - lse_s);
-      const Acc q = fast_exp(static_cast<Acc>(t[j]) * inv_temp - lse_t);
-      grad[j] = static_cast<TS>(g * (p - q));
+      const Acc diff = kd_prob_difference(log_q(j), x(j) - c - d, static_cast<Acc>(s[j]) * inv_temp - lse_p, e);
+      grad[j] = static_cast<TS>(g * diff);
     }
   }
 }

@@ -75,6 +75,11 @@ __device__ __forceinline__ void zero_row(T* grad, int64_t base, int64_t cols) {
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) grad[base + j] = static_cast<T>(0.0f);
 }
 
+struct DeviceExp {
+  template <typename Acc>
+  __device__ __forceinline__ Acc operator()(Acc x) const { return exp_acc(x); }
+};
+
 struct SumOp {
   template <typename Acc>
   __device__ __forceinline__ Acc operator()(Acc a, Acc b) const { return a + b; }
@@ -162,21 +167,42 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     if (grad) zero_row(grad, base, cols);
     return;
   }
+  // The cancellation-free form of kernels/scalar_math.h, as in the CPU kernel.
+  const DeviceExp e;
   const Acc inv_temp = Acc(1) / temperature;
+  Acc max_t = neg_inf<Acc>();
+  for_row<Acc>(t + base, cols, [&](int64_t, Acc tj) { max_t = max_acc(max_t, tj * inv_temp); });
+  max_t = block_reduce(max_t, MaxOp{}, scratch);
+  Acc sum_t = 0, weighted_x = 0;
+  for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
+    const Acc w = exp_acc(tj * inv_temp - max_t);
+    sum_t += w;
+    weighted_x += kd_shift_term(w, (sj - tj) * inv_temp);
+  });
+  sum_t = block_reduce(sum_t, SumOp{}, scratch);
+  const Acc c = block_reduce(weighted_x, SumOp{}, scratch) / sum_t;  // the q-mean of x
+  const Acc lse_t = max_t + log_acc(sum_t);
   const Acc lse_s = block_row_logsumexp(s + base, cols, inv_temp, scratch);
-  const Acc lse_t = block_row_logsumexp(t + base, cols, inv_temp, scratch);
+  Acc d = lse_s - lse_t - c;  // Delta - c
+  if (kd_small(d)) {  // the same value in every thread: the whole block takes the branch
+    Acc excess = 0;
+    for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
+      excess += kd_mass_excess((sj - tj) * inv_temp - c, tj * inv_temp - lse_t, sj * inv_temp - lse_t - c, e);
+    });
+    d = log1p_acc(block_reduce(excess, SumOp{}, scratch));
+  }
+  const Acc lse_p = lse_t + c + d;
   Acc kl = 0;
   for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
-    const Acc log_q = tj * inv_temp - lse_t;
-    const Acc log_p = sj * inv_temp - lse_s;
-    kl += exp_acc(log_q) * (log_q - log_p);  // an underflowed q contributes exactly 0 (0 log 0 = 0)
+    kl += kd_kl_term(tj * inv_temp - lse_t, (sj - tj) * inv_temp - c - d, sj * inv_temp - lse_p, e);
   });
   kl = block_reduce(kl, SumOp{}, scratch);
   if (threadIdx.x == 0) loss[i] = temperature * temperature * kl;
   if (grad) {
     const Acc g = weight[i] * temperature;
     for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t j, Acc sj, Acc tj) {
-      store(grad, base + j, g * (exp_acc(sj * inv_temp - lse_s) - exp_acc(tj * inv_temp - lse_t)));
+      const Acc delta = (sj - tj) * inv_temp - c - d;
+      store(grad, base + j, g * kd_prob_difference(tj * inv_temp - lse_t, delta, sj * inv_temp - lse_p, e));
     });
   }
 }
