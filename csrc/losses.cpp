@@ -383,21 +383,18 @@ class BicKDPass {
   }
 
   void backward(const at::Tensor& dp, const at::Tensor& dpbar, const at::Tensor& grad) {
-    // Per column, once: 1 / max(|P_.c|, eps) and the projection <dpbar_c, pbar_c>, which a clamped (constant)
-    // norm does not have.
-    at::Tensor inv_col_norm, col_projection;
+    // Per column, once: the projection <dpbar_c, pbar_c>, which a clamped (constant) norm does not have.
+    at::Tensor col_projection;
     if (dpbar.defined()) {
       ensure_column_norms();
       col_projection = at::empty({C_}, opts_);
       k_.column_dots(dpbar.const_data_ptr<Acc>(), as_matrix(in_.student), s_lse1_.data_ptr<Acc>(),
                      s_lcn_.data_ptr<Acc>(), inv_temp_, in_.valid(), col_projection.data_ptr<Acc>());
       col_projection.masked_fill_(s_lcn_ < kLogNormEps, 0);
-      inv_col_norm = s_lcn_.clamp_min(kLogNormEps).neg().exp();
     }
     k_.bickd_backward_rows(dp.defined() ? dp.data_ptr<Acc>() : nullptr,
                            dpbar.defined() ? dpbar.const_data_ptr<Acc>() : nullptr, as_matrix(in_.student),
-                           s_lse1_.data_ptr<Acc>(), s_lse2_.data_ptr<Acc>(),
-                           dpbar.defined() ? inv_col_norm.data_ptr<Acc>() : nullptr,
+                           s_lse1_.data_ptr<Acc>(), dpbar.defined() ? s_lcn_.data_ptr<Acc>() : nullptr,
                            dpbar.defined() ? col_projection.data_ptr<Acc>() : nullptr, inv_temp_, in_.valid(),
                            grad.data_ptr());
   }

@@ -5,7 +5,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import CONFIGS, assert_matches, check_against_oracle, logits, loss_and_grad, pair, random_mask
+from helpers import (CONFIGS, assert_matches, check_against_oracle, logits, loss_and_grad, pair, random_mask,
+                     weighted_total)
 
 ALL = list(CONFIGS)
 BICKD = [c for c in ALL if CONFIGS[c][0] == "bickd"]
@@ -50,6 +51,21 @@ def test_teacher_of_another_dtype(config, student_dtype, teacher_dtype):
     loss64, grad64 = loss_and_grad(ref, config, s64, t.double())
     assert_matches(loss, loss64, student_dtype, "loss")
     assert_matches(grad, grad64, student_dtype, "grad")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bickd_per_term_gradient_at_large_logits(symmetric):
+    """Softmax arguments near 5e3 (logit scale 1000, T = 0.5) with per-term upstream weights. float32
+    log-sum-exps there are off by up to 2.4e-4, a factor common to the row's exp(x / T - lse); the backward
+    renormalises it away instead of multiplying it by <P, dP> (error 7e-2 here before it did). What remains
+    comes from the forward, evaluated at those probabilities: ~2e-4 here."""
+    student, teacher = pair(48, 64, scale=1000.0, seed=12, dtype=torch.float32)
+    kwargs = {"temperature": 0.5, "tau": 0.1, "symmetric": symmetric, "reduction": "none"}
+    s = student.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(weighted_total(ckd_ext.bickd_loss(s, teacher, **kwargs)), s)
+    s64 = student.detach().double().requires_grad_()
+    (grad64,) = torch.autograd.grad(weighted_total(ref.bickd_loss(s64, teacher.double(), **kwargs)), s64)
+    assert_matches(grad, grad64, torch.float32, "grad", tol=2e-3)
 
 
 # --- masks, reductions, leading dimensions ---------------------------------------------------------

@@ -49,10 +49,11 @@ class KernelBackend {
   virtual void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp,
                            const bool* valid, Acc* out) = 0;
   // BicKD's last pass: through the row normalisation (dp, may be null), the column normalisation (dpbar,
-  // may be null; per column inv_col_norm = 1 / max(|P_.c|, eps) and col_projection = <dpbar_c, pbar_c>, 0 where
-  // the norm is clamped) and the softmax, into grad (x's dtype; may alias dp).
-  virtual void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
-                                   const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp,
+  // may be null; col_log_norm as column_log_norms gives it and col_projection = <dpbar_c, pbar_c>, 0 where the
+  // norm is clamped) and the softmax, into grad (x's dtype; may alias dp). P and p are renormalised from
+  // exp(x_i * inv_temp - lse1[i]), pbar is column_dots' pbar_ic: see cpu::bickd_backward_row.
+  virtual void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1,
+                                   const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp,
                                    const bool* valid, void* grad) = 0;
 };
 

@@ -183,9 +183,8 @@ class CpuBackend final : public KernelBackend<Acc> {
     });
   }
 
-  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
-                           const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
-                           void* grad) override {
+  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* col_log_norm,
+                           const Acc* col_projection, Acc inv_temp, const bool* valid, void* grad) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       at::parallel_for(0, x.rows, row_grain(x.cols), [&](int64_t begin, int64_t end) {
@@ -197,7 +196,7 @@ class CpuBackend final : public KernelBackend<Acc> {
             continue;
           }
           cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
-                                       rows_of<T>(x, i), x.cols, lse1[i], lse2[i], inv_col_norm, col_projection, inv_temp,
+                                       rows_of<T>(x, i), x.cols, lse1[i], col_log_norm, col_projection, inv_temp,
                                        scratch.data(), g);
         }
       });

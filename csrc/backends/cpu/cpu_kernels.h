@@ -261,29 +261,43 @@ void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int
   for (int64_t c = 0; c < w; ++c) out[c0 + c] = sum[c];
 }
 
-// dP = (dp - <dp, p> p) / ||P_i||  +  per column (dpbar - k_c pbar) / ||P_.c||, then through the softmax:
-// grad = P (dP - <P, dP>) / T, with pbar_c = P_.c / ||P_.c|| and k_c = col_projection[c].  `scratch` holds
-// 2 * cols values.
+// BicKD's last pass for one row: ds = P (dP - <P, dP>) / T with dP = (dp - <dp, p> p) / |P_i| + per column
+// (dpbar - k_c pbar) / |P_.c|, evaluated as ds = (u - P sum(u)) / T with u = P dP:
+//   u_j = p_j (dp_j - <dp, p> p_j) + pbar_j (dpbar_j - k_j pbar_j),   p = P / |P_i|,  pbar_j = P_j / max(|P_.j|, eps)
+// (k_j = col_projection[j], 0 where the norm is clamped). Two choices keep rounding from being amplified:
+// * P and p are e = exp(x/T - lse1) divided by its own sum and norm. lse1 (~|x|/T) carries float32 rounding of
+//   up to 1.2e-4 at 2.6e3, a factor exp(delta) common to the row that this normalisation removes. Used as is,
+//   sum(P) = 1 + delta leaves -delta P <P, dP> in P (dP - <P, dP>), and |p| = exp(lse1 - lse2/2) |P| != 1 a
+//   spurious <P, dP> of the row projection; <P, dP> is O(dP) while a nearly one-hot row's gradient is
+//   O(P_j (1 - P_j) dP), so either was up to ~1e-2 of the gradient.
+// * pbar is exp(x/T - lse1 - max(log_norm, log eps)), the expression column_dots and the forward use, so a
+//   column that is one nonzero entry has pbar = 1 and k = dpbar exactly: its term is 0, as it should be, not
+//   dpbar rounding divided by |P_.c| and multiplied back by P.
+// `scratch` holds 2 * cols values.
 template <typename Acc, typename T>
-void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc lse1, Acc lse2,
-                        const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp, Acc* scratch, T* grad) {
-  Acc* prob = scratch;
-  Acc* dprob = scratch + cols;
-  for (int64_t j = 0; j < cols; ++j) prob[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
-  std::fill(dprob, dprob + cols, Acc(0));
+void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc lse1, const Acc* col_log_norm,
+                        const Acc* col_projection, Acc inv_temp, Acc* scratch, T* grad) {
+  Acc* e = scratch;
+  Acc* u = scratch + cols;
+  for (int64_t j = 0; j < cols; ++j) e[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
+  const Acc inv_sum = Acc(1) / sum_over<Acc>(cols, [&](int64_t j) { return e[j]; });
+  std::fill(u, u + cols, Acc(0));
   if (dp) {
-    // p = P / ||P||, with ||P|| = exp(0.5 lse2 - lse1).
-    const Acc inv_row_norm = std::exp(lse1 - Acc(0.5) * lse2);
-    const Acc r = sum_over<Acc>(cols, [&](int64_t j) { return dp[j] * prob[j]; }) * inv_row_norm;
-    for (int64_t j = 0; j < cols; ++j) dprob[j] = (dp[j] - r * prob[j] * inv_row_norm) * inv_row_norm;
+    const Acc inv_norm = Acc(1) / std::sqrt(sum_over<Acc>(cols, [&](int64_t j) { return e[j] * e[j]; }));
+    const Acc r = sum_over<Acc>(cols, [&](int64_t j) { return dp[j] * e[j]; }) * inv_norm;
+    for (int64_t j = 0; j < cols; ++j) {
+      const Acc p = e[j] * inv_norm;
+      u[j] = p * (dp[j] - r * p);
+    }
   }
   if (dpbar) {
     for (int64_t j = 0; j < cols; ++j) {
-      dprob[j] += (dpbar[j] - col_projection[j] * prob[j] * inv_col_norm[j]) * inv_col_norm[j];
+      const Acc pbar = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1 - clamped_log_norm(col_log_norm[j]));
+      u[j] += pbar * (dpbar[j] - col_projection[j] * pbar);
     }
   }
-  const Acc d = sum_over<Acc>(cols, [&](int64_t j) { return prob[j] * dprob[j]; });
-  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(prob[j] * (dprob[j] - d) * inv_temp);
+  const Acc total = sum_over<Acc>(cols, [&](int64_t j) { return u[j]; });
+  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>((u[j] - e[j] * inv_sum * total) * inv_temp);
 }
 
 }  // namespace ckd::cpu

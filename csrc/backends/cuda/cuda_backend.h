@@ -161,14 +161,13 @@ class CudaBackend final : public KernelBackend<Acc> {
     check_launch("column_dots");
   }
 
-  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* lse2,
-                           const Acc* inv_col_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
-                           void* grad) override {
+  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* col_log_norm,
+                           const Acc* col_projection, Acc inv_temp, const bool* valid, void* grad) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
-                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, lse1, lse2, inv_col_norm,
+                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, lse1, col_log_norm,
                     col_projection, inv_temp, valid, static_cast<T*>(grad));
     });
     check_launch("bickd_backward_rows");

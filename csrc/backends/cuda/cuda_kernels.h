@@ -395,13 +395,14 @@ __global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64
   out[c] = s;
 }
 
-// One block per row: through the row normalisation (dp), the column normalisation (dpbar) and the softmax.
-// P, p, pbar are recomputed from x instead of stored; each thread writes only the elements it read, so grad
-// may alias dp.
+// One block per row: through the row normalisation (dp), the column normalisation (dpbar) and the softmax, as
+// grad = (u - P sum(u)) / T with u = P dP (cpu::bickd_backward_row has the derivation). P, p, pbar are recomputed
+// from x instead of stored: P and p renormalised from e = exp(x / T - lse1) (which removes lse1's rounding), pbar
+// by column_dots' own expression. Each thread writes only the elements it read, so grad may alias dp.
 template <typename Acc, typename T>
 __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols,
-                                           const Acc* lse1_, const Acc* lse2_, const Acc* inv_col_norm,
-                                           const Acc* col_projection, Acc inv_temp, const bool* valid, T* grad) {
+                                           const Acc* lse1_, const Acc* col_log_norm, const Acc* col_projection,
+                                           Acc inv_temp, const bool* valid, T* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
@@ -410,29 +411,44 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
     return;
   }
   const Acc lse1 = lse1_[i];
-  const Acc inv_row_norm = exp_acc(lse1 - Acc(0.5) * lse2_[i]);
-  Acc r = 0;
-  if (dp) {
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-      r += dp[base + j] * exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
+  Acc sum = 0, sq = 0, r = 0;
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const Acc e = exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
+    sum += e;
+    if (dp) {
+      sq += e * e;
+      r += dp[base + j] * e;
     }
-    r = block_reduce(r, SumOp{}, scratch) * inv_row_norm;
   }
-  auto dprob = [&](int64_t j, Acc prob) {
-    Acc d = 0;
-    if (dp) d = (dp[base + j] - r * prob * inv_row_norm) * inv_row_norm;
-    if (dpbar) d += (dpbar[base + j] - col_projection[j] * prob * inv_col_norm[j]) * inv_col_norm[j];
-    return d;
+  const Acc inv_sum = Acc(1) / block_reduce(sum, SumOp{}, scratch);
+  Acc inv_norm = 0;
+  if (dp) {  // uniform across the block
+    inv_norm = Acc(1) / sqrt_acc(block_reduce(sq, SumOp{}, scratch));
+    r = block_reduce(r, SumOp{}, scratch) * inv_norm;
+  }
+  // u_j = p_j (dp_j - <dp, p> p_j) + pbar_j (dpbar_j - k_j pbar_j).
+  auto u = [&](int64_t j, Acc xj, Acc e) {
+    Acc v = 0;
+    if (dp) {
+      const Acc p = e * inv_norm;
+      v = p * (dp[base + j] - r * p);
+    }
+    if (dpbar) {
+      const Acc pbar = exp_acc(xj * inv_temp - lse1 - clamped_log_norm(col_log_norm[j]));
+      v += pbar * (dpbar[base + j] - col_projection[j] * pbar);
+    }
+    return v;
   };
-  Acc d = 0;
+  Acc total = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc prob = exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
-    d += prob * dprob(j, prob);
+    const Acc xj = load<Acc>(x, base + j);
+    total += u(j, xj, exp_acc(xj * inv_temp - lse1));
   }
-  d = block_reduce(d, SumOp{}, scratch);
+  total = block_reduce(total, SumOp{}, scratch);
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc prob = exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
-    store(grad, base + j, prob * (dprob(j, prob) - d) * inv_temp);
+    const Acc xj = load<Acc>(x, base + j);
+    const Acc e = exp_acc(xj * inv_temp - lse1);
+    store(grad, base + j, (u(j, xj, e) - e * inv_sum * total) * inv_temp);
   }
 }
 
