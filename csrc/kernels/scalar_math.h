@@ -57,7 +57,7 @@ CKD_HOST_DEVICE Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r,
   return i == j ? t.positive[i] : t.tile[r * t.ld + c] * t.scale;
 }
 
-// ---- KD without cancellation (docs/math.md, "KD near convergence"). With x_j = (s_j - t_j) / T taken as one
+// ---- KD without cancellation (docs/math.md section 3, "Near convergence"). With x_j = (s_j - t_j) / T taken as one
 // difference, log q_j = t_j / T - lse_t and Delta = lse_s - lse_t, the log-ratio is delta_j = log p_j - log q_j =
 // x_j - Delta, and, with S the classes where q_j > 0,
 //   KL(q || p) = sum_{j in S} q_j (e^delta_j - 1 - delta_j) + sum_{j not in S} p_j
