@@ -560,99 +560,40 @@ void bickd_core(const Inputs& in, int64_t count, const BicKDConfig& cfg, const a
 // ---------------------------------------------------------------------------------------------------
 // The ops.
 
-std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const at::Tensor& teacher,
-                                               const std::optional<at::Tensor>& mask, double tau,
-                                               std::string_view anchor, std::string_view reduction,
-                                               bool compute_grad) {
-  const Inputs in = check_inputs("ckd_forward", student, teacher, mask);
-  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
-  const Reduction red = parse_reduction(reduction);
-  const bool student_anchor = parse_student_anchor(anchor);
-  check_positive("tau", tau);
-  const bool want_grad = compute_grad && red != Reduction::None;
-  return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor> {
-    using Acc = decltype(tag);
-    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const int64_t count = count_valid(in);
-    at::Tensor row_loss = at::zeros({in.rows}, acc_options);
-    at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
-    at::Tensor weight;
-    if (want_grad) weight = anchor_weights<Acc>(at::ones({}, acc_options), red, count, in.mask, in.rows, acc_options);
-    if (count > 0) {
-      ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, want_grad ? grad : at::Tensor());
-    } else if (want_grad) {
-      grad.zero_();
-    }
-    return {reduce_terms(row_loss, red, count), grad};
-  });
-}
-
-at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                        const std::optional<at::Tensor>& mask, double tau, std::string_view anchor,
-                        std::string_view reduction) {
-  const Inputs in = check_inputs("ckd_backward", student, teacher, mask);
-  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
-  const Reduction red = parse_reduction(reduction);
-  const bool student_anchor = parse_student_anchor(anchor);
-  check_positive("tau", tau);
-  return dispatch_acc(in.student, [&](auto tag) {
-    using Acc = decltype(tag);
-    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const int64_t count = count_valid(in);
-    at::Tensor grad = at::empty_like(in.student);
-    if (count == 0) return grad.zero_();
-    const at::Tensor weight = anchor_weights<Acc>(grad_loss, red, count, in.mask, in.rows, acc_options);
-    at::Tensor row_loss = at::empty({in.rows}, acc_options);
-    ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, grad);
-    return grad;
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
-                                              const std::optional<at::Tensor>& mask, double temperature,
-                                              std::string_view reduction, bool compute_grad) {
-  const Inputs in = check_inputs("kd_forward", student, teacher, mask);
-  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
-  const Reduction red = parse_reduction(reduction);
-  check_positive("temperature", temperature);
-  const bool want_grad = compute_grad && red != Reduction::None;
-  return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor> {
-    using Acc = decltype(tag);
-    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const int64_t count = count_valid(in);
-    at::Tensor row_loss = at::empty({in.rows}, acc_options);
-    at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
-    at::Tensor weight;
-    if (want_grad) weight = anchor_weights<Acc>(at::ones({}, acc_options), red, count, in.mask, in.rows, acc_options);
-    backend_for<Acc>(in.student)
-        .kd_rows(as_matrix(in.student), as_matrix(in.teacher), static_cast<Acc>(temperature), in.valid(),
-                 row_loss.data_ptr<Acc>(), want_grad ? weight.const_data_ptr<Acc>() : nullptr,
-                 want_grad ? grad.data_ptr() : nullptr);
-    return {reduce_terms(row_loss, red, count), grad};
-  });
-}
-
-at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                       const std::optional<at::Tensor>& mask, double temperature, std::string_view reduction) {
-  const Inputs in = check_inputs("kd_backward", student, teacher, mask);
-  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
-  const Reduction red = parse_reduction(reduction);
-  check_positive("temperature", temperature);
-  return dispatch_acc(in.student, [&](auto tag) {
-    using Acc = decltype(tag);
-    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const int64_t count = count_valid(in);
-    const at::Tensor weight = anchor_weights<Acc>(grad_loss, red, count, in.mask, in.rows, acc_options);
-    at::Tensor row_loss = at::empty({in.rows}, acc_options);
-    at::Tensor grad = at::empty_like(in.student);
-    backend_for<Acc>(in.student)
-        .kd_rows(as_matrix(in.student), as_matrix(in.teacher), static_cast<Acc>(temperature), in.valid(),
-                 row_loss.data_ptr<Acc>(), weight.const_data_ptr<Acc>(), grad.data_ptr());
-    return grad;
-  });
-}
-
 namespace {
+
+// What every op does first, in one place: check the inputs and make them contiguous, make the student's device
+// current (CUDA: its current stream), parse the reduction, then run body(Acc{}, call) in the accumulation type.
+struct OpCall {
+  const Inputs& in;
+  Reduction reduction;
+  at::TensorOptions acc_options;
+  int64_t count;  // valid rows
+};
+
+template <typename F>
+decltype(auto) run_op(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                      const std::optional<at::Tensor>& mask, std::string_view reduction, F&& body) {
+  const Inputs in = check_inputs(op, student, teacher, mask);
+  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
+  const Reduction red = parse_reduction(reduction);
+  return dispatch_acc(in.student, [&](auto tag) {
+    using Acc = decltype(tag);
+    const OpCall call{in, red, in.student.options().dtype(acc_type<Acc>()), count_valid(in)};
+    return body(tag, call);
+  });
+}
+
+// The forward's gradient, when it computes one (mean / sum), is for an upstream gradient of 1.
+template <typename Acc>
+at::Tensor unit_weights(const OpCall& call, int64_t divisor, const at::Tensor& mask, int64_t anchors) {
+  return anchor_weights<Acc>(at::ones({}, call.acc_options), call.reduction, divisor, mask, anchors, call.acc_options);
+}
+
+at::Tensor forward_grad(const Inputs& in, bool want_grad) {
+  return want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
+}
+
 BicKDConfig check_bickd(double temperature, double tau, double w_sample, double w_class, bool symmetric) {
   check_positive("temperature", temperature);
   check_positive("tau", tau);
@@ -662,61 +603,143 @@ BicKDConfig check_bickd(double temperature, double tau, double w_sample, double 
               w_class);
   return {temperature, tau, w_sample, w_class, symmetric};
 }
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                               const std::optional<at::Tensor>& mask, double tau,
+                                               std::string_view anchor, std::string_view reduction,
+                                               bool compute_grad) {
+  const bool student_anchor = parse_student_anchor(anchor);
+  check_positive("tau", tau);
+  return run_op("ckd_forward", student, teacher, mask, reduction,
+                [&](auto tag, const OpCall& call) -> std::tuple<at::Tensor, at::Tensor> {
+    using Acc = decltype(tag);
+    const Inputs& in = call.in;
+    const bool want_grad = compute_grad && call.reduction != Reduction::None;
+    at::Tensor row_loss = at::zeros({in.rows}, call.acc_options);
+    at::Tensor grad = forward_grad(in, want_grad);
+    const at::Tensor weight = want_grad ? unit_weights<Acc>(call, call.count, in.mask, in.rows) : at::Tensor();
+    if (call.count > 0) {
+      ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, want_grad ? grad : at::Tensor());
+    } else if (want_grad) {
+      grad.zero_();
+    }
+    return {reduce_terms(row_loss, call.reduction, call.count), grad};
+  });
+}
+
+at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                        const std::optional<at::Tensor>& mask, double tau, std::string_view anchor,
+                        std::string_view reduction) {
+  const bool student_anchor = parse_student_anchor(anchor);
+  check_positive("tau", tau);
+  return run_op("ckd_backward", student, teacher, mask, reduction, [&](auto tag, const OpCall& call) {
+    using Acc = decltype(tag);
+    const Inputs& in = call.in;
+    at::Tensor grad = at::empty_like(in.student);
+    if (call.count == 0) return grad.zero_();
+    const at::Tensor weight =
+        anchor_weights<Acc>(grad_loss, call.reduction, call.count, in.mask, in.rows, call.acc_options);
+    at::Tensor row_loss = at::empty({in.rows}, call.acc_options);
+    ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, grad);
+    return grad;
+  });
+}
+
+namespace {
+// KD's one pass per row: the loss, and the gradient where weight is defined.
+template <typename Acc>
+void kd_core(const Inputs& in, double temperature, const at::Tensor& weight, at::Tensor& row_loss,
+             const at::Tensor& grad) {
+  backend_for<Acc>(in.student)
+      .kd_rows(as_matrix(in.student), as_matrix(in.teacher), static_cast<Acc>(temperature), in.valid(),
+               row_loss.data_ptr<Acc>(), weight.defined() ? weight.const_data_ptr<Acc>() : nullptr,
+               weight.defined() ? grad.data_ptr() : nullptr);
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                              const std::optional<at::Tensor>& mask, double temperature,
+                                              std::string_view reduction, bool compute_grad) {
+  check_positive("temperature", temperature);
+  return run_op("kd_forward", student, teacher, mask, reduction,
+                [&](auto tag, const OpCall& call) -> std::tuple<at::Tensor, at::Tensor> {
+    using Acc = decltype(tag);
+    const Inputs& in = call.in;
+    const bool want_grad = compute_grad && call.reduction != Reduction::None;
+    at::Tensor row_loss = at::empty({in.rows}, call.acc_options);
+    at::Tensor grad = forward_grad(in, want_grad);
+    kd_core<Acc>(in, temperature, want_grad ? unit_weights<Acc>(call, call.count, in.mask, in.rows) : at::Tensor(),
+                 row_loss, grad);
+    return {reduce_terms(row_loss, call.reduction, call.count), grad};
+  });
+}
+
+at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
+                       const std::optional<at::Tensor>& mask, double temperature, std::string_view reduction) {
+  check_positive("temperature", temperature);
+  return run_op("kd_backward", student, teacher, mask, reduction, [&](auto tag, const OpCall& call) {
+    using Acc = decltype(tag);
+    const Inputs& in = call.in;
+    at::Tensor row_loss = at::empty({in.rows}, call.acc_options);
+    at::Tensor grad = at::empty_like(in.student);
+    kd_core<Acc>(in, temperature,
+                 anchor_weights<Acc>(grad_loss, call.reduction, call.count, in.mask, in.rows, call.acc_options),
+                 row_loss, grad);
+    return grad;
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                                              const std::optional<at::Tensor>& mask,
                                                              double temperature, double tau, double w_sample,
                                                              double w_class, bool symmetric,
                                                              std::string_view reduction, bool compute_grad) {
-  const Inputs in = check_inputs("bickd_forward", student, teacher, mask);
-  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
-  const Reduction red = parse_reduction(reduction);
   const BicKDConfig cfg = check_bickd(temperature, tau, w_sample, w_class, symmetric);
-  const bool want_grad = compute_grad && red != Reduction::None;
-  return dispatch_acc(in.student, [&](auto tag) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+  return run_op("bickd_forward", student, teacher, mask, reduction,
+                [&](auto tag, const OpCall& call) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     using Acc = decltype(tag);
-    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const int64_t count = count_valid(in);
-    at::Tensor sample_terms = at::zeros({in.rows}, acc_options), class_terms = at::zeros({in.cols}, acc_options);
-    at::Tensor grad = want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
+    const Inputs& in = call.in;
+    const bool want_grad = compute_grad && call.reduction != Reduction::None;
+    at::Tensor sample_terms = at::zeros({in.rows}, call.acc_options);
+    at::Tensor class_terms = at::zeros({in.cols}, call.acc_options);
+    at::Tensor grad = forward_grad(in, want_grad);
     at::Tensor sample_weight, class_weight;
     if (want_grad) {
-      const at::Tensor one = at::ones({}, acc_options);
-      sample_weight = anchor_weights<Acc>(one, red, count, in.mask, in.rows, acc_options) * cfg.w_sample;
-      class_weight = anchor_weights<Acc>(one, red, in.cols, at::Tensor(), in.cols, acc_options) * cfg.w_class;
+      sample_weight = unit_weights<Acc>(call, call.count, in.mask, in.rows) * cfg.w_sample;
+      class_weight = unit_weights<Acc>(call, in.cols, at::Tensor(), in.cols) * cfg.w_class;
     }
-    bickd_core<Acc>(in, count, cfg, sample_weight, class_weight, sample_terms, class_terms,
+    bickd_core<Acc>(in, call.count, cfg, sample_weight, class_weight, sample_terms, class_terms,
                     want_grad ? grad : at::Tensor());
-    if (red == Reduction::None) {
+    if (call.reduction == Reduction::None) {
       return {sample_terms * cfg.w_sample, class_terms * cfg.w_class, grad};
     }
-    const at::Tensor loss =
-        reduce_terms(sample_terms, red, count) * cfg.w_sample + reduce_terms(class_terms, red, in.cols) * cfg.w_class;
-    return {loss, at::empty({0}, acc_options), grad};
+    const at::Tensor loss = reduce_terms(sample_terms, call.reduction, call.count) * cfg.w_sample +
+                            reduce_terms(class_terms, call.reduction, in.cols) * cfg.w_class;
+    return {loss, at::empty({0}, call.acc_options), grad};
   });
 }
 
 at::Tensor bickd_backward(const at::Tensor& grad_sample, const at::Tensor& grad_class, const at::Tensor& student,
                           const at::Tensor& teacher, const std::optional<at::Tensor>& mask, double temperature,
                           double tau, double w_sample, double w_class, bool symmetric, std::string_view reduction) {
-  const Inputs in = check_inputs("bickd_backward", student, teacher, mask);
-  const c10::OptionalDeviceGuard device_guard(at::device_of(student));
-  const Reduction red = parse_reduction(reduction);
   const BicKDConfig cfg = check_bickd(temperature, tau, w_sample, w_class, symmetric);
-  return dispatch_acc(in.student, [&](auto tag) {
+  return run_op("bickd_backward", student, teacher, mask, reduction, [&](auto tag, const OpCall& call) {
     using Acc = decltype(tag);
-    const auto acc_options = in.student.options().dtype(acc_type<Acc>());
-    const int64_t count = count_valid(in);
+    const Inputs& in = call.in;
     // For "mean" and "sum" both sides share the one scalar upstream gradient.
-    const at::Tensor& upstream_class = red == Reduction::None ? grad_class : grad_sample;
+    const at::Tensor& upstream_class = call.reduction == Reduction::None ? grad_class : grad_sample;
     const at::Tensor sample_weight =
-        anchor_weights<Acc>(grad_sample, red, count, in.mask, in.rows, acc_options) * cfg.w_sample;
+        anchor_weights<Acc>(grad_sample, call.reduction, call.count, in.mask, in.rows, call.acc_options) *
+        cfg.w_sample;
     const at::Tensor class_weight =
-        anchor_weights<Acc>(upstream_class, red, in.cols, at::Tensor(), in.cols, acc_options) * cfg.w_class;
-    at::Tensor sample_terms = at::zeros({in.rows}, acc_options), class_terms = at::zeros({in.cols}, acc_options);
+        anchor_weights<Acc>(upstream_class, call.reduction, in.cols, at::Tensor(), in.cols, call.acc_options) *
+        cfg.w_class;
+    at::Tensor sample_terms = at::zeros({in.rows}, call.acc_options);
+    at::Tensor class_terms = at::zeros({in.cols}, call.acc_options);
     at::Tensor grad = at::empty_like(in.student);
-    bickd_core<Acc>(in, count, cfg, sample_weight, class_weight, sample_terms, class_terms, grad);
+    bickd_core<Acc>(in, call.count, cfg, sample_weight, class_weight, sample_terms, class_terms, grad);
     return grad;
   });
 }
