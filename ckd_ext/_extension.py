@@ -7,6 +7,7 @@ remembered here and reported, with the command that fixes it, when a fused op is
 answer to "is the extension built, and how do I build it".
 """
 import importlib
+import os
 import warnings
 
 import torch
@@ -39,12 +40,36 @@ def _load():
         module = importlib.import_module("ckd_ext._C")
     except ImportError as exc:
         return None, f"ckd_ext._C failed to load ({exc}). Rebuild it with: {REBUILD}", False
+    workspace_error = _apply_workspace_env(module)
+    if workspace_error:
+        return None, workspace_error, False
     if not info.WITH_EMULATED:
         return module, "", False
-    module.install_emulated_backend(importlib.import_module("ckd_ext._emulated").backend_table())
+    try:
+        module.install_emulated_backend(importlib.import_module("ckd_ext._emulated").backend_table())
+    except (ImportError, RuntimeError) as exc:
+        # A test-only module: the fused ops and the reference work without it; testing.emulated_cuda() says why not.
+        global _emulated_error
+        _emulated_error = f"ckd_ext._emulated failed to load ({exc}). Rebuild it with: {EMULATED_REBUILD}"
+        return module, "", False
     return module, "", True
 
 
+def _apply_workspace_env(module) -> str:
+    """CKD_EXT_WORKSPACE_MB, when set, is the default workspace in MiB; a value that is not a positive integer up
+    to 2^30 MiB (1 PiB) is an error of every fused call, not silently ignored."""
+    text = os.environ.get("CKD_EXT_WORKSPACE_MB")
+    if text is None:
+        return ""
+    value = text.strip()
+    if not (value.isdigit() and 0 < int(value) <= 2 ** 30):
+        return (f"CKD_EXT_WORKSPACE_MB must be a positive integer number of MiB (at most {2 ** 30}), got {text!r}; "
+                f"unset it for the default (64 MiB) or use ckd_ext.set_workspace_bytes")
+    module.set_workspace_bytes(int(value) << 20)
+    return ""
+
+
+_emulated_error = ("the emulated CUDA backend is not built (it is opt-in). Build it with: " + EMULATED_REBUILD)
 _module, _error, _emulated = _load()
 
 
@@ -67,6 +92,10 @@ def unavailable_reason() -> str:
 def emulated_available() -> bool:
     """Whether the emulated CUDA backend is built (test builds: CKD_EXT_EMULATED=1)."""
     return _emulated
+
+
+def emulated_unavailable_reason() -> str:
+    return "" if _emulated else _emulated_error
 
 
 def synchronize(device) -> None:

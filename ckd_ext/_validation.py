@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ANCHORS = ("student", "teacher")
 
 
@@ -38,7 +39,7 @@ class Prepared(NamedTuple):
 def _check_floating_tensor(fn: str, name: str, value) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
+    if value.dtype not in FLOATING_DTYPES:  # float8 types are floating point too, but not supported
         raise TypeError(
             f"{fn}: {name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got dtype {value.dtype}"

@@ -192,5 +192,8 @@ def _register():
                                     setup_context=bickd_setup)
 
 
-if is_available():
+# Once per process: _C outlives a re-import of this package (importlib.reload, tests that purge sys.modules), and
+# torch.library refuses a second fake / autograd registration of an op.
+if is_available() and not getattr(require_extension(), "python_registrations_done", False):
     _register()
+    require_extension().python_registrations_done = True

@@ -109,11 +109,11 @@ def _kd_terms(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     """kd_i = T^2 * sum_c Q_ic (log Q_ic - log P_ic),  P = softmax(s/T), Q = softmax(t/T).
 
     A class with Q_ic = 0 (a teacher logit of -inf, or one that underflows) takes no part: 0 log 0 = 0 even where
-    the student's logit is -inf too (log P_ic = -inf).
+    the student's logit is -inf too (log P_ic = -inf). A NaN Q (a teacher row without a softmax) stays NaN.
     """
     log_p = F.log_softmax(student / temperature, dim=1)
     q = F.softmax(teacher / temperature, dim=1)
-    terms = torch.where(q > 0, q * (torch.log(q) - log_p), torch.zeros_like(q))
+    terms = torch.where(q == 0, torch.zeros_like(q), q * (torch.log(q) - log_p))
     return temperature ** 2 * terms.sum(dim=1)
 
 

@@ -10,7 +10,7 @@ for concurrent use.
 """
 import contextlib
 
-from ._extension import EMULATED_REBUILD, emulated_available, require_extension
+from ._extension import emulated_available, emulated_unavailable_reason, require_extension
 
 __all__ = ["emulated_available", "emulated_cuda"]
 
@@ -20,7 +20,7 @@ def emulated_cuda():
     """Inside the block, the fused ops run CPU tensors through the emulated CUDA backend."""
     module = require_extension()
     if not emulated_available():
-        raise RuntimeError(f"the emulated CUDA backend is not built (it is opt-in). Build it with: {EMULATED_REBUILD}")
+        raise RuntimeError(emulated_unavailable_reason())
     previous = module.emulated_cuda()
     module.set_emulated_cuda(True)
     try:

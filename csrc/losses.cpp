@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 
 #include "backends/select.h"
@@ -14,15 +13,8 @@
 namespace ckd {
 namespace {
 
-int64_t initial_workspace_bytes() {
-  if (const char* mb = std::getenv("CKD_EXT_WORKSPACE_MB")) {
-    const long long v = std::atoll(mb);
-    if (v > 0) return static_cast<int64_t>(v) << 20;
-  }
-  return int64_t{64} << 20;
-}
-
-std::atomic<int64_t> g_workspace_bytes{initial_workspace_bytes()};
+// 64 MiB; ckd_ext/_extension.py applies CKD_EXT_WORKSPACE_MB when it loads the module.
+std::atomic<int64_t> g_workspace_bytes{int64_t{64} << 20};
 
 }  // namespace
 

@@ -99,10 +99,11 @@ CKD_HOST_DEVICE Acc kd_mass_excess(Acc y, Acc log_q, Acc s_minus_lse_t_c, Exp e)
 // One class's KL term q_j (e^delta_j - 1 - delta_j): by the series where delta_j is small, else as p_j - q_j (1 +
 // delta_j) (q_j e^delta_j would overflow where q_j underflows), +inf where q_j > 0 and the student's logit is
 // -inf (the KL is then infinite); p_j where q_j = 0 (0 log 0 = 0; 0 too where the student's logit is -inf too).
+// A NaN q (a teacher row without a softmax) stays NaN.
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_kl_term(Acc log_q, Acc delta, Acc log_p, Exp e) {
   const Acc q = e(log_q);
-  if (!(q > 0)) return e(log_p);
+  if (q == 0) return e(log_p);
   return kd_small(delta) ? q * exp_tail(delta) : e(log_p) - q * (1 + delta);
 }
 

@@ -126,15 +126,15 @@ void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, 
       return kd_mass_excess(x(j) - c, log_q(j), static_cast<Acc>(s[j]) * inv_temp - lse_t - c, e);
     }));
   }
-  const Acc lse_p = lse_t + c + d;
-  const Acc kl = sum_mapped<Acc>(cols, [&](int64_t j) {
-    return kd_kl_term(log_q(j), x(j) - c - d, static_cast<Acc>(s[j]) * inv_temp - lse_p, e);
-  });
+  // log p from lse_s itself: lse_t + c + d equals it but rounds like its largest part, which at a small temperature
+  // (|lse| ~ 1e9) is an absolute error of tens, and exp of it wrong by as many orders of magnitude.
+  auto log_p = [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp - lse_s; };
+  const Acc kl = sum_mapped<Acc>(cols, [&](int64_t j) { return kd_kl_term(log_q(j), x(j) - c - d, log_p(j), e); });
   *loss = temperature * temperature * kl;
   if (grad) {
     const Acc g = weight * temperature;
     for (int64_t j = 0; j < cols; ++j) {
-      const Acc diff = kd_prob_difference(log_q(j), x(j) - c - d, static_cast<Acc>(s[j]) * inv_temp - lse_p, e);
+      const Acc diff = kd_prob_difference(log_q(j), x(j) - c - d, log_p(j), e);
       grad[j] = static_cast<TS>(g * diff);
     }
   }

@@ -191,10 +191,10 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     });
     d = log1p_acc(block_reduce(excess, SumOp{}, scratch));
   }
-  const Acc lse_p = lse_t + c + d;
+  // log p from lse_s itself (see the CPU kernel: lse_t + c + d rounds like its largest part).
   Acc kl = 0;
   for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
-    kl += kd_kl_term(tj * inv_temp - lse_t, (sj - tj) * inv_temp - c - d, sj * inv_temp - lse_p, e);
+    kl += kd_kl_term(tj * inv_temp - lse_t, (sj - tj) * inv_temp - c - d, sj * inv_temp - lse_s, e);
   });
   kl = block_reduce(kl, SumOp{}, scratch);
   if (threadIdx.x == 0) loss[i] = temperature * temperature * kl;
@@ -202,7 +202,7 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     const Acc g = weight[i] * temperature;
     for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t j, Acc sj, Acc tj) {
       const Acc delta = (sj - tj) * inv_temp - c - d;
-      store(grad, base + j, g * kd_prob_difference(tj * inv_temp - lse_t, delta, sj * inv_temp - lse_p, e));
+      store(grad, base + j, g * kd_prob_difference(tj * inv_temp - lse_t, delta, sj * inv_temp - lse_s, e));
     });
   }
 }
