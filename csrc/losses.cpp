@@ -338,7 +338,16 @@ void ckd_core(const Inputs& in, double tau, bool student_anchor, const at::Tenso
 // ---------------------------------------------------------------------------------------------------
 // BicKD. Normalised probabilities are produced block by block in the log domain (p_ic = exp(s_ic/T -
 // LSE(2 s_i/T)/2), pbar_ic = exp(s_ic/T - LSE(s_i/T) - log|P_.c|)), so nothing underflows that float64
-// would keep, and only work buffers within the budget ever hold them.
+// would keep, and only work buffers within the budget ever hold them. Each row's log-sum-exps are kept as
+// (row max, log of the max-shifted sum) and applied as (s_ic/T - max) - rest (KernelBackend::softmax_stats):
+// one float LSE of ~5e3 would be rounded by 2.4e-4, a factor common to the row's probabilities.
+
+// One input's O(N + C) statistics: its rows' softmax_stats and (once the class side needs them) its columns'
+// log-norms.
+struct BicKDStats {
+  at::Tensor row_max, row_log_sum, row_log_norm, col_log_norm;
+};
+
 template <typename Acc>
 class BicKDPass {
  public:
@@ -354,24 +363,25 @@ class BicKDPass {
         budget_(workspace_bytes()),
         anchor_buffer_(opts_),
         candidate_buffer_(opts_) {
-    for (auto* t : {&s_lse1_, &s_lse2_, &t_lse1_, &t_lse2_}) *t = at::empty({N_}, opts_);
-    k_.softmax_stats(as_matrix(in.student), inv_temp_, s_lse1_.data_ptr<Acc>(), s_lse2_.data_ptr<Acc>());
-    k_.softmax_stats(as_matrix(in.teacher), inv_temp_, t_lse1_.data_ptr<Acc>(), t_lse2_.data_ptr<Acc>());
+    for (auto* side : {&s_, &t_}) {
+      for (auto* t : {&side->row_max, &side->row_log_sum, &side->row_log_norm}) *t = at::empty({N_}, opts_);
+    }
+    softmax_stats(in.student, s_);
+    softmax_stats(in.teacher, t_);
   }
 
   // Sample side: anchors are student rows p_i, candidates teacher rows q_k (and the reverse for the twin).
   // Adds each anchor's term, times `half`, to `loss`; accumulates dL/dp into dp when weight is defined.
   void sample_side(const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dp) {
-    const at::Tensor s_shift = s_lse2_ * 0.5, t_shift = t_lse2_ * 0.5;
-    sample_strips(in_.student, s_shift, in_.teacher, t_shift, /*student_anchors=*/true, weight, loss, dp);
-    if (symmetric_) sample_strips(in_.teacher, t_shift, in_.student, s_shift, false, weight, loss, dp);
+    sample_strips(in_.student, s_, in_.teacher, t_, /*student_anchors=*/true, weight, loss, dp);
+    if (symmetric_) sample_strips(in_.teacher, t_, in_.student, s_, false, weight, loss, dp);
   }
 
   // Class side: anchors are student columns pbar_c, candidates teacher columns qbar_d (and the reverse).
   void class_side(const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dpbar) {
     ensure_column_norms();
-    class_strips(in_.student, s_lse1_, s_lcn_, in_.teacher, t_lse1_, t_lcn_, true, weight, loss, dpbar);
-    if (symmetric_) class_strips(in_.teacher, t_lse1_, t_lcn_, in_.student, s_lse1_, s_lcn_, false, weight, loss, dpbar);
+    class_strips(in_.student, s_, in_.teacher, t_, true, weight, loss, dpbar);
+    if (symmetric_) class_strips(in_.teacher, t_, in_.student, s_, false, weight, loss, dpbar);
   }
 
   void backward(const at::Tensor& dp, const at::Tensor& dpbar, const at::Tensor& grad) {
@@ -380,13 +390,15 @@ class BicKDPass {
     if (dpbar.defined()) {
       ensure_column_norms();
       col_projection = at::empty({C_}, opts_);
-      k_.column_dots(dpbar.const_data_ptr<Acc>(), as_matrix(in_.student), s_lse1_.data_ptr<Acc>(),
-                     s_lcn_.data_ptr<Acc>(), inv_temp_, in_.valid(), col_projection.data_ptr<Acc>());
-      col_projection.masked_fill_(s_lcn_ < kLogNormEps, 0);
+      k_.column_dots(dpbar.const_data_ptr<Acc>(), as_matrix(in_.student), s_.row_max.data_ptr<Acc>(),
+                     s_.row_log_sum.data_ptr<Acc>(), s_.col_log_norm.data_ptr<Acc>(), inv_temp_, in_.valid(),
+                     col_projection.data_ptr<Acc>());
+      col_projection.masked_fill_(s_.col_log_norm < kLogNormEps, 0);
     }
     k_.bickd_backward_rows(dp.defined() ? dp.data_ptr<Acc>() : nullptr,
                            dpbar.defined() ? dpbar.const_data_ptr<Acc>() : nullptr, as_matrix(in_.student),
-                           s_lse1_.data_ptr<Acc>(), dpbar.defined() ? s_lcn_.data_ptr<Acc>() : nullptr,
+                           s_.row_max.data_ptr<Acc>(), s_.row_log_sum.data_ptr<Acc>(),
+                           dpbar.defined() ? s_.col_log_norm.data_ptr<Acc>() : nullptr,
                            dpbar.defined() ? col_projection.data_ptr<Acc>() : nullptr, inv_temp_, in_.valid(),
                            grad.data_ptr());
   }
@@ -394,29 +406,39 @@ class BicKDPass {
  private:
   Acc half() const { return symmetric_ ? Acc(0.5) : Acc(1); }
 
-  void ensure_column_norms() {
-    if (s_lcn_.defined()) return;
-    s_lcn_ = at::empty({C_}, opts_);
-    t_lcn_ = at::empty({C_}, opts_);
-    k_.column_log_norms(as_matrix(in_.student), s_lse1_.data_ptr<Acc>(), inv_temp_, in_.valid(), s_lcn_.data_ptr<Acc>());
-    k_.column_log_norms(as_matrix(in_.teacher), t_lse1_.data_ptr<Acc>(), inv_temp_, in_.valid(), t_lcn_.data_ptr<Acc>());
+  void softmax_stats(const at::Tensor& x, BicKDStats& st) {
+    k_.softmax_stats(as_matrix(x), inv_temp_, st.row_max.data_ptr<Acc>(), st.row_log_sum.data_ptr<Acc>(),
+                     st.row_log_norm.data_ptr<Acc>());
   }
 
-  // Normalised rows [row0, row0 + rows) of x: exp(x / T - shift).
-  at::Tensor normalised_rows(WorkBuffer<Acc>& buffer, const at::Tensor& x, const at::Tensor& shift, int64_t row0,
+  void ensure_column_norms() {
+    if (s_.col_log_norm.defined()) return;
+    column_log_norms(in_.student, s_);
+    column_log_norms(in_.teacher, t_);
+  }
+
+  void column_log_norms(const at::Tensor& x, BicKDStats& st) {
+    st.col_log_norm = at::empty({C_}, opts_);
+    k_.column_log_norms(as_matrix(x), st.row_max.data_ptr<Acc>(), st.row_log_sum.data_ptr<Acc>(), inv_temp_,
+                        in_.valid(), st.col_log_norm.data_ptr<Acc>());
+  }
+
+  // Normalised rows [row0, row0 + rows) of softmax(x / T): p = exp((x / T - max) - log_norm).
+  at::Tensor normalised_rows(WorkBuffer<Acc>& buffer, const at::Tensor& x, const BicKDStats& st, int64_t row0,
                              int64_t rows) {
     at::Tensor out = buffer.view(rows, C_);
-    k_.exp_block(as_matrix(x), row0, rows, 0, C_, inv_temp_, shift.data_ptr<Acc>(), nullptr, in_.valid(),
-                 out.data_ptr<Acc>());
+    k_.exp_block(as_matrix(x), row0, rows, 0, C_, inv_temp_, st.row_max.data_ptr<Acc>(),
+                 st.row_log_norm.data_ptr<Acc>(), nullptr, in_.valid(), out.data_ptr<Acc>());
     return out;
   }
 
-  // Normalised columns [col0, col0 + cols) of softmax(x / T), every row: an (N, cols) block.
-  at::Tensor normalised_columns(WorkBuffer<Acc>& buffer, const at::Tensor& x, const at::Tensor& lse1,
-                                const at::Tensor& log_norm, int64_t col0, int64_t cols) {
+  // Normalised columns [col0, col0 + cols) of softmax(x / T), every row: an (N, cols) block,
+  // pbar = exp(((x / T - max) - log_sum) - log|P_.c|).
+  at::Tensor normalised_columns(WorkBuffer<Acc>& buffer, const at::Tensor& x, const BicKDStats& st, int64_t col0,
+                                int64_t cols) {
     at::Tensor out = buffer.view(N_, cols);
-    k_.exp_block(as_matrix(x), 0, N_, col0, cols, inv_temp_, lse1.data_ptr<Acc>(), log_norm.data_ptr<Acc>(),
-                 in_.valid(), out.data_ptr<Acc>());
+    k_.exp_block(as_matrix(x), 0, N_, col0, cols, inv_temp_, st.row_max.data_ptr<Acc>(),
+                 st.row_log_sum.data_ptr<Acc>(), st.col_log_norm.data_ptr<Acc>(), in_.valid(), out.data_ptr<Acc>());
     return out;
   }
 
@@ -426,8 +448,8 @@ class BicKDPass {
 
   void add_terms(at::Tensor& loss, const at::Tensor& terms) const { loss.add_(terms, half()); }
 
-  void sample_strips(const at::Tensor& anchor_x, const at::Tensor& anchor_shift, const at::Tensor& cand_x,
-                     const at::Tensor& cand_shift, bool student_anchors, const at::Tensor& weight, at::Tensor& loss,
+  void sample_strips(const at::Tensor& anchor_x, const BicKDStats& anchor_stats, const at::Tensor& cand_x,
+                     const BicKDStats& cand_stats, bool student_anchors, const at::Tensor& weight, at::Tensor& loss,
                      const at::Tensor& dp) {
     const int64_t strip_rows = std::min(rows_within<Acc>(budget_ / 2, N_, N_), rows_within<Acc>(budget_ / 4, C_, N_));
     const int64_t block_rows = rows_within<Acc>(budget_ / 4, C_, N_);
@@ -436,13 +458,13 @@ class BicKDPass {
     const at::Tensor w = scaled_weight(weight);
     // All candidates fit in one block: build them once.
     const at::Tensor all_candidates =
-        block_rows >= N_ ? normalised_rows(candidate_buffer_, cand_x, cand_shift, 0, N_) : at::Tensor();
+        block_rows >= N_ ? normalised_rows(candidate_buffer_, cand_x, cand_stats, 0, N_) : at::Tensor();
     auto candidates = [&](int64_t j0, int64_t kb) {
-      return all_candidates.defined() ? all_candidates : normalised_rows(candidate_buffer_, cand_x, cand_shift, j0, kb);
+      return all_candidates.defined() ? all_candidates : normalised_rows(candidate_buffer_, cand_x, cand_stats, j0, kb);
     };
     for (int64_t r0 = 0; r0 < N_; r0 += strip_rows) {
       const int64_t rows = std::min(strip_rows, N_ - r0);
-      const at::Tensor anchors = normalised_rows(anchor_buffer_, anchor_x, anchor_shift, r0, rows);
+      const at::Tensor anchors = normalised_rows(anchor_buffer_, anchor_x, anchor_stats, r0, rows);
       at::Tensor z = strip.narrow(0, 0, rows);
       for (int64_t j0 = 0; j0 < N_; j0 += block_rows) {
         const int64_t kb = std::min(block_rows, N_ - j0);
@@ -465,23 +487,23 @@ class BicKDPass {
     add_terms(loss, terms);
   }
 
-  void class_strips(const at::Tensor& anchor_x, const at::Tensor& anchor_lse1, const at::Tensor& anchor_lcn,
-                    const at::Tensor& cand_x, const at::Tensor& cand_lse1, const at::Tensor& cand_lcn,
-                    bool student_anchors, const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dpbar) {
+  void class_strips(const at::Tensor& anchor_x, const BicKDStats& anchor_stats, const at::Tensor& cand_x,
+                    const BicKDStats& cand_stats, bool student_anchors, const at::Tensor& weight, at::Tensor& loss,
+                    const at::Tensor& dpbar) {
     const int64_t strip_cols = std::min(rows_within<Acc>(budget_ / 2, C_, C_), rows_within<Acc>(budget_ / 4, N_, C_));
     const int64_t block_cols = rows_within<Acc>(budget_ / 4, N_, C_);
     at::Tensor strip = at::empty({strip_cols, C_}, opts_);
     at::Tensor terms = at::zeros({C_}, opts_);
     const at::Tensor w = scaled_weight(weight);
     const at::Tensor all_candidates =
-        block_cols >= C_ ? normalised_columns(candidate_buffer_, cand_x, cand_lse1, cand_lcn, 0, C_) : at::Tensor();
+        block_cols >= C_ ? normalised_columns(candidate_buffer_, cand_x, cand_stats, 0, C_) : at::Tensor();
     auto candidates = [&](int64_t d0, int64_t kb) {
       return all_candidates.defined() ? all_candidates
-                                      : normalised_columns(candidate_buffer_, cand_x, cand_lse1, cand_lcn, d0, kb);
+                                      : normalised_columns(candidate_buffer_, cand_x, cand_stats, d0, kb);
     };
     for (int64_t c0 = 0; c0 < C_; c0 += strip_cols) {
       const int64_t cols = std::min(strip_cols, C_ - c0);
-      const at::Tensor anchors = normalised_columns(anchor_buffer_, anchor_x, anchor_lse1, anchor_lcn, c0, cols);
+      const at::Tensor anchors = normalised_columns(anchor_buffer_, anchor_x, anchor_stats, c0, cols);
       at::Tensor z = strip.narrow(0, 0, cols);
       for (int64_t d0 = 0; d0 < C_; d0 += block_cols) {
         const int64_t kb = std::min(block_cols, C_ - d0);
@@ -513,7 +535,7 @@ class BicKDPass {
   const bool symmetric_;
   const int64_t budget_;
   WorkBuffer<Acc> anchor_buffer_, candidate_buffer_;
-  at::Tensor s_lse1_, s_lse2_, t_lse1_, t_lse2_, s_lcn_, t_lcn_;
+  BicKDStats s_, t_;  // student's, teacher's
 };
 
 struct BicKDConfig {

@@ -75,6 +75,21 @@ def loss_and_grad(module, config, student, teacher, **extra):
     return detached, grad
 
 
+def bickd_large_logit_gradients(shape, seed, symmetric, reduction):
+    """(fused float32, float64 oracle) student gradients of BicKD at logit scale 1000 and T = 0.5 (softmax arguments
+    up to ~5e3), under weighted_total's distinct per-term upstream weights."""
+    import ckd_ext
+    from ckd_ext import reference as ref
+
+    student, teacher = pair(*shape, scale=1000.0, seed=seed, dtype=torch.float32)
+    kwargs = {"temperature": 0.5, "tau": 0.1, "symmetric": symmetric, "reduction": reduction}
+    s = student.detach().requires_grad_()
+    (grad,) = torch.autograd.grad(weighted_total(ckd_ext.bickd_loss(s, teacher, **kwargs)), s)
+    s64 = student.detach().double().requires_grad_()
+    (grad64,) = torch.autograd.grad(weighted_total(ref.bickd_loss(s64, teacher.double(), **kwargs)), s64)
+    return grad, grad64
+
+
 def tolerance(dtype, scale=1.0):
     return TOLERANCE[dtype] * (20 if scale > 10 and dtype == torch.float32 else 1)
 

@@ -5,8 +5,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import (CONFIGS, assert_matches, check_against_oracle, logits, loss_and_grad, pair, random_mask,
-                     weighted_total)
+from helpers import (CONFIGS, assert_matches, bickd_large_logit_gradients, check_against_oracle, logits, loss_and_grad,
+                     pair, random_mask, weighted_total)
 
 ALL = list(CONFIGS)
 BICKD = [c for c in ALL if CONFIGS[c][0] == "bickd"]
@@ -55,17 +55,25 @@ def test_teacher_of_another_dtype(config, student_dtype, teacher_dtype):
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_bickd_per_term_gradient_at_large_logits(symmetric):
-    """Softmax arguments near 5e3 (logit scale 1000, T = 0.5) with per-term upstream weights. float32
-    log-sum-exps there are off by up to 2.4e-4, a factor common to the row's exp(x / T - lse); the backward
-    renormalises it away instead of multiplying it by <P, dP> (error 7e-2 here before it did). What remains
-    comes from the forward, evaluated at those probabilities: ~2e-4 here."""
-    student, teacher = pair(48, 64, scale=1000.0, seed=12, dtype=torch.float32)
-    kwargs = {"temperature": 0.5, "tau": 0.1, "symmetric": symmetric, "reduction": "none"}
-    s = student.detach().requires_grad_()
-    (grad,) = torch.autograd.grad(weighted_total(ckd_ext.bickd_loss(s, teacher, **kwargs)), s)
-    s64 = student.detach().double().requires_grad_()
-    (grad64,) = torch.autograd.grad(weighted_total(ref.bickd_loss(s64, teacher.double(), **kwargs)), s64)
-    assert_matches(grad, grad64, torch.float32, "grad", tol=2e-3)
+    """Softmax arguments near 5e3 (logit scale 1000, T = 0.5) with per-term upstream weights. A float32
+    log-sum-exp there is off by up to 2.4e-4, a factor common to the row's probabilities: multiplied by <P, dP> in
+    the backward it gave errors of 7e-2 here; kept, in the forward, 1.7e-4. The kernels now keep each row's
+    statistics as (max, log of the max-shifted sum), so what remains is the elements' own float32 rounding, as in
+    the float32 reference (1.2e-5 and 7.1e-5 of the largest element here): 3.4e-5 at most."""
+    grad, grad64 = bickd_large_logit_gradients((48, 64), 12, symmetric, "none")
+    assert_matches(grad, grad64, torch.float32, "grad", tol=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bickd_gradient_at_large_logits_sees_no_lse_rounding(symmetric, reduction):
+    """The forward's probabilities at softmax arguments of ~5e3 carry no log-sum-exp rounding: with one float32
+    LSE per row (rounded by up to 2.4e-4, a factor common to the row's p, pbar and P) the losses, dp and dpbar of
+    this batch made gradient errors of 1.1e-3 / 3.3e-4 ("none", symmetric False / True) and 4.3e-5 / 1.3e-4
+    ("mean") of the largest element, where the float32 reference has 4e-6 at most. With (row max, log of the
+    max-shifted sum) they are 5e-6 at most: the float32 tolerance's 1e-5 times 2."""
+    grad, grad64 = bickd_large_logit_gradients((40, 120), 29, symmetric, reduction)
+    assert_matches(grad, grad64, torch.float32, "grad", tol=2e-5)
 
 
 # --- masks, reductions, leading dimensions ---------------------------------------------------------

@@ -15,8 +15,17 @@ class KernelBackend {
   virtual void row_inv_norms(ConstMatrix x, Acc* inv_norm) = 0;
   // out[i] = <a_i, b_i>
   virtual void row_dots(ConstMatrix a, ConstMatrix b, Acc* out) = 0;
-  // lse1[i] = LSE_c(x_ic * inv_temp); lse2[i] = LSE_c(2 * x_ic * inv_temp) when lse2 != nullptr
-  virtual void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* lse1, Acc* lse2) = 0;
+  // A row's softmax statistics, kept as its max and the log of its max-shifted sum instead of one log-sum-exp:
+  //   row_max[i]      = max_c x_ic * inv_temp                                  (the product every kernel forms)
+  //   row_log_sum[i]  = log sum_c exp(x_ic * inv_temp - row_max[i])           (in [0, log C])
+  //   row_log_norm[i] = 0.5 log sum_c exp(2 (x_ic * inv_temp - row_max[i]))   (in [0, 0.5 log C]; when not null)
+  // so LSE(x_i * inv_temp) = row_max + row_log_sum and LSE(2 x_i * inv_temp) / 2 = row_max + row_log_norm. Every
+  // consumer evaluates (x_ic * inv_temp - row_max[i]) - rest[i] in that order: the first difference is exact for
+  // the row's argmax and carries only the element's own rounding elsewhere, and the rest is O(log C), with a
+  // rounding of ~1e-7; one float LSE of a row whose softmax arguments are ~5e3 is rounded by up to 2.4e-4, a
+  // factor exp(2.4e-4) on every probability of the row. A row that is all -inf has row_max = -inf and rests 0
+  // (its softmax is undefined: x * inv_temp - row_max is NaN).
+  virtual void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* row_max, Acc* row_log_sum, Acc* row_log_norm) = 0;
   // Vanilla KD, one pass per row: loss[i] = T^2 KL(Q_i || P_i) (0 where !valid[i]) and, when grad is
   // given, grad_i = weight[i] * T * (P_i - Q_i) in the student's dtype.
   virtual void kd_rows(ConstMatrix student, ConstMatrix teacher, Acc temperature, const bool* valid,
@@ -25,10 +34,13 @@ class KernelBackend {
   // with !valid[row0 + r], whatever they hold (a masked row's NaN must not reach a GEMM, where 0 * NaN = NaN).
   virtual void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, const bool* valid,
                          Acc* out) = 0;
-  // out[r][c] = valid(row0 + r) ? exp(x[row0+r][col0+c] * inv_temp - row_shift[row0+r] - col_shift[col0+c]) : 0
-  // for the block rows x cols, stored row-major with leading dimension `cols` (col_shift may be null).
+  // out[r][c] = valid(i) ? exp(((x[i][col0+c] * inv_temp - row_max[i]) - row_rest[i]) - max(col_shift[col0+c],
+  // log eps)) : 0 with i = row0 + r, for the block rows x cols, stored row-major with leading dimension `cols`
+  // (col_shift may be null: no column term). row_max is softmax_stats' row_max; row_rest its row_log_norm (rows
+  // of p = P / |P|) or row_log_sum (P, for columns with col_shift = column_log_norms' log_norm).
   virtual void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
-                         const Acc* row_shift, const Acc* col_shift, const bool* valid, Acc* out) = 0;
+                         const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
+                         Acc* out) = 0;
   virtual void contrastive_epilogue(const EpilogueParams<Acc>& p) = 0;
   // Merges the tile's max-shifted exp-sums into the running (row_max, row_sum) of every row it touches:
   // rows i over columns j and, for an off-diagonal tile, rows j over columns i.
@@ -42,19 +54,22 @@ class KernelBackend {
   // written in x's dtype (grad may alias dv when that dtype is Acc). Rows with !valid[i] get 0.
   virtual void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv,
                                   ConstMatrix extra_x, const bool* valid, void* grad) = 0;
-  // log_norm[c] = 0.5 * LSE_{valid i} 2 (x_ic * inv_temp - lse1[i]): the log of the L2 norm of column c of
-  // softmax(x * inv_temp), unclamped (-inf for an empty column).
-  virtual void column_log_norms(ConstMatrix x, const Acc* lse1, Acc inv_temp, const bool* valid, Acc* log_norm) = 0;
-  // out[c] = sum_i a_ic * pbar_ic with pbar_ic = exp(x_ic * inv_temp - lse1[i] - max(log_norm[c], log eps)).
-  virtual void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp,
-                           const bool* valid, Acc* out) = 0;
+  // log_norm[c] = 0.5 * LSE_{valid i} 2 log P_ic with log P_ic = (x_ic * inv_temp - row_max[i]) - row_log_sum[i]
+  // (softmax_stats' statistics): the log of the L2 norm of column c of softmax(x * inv_temp), unclamped (-inf for
+  // an empty column).
+  virtual void column_log_norms(ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, Acc inv_temp,
+                                const bool* valid, Acc* log_norm) = 0;
+  // out[c] = sum_i a_ic * pbar_ic with pbar_ic = exp(log P_ic - max(log_norm[c], log eps)), log P_ic as above.
+  virtual void column_dots(const Acc* a, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum,
+                           const Acc* log_norm, Acc inv_temp, const bool* valid, Acc* out) = 0;
   // BicKD's last pass: through the row normalisation (dp, may be null), the column normalisation (dpbar,
   // may be null; col_log_norm as column_log_norms gives it and col_projection = <dpbar_c, pbar_c>, 0 where the
-  // norm is clamped) and the softmax, into grad (x's dtype; may alias dp). P and p are renormalised from
-  // exp(x_i * inv_temp - lse1[i]), pbar is column_dots' pbar_ic: see cpu::bickd_backward_row.
-  virtual void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1,
-                                   const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp,
-                                   const bool* valid, void* grad) = 0;
+  // norm is clamped) and the softmax, into grad (x's dtype; may alias dp). P and p are exp(x_i * inv_temp -
+  // row_max[i]) over its own sum and norm, pbar is column_dots' pbar_ic (row_log_sum is only read for it): see
+  // cpu::bickd_backward_row.
+  virtual void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max,
+                                   const Acc* row_log_sum, const Acc* col_log_norm, const Acc* col_projection,
+                                   Acc inv_temp, const bool* valid, void* grad) = 0;
 };
 
 }  // namespace ckd

@@ -107,20 +107,55 @@ void test_softmax_stats(double tol, const char* what) {
   const int cols = 1000;
   std::vector<double> x = randn(cols, 3, 30.0);
   std::vector<T> xs(x.begin(), x.end());
-  float lse1, lse2;
-  ckd::cpu::softmax_stats_row<float>(xs.data(), cols, 0.25f, &lse1, &lse2);
-  double m1 = -INFINITY, m2 = -INFINITY;
-  for (auto v : xs) {
-    m1 = std::max(m1, double(float(v)) * 0.25);
-    m2 = std::max(m2, 2 * double(float(v)) * 0.25);
-  }
+  float row_max, log_sum, log_norm;
+  ckd::cpu::softmax_stats_row<float>(xs.data(), cols, 0.25f, &row_max, &log_sum, &log_norm);
+  double m = -INFINITY;
+  for (auto v : xs) m = std::max(m, double(float(v)) * 0.25);
   double s1 = 0, s2 = 0;
   for (auto v : xs) {
-    s1 += std::exp(double(float(v)) * 0.25 - m1);
-    s2 += std::exp(2 * double(float(v)) * 0.25 - m2);
+    s1 += std::exp(double(float(v)) * 0.25 - m);
+    s2 += std::exp(2 * (double(float(v)) * 0.25 - m));
   }
-  expect_near(lse1, m1 + std::log(s1), tol, what);
-  expect_near(lse2, m2 + std::log(s2), tol, what);
+  expect_near(row_max, m, 0, what);  // x * 0.25 is exact: so is the max
+  expect_near(log_sum, std::log(s1), tol, what);
+  expect_near(log_norm, 0.5 * std::log(s2), tol, what);
+}
+
+// Softmax arguments of ~5e3 (logits ~1e3, inv_temp 2): row_max is the largest float product, the rests are the logs
+// of the max-shifted sums to float accuracy (absolute ~1e-7, where one float LSE ~5e3 would be off by up to
+// 2.4e-4), and log P = (x * inv_temp - row_max) - log_sum matches float64 to that accuracy for every element.
+void test_softmax_stats_large_logits() {
+  const int cols = 300;
+  std::vector<double> x = randn(cols, 7, 1000.0);
+  std::vector<float> xs(x.begin(), x.end());
+  float row_max, log_sum, log_norm;
+  ckd::cpu::softmax_stats_row<float>(xs.data(), cols, 2.0f, &row_max, &log_sum, &log_norm);
+  double m = -INFINITY;
+  for (float v : xs) m = std::max(m, 2.0 * v);
+  double s1 = 0, s2 = 0;
+  for (float v : xs) {
+    s1 += std::exp(2.0 * v - m);
+    s2 += std::exp(2 * (2.0 * v - m));
+  }
+  expect_near(row_max, m, 0, "softmax stats row max at large logits");
+  expect_near(log_sum, std::log(s1), 1e-6, "softmax stats log sum at large logits");
+  expect_near(log_norm, 0.5 * std::log(s2), 1e-6, "softmax stats log norm at large logits");
+  double worst = 0;
+  for (float v : xs) {
+    const double lp = std::log(s1) - (2.0 * v - m);  // -log P in float64
+    const double err = std::fabs(-double(ckd::cpu::log_prob(v, 2.0f, row_max, log_sum)) - lp);
+    worst = std::max(worst, err / std::max(1.0, lp));
+  }
+  expect_near(worst, 0, 1e-6, "log P at large logits");
+
+  std::vector<float> minus_inf(cols, -INFINITY);
+  ckd::cpu::softmax_stats_row<float>(minus_inf.data(), cols, 2.0f, &row_max, &log_sum, &log_norm);
+  if (row_max != -INFINITY) {
+    std::printf("FAIL softmax stats of a -inf row: max %g\n", row_max);
+    ++failures;
+  }
+  expect_near(log_sum, 0, 0, "softmax stats of a -inf row: log sum");
+  expect_near(log_norm, 0, 0, "softmax stats of a -inf row: log norm");
 }
 
 // grad = (dv - <dv, v> v) / |x| with v = x / |x|, and the clamped branch dv / eps.
@@ -167,6 +202,7 @@ int main() {
   test_softmax_stats<float>(1e-6, "softmax stats float");
   test_softmax_stats<c10::Half>(1e-6, "softmax stats half");
   test_softmax_stats<c10::BFloat16>(1e-6, "softmax stats bfloat16");
+  test_softmax_stats_large_logits();
   test_normalize_backward();
   if (failures) {
     std::printf("%d failure(s)\n", failures);

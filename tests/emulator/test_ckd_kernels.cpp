@@ -45,20 +45,49 @@ struct Inputs {
 
 void test_row_statistics(ckd::KernelBackend<float>& gpu, const Inputs& in) {
   std::vector<float> inv(kRows), inv_ref(kRows), dots(kRows), dots_ref(kRows);
-  std::vector<float> lse1(kRows), lse2(kRows), lse1_ref(kRows), lse2_ref(kRows);
+  std::vector<float> row_max(kRows), log_sum(kRows), log_norm(kRows), max_ref(kRows), sum_ref(kRows), norm_ref(kRows);
   gpu.row_inv_norms(matrix(in.s, kRows, kCols), inv.data());
   gpu.row_dots(matrix(in.t, kRows, kCols), matrix(in.s, kRows, kCols), dots.data());
-  gpu.softmax_stats(matrix(in.s, kRows, kCols), 0.25f, lse1.data(), lse2.data());
+  gpu.softmax_stats(matrix(in.s, kRows, kCols), 0.25f, row_max.data(), log_sum.data(), log_norm.data());
   for (int i = 0; i < kRows; ++i) {
     const float* si = in.s.data() + i * kCols;
     ckd::cpu::row_inv_norm<float>(si, kCols, &inv_ref[i]);
     dots_ref[i] = ckd::cpu::row_dot<float>(in.t.data() + i * kCols, si, kCols);
-    ckd::cpu::softmax_stats_row<float>(si, kCols, 0.25f, &lse1_ref[i], &lse2_ref[i]);
+    ckd::cpu::softmax_stats_row<float>(si, kCols, 0.25f, &max_ref[i], &sum_ref[i], &norm_ref[i]);
   }
   expect_close(inv, inv_ref, "row_inv_norms");
   expect_close(dots, dots_ref, "row_dots");
-  expect_close(lse1, lse1_ref, "softmax_stats lse1");
-  expect_close(lse2, lse2_ref, "softmax_stats lse2");
+  expect_close(row_max, max_ref, "softmax_stats row_max");
+  for (int i = 0; i < kRows; ++i) {  // the same float product x * inv_temp on both sides: bitwise equal
+    CKD_CHECK(row_max[i] == max_ref[i], "softmax_stats row_max[%d]: %.8g vs %.8g", i, row_max[i], max_ref[i]);
+  }
+  expect_close(log_sum, sum_ref, "softmax_stats row_log_sum");
+  expect_close(log_norm, norm_ref, "softmax_stats row_log_norm");
+
+  // A row whose softmax arguments are ~5e3 (logits ~1e3 at T = 0.5): the statistics stay O(log C) (a float LSE
+  // there would be rounded by up to 2.4e-4), row_max is the largest product x * inv_temp exactly, and a row of -inf
+  // has row_max -inf and rests 0.
+  std::vector<float> big = random_values(2 * kCols, 21, 1000.0f);
+  for (int j = 0; j < kCols; ++j) big[kCols + j] = -INFINITY;
+  std::vector<float> bmax(2), bsum(2), bnorm(2), bmax_ref(2), bsum_ref(2), bnorm_ref(2);
+  gpu.softmax_stats(matrix(big, 2, kCols), 2.0f, bmax.data(), bsum.data(), bnorm.data());
+  for (int i = 0; i < 2; ++i)
+    ckd::cpu::softmax_stats_row<float>(big.data() + i * kCols, kCols, 2.0f, &bmax_ref[i], &bsum_ref[i], &bnorm_ref[i]);
+  expect_close(bmax, bmax_ref, "softmax_stats row_max at large logits");
+  expect_close(bsum, bsum_ref, "softmax_stats row_log_sum at large logits");
+  expect_close(bnorm, bnorm_ref, "softmax_stats row_log_norm at large logits");
+  double m = -INFINITY, s1 = 0, s2 = 0;
+  for (int j = 0; j < kCols; ++j) m = std::max(m, 2.0 * big[j]);
+  for (int j = 0; j < kCols; ++j) {
+    s1 += std::exp(2.0 * big[j] - m);
+    s2 += std::exp(2 * (2.0 * big[j] - m));
+  }
+  CKD_CHECK(bmax[0] == float(m) && std::fabs(bsum[0] - std::log(s1)) < 1e-6 &&
+                std::fabs(bnorm[0] - 0.5 * std::log(s2)) < 1e-6,
+            "softmax_stats at large logits: %.9g %.9g %.9g vs %.9g %.9g %.9g", bmax[0], bsum[0], bnorm[0], m,
+            std::log(s1), 0.5 * std::log(s2));
+  CKD_CHECK(bmax[1] == -INFINITY && bsum[1] == 0.0f && bnorm[1] == 0.0f, "softmax_stats of a -inf row: %g %g %g",
+            bmax[1], bsum[1], bnorm[1]);
 }
 
 void test_kd_rows(ckd::KernelBackend<float>& gpu, const Inputs& in) {
@@ -140,46 +169,54 @@ void test_normalize_backward(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 
 void test_bickd_kernels(ckd::KernelBackend<float>& gpu, const Inputs& in) {
   const float inv_temp = 0.5f;
-  std::vector<float> lse1(kRows), lse2(kRows);
-  for (int i = 0; i < kRows; ++i) ckd::cpu::softmax_stats_row<float>(in.s.data() + i * kCols, kCols, inv_temp, &lse1[i], &lse2[i]);
+  std::vector<float> row_max(kRows), log_sum(kRows), row_log_norm(kRows);
+  for (int i = 0; i < kRows; ++i) {
+    ckd::cpu::softmax_stats_row<float>(in.s.data() + i * kCols, kCols, inv_temp, &row_max[i], &log_sum[i],
+                                       &row_log_norm[i]);
+  }
   std::vector<float> log_norm(kCols), log_norm_ref(kCols);
-  gpu.column_log_norms(matrix(in.s, kRows, kCols), lse1.data(), inv_temp, in.valid, log_norm.data());
-  ckd::cpu::column_log_norms_block<float>(in.s.data(), kRows, kCols, 0, kCols, lse1.data(), inv_temp, in.valid,
-                                          log_norm_ref.data());
+  gpu.column_log_norms(matrix(in.s, kRows, kCols), row_max.data(), log_sum.data(), inv_temp, in.valid, log_norm.data());
+  ckd::cpu::column_log_norms_block<float>(in.s.data(), kRows, kCols, 0, kCols, row_max.data(), log_sum.data(),
+                                          inv_temp, in.valid, log_norm_ref.data());
   expect_close(log_norm, log_norm_ref, "column_log_norms");
 
   std::vector<float> dpbar = random_values(kRows * kCols, 8), col_dot(kCols), col_dot_ref(kCols);
-  gpu.column_dots(dpbar.data(), matrix(in.s, kRows, kCols), lse1.data(), log_norm_ref.data(), inv_temp, in.valid,
-                  col_dot.data());
-  ckd::cpu::column_dots_block<float>(dpbar.data(), in.s.data(), kRows, kCols, 0, kCols, lse1.data(),
-                                     log_norm_ref.data(), inv_temp, in.valid, col_dot_ref.data());
+  gpu.column_dots(dpbar.data(), matrix(in.s, kRows, kCols), row_max.data(), log_sum.data(), log_norm_ref.data(),
+                  inv_temp, in.valid, col_dot.data());
+  ckd::cpu::column_dots_block<float>(dpbar.data(), in.s.data(), kRows, kCols, 0, kCols, row_max.data(),
+                                     log_sum.data(), log_norm_ref.data(), inv_temp, in.valid, col_dot_ref.data());
   expect_close(col_dot, col_dot_ref, "column_dots");
 
   std::vector<float> col_projection(kCols);
   for (int c = 0; c < kCols; ++c) col_projection[c] = log_norm_ref[c] < float(ckd::kLogNormEps) ? 0.0f : col_dot_ref[c];
   std::vector<float> dp = random_values(kRows * kCols, 9), grad(kRows * kCols), grad_ref(kRows * kCols, 0);
   std::vector<float> scratch(2 * kCols);
-  gpu.bickd_backward_rows(dp.data(), dpbar.data(), matrix(in.s, kRows, kCols), lse1.data(), log_norm_ref.data(),
-                          col_projection.data(), inv_temp, in.valid, grad.data());
+  gpu.bickd_backward_rows(dp.data(), dpbar.data(), matrix(in.s, kRows, kCols), row_max.data(), log_sum.data(),
+                          log_norm_ref.data(), col_projection.data(), inv_temp, in.valid, grad.data());
   for (int i = 0; i < kRows; ++i) {
     if (!in.valid[i]) continue;
     ckd::cpu::bickd_backward_row<float>(dp.data() + i * kCols, dpbar.data() + i * kCols, in.s.data() + i * kCols,
-                                        kCols, lse1[i], log_norm_ref.data(), col_projection.data(), inv_temp,
-                                        scratch.data(), grad_ref.data() + i * kCols);
+                                        kCols, row_max[i], log_sum[i], log_norm_ref.data(), col_projection.data(),
+                                        inv_temp, scratch.data(), grad_ref.data() + i * kCols);
   }
   expect_close(grad, grad_ref, "bickd_backward_rows");
 }
 
 void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
-  std::vector<float> shift = random_values(kRows, 10), col_shift = random_values(kCols, 11);
+  std::vector<float> shift = random_values(kRows, 10), rest = random_values(kRows, 12, 1.0f);
+  std::vector<float> col_shift = random_values(kCols, 11);
   std::vector<float> block(3 * 40), block_ref(3 * 40);
-  gpu.exp_block(matrix(in.s, kRows, kCols), 2, 3, 50, 40, 0.5f, shift.data(), col_shift.data(), in.valid, block.data());
-  for (int r = 0; r < 3; ++r)
-    for (int c = 0; c < 40; ++c)
-      block_ref[r * 40 + c] = in.valid[2 + r] ? std::exp(in.s[(2 + r) * kCols + 50 + c] * 0.5f - shift[2 + r] -
-                                                         std::max(col_shift[50 + c], float(ckd::kLogNormEps)))
-                                              : 0.0f;
-  expect_close(block, block_ref, "exp_block");
+  for (const float* cs : {static_cast<const float*>(col_shift.data()), static_cast<const float*>(nullptr)}) {
+    gpu.exp_block(matrix(in.s, kRows, kCols), 2, 3, 50, 40, 0.5f, shift.data(), rest.data(), cs, in.valid,
+                  block.data());
+    for (int r = 0; r < 3; ++r)
+      for (int c = 0; c < 40; ++c)
+        block_ref[r * 40 + c] =
+            in.valid[2 + r] ? std::exp((in.s[(2 + r) * kCols + 50 + c] * 0.5f - shift[2 + r]) - rest[2 + r] -
+                                       (cs ? std::max(cs[50 + c], float(ckd::kLogNormEps)) : 0.0f))
+                            : 0.0f;
+    expect_close(block, block_ref, cs ? "exp_block" : "exp_block without col_shift");
+  }
 
   std::vector<float> loaded(4 * kCols, 1.0f), loaded_ref(4 * kCols);
   gpu.load_rows(matrix(in.t, kRows, kCols), 1, 4, shift.data(), in.valid, loaded.data());

@@ -54,11 +54,12 @@ class CpuBackend final : public KernelBackend<Acc> {
     });
   }
 
-  void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* lse1, Acc* lse2) override {
+  void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* row_max, Acc* row_log_sum, Acc* row_log_norm) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       parallel_rows(x.rows, x.cols, [&](int64_t i) {
-        cpu::softmax_stats_row<Acc>(rows_of<T>(x, i), x.cols, inv_temp, lse1 + i, lse2 ? lse2 + i : nullptr);
+        cpu::softmax_stats_row<Acc>(rows_of<T>(x, i), x.cols, inv_temp, row_max + i, row_log_sum + i,
+                                    row_log_norm ? row_log_norm + i : nullptr);
       });
     });
   }
@@ -101,7 +102,8 @@ class CpuBackend final : public KernelBackend<Acc> {
   }
 
   void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
-                 const Acc* row_shift, const Acc* col_shift, const bool* valid, Acc* out) override {
+                 const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
+                 Acc* out) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       parallel_rows(rows, cols, [&](int64_t r) {
@@ -112,9 +114,13 @@ class CpuBackend final : public KernelBackend<Acc> {
           return;
         }
         const T* xi = rows_of<T>(x, i) + col0;
-        for (int64_t c = 0; c < cols; ++c) {
-          const Acc cs = col_shift ? clamped_log_norm(col_shift[col0 + c]) : Acc(0);
-          o[c] = cpu::fast_exp(static_cast<Acc>(xi[c]) * inv_temp - row_shift[i] - cs);
+        const Acc m = row_max[i], rest = row_rest[i];
+        if (col_shift) {
+          for (int64_t c = 0; c < cols; ++c) {
+            o[c] = cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest) - clamped_log_norm(col_shift[col0 + c]));
+          }
+        } else {
+          for (int64_t c = 0; c < cols; ++c) o[c] = cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest));
         }
       });
     });
@@ -162,29 +168,31 @@ class CpuBackend final : public KernelBackend<Acc> {
     });
   }
 
-  void column_log_norms(ConstMatrix x, const Acc* lse1, Acc inv_temp, const bool* valid, Acc* log_norm) override {
+  void column_log_norms(ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, Acc inv_temp, const bool* valid,
+                        Acc* log_norm) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       parallel_column_blocks(x.cols, [&](int64_t c0, int64_t c1) {
-        cpu::column_log_norms_block<Acc>(static_cast<const T*>(x.data), x.rows, x.cols, c0, c1, lse1, inv_temp, valid,
-                                         log_norm);
+        cpu::column_log_norms_block<Acc>(static_cast<const T*>(x.data), x.rows, x.cols, c0, c1, row_max, row_log_sum,
+                                         inv_temp, valid, log_norm);
       });
     });
   }
 
-  void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp, const bool* valid,
-                   Acc* out) override {
+  void column_dots(const Acc* a, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, const Acc* log_norm,
+                   Acc inv_temp, const bool* valid, Acc* out) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       parallel_column_blocks(x.cols, [&](int64_t c0, int64_t c1) {
-        cpu::column_dots_block<Acc>(a, static_cast<const T*>(x.data), x.rows, x.cols, c0, c1, lse1, log_norm, inv_temp,
-                                    valid, out);
+        cpu::column_dots_block<Acc>(a, static_cast<const T*>(x.data), x.rows, x.cols, c0, c1, row_max, row_log_sum,
+                                    log_norm, inv_temp, valid, out);
       });
     });
   }
 
-  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* col_log_norm,
-                           const Acc* col_projection, Acc inv_temp, const bool* valid, void* grad) override {
+  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum,
+                           const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
+                           void* grad) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       at::parallel_for(0, x.rows, row_grain(x.cols), [&](int64_t begin, int64_t end) {
@@ -196,8 +204,8 @@ class CpuBackend final : public KernelBackend<Acc> {
             continue;
           }
           cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
-                                       rows_of<T>(x, i), x.cols, lse1[i], col_log_norm, col_projection, inv_temp,
-                                       scratch.data(), g);
+                                       rows_of<T>(x, i), x.cols, row_max[i], row_log_sum[i], col_log_norm,
+                                       col_projection, inv_temp, scratch.data(), g);
         }
       });
     });

@@ -94,10 +94,20 @@ Acc row_dot(const TA* a, const TB* b, int64_t cols) {
   return sum_over<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(a[j]) * static_cast<Acc>(b[j]); });
 }
 
+// The row's max m of x * inv_temp and the logs of the L1 and L2 norms of exp(x * inv_temp - m) (see
+// KernelBackend::softmax_stats); log_norm may be null.
 template <typename Acc, typename T>
-void softmax_stats_row(const T* x, int64_t cols, Acc inv_temp, Acc* lse1, Acc* lse2) {
-  *lse1 = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(x[j]) * inv_temp; });
-  if (lse2) *lse2 = logsumexp<Acc>(cols, [&](int64_t j) { return 2 * static_cast<Acc>(x[j]) * inv_temp; });
+void softmax_stats_row(const T* x, int64_t cols, Acc inv_temp, Acc* row_max, Acc* log_sum, Acc* log_norm) {
+  const Acc m = max_over<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(x[j]) * inv_temp; });
+  *row_max = m;
+  if (m == neg_inf<Acc>()) {  // every logit -inf: no softmax (x * inv_temp - m is NaN)
+    *log_sum = 0;
+    if (log_norm) *log_norm = 0;
+    return;
+  }
+  auto d = [&](int64_t j) { return static_cast<Acc>(x[j]) * inv_temp - m; };
+  *log_sum = std::log(sum_mapped<Acc>(cols, [&](int64_t j) { return fast_exp(d(j)); }));
+  if (log_norm) *log_norm = Acc(0.5) * std::log(sum_mapped<Acc>(cols, [&](int64_t j) { return fast_exp(2 * d(j)); }));
 }
 
 struct FastExp {
@@ -225,21 +235,29 @@ void normalize_backward_row(Acc* dv, const T* x, int64_t cols, Acc extra_factor,
   for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(inv * (dv[j] - proj * static_cast<Acc>(x[j])));
 }
 
-// Columns [c0, c1) of log_norm: 0.5 * LSE over valid rows of 2 (x_ic * inv_temp - lse1_i).
+// log P_ic from softmax_stats' row statistics, in the order every kernel uses: (x * inv_temp - max) - log_sum.
 template <typename Acc, typename T>
-void column_log_norms_block(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, const Acc* lse1,
-                            Acc inv_temp, const bool* valid, Acc* log_norm) {
+inline Acc log_prob(T x, Acc inv_temp, Acc row_max, Acc row_log_sum) {
+  return (static_cast<Acc>(x) * inv_temp - row_max) - row_log_sum;
+}
+
+// Columns [c0, c1) of log_norm: 0.5 * LSE over valid rows of 2 log P_ic.
+template <typename Acc, typename T>
+void column_log_norms_block(const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1, const Acc* row_max,
+                            const Acc* row_log_sum, Acc inv_temp, const bool* valid, Acc* log_norm) {
   const int64_t w = c1 - c0;
   std::vector<Acc> mx(w, neg_inf<Acc>()), sum(w, Acc(0));
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
     const T* xi = x + i * cols + c0;
-    for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], 2 * (static_cast<Acc>(xi[c]) * inv_temp - lse1[i]));
+    for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], 2 * log_prob(xi[c], inv_temp, row_max[i], row_log_sum[i]));
   }
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
     const T* xi = x + i * cols + c0;
-    for (int64_t c = 0; c < w; ++c) sum[c] += fast_exp(2 * (static_cast<Acc>(xi[c]) * inv_temp - lse1[i]) - mx[c]);
+    for (int64_t c = 0; c < w; ++c) {
+      sum[c] += fast_exp(2 * log_prob(xi[c], inv_temp, row_max[i], row_log_sum[i]) - mx[c]);
+    }
   }
   for (int64_t c = 0; c < w; ++c) {
     log_norm[c0 + c] = mx[c] == neg_inf<Acc>() ? mx[c] : Acc(0.5) * (mx[c] + std::log(sum[c]));
@@ -248,7 +266,8 @@ void column_log_norms_block(const T* x, int64_t rows, int64_t cols, int64_t c0, 
 
 template <typename Acc, typename T>
 void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int64_t c0, int64_t c1,
-                       const Acc* lse1, const Acc* log_norm, Acc inv_temp, const bool* valid, Acc* out) {
+                       const Acc* row_max, const Acc* row_log_sum, const Acc* log_norm, Acc inv_temp,
+                       const bool* valid, Acc* out) {
   const int64_t w = c1 - c0;
   std::vector<Acc> sum(w, Acc(0)), shift(w);
   for (int64_t c = 0; c < w; ++c) shift[c] = clamped_log_norm(log_norm[c0 + c]);
@@ -256,7 +275,9 @@ void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int
     if (valid && !valid[i]) continue;
     const T* xi = x + i * cols + c0;
     const Acc* ai = a + i * cols + c0;
-    for (int64_t c = 0; c < w; ++c) sum[c] += ai[c] * fast_exp(static_cast<Acc>(xi[c]) * inv_temp - lse1[i] - shift[c]);
+    for (int64_t c = 0; c < w; ++c) {
+      sum[c] += ai[c] * fast_exp(log_prob(xi[c], inv_temp, row_max[i], row_log_sum[i]) - shift[c]);
+    }
   }
   for (int64_t c = 0; c < w; ++c) out[c0 + c] = sum[c];
 }
@@ -265,21 +286,21 @@ void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int
 // (dpbar - k_c pbar) / |P_.c|, evaluated as ds = (u - P sum(u)) / T with u = P dP:
 //   u_j = p_j (dp_j - <dp, p> p_j) + pbar_j (dpbar_j - k_j pbar_j),   p = P / |P_i|,  pbar_j = P_j / max(|P_.j|, eps)
 // (k_j = col_projection[j], 0 where the norm is clamped). Two choices keep rounding from being amplified:
-// * P and p are e = exp(x/T - lse1) divided by its own sum and norm. lse1 (~|x|/T) carries float32 rounding of
-//   up to 1.2e-4 at 2.6e3, a factor exp(delta) common to the row that this normalisation removes. Used as is,
-//   sum(P) = 1 + delta leaves -delta P <P, dP> in P (dP - <P, dP>), and |p| = exp(lse1 - lse2/2) |P| != 1 a
-//   spurious <P, dP> of the row projection; <P, dP> is O(dP) while a nearly one-hot row's gradient is
-//   O(P_j (1 - P_j) dP), so either was up to ~1e-2 of the gradient.
-// * pbar is exp(x/T - lse1 - max(log_norm, log eps)), the expression column_dots and the forward use, so a
-//   column that is one nonzero entry has pbar = 1 and k = dpbar exactly: its term is 0, as it should be, not
-//   dpbar rounding divided by |P_.c| and multiplied back by P.
+// * P and p are e = exp(x/T - row_max) divided by its own sum and norm: the max-shifted softmax, whose sum is 1
+//   and norm 1 to float rounding. (With a float32 LSE, ~|x|/T and rounded by up to 1.2e-4 at 2.6e3, in place of
+//   those, sum(P) = 1 + delta left -delta P <P, dP> in P (dP - <P, dP>), and |p| != 1 a spurious <P, dP> of the row
+//   projection; <P, dP> is O(dP) while a nearly one-hot row's gradient is O(P_j (1 - P_j) dP), so either was up to
+//   ~1e-2 of the gradient.)
+// * pbar is exp(log P - max(log_norm, log eps)) with column_dots' and the forward's log_prob, so a column that is
+//   one nonzero entry has pbar = 1 and k = dpbar exactly: its term is 0, as it should be, not dpbar rounding
+//   divided by |P_.c| and multiplied back by P.
 // `scratch` holds 2 * cols values.
 template <typename Acc, typename T>
-void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc lse1, const Acc* col_log_norm,
-                        const Acc* col_projection, Acc inv_temp, Acc* scratch, T* grad) {
+void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc row_max, Acc row_log_sum,
+                        const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, Acc* scratch, T* grad) {
   Acc* e = scratch;
   Acc* u = scratch + cols;
-  for (int64_t j = 0; j < cols; ++j) e[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1);
+  for (int64_t j = 0; j < cols; ++j) e[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - row_max);
   const Acc inv_sum = Acc(1) / sum_over<Acc>(cols, [&](int64_t j) { return e[j]; });
   std::fill(u, u + cols, Acc(0));
   if (dp) {
@@ -292,7 +313,7 @@ void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t col
   }
   if (dpbar) {
     for (int64_t j = 0; j < cols; ++j) {
-      const Acc pbar = fast_exp(static_cast<Acc>(x[j]) * inv_temp - lse1 - clamped_log_norm(col_log_norm[j]));
+      const Acc pbar = fast_exp(log_prob(x[j], inv_temp, row_max, row_log_sum) - clamped_log_norm(col_log_norm[j]));
       u[j] += pbar * (dpbar[j] - col_projection[j] * pbar);
     }
   }

@@ -50,12 +50,12 @@ class CudaBackend final : public KernelBackend<Acc> {
     check_launch("row_dots");
   }
 
-  void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* lse1, Acc* lse2) override {
+  void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* row_max, Acc* row_log_sum, Acc* row_log_norm) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::softmax_stats_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
-                    static_cast<const T*>(x.data), x.cols, inv_temp, lse1, lse2);
+                    static_cast<const T*>(x.data), x.cols, inv_temp, row_max, row_log_sum, row_log_norm);
     });
     check_launch("softmax_stats");
   }
@@ -87,13 +87,14 @@ class CudaBackend final : public KernelBackend<Acc> {
   }
 
   void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
-                 const Acc* row_shift, const Acc* col_shift, const bool* valid, Acc* out) override {
+                 const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
+                 Acc* out) override {
     if (rows * cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::exp_block_kernel<Acc, T>, elements_grid(rows * cols), dim3(gpu::kElementThreads), 0,
-                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_shift,
-                    col_shift, valid, out);
+                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
+                    row_rest, col_shift, valid, out);
     });
     check_launch("exp_block");
   }
@@ -140,35 +141,39 @@ class CudaBackend final : public KernelBackend<Acc> {
     check_launch("normalize_backward");
   }
 
-  void column_log_norms(ConstMatrix x, const Acc* lse1, Acc inv_temp, const bool* valid, Acc* log_norm) override {
+  void column_log_norms(ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, Acc inv_temp, const bool* valid,
+                        Acc* log_norm) override {
     if (x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::column_log_norms_kernel<Acc, T>, columns_grid(x.cols), dim3(gpu::kColumnThreads), 0,
-                    stream_, static_cast<const T*>(x.data), x.rows, x.cols, lse1, inv_temp, valid, log_norm);
+                    stream_, static_cast<const T*>(x.data), x.rows, x.cols, row_max, row_log_sum, inv_temp, valid,
+                    log_norm);
     });
     check_launch("column_log_norms");
   }
 
-  void column_dots(const Acc* a, ConstMatrix x, const Acc* lse1, const Acc* log_norm, Acc inv_temp, const bool* valid,
-                   Acc* out) override {
+  void column_dots(const Acc* a, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, const Acc* log_norm,
+                   Acc inv_temp, const bool* valid, Acc* out) override {
     if (x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::column_dots_kernel<Acc, T>, columns_grid(x.cols), dim3(gpu::kColumnThreads), 0, stream_, a,
-                    static_cast<const T*>(x.data), x.rows, x.cols, lse1, log_norm, inv_temp, valid, out);
+                    static_cast<const T*>(x.data), x.rows, x.cols, row_max, row_log_sum, log_norm, inv_temp, valid,
+                    out);
     });
     check_launch("column_dots");
   }
 
-  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* lse1, const Acc* col_log_norm,
-                           const Acc* col_projection, Acc inv_temp, const bool* valid, void* grad) override {
+  void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum,
+                           const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
+                           void* grad) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       launch_kernel(gpu::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
-                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, lse1, col_log_norm,
-                    col_projection, inv_temp, valid, static_cast<T*>(grad));
+                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, row_max, row_log_sum,
+                    col_log_norm, col_projection, inv_temp, valid, static_cast<T*>(grad));
     });
     check_launch("bickd_backward_rows");
   }

@@ -134,13 +134,31 @@ __global__ void row_dots_kernel(const TA* a, const TB* b, int64_t cols, Acc* out
   if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
+// log P_ic from softmax_stats' row statistics, in the order every kernel uses: (x * inv_temp - max) - log_sum.
+// (nvcc contracts x * inv_temp - max into one fma here and in softmax_stats alike: the exact product minus the
+// row's max, rounded once, the same value in every kernel.)
+template <typename Acc>
+__device__ __forceinline__ Acc log_prob(Acc x, Acc inv_temp, Acc row_max, Acc row_log_sum) {
+  return (x * inv_temp - row_max) - row_log_sum;
+}
+
+// The row's max m of x / T and the logs of the L1 and L2 norms of exp(x / T - m): see KernelBackend::softmax_stats.
 template <typename Acc, typename T>
-__global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc* lse1, Acc* lse2) {
+__global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc* row_max, Acc* row_log_sum,
+                                     Acc* row_log_norm) {
   __shared__ Acc scratch[32];
   const T* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   Acc m = neg_inf<Acc>();
   for_row<Acc>(row, cols, [&](int64_t, Acc x) { m = max_acc(m, x * inv_temp); });
   m = block_reduce(m, MaxOp{}, scratch);
+  if (m == neg_inf<Acc>()) {  // every logit -inf (uniform across the block): no softmax
+    if (threadIdx.x == 0) {
+      row_max[blockIdx.x] = m;
+      row_log_sum[blockIdx.x] = 0;
+      if (row_log_norm) row_log_norm[blockIdx.x] = 0;
+    }
+    return;
+  }
   // max(2 x / T) = 2 max(x / T): one max serves both sums.
   Acc s1 = 0, s2 = 0;
   for_row<Acc>(row, cols, [&](int64_t, Acc x) {
@@ -149,10 +167,11 @@ __global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc
     s2 += exp_acc(2 * d);
   });
   s1 = block_reduce(s1, SumOp{}, scratch);
-  if (lse2) s2 = block_reduce(s2, SumOp{}, scratch);
+  if (row_log_norm) s2 = block_reduce(s2, SumOp{}, scratch);
   if (threadIdx.x == 0) {
-    lse1[blockIdx.x] = m + log_acc(s1);
-    if (lse2) lse2[blockIdx.x] = 2 * m + log_acc(s2);
+    row_max[blockIdx.x] = m;
+    row_log_sum[blockIdx.x] = log_acc(s1);
+    if (row_log_norm) row_log_norm[blockIdx.x] = Acc(0.5) * log_acc(s2);
   }
 }
 
@@ -225,8 +244,8 @@ __global__ void load_rows_kernel(const T* x, int64_t cols, int64_t row0, int64_t
 
 template <typename Acc, typename T>
 __global__ void exp_block_kernel(const T* x, int64_t ldx, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
-                                 Acc inv_temp, const Acc* row_shift, const Acc* col_shift, const bool* valid,
-                                 Acc* out) {
+                                 Acc inv_temp, const Acc* row_max, const Acc* row_rest, const Acc* col_shift,
+                                 const bool* valid, Acc* out) {
   const int64_t total = rows * cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -236,8 +255,8 @@ __global__ void exp_block_kernel(const T* x, int64_t ldx, int64_t row0, int64_t 
       out[e] = 0;
       continue;
     }
-    const Acc cs = col_shift ? clamped_log_norm(col_shift[col0 + c]) : Acc(0);
-    out[e] = exp_acc(load<Acc>(x, i * ldx + col0 + c) * inv_temp - row_shift[i] - cs);
+    const Acc v = log_prob(load<Acc>(x, i * ldx + col0 + c), inv_temp, row_max[i], row_rest[i]);
+    out[e] = exp_acc(col_shift ? v - clamped_log_norm(col_shift[col0 + c]) : v);
   }
 }
 
@@ -360,14 +379,14 @@ __global__ void normalize_backward_kernel(Acc* dv, const T* x, int64_t cols, con
 
 // One thread per column, walking the rows: coalesced across the warp, deterministic, no barrier.
 template <typename Acc, typename T>
-__global__ void column_log_norms_kernel(const T* x, int64_t rows, int64_t cols, const Acc* lse1, Acc inv_temp,
-                                        const bool* valid, Acc* log_norm) {
+__global__ void column_log_norms_kernel(const T* x, int64_t rows, int64_t cols, const Acc* row_max,
+                                        const Acc* row_log_sum, Acc inv_temp, const bool* valid, Acc* log_norm) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   Acc m = neg_inf<Acc>();
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
-    m = max_acc(m, 2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]));
+    m = max_acc(m, 2 * log_prob(load<Acc>(x, i * cols + c), inv_temp, row_max[i], row_log_sum[i]));
   }
   if (m == neg_inf<Acc>()) {
     log_norm[c] = m;
@@ -376,33 +395,34 @@ __global__ void column_log_norms_kernel(const T* x, int64_t rows, int64_t cols, 
   Acc s = 0;
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
-    s += exp_acc(2 * (load<Acc>(x, i * cols + c) * inv_temp - lse1[i]) - m);
+    s += exp_acc(2 * log_prob(load<Acc>(x, i * cols + c), inv_temp, row_max[i], row_log_sum[i]) - m);
   }
   log_norm[c] = Acc(0.5) * (m + log_acc(s));
 }
 
 template <typename Acc, typename T>
-__global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64_t cols, const Acc* lse1,
-                                   const Acc* log_norm, Acc inv_temp, const bool* valid, Acc* out) {
+__global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64_t cols, const Acc* row_max,
+                                   const Acc* row_log_sum, const Acc* log_norm, Acc inv_temp, const bool* valid,
+                                   Acc* out) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= cols) return;
   const Acc shift = clamped_log_norm(log_norm[c]);
   Acc s = 0;
   for (int64_t i = 0; i < rows; ++i) {
     if (valid && !valid[i]) continue;
-    s += a[i * cols + c] * exp_acc(load<Acc>(x, i * cols + c) * inv_temp - lse1[i] - shift);
+    s += a[i * cols + c] * exp_acc(log_prob(load<Acc>(x, i * cols + c), inv_temp, row_max[i], row_log_sum[i]) - shift);
   }
   out[c] = s;
 }
 
 // One block per row: through the row normalisation (dp), the column normalisation (dpbar) and the softmax, as
 // grad = (u - P sum(u)) / T with u = P dP (cpu::bickd_backward_row has the derivation). P, p, pbar are recomputed
-// from x instead of stored: P and p renormalised from e = exp(x / T - lse1) (which removes lse1's rounding), pbar
-// by column_dots' own expression. Each thread writes only the elements it read, so grad may alias dp.
+// from x instead of stored: P and p from e = exp(x / T - row_max) over its own sum and norm (the max-shifted
+// softmax), pbar by column_dots' own expression. Each thread writes only the elements it read, so grad may alias dp.
 template <typename Acc, typename T>
 __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols,
-                                           const Acc* lse1_, const Acc* col_log_norm, const Acc* col_projection,
-                                           Acc inv_temp, const bool* valid, T* grad) {
+                                           const Acc* row_max, const Acc* row_log_sum, const Acc* col_log_norm,
+                                           const Acc* col_projection, Acc inv_temp, const bool* valid, T* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
@@ -410,10 +430,10 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
     zero_row(grad, base, cols);
     return;
   }
-  const Acc lse1 = lse1_[i];
+  const Acc m = row_max[i], log_sum = row_log_sum[i];
   Acc sum = 0, sq = 0, r = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const Acc e = exp_acc(load<Acc>(x, base + j) * inv_temp - lse1);
+    const Acc e = exp_acc(load<Acc>(x, base + j) * inv_temp - m);
     sum += e;
     if (dp) {
       sq += e * e;
@@ -434,7 +454,7 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
       v = p * (dp[base + j] - r * p);
     }
     if (dpbar) {
-      const Acc pbar = exp_acc(xj * inv_temp - lse1 - clamped_log_norm(col_log_norm[j]));
+      const Acc pbar = exp_acc(log_prob(xj, inv_temp, m, log_sum) - clamped_log_norm(col_log_norm[j]));
       v += pbar * (dpbar[base + j] - col_projection[j] * pbar);
     }
     return v;
@@ -442,12 +462,12 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
   Acc total = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const Acc xj = load<Acc>(x, base + j);
-    total += u(j, xj, exp_acc(xj * inv_temp - lse1));
+    total += u(j, xj, exp_acc(xj * inv_temp - m));
   }
   total = block_reduce(total, SumOp{}, scratch);
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const Acc xj = load<Acc>(x, base + j);
-    const Acc e = exp_acc(xj * inv_temp - lse1);
+    const Acc e = exp_acc(xj * inv_temp - m);
     store(grad, base + j, (u(j, xj, e) - e * inv_sum * total) * inv_temp);
   }
 }
