@@ -233,10 +233,13 @@ def _reduced(terms, bounds, reduction, divisor, u):
 
 
 def _one_minus_diagonal(pi, dim):
-    """1 - pi_ii for a softmax pi along `dim`, without cancellation: the sum of the off-diagonal entries."""
-    off = pi.clone()
-    off.diagonal().zero_()
-    return off.sum(dim=dim)
+    """1 - pi_ii for a softmax pi along `dim`, without cancellation: the sum of the off-diagonal entries (the
+    diagonal is zeroed for the sum and put back, to spare a copy of a C x C matrix)."""
+    diagonal = pi.diagonal().clone()
+    pi.diagonal().zero_()
+    off = pi.sum(dim=dim)
+    pi.diagonal().copy_(diagonal)
+    return off
 
 
 def _row_finite_max(*xs):
@@ -257,8 +260,11 @@ def _kd_bounds(s, t, temperature, w, u):
       and exp adds 2u (libm / fast_exp, ~1 ulp): eps = u (7A + 2 log C + acc(C) + 2) is the relative error of every
       p_j, q_j and the absolute error of every log-probability.
     * The term T^2 KL has d KL / d x_j = p_j - q_j and d KL / d y_j = q_j (log q_j - log p_j - KL): perturbing the
-      arguments by eps moves it by T^2 eps (sum |p - q| + sum q |log q - log p - KL|), which vanishes as p -> q. On top:
-      the rounding of sum_j q_j (log q_j - log p_j) (acc(C) u sum q |log q - log p|), 3 roundings of T^2 KL, and the
+      arguments by eps moves it by T^2 eps (sum |p - q| + sum q |log q - log p - KL|), which vanishes as p -> q. The
+      rounding of LSE(y) is no such perturbation: it shifts every log q_j alike, a common relative error of the q_j
+      (whose sum is then not 1), which scales the terms q_j (log q_j - log p_j): eps sum q |log q - log p|, which
+      vanishes as p -> q too (that of LSE(x) is one of log p_j - log q_j and is in the first term). On top: the
+      rounding of sum_j q_j (log q_j - log p_j) (acc(C) u sum q |log q - log p|), 3 roundings of T^2 KL, and the
       second-order remainder: KL is quadratic in the log-ratios near p = q (sum q (e^d - 1 - d) <= d^2 for |d| <= 1),
       and perturbed log-ratios are off by up to 2 eps, so T^2 (2 eps)^2 / 2 = 2 T^2 eps^2 (a KL that is exactly 0,
       C = 1, comes back as ~eps^2 from an accurate algorithm).
@@ -279,9 +285,9 @@ def _kd_bounds(s, t, temperature, w, u):
         if oracle:  # the oracle sums q (log q - log p) from independently rounded logs: absolute error eps per row
             term = t2 * eps * (1 + (q * dlog.abs()).sum(dim=1, keepdim=True)) + 3 * unit * t2 * kl.abs()
         else:
+            mass = (q * dlog.abs()).sum(dim=1, keepdim=True)  # sum q |log q - log p|
             sensitivity = (p - q).abs().sum(dim=1, keepdim=True) + (q * (dlog - kl).abs()).sum(dim=1, keepdim=True)
-            term = t2 * (eps * sensitivity + unit * acc(C) * (q * dlog.abs()).sum(dim=1, keepdim=True)
-                         + 2 * eps ** 2) + 3 * unit * t2 * kl.abs()
+            term = t2 * (eps * (sensitivity + mass) + unit * acc(C) * mass + 2 * eps ** 2) + 3 * unit * t2 * kl.abs()
         wt = (w.abs() * temperature).reshape(-1, 1) if w.dim() else w.abs() * temperature
         grad = wt * ((p + q) * eps + 4 * unit * (p - q).abs() + UNDERFLOW[compute_for_unit(unit)])
         out.append((term.reshape(-1), grad))
@@ -360,19 +366,20 @@ def _contrast_side(z, w, symmetric):
     om_r = _one_minus_diagonal(pi_r, dim=1)
     terms = lse_r - z.diagonal()
     w = w.abs()
-    coef = pi_r * w[:, None]
+    extra = (pi_r.diagonal() + 1 - om_r) * w
+    coef = pi_r.mul_(w[:, None])  # in place: the C x C matrices are the bulk of the work
     coef.diagonal().copy_(om_r * w)
-    om, extra = om_r, (pi_r.diagonal() + 1 - om_r) * w
+    om = om_r
     if symmetric:
-        lse_c = torch.logsumexp(z.T.contiguous(), dim=1)
+        lse_c = torch.logsumexp(z.T, dim=1)
         pi_c = torch.exp(z - lse_c[None, :])
         om_c = _one_minus_diagonal(pi_c, dim=0)
         terms = 0.5 * (terms + lse_c - z.diagonal())
-        coef_c = pi_c * w[None, :]
-        coef_c.diagonal().copy_(om_c * w)
-        coef = 0.5 * (coef + coef_c)
-        om = 0.5 * (om_r + om_c)
         extra = 0.5 * (extra + (pi_c.diagonal() + 1 - om_c) * w)
+        pi_c.mul_(w[None, :])
+        pi_c.diagonal().copy_(om_c * w)
+        coef.add_(pi_c).mul_(0.5)
+        om = 0.5 * (om_r + om_c)
     return terms, om, coef, extra
 
 
@@ -448,12 +455,8 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
     return w_sample * smp, w_class * cls, out
 
 
-def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper):
-    """Element-wise bounds (Bound(compute, oracle)) of the loss output(s) and of the student gradient of the fused
-    `loss` ("kd", "ckd" or "bickd", keyword arguments `hyper`) against the float64 oracle, for rounded inputs
-    `student`, `teacher` (any dtype, any device; rows with mask False may hold anything) and upstream gradient
-    `upstream` (a scalar for "mean" and "sum", the per-term weights for "none"; for BicKD "none" the pair (per
-    sample, per class)). Returns (loss bound, or a pair of bounds for BicKD "none"; gradient bound (N, C))."""
+def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper):
+    """error_bounds without the underflow floor."""
     cdtype = compute_dtype(student.dtype)
     u = UNIT_ROUNDOFF[cdtype]
     s_all = student.detach().cpu().double().reshape(-1, student.shape[-1])
@@ -518,6 +521,38 @@ def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstrea
     return Bound(*loss_bounds), Bound(grad[0].reshape(student.shape), grad[1].reshape(student.shape))
 
 
+def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper):
+    """Element-wise bounds (Bound(compute, oracle)) of the loss output(s) and of the student gradient of the fused
+    `loss` ("kd", "ckd" or "bickd", keyword arguments `hyper`) against the float64 oracle, for rounded inputs
+    `student`, `teacher` (any dtype, any device; rows with mask False may hold anything) and upstream gradient
+    `upstream` (a scalar for "mean" and "sum", the per-term weights for "none"; for BicKD "none" the pair (per
+    sample, per class)). Returns (loss bound, or a pair of bounds for BicKD "none"; gradient bound (N, C)).
+
+    Every bound derived above is relative (u |value|) per operation, which gradual underflow breaks: an operation whose
+    result is below the smallest normal errs by up to half the subnormal spacing, absolutely (BicKD weights of
+    5e-324 give subnormal float64 losses). Each computed element depends on at most N + C + 8 operations (a sum over
+    the rows or the classes, a few scalings), so that many spacings of the compute (and of the oracle's float64) are
+    added; elements that are not computed (masked rows, an empty batch) keep their bound of 0: they must be 0."""
+    loss_bound, grad_bound = _error_bounds(loss, student, teacher, mask=mask, reduction=reduction, upstream=upstream,
+                                           hyper=hyper)
+    rows, C = student.reshape(-1, student.shape[-1]).shape
+    valid = torch.ones(rows, dtype=torch.bool) if mask is None else mask.cpu().reshape(-1)
+    ops = rows + C + 8
+    spacing = (SUBNORMAL_SPACING[compute_dtype(student.dtype)] * ops, SUBNORMAL_SPACING[torch.float64] * ops)
+    any_valid = float(bool(valid.any()))
+
+    def floored(bound, computed):
+        return Bound(bound.compute + spacing[0] * computed, bound.oracle + spacing[1] * computed)
+
+    row_computed = valid.double().reshape(student.shape[:-1])
+    grad_bound = floored(grad_bound, row_computed.unsqueeze(-1))
+    if isinstance(loss_bound, Bound):
+        loss_bound = floored(loss_bound, row_computed if reduction == "none" else any_valid)
+    else:  # BicKD "none": (per sample, per class)
+        loss_bound = (floored(loss_bound[0], row_computed), floored(loss_bound[1], any_valid))
+    return loss_bound, grad_bound
+
+
 def check_within(actual, expected, bound, dtype, what):
     """Compares `actual` (the fused result, of dtype `dtype`) with the float64 `expected` by (*) above.
     Returns (max of error / allowed, None) or (that, (kind, message)) with kind "oracle" (the oracle itself is not
@@ -534,11 +569,11 @@ def check_within(actual, expected, bound, dtype, what):
     allowed = (1 + u_out) * compute + u_out * e.abs() + SUBNORMAL_SPACING[dtype] / 2 + oracle
     allowed = allowed.expand_as(e)
     err = (a - e).abs()
-    # A value beyond the dtype's range rounds to inf (float16 gradients of a clamped zero-norm row): accept the
-    # infinity of the right sign where the exact value, give or take its allowance, reaches the overflow threshold
+    # A value beyond the dtype's range rounds to inf (float16 gradients of a clamped zero-norm row, 1 / eps = 1e12
+    # times dv): accept +inf (-inf) where the exact value plus (minus) its allowance reaches the overflow threshold
     # (the largest finite value plus half its spacing, max (1 + u_out / 2)).
     overflow = torch.finfo(dtype).max * (1 + u_out / 2)
-    inf_ok = torch.isinf(a) & (torch.sign(a) == torch.sign(e)) & (e.abs() + allowed >= overflow)
+    inf_ok = ((a == math.inf) & (e + allowed >= overflow)) | ((a == -math.inf) & (e - allowed <= -overflow))
     ok = (err <= allowed) | inf_ok
     ratio = torch.where(inf_ok | (err == 0), torch.zeros_like(err), err / allowed)
     worst = ratio.nan_to_num(math.inf).max().item() if ratio.numel() else 0.0

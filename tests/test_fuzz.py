@@ -33,16 +33,17 @@ ROW_KINDS = ("one_hot", "identical", "zero", "near")
 MASKS = (None, "random", "all_false", "single_true")
 REDUCTIONS = ("mean", "sum", "none")
 NEAR_NOISE = 1e-2  # a near-converged student: teacher + NEAR_NOISE * randn
-# ckd_ext.set_workspace_bytes budgets (KiB): the default, and ones small enough that the strips, symmetric tiles and
-# converted blocks of docs/math.md section 6 hold a few rows (the last one partial).
-WORKSPACES_KIB = (None, 4, 16, 256)
+# Work-buffer budgets (ckd_ext.set_workspace_bytes): the default, or one that splits the strips, symmetric tiles and
+# converted blocks of docs/math.md section 6 into about this many (the last one partial). A budget fixed in bytes
+# would give a 300 x 2000 CKD 1-row tiles: 90000 GEMMs, a minute per example.
+WORKSPACE_SPLITS = (None, 2, 3, 8)
 
 # The float64 oracle materialises N x N (CKD, BicKD sample side) and C x C (BicKD class side) matrices, and the
 # tolerance model as many again: N * C is capped so that an example takes well under a second, and BicKD's C x C
 # work (N C^2) as well. The emulated CUDA backend runs each CUDA thread as an OS thread, ~1000x slower than the CPU
 # kernels: its draws stay at N * C <= 600.
 MAX_ELEMENTS = 200_000
-MAX_BICKD_WORK = 20_000_000  # N * C * (N + C)
+MAX_BICKD_WORK = 10_000_000  # N * C * (N + C)
 EMULATED_MAX_N, EMULATED_MAX_C, EMULATED_MAX_ELEMENTS = 12, 60, 600
 
 
@@ -64,7 +65,7 @@ class Case:
     reduction: str
     log_upstream: float       # upstream gradients are (0.5 + rand) * 10**log_upstream, one per output term
     hyper: tuple              # (name, value) pairs of the loss's keyword arguments
-    workspace_kib: object     # None (the default budget) or a small one, so that strips, tiles and blocks are partial
+    workspace_splits: object  # None (the default budget) or into how many strips / tiles / blocks to split the work
     seed: int
 
     @property
@@ -126,7 +127,7 @@ def cases(draw, loss, max_n=300, max_c=2000, max_elements=MAX_ELEMENTS):
                 log_scale=draw(_log_scale()), row_kinds=row_kinds, coverage=coverage, mask=mask,
                 nan_in_masked=nan_in_masked, neg_inf=neg_inf, reduction=draw(st.sampled_from(REDUCTIONS)),
                 log_upstream=draw(st.floats(-3, 3, allow_nan=False)), hyper=draw(hyperparameters(loss)),
-                workspace_kib=draw(st.sampled_from(WORKSPACES_KIB)), seed=draw(st.integers(0, 2 ** 32 - 1)))
+                workspace_splits=draw(st.sampled_from(WORKSPACE_SPLITS)), seed=draw(st.integers(0, 2 ** 32 - 1)))
 
 
 # --- building and running a case -----------------------------------------------------------------------------------
@@ -185,12 +186,20 @@ def build(case):
     return s, t, mask
 
 
+def workspace_bytes(case):
+    """A budget under which each strip, tile or block holds at least ceil(N / splits) rows (or columns): the strips
+    of the kernels need (in float32) 2 N or 4 C bytes per row, their tiles and blocks 8 C (docs/math.md section 6),
+    so 4 r max(2N, 8C) bytes give every pass at least r rows, and at most about `splits` strips per dimension."""
+    rows = -(-case.n // case.workspace_splits)
+    return 4 * rows * max(2 * case.n, 8 * case.c)
+
+
 def upstream_gradients(case, outputs):
     """One upstream gradient per output term, distinct (so that a "none" backward that ignores them is caught),
     (0.5 + rand) * 10**log_upstream, rounded to the output's dtype (the oracle gets the same values in float64)."""
     g = torch.Generator().manual_seed(case.seed + 1)
     scale = 10.0 ** case.log_upstream
-    return tuple(((torch.rand(o.shape, generator=g, dtype=torch.float64) + 0.5) * scale).to(o.dtype)
+    return tuple(((torch.rand(o.shape, generator=g, dtype=torch.float64) + 0.5) * scale).to(o.device, o.dtype)
                  for o in outputs)
 
 
@@ -217,8 +226,8 @@ def run_case(case, device="cpu"):
     t_dev, m_dev = t.to(dev), None if mask is None else mask.to(dev)
     saved_workspace = ckd_ext.workspace_bytes()
     try:
-        if case.workspace_kib:
-            ckd_ext.set_workspace_bytes(case.workspace_kib * 1024)
+        if case.workspace_splits:
+            ckd_ext.set_workspace_bytes(workspace_bytes(case))
         with testing.emulated_cuda() if device == "emulated" else contextlib.nullcontext():
             outputs = _outputs(ckd_ext, case, s_dev, t_dev, m_dev)
             upstream = upstream_gradients(case, outputs)
@@ -228,7 +237,7 @@ def run_case(case, device="cpu"):
 
     s64 = s.double().requires_grad_()
     expected = _outputs(reference, case, s64, t.double(), mask)
-    grad64 = _grad(expected, s64, tuple(u.double() for u in upstream))
+    grad64 = _grad(expected, s64, tuple(u.cpu().double() for u in upstream))
 
     up = upstream if case.reduction == "none" and case.loss == "bickd" else upstream[0]
     loss_bound, grad_bound = error_bounds(case.loss, s, t, mask=mask, reduction=case.reduction,
@@ -269,7 +278,7 @@ def _events(case):
         event(f"rows {kind}")
     if case.neg_inf:
         event(f"-inf {case.neg_inf}")
-    event(f"workspace {case.workspace_kib} KiB")
+    event(f"workspace split {case.workspace_splits}")
 
 
 # --- the tests -----------------------------------------------------------------------------------------------------
