@@ -1,7 +1,7 @@
 """Property-based fuzzing of the fused losses against the float64 oracle, with hypothesis.
 
-Each example draws a loss configuration (shape, dtypes, logit scale, special rows, mask, NaN in masked rows, -inf
-teacher classes for KD, hyperparameters, reduction, upstream gradient), runs the fused op and the float64 reference
+Each example draws a loss configuration (shape, dtypes, logit scale, special rows, mask, NaN or +-inf in masked rows,
+-inf teacher classes for KD, hyperparameters, reduction, upstream gradient, work-buffer budget), runs the fused op and the float64 reference
 on the same (already rounded) inputs, and checks the loss and the student gradient element by element against the
 tolerance model of tests/helpers.py (error_bounds, check_within), on every backend: the CPU kernels always, the
 emulated CUDA backend on small draws, CUDA tensors where a GPU is present.
@@ -31,6 +31,7 @@ LOSSES = ("kd", "ckd", "bickd")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ROW_KINDS = ("one_hot", "identical", "zero", "near")
 MASKS = (None, "random", "all_false", "single_true")
+MASKED_FILLS = (None, "nan", "inf")  # what the masked rows hold: their random logits, NaN, or +-inf
 REDUCTIONS = ("mean", "sum", "none")
 NEAR_NOISE = 1e-2  # a near-converged student: teacher + NEAR_NOISE * randn
 # Work-buffer budgets (ckd_ext.set_workspace_bytes): the default, or one that splits the strips, symmetric tiles and
@@ -60,7 +61,7 @@ class Case:
     row_kinds: tuple          # special rows among ROW_KINDS
     coverage: str             # how many rows are special: "one", "some", "all"
     mask: object              # one of MASKS
-    nan_in_masked: bool       # NaN written into the masked rows of student and teacher
+    masked_fill: object       # None, or "nan" / "inf" (+-inf) written into the masked rows of student and teacher
     neg_inf: object           # KD: None, "teacher" (-inf teacher classes) or "both" (student -inf there too)
     reduction: str
     log_upstream: float       # upstream gradients are (0.5 + rand) * 10**log_upstream, one per output term
@@ -121,11 +122,11 @@ def cases(draw, loss, max_n=300, max_c=2000, max_elements=MAX_ELEMENTS):
     row_kinds = tuple(draw(st.lists(st.sampled_from(ROW_KINDS), max_size=3, unique=True)))
     coverage = draw(st.sampled_from(("one", "some", "all"))) if row_kinds else "one"
     mask = draw(st.sampled_from(MASKS))
-    nan_in_masked = draw(st.booleans()) if mask is not None else False
+    masked_fill = draw(st.sampled_from(MASKED_FILLS)) if mask is not None else None
     neg_inf = draw(st.sampled_from((None, "teacher", "both"))) if loss == "kd" and c > 1 else None
     return Case(loss=loss, n=n, c=c, dtype=dtype, teacher_dtype=teacher_dtype,
                 log_scale=draw(_log_scale()), row_kinds=row_kinds, coverage=coverage, mask=mask,
-                nan_in_masked=nan_in_masked, neg_inf=neg_inf, reduction=draw(st.sampled_from(REDUCTIONS)),
+                masked_fill=masked_fill, neg_inf=neg_inf, reduction=draw(st.sampled_from(REDUCTIONS)),
                 log_upstream=draw(st.floats(-3, 3, allow_nan=False)), hyper=draw(hyperparameters(loss)),
                 workspace_splits=draw(st.sampled_from(WORKSPACE_SPLITS)), seed=draw(st.integers(0, 2 ** 32 - 1)))
 
@@ -180,9 +181,13 @@ def build(case):
         mask = torch.zeros(n, dtype=torch.bool)
         mask[randint(n)] = True
     s, t = s.to(case.dtype), t.to(case.teacher_dtype)
-    if mask is not None and case.nan_in_masked:
+    if mask is not None and case.masked_fill == "nan":
         s[~mask] = math.nan
         t[~mask] = math.nan
+    elif mask is not None and case.masked_fill == "inf":  # +inf and -inf in alternate classes
+        signs = torch.where(torch.arange(c) % 2 == 0, math.inf, -math.inf)
+        s[~mask] = signs.to(s.dtype)
+        t[~mask] = -signs.to(t.dtype)
     return s, t, mask
 
 
@@ -273,7 +278,7 @@ def _assert_no_failure(loss, grad):
 def _events(case):
     event(f"dtype {str(case.dtype).replace('torch.', '')}")
     event(f"reduction {case.reduction}")
-    event(f"mask {case.mask}{' + NaN' if case.nan_in_masked else ''}")
+    event(f"mask {case.mask}{' + ' + case.masked_fill if case.masked_fill else ''}")
     for kind in case.row_kinds:
         event(f"rows {kind}")
     if case.neg_inf:
