@@ -294,8 +294,7 @@ void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
             j0 == i0 ? vi : operand_rows(k, col_buffer, in, in.student, j0, rj, inv_s.data_ptr<Acc>());
         at::Tensor z = tile.narrow(0, 0, ri).narrow(1, 0, rj);
         if (!tile_ready) at::mm_out(z, vi, vj.t());
-        const SymmetricTile<Acc> t{z.data_ptr<Acc>(), tile_rows, i0, ri, j0, rj, inv_tau,
-                                   positive.const_data_ptr<Acc>(), in.valid()};
+        const SymmetricTile<Acc> t{z.data_ptr<Acc>(), tile_rows, i0, ri, j0, rj, inv_tau, in.valid()};
         f(t, vi, vj, z);
       }
     }
@@ -307,16 +306,23 @@ void ckd_student_anchor(const Inputs& in, double tau, const at::Tensor& weight, 
     k.symmetric_tile_lse(t, row_max.data_ptr<Acc>(), row_sum.data_ptr<Acc>());
   });
   tile_ready = single_tile;
-  const at::Tensor lse = row_max + row_sum.log();  // -inf only for masked rows, which every pass skips
-  at::Tensor terms = lse - positive;
+  // The tiles merged the negatives only: the term is softplus(LSE_neg - positive) and the positive's 1 - pi_ii
+  // sigmoid of the same (kernels/scalar_math.h), exact where the positive dominates. d = -inf for a row without
+  // negatives (one valid row: term 0), NaN only for masked rows, which every pass skips.
+  const at::Tensor d = (row_max - positive) + row_sum.log();
+  // softplus(d) = max(d, 0) + log1p(e^-|d|), exactly: at::softplus returns d itself beyond its threshold of 20, an
+  // error of up to e^-20 that float64 would see.
+  at::Tensor terms = d.clamp_min(0).add_(d.abs().neg_().exp_().log1p_());
   if (in.mask.defined()) terms.masked_fill_(in.mask.logical_not(), 0);
   row_loss.copy_(terms);
   if (!want_grad) return;
 
+  const at::Tensor lse = positive + terms;  // the full log-sum-exp, for the negatives' weights pi_ij
+  at::Tensor diagonal = at::sigmoid(d).mul_(weight).mul_(-inv_tau);  // w_i (pi_ii - 1) / tau, the positive's
+  if (in.mask.defined()) diagonal.masked_fill_(in.mask.logical_not(), 0);
   at::Tensor dv = grad.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
-  at::Tensor diagonal = at::zeros({N}, acc_options);  // w_i (pi_ii - 1) / tau, the positive's coefficient
   for_each_tile([&](const SymmetricTile<Acc>& t, const at::Tensor& vi, const at::Tensor& vj, const at::Tensor& z) {
-    k.symmetric_tile_coefficients(t, lse.const_data_ptr<Acc>(), weight.const_data_ptr<Acc>(), diagonal.data_ptr<Acc>());
+    k.symmetric_tile_coefficients(t, lse.const_data_ptr<Acc>(), weight.const_data_ptr<Acc>());
     dv.narrow(0, t.row0, t.rows).addmm_(z, vj);
     if (t.row0 != t.col0) dv.narrow(0, t.col0, t.cols).addmm_(z.t(), vi);
   });

@@ -294,15 +294,10 @@ def _kd_bounds(s, t, temperature, w, u):
     return t2 * kl.reshape(-1), out
 
 
-# The fused kernels compute each contrastive term as LSE_i - z_ii and the positive's gradient coefficient as
-# pi_ii - 1, the textbook form the oracle uses too, whose error is absolute, eps_pi (1 + |term|), not relative to
-# 1 - pi_ii: where a positive dominates its row (small tau, a converged student) they lose relative accuracy, the
-# fuzzer found (CKD and BicKD; e.g. a term of 6e-10 returned as 0 at tau = 0.05). Until they compute the
-# conditioned form (the term as log1p(sum_{j != i} exp(z_ij - z_ii)), 1 - pi_ii as the sum of the negatives'
-# weights), the fused path is held to the textbook bound; test_hardening.py pins the conditioned behaviour with a
-# strict xfail, which starts failing once the kernels are fixed: then set this to True.
-FUSED_CONTRAST_IS_CONDITIONED = False
-
+# The fused kernels compute each contrastive term as softplus(LSE_{j != i} z_ij - z_ii) and the positive's 1 - pi_ii
+# as sigmoid of the same (kernels/scalar_math.h), so their error is relative to 1 - pi_ii where a positive dominates
+# its row; the oracle computes the textbook LSE_i - z_ii and pi_ii - 1, whose error is absolute, eps_pi (1 + |term|).
+# (The fuzzer found the textbook form's loss in the kernels: a term of 6e-10 returned as 0 at tau = 0.05.)
 
 def _ckd_bounds(s, t, tau, anchor, w, u):
     """CKD on valid rows s, t (float64). z are the candidate logits of each anchor row (docs/math.md section 4),
@@ -342,8 +337,7 @@ def _ckd_bounds(s, t, tau, anchor, w, u):
     for unit, oracle in ((u, False), (U64, True)):
         eps_z = unit * (2 * acc(C) + 7) / tau
         eps_pi = 2 * eps_z + unit * (3 / tau + 2 * math.log(n) + acc(n) + 2)
-        if oracle or not FUSED_CONTRAST_IS_CONDITIONED:
-            # logsumexp - positive: absolute error eps_pi; the positive's coefficient as pi_ii - 1
+        if oracle:  # logsumexp - positive: absolute error eps_pi; autograd's positive coefficient pi_ii - 1
             term = eps_pi * (1 + terms.abs()) + unit * terms.abs()
             diagonal = pi.diagonal() + 1
         else:
@@ -447,13 +441,12 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
     # The oracle's coefficients differ on the diagonal only: add that part (linear in the diagonal).
     ds_oracle = abs_backward(dp + (extra_a / tau)[:, None] * q, dpbar + qbar * (extra_g / tau)[None, :])
     out = []
-    fused_scale = ds if FUSED_CONTRAST_IS_CONDITIONED else ds_oracle
-    for unit, scale, oracle in ((u, fused_scale, False), (U64, ds_oracle, True)):
+    for unit, scale, oracle in ((u, ds, False), (U64, ds_oracle, True)):
         eps_row = unit * (7 * a + 2 * math.log(C) + acc(C) + 2)
         eps_col = unit * (18 * a + 6 * math.log(C) + math.log(n) + 2 * acc(C) + acc(n) + 2)
         eps_pi_a = 2 * (2 * eps_row + unit * (acc(C) + 2)) / tau + unit * (3 / tau + 2 * math.log(n) + acc(n) + 2)
         eps_pi_g = 2 * (2 * eps_col + unit * (acc(n) + 2)) / tau + unit * (3 / tau + 2 * math.log(C) + acc(C) + 2)
-        if oracle or not FUSED_CONTRAST_IS_CONDITIONED:  # logsumexp - positive: absolute error eps_pi
+        if oracle:  # logsumexp - positive: absolute error eps_pi
             smp_bound = eps_pi_a * (1 + smp.abs()) + unit * smp.abs()
             cls_bound = eps_pi_g * (1 + cls.abs()) + unit * cls.abs()
         else:

@@ -31,7 +31,7 @@ struct EmulatedBackendTable {
   KernelBackend<double>& (*double_backend)();
 };
 // Bump whenever KernelBackend, EpilogueParams or SymmetricTile change layout.
-constexpr int64_t kEmulatedBackendAbi = 4;
+constexpr int64_t kEmulatedBackendAbi = 5;
 constexpr const char* kEmulatedBackendCapsule = "ckd_ext._emulated.backend_table";
 
 }  // namespace ckd

@@ -42,13 +42,13 @@ class KernelBackend {
                          const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
                          Acc* out) = 0;
   virtual void contrastive_epilogue(const EpilogueParams<Acc>& p) = 0;
-  // Merges the tile's max-shifted exp-sums into the running (row_max, row_sum) of every row it touches:
-  // rows i over columns j and, for an off-diagonal tile, rows j over columns i.
+  // Merges the tile's max-shifted exp-sums of the negatives (the diagonal excluded) into the running
+  // (row_max, row_sum) of every row it touches: rows i over columns j and, for an off-diagonal tile, rows j over
+  // columns i.
   virtual void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) = 0;
-  // In place: tile_ij = (weight[i] pi_ij + weight[j] pi_ji) * t.scale for i != j (pi_ij = exp(z_ij - lse[i])),
-  // 0 on the diagonal, whose coefficient weight[i] (pi_ii - 1) * t.scale goes to diagonal_out[i].
-  virtual void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
-                                           Acc* diagonal_out) = 0;
+  // In place: tile_ij = (weight[i] pi_ij + weight[j] pi_ji) * t.scale for i != j (pi_ij = exp(z_ij - lse[i]), lse
+  // the full log-sum-exp, positive included), 0 on the diagonal (the positive's coefficient is the orchestration's).
+  virtual void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) = 0;
   // Backward of v = x / max(||x||, eps) for every row, after adding extra_coef[i] * extra_inv[i] * extra_x_i
   // to dv_i when extra_coef is given: grad_i = (dv_i - [unclamped] <dv_i, v_i> v_i) / max(||x_i||, eps),
   // written in x's dtype (grad may alias dv when that dtype is Acc). Rows with !valid[i] get 0.

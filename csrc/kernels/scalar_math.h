@@ -48,13 +48,22 @@ CKD_HOST_DEVICE void merge_lse(Acc& m, Acc& s, Acc part_max, Acc part_sum) {
   }
 }
 
-// z_ij of a symmetric tile at (r, c): -inf where row or column is masked, the positive on the diagonal, else the
-// scaled cosine.
+// A contrastive term from the log-sum-exp of its negatives alone, d = LSE_{j != i} z_ij - z_ii: the term
+// LSE_j z_ij - z_ii is softplus(d) and the positive's 1 - pi_ii is sigmoid(d). Neither cancels where the positive
+// dominates its row (d << 0: a small tau, a converged student), where LSE - z_ii and pi_ii - 1 are differences of
+// numbers of size 1 / tau. d = -inf (no negative) gives 0 and 0.
+template <typename Acc>
+CKD_HOST_DEVICE Acc softplus_acc(Acc d) { return d > 0 ? d + log1p_acc(exp_acc(-d)) : log1p_acc(exp_acc(d)); }
+template <typename Acc>
+CKD_HOST_DEVICE Acc sigmoid_acc(Acc d) { return Acc(1) / (Acc(1) + exp_acc(-d)); }
+
+// z_ij of a symmetric tile at (r, c), negatives only: -inf where row or column is masked and on the diagonal (the
+// positive's place, handled apart through softplus / sigmoid above), else the scaled cosine.
 template <typename Acc>
 CKD_HOST_DEVICE Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
   const int64_t i = t.row0 + r, j = t.col0 + c;
-  if (t.valid && (!t.valid[i] || !t.valid[j])) return neg_inf<Acc>();
-  return i == j ? t.positive[i] : t.tile[r * t.ld + c] * t.scale;
+  if (i == j || (t.valid && (!t.valid[i] || !t.valid[j]))) return neg_inf<Acc>();
+  return t.tile[r * t.ld + c] * t.scale;
 }
 
 // ---- KD without cancellation (docs/math.md section 3, "Near convergence"). With x_j = (s_j - t_j) / T taken as one

@@ -39,8 +39,8 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
 // row0 .. row0+rows-1, columns = every candidate, row-major with leading dimension cols) into per-anchor losses
 // and, in place, gradient coefficients. The positive of anchor i sits in column i.
 //   z_ij  = strip_ij * scale * col_scale[j]     (-inf where !valid[j])
-//   loss_i = LSE_j z_ij - z_ii                   (0 where !valid[i])
-//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * scale
+//   loss_i = LSE_j z_ij - z_ii                   (0 where !valid[i]), as softplus(LSE_{j != i} z_ij - z_ii)
+//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * scale, the positive's 1 - pi_ii as a sigmoid
 // Anchor rows arrive already scaled (the orchestration loads them normalised), so only columns need a scale.
 // Anchors and candidates are the same rows of one batch, so one mask serves both. Null arrays mean "all ones" /
 // "all valid".
@@ -59,15 +59,15 @@ struct EpilogueParams {
 
 // One tile of CKD's student-anchor similarities, whose matrix is symmetric: rows i in [row0, row0 + rows),
 // columns j in [col0, col0 + cols), col0 >= row0, holding cosines <v_i, v_j>. z_ij = tile_ij * scale for
-// i != j, z_ii = positive[i] (the positive pair <u_i, v_i> / tau takes the diagonal's place); rows and
-// columns with !valid take no part. An off-diagonal tile (row0 != col0) stands for its transpose too.
+// i != j, the negatives; the positive pair <u_i, v_i> / tau, which takes the diagonal's place, is combined with
+// their log-sum-exp by the orchestration (softplus_acc). Rows and columns with !valid take no part. An off-diagonal
+// tile (row0 != col0) stands for its transpose too.
 template <typename Acc>
 struct SymmetricTile {
   Acc* tile;
   int64_t ld;
   int64_t row0, rows, col0, cols;
   Acc scale;
-  const Acc* positive;
   const bool* valid;
 };
 

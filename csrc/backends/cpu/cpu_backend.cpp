@@ -140,10 +140,9 @@ class CpuBackend final : public KernelBackend<Acc> {
     }
   }
 
-  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
-                                   Acc* diagonal_out) override {
+  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) override {
     parallel_rows(t.rows, t.cols, [&](int64_t r) {
-      cpu::symmetric_tile_coefficients_row(t, r, lse, weight, diagonal_out);
+      cpu::symmetric_tile_coefficients_row(t, r, lse, weight);
     });
   }
 

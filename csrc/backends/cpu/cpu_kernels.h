@@ -165,12 +165,18 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
     if (p.valid && !p.valid[j]) v = neg_inf<Acc>();
     z[j] = v;
   }
-  const Acc lse = logsumexp<Acc>(p.cols, [&](int64_t j) { return z[j]; });
-  p.loss[i] = lse - z[i];
+  // The term from the negatives' log-sum-exp (kernels/scalar_math.h, softplus_acc): no cancellation where the
+  // positive dominates.
+  const Acc zi = z[i];
+  const Acc m = max_over<Acc>(p.cols, [&](int64_t j) { return z[j]; });
+  const Acc negatives = sum_mapped<Acc>(p.cols, [&](int64_t j) { return j == i ? Acc(0) : fast_exp(z[j] - m); });
+  const Acc d = (m - zi) + std::log(negatives);
+  p.loss[i] = softplus_acc(d);
   if (!want_grad) return;
+  const Acc lse = zi + p.loss[i];
   const Acc g = p.weight[i] * p.scale;
   for (int64_t j = 0; j < p.cols; ++j) z[j] = g * fast_exp(z[j] - lse);
-  z[i] -= g;
+  z[i] = -g * sigmoid_acc(d);
 }
 
 // Row r of the tile: merges LSE_j z_ij into row i's statistics.
@@ -199,17 +205,13 @@ void symmetric_tile_lse_columns(const SymmetricTile<Acc>& t, int64_t c0, int64_t
 }
 
 template <typename Acc>
-void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, const Acc* lse, const Acc* weight,
-                                     Acc* diagonal_out) {
+void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, const Acc* lse, const Acc* weight) {
   const int64_t i = t.row0 + r;
   Acc* row = t.tile + r * t.ld;
   for (int64_t c = 0; c < t.cols; ++c) {
     const int64_t j = t.col0 + c;
     const Acc z = symmetric_tile_value(t, r, c);
-    if (z == neg_inf<Acc>()) {
-      row[c] = 0;
-    } else if (i == j) {
-      diagonal_out[i] = weight[i] * (std::exp(z - lse[i]) - 1) * t.scale;
+    if (z == neg_inf<Acc>()) {  // masked, or the diagonal
       row[c] = 0;
     } else {
       row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * t.scale;

@@ -118,11 +118,10 @@ class CudaBackend final : public KernelBackend<Acc> {
     }
   }
 
-  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight,
-                                   Acc* diagonal_out) override {
+  void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) override {
     if (t.rows * t.cols == 0) return;
     launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, elements_grid(t.rows * t.cols),
-                  dim3(gpu::kElementThreads), 0, stream_, t, lse, weight, diagonal_out);
+                  dim3(gpu::kElementThreads), 0, stream_, t, lse, weight);
     check_launch("symmetric_tile_coefficients");
   }
 

@@ -282,16 +282,24 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
     m = max_acc(m, v);
   }
   m = block_reduce(m, MaxOp{}, scratch);
+  // The term from the negatives' log-sum-exp (kernels/scalar_math.h, softplus_acc): no cancellation where the
+  // positive dominates.
   Acc s = 0;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) s += exp_acc(z[j] - m);
-  const Acc lse = m + log_acc(block_reduce(s, SumOp{}, scratch));
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) s += j == i ? Acc(0) : exp_acc(z[j] - m);
+  s = block_reduce(s, SumOp{}, scratch);
   // z[i] was written by some thread before the barriers inside block_reduce; the coefficients below
   // overwrite it, so every read of it must happen before the next barrier.
-  if (threadIdx.x == 0) p.loss[i] = lse - z[i];
+  const Acc zi = z[i];
+  const Acc d = (m - zi) + log_acc(s);
+  const Acc term = softplus_acc(d);
+  if (threadIdx.x == 0) p.loss[i] = term;
   if (!want_grad) return;
   __syncthreads();
+  const Acc lse = zi + term;
   const Acc g = p.weight[i] * p.scale;
-  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) z[j] = g * exp_acc(z[j] - lse) - (j == i ? g : Acc(0));
+  for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
+    z[j] = j == i ? -g * sigmoid_acc(d) : g * exp_acc(z[j] - lse);
+  }
 }
 
 // One block per tile row: LSE_j z_ij merged into row i's statistics.
@@ -325,21 +333,15 @@ __global__ void symmetric_tile_lse_columns_kernel(SymmetricTile<Acc> t, Acc* row
 }
 
 template <typename Acc>
-__global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const Acc* lse, const Acc* weight,
-                                                   Acc* diagonal_out) {
+__global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const Acc* lse, const Acc* weight) {
   const int64_t total = t.rows * t.cols;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / t.cols, c = e - r * t.cols;
     const int64_t i = t.row0 + r, j = t.col0 + c;
     const Acc z = symmetric_tile_value(t, r, c);
-    Acc coef = 0;
-    if (z == neg_inf<Acc>()) {
-    } else if (i == j) {
-      diagonal_out[i] = weight[i] * (exp_acc(z - lse[i]) - 1) * t.scale;
-    } else {
-      coef = (weight[i] * exp_acc(z - lse[i]) + weight[j] * exp_acc(z - lse[j])) * t.scale;
-    }
+    // 0 where masked and on the diagonal (z = -inf there).
+    const Acc coef = z == neg_inf<Acc>() ? Acc(0) : (weight[i] * exp_acc(z - lse[i]) + weight[j] * exp_acc(z - lse[j])) * t.scale;
     t.tile[r * t.ld + c] = coef;
   }
 }
