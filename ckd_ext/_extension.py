@@ -24,35 +24,36 @@ def _build_info():
     return _build_info
 
 
+NOT_BUILT_EMULATED = "the emulated CUDA backend is not built (it is opt-in). Build it with: " + EMULATED_REBUILD
+
+
 def _load():
-    """(_C or None, why not, emulated backend installed)."""
+    """(_C or None, why not, why the emulated backend is not installed): an empty reason means it is there."""
     info = _build_info()
     if info is None:
         return None, ("ckd_ext's compiled extension (ckd_ext._C) is not built, so the fused ops are unavailable "
-                      f"(ckd_ext.reference works without it). Build it with: {REBUILD}"), False
+                      f"(ckd_ext.reference works without it). Build it with: {REBUILD}"), NOT_BUILT_EMULATED
     if info.TORCH_VERSION != torch.__version__:
         # Loading it now would fail with an undefined-symbol error, or load against a different ABI.
         error = (f"ckd_ext was built against torch {info.TORCH_VERSION}, but torch {torch.__version__} is "
                  f"installed. Rebuild the extension against the installed torch: {REBUILD}")
         warnings.warn(error, RuntimeWarning, stacklevel=3)
-        return None, error, False
+        return None, error, NOT_BUILT_EMULATED
     try:
         module = importlib.import_module("ckd_ext._C")
     except ImportError as exc:
-        return None, f"ckd_ext._C failed to load ({exc}). Rebuild it with: {REBUILD}", False
+        return None, f"ckd_ext._C failed to load ({exc}). Rebuild it with: {REBUILD}", NOT_BUILT_EMULATED
     workspace_error = _apply_workspace_env(module)
     if workspace_error:
-        return None, workspace_error, False
+        return None, workspace_error, NOT_BUILT_EMULATED
     if not info.WITH_EMULATED:
-        return module, "", False
+        return module, "", NOT_BUILT_EMULATED
     try:
         module.install_emulated_backend(importlib.import_module("ckd_ext._emulated").backend_table())
     except (ImportError, RuntimeError) as exc:
         # A test-only module: the fused ops and the reference work without it; testing.emulated_cuda() says why not.
-        global _emulated_error
-        _emulated_error = f"ckd_ext._emulated failed to load ({exc}). Rebuild it with: {EMULATED_REBUILD}"
-        return module, "", False
-    return module, "", True
+        return module, "", f"ckd_ext._emulated failed to load ({exc}). Rebuild it with: {EMULATED_REBUILD}"
+    return module, "", ""
 
 
 def _apply_workspace_env(module) -> str:
@@ -69,8 +70,7 @@ def _apply_workspace_env(module) -> str:
     return ""
 
 
-_emulated_error = ("the emulated CUDA backend is not built (it is opt-in). Build it with: " + EMULATED_REBUILD)
-_module, _error, _emulated = _load()
+_module, _error, _emulated_error = _load()
 
 
 def require_extension():
@@ -91,11 +91,12 @@ def unavailable_reason() -> str:
 
 def emulated_available() -> bool:
     """Whether the emulated CUDA backend is built (test builds: CKD_EXT_EMULATED=1)."""
-    return _emulated
+    return not _emulated_error
 
 
 def emulated_unavailable_reason() -> str:
-    return "" if _emulated else _emulated_error
+    """Why ckd_ext.testing.emulated_cuda() cannot run, with the command that builds it; "" when it can."""
+    return _emulated_error
 
 
 def synchronize(device) -> None:

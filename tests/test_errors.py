@@ -875,7 +875,7 @@ def test_no_valid_rows(impl, fn):
 
 @documents("E-emulated-not-built")
 def test_emulated_not_built(monkeypatch, extension_scenarios):
-    monkeypatch.setattr(_extension, "_emulated", False)
+    monkeypatch.setattr(_extension, "_emulated_error", _extension.NOT_BUILT_EMULATED)
     with pytest.raises(RuntimeError) as info:
         with emulated_cuda():
             pytest.fail("entered the emulated backend")
