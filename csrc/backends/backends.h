@@ -1,4 +1,4 @@
-// The kernel backends, one per device, as the orchestration (csrc/losses.cpp) reaches them.
+// The kernel backends, one per device, as the orchestration (csrc/ckd.cpp, bickd.cpp, kd.cpp over csrc/orchestration/) reaches them.
 //
 //   cpu       csrc/backends/cpu       torch-free row kernels run with at::parallel_for     (in ckd_ext._C)
 //   cuda      csrc/backends/cuda      the CUDA kernels, compiled by nvcc                   (in ckd_ext._C)
@@ -31,7 +31,7 @@ struct EmulatedBackendTable {
   KernelBackend<double>& (*double_backend)();
 };
 // Bump whenever KernelBackend, EpilogueParams or SymmetricTile change layout.
-constexpr int64_t kEmulatedBackendAbi = 5;
+constexpr int64_t kEmulatedBackendAbi = 6;
 constexpr const char* kEmulatedBackendCapsule = "ckd_ext._emulated.backend_table";
 
 }  // namespace ckd

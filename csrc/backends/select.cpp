@@ -29,6 +29,11 @@ void set_emulated_cuda(bool on) {
 
 bool emulated_cuda() { return g_emulated_cuda.load(); }
 
+DeviceKind device_kind(const at::Tensor& x) {
+  if (x.device().is_cpu()) return g_emulated_cuda.load() ? DeviceKind::EmulatedCuda : DeviceKind::Cpu;
+  return DeviceKind::Cuda;
+}
+
 template <typename Acc>
 KernelBackend<Acc>& backend_for(const at::Tensor& x) {
   if (x.device().is_cpu()) {

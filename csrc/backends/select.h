@@ -12,6 +12,10 @@ namespace ckd {
 template <typename Acc>
 KernelBackend<Acc>& backend_for(const at::Tensor& x);
 
+// Which of those backend_for picks for x: what the GEMM policy (orchestration/gemm.h) and the strip plans depend on.
+enum class DeviceKind { Cpu, Cuda, EmulatedCuda };
+DeviceKind device_kind(const at::Tensor& x);
+
 // Called once by ckd_ext's Python layer when ckd_ext._emulated is built (test builds only).
 void install_emulated_backend(const EmulatedBackendTable* table);
 // The test-only switch behind ckd_ext.testing.emulated_cuda(); process-wide, as autograd may run backward on

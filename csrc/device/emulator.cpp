@@ -654,9 +654,14 @@ class Runtime {
 
 }  // namespace
 
+static std::atomic<uint64_t> g_launches{0};
+
 void launch_grid(const LaunchInfo& info, void (*invoke)(void*), void* ctx) {
+  g_launches.fetch_add(1, std::memory_order_relaxed);
   Runtime::get().launch(info, invoke, ctx);
 }
+
+uint64_t launch_count() { return g_launches.load(); }
 
 // The runtime of the calling kernel thread; aborts when called outside a kernel.
 static Runtime& current(const Site& site) {

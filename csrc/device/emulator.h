@@ -131,6 +131,8 @@ inline thread_local dim3 t_grid_dim{};
 
 // Runs invoke(ctx) as every thread of every block of the grid; returns when the grid is done.
 void launch_grid(const LaunchInfo& info, void (*invoke)(void*), void* ctx);
+// Kernels launched since the process started (tests compare it with the strip plans' launch counts).
+uint64_t launch_count();
 // The block barrier.
 void syncthreads(const Site& site);
 // A warp operation: every lane passes `size` bytes of a value in `bits` and receives its source lane's.

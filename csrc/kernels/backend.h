@@ -1,4 +1,4 @@
-// The small kernels the shared orchestration (csrc/losses.cpp) is built from. Each backend implements this
+// The small kernels the shared orchestration (csrc/ckd.cpp, bickd.cpp, kd.cpp over csrc/orchestration/) is built from. Each backend implements this
 // interface once (csrc/backends/: cpu, cuda, and cuda's kernels again under the emulator); everything else, the
 // chunked GEMMs included, is shared. Pointers are device pointers; indices are global row / column indices.
 #pragma once
@@ -49,11 +49,12 @@ class KernelBackend {
   // In place: tile_ij = (weight[i] pi_ij + weight[j] pi_ji) * t.scale for i != j (pi_ij = exp(z_ij - lse[i]), lse
   // the full log-sum-exp, positive included), 0 on the diagonal (the positive's coefficient is the orchestration's).
   virtual void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) = 0;
-  // Backward of v = x / max(||x||, eps) for every row, after adding extra_coef[i] * extra_inv[i] * extra_x_i
-  // to dv_i when extra_coef is given: grad_i = (dv_i - [unclamped] <dv_i, v_i> v_i) / max(||x_i||, eps),
-  // written in x's dtype (grad may alias dv when that dtype is Acc). Rows with !valid[i] get 0.
-  virtual void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv,
-                                  ConstMatrix extra_x, const bool* valid, void* grad) = 0;
+  // Backward of v = x / max(||x||, eps) for every row, given d_i = dv_i / max(||x_i||, eps) (what the GEMMs on raw
+  // rows produce: their coefficients carry the inverse norms), after adding extra_coef[i] * extra_x_i to d_i when
+  // extra_coef is given: grad_i = d_i - [unclamped] <d_i, x_i> x_i / ||x_i||^2, written in x's dtype (grad may alias
+  // d when that dtype is Acc). Rows with !valid[i] get 0.
+  virtual void normalize_backward(Acc* d, ConstMatrix x, const Acc* extra_coef, ConstMatrix extra_x,
+                                  const bool* valid, void* grad) = 0;
   // log_norm[c] = 0.5 * LSE_{valid i} 2 log P_ic with log P_ic = (x_ic * inv_temp - row_max[i]) - row_log_sum[i]
   // (softmax_stats' statistics): the log of the L2 norm of column c of softmax(x * inv_temp), unclamped (-inf for
   // an empty column).

@@ -63,7 +63,20 @@ template <typename Acc>
 CKD_HOST_DEVICE Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
   const int64_t i = t.row0 + r, j = t.col0 + c;
   if (i == j || (t.valid && (!t.valid[i] || !t.valid[j]))) return neg_inf<Acc>();
-  return t.tile[r * t.ld + c] * t.scale;
+  const Acc z = t.tile[r * t.ld + c] * t.scale;
+  return t.inv_norm ? z * t.inv_norm[i] * t.inv_norm[j] : z;
+}
+
+// The factor symmetric_tile_coefficients applies to a coefficient so that it multiplies the tile's raw rows.
+template <typename Acc>
+CKD_HOST_DEVICE Acc symmetric_tile_raw_factor(const SymmetricTile<Acc>& t, int64_t i, int64_t j) {
+  return t.inv_norm ? t.inv_norm[i] * t.inv_norm[j] : Acc(1);
+}
+
+// The factor the contrastive epilogue applies to z_ij's raw similarity (and to its coefficient).
+template <typename Acc>
+CKD_HOST_DEVICE Acc epilogue_raw_factor(const EpilogueParams<Acc>& p, int64_t i, int64_t j) {
+  return (p.row_scale ? p.row_scale[i] : Acc(1)) * (p.col_scale ? p.col_scale[j] : Acc(1));
 }
 
 // ---- KD without cancellation (docs/math.md section 3, "Near convergence"). With x_j = (s_j - t_j) / T taken as one

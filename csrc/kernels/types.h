@@ -38,12 +38,13 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
 // Parameters of the contrastive epilogue, which turns one strip of raw similarities (rows = anchors
 // row0 .. row0+rows-1, columns = every candidate, row-major with leading dimension cols) into per-anchor losses
 // and, in place, gradient coefficients. The positive of anchor i sits in column i.
-//   z_ij  = strip_ij * scale * col_scale[j]     (-inf where !valid[j])
+//   z_ij  = strip_ij * scale * row_scale[i] * col_scale[j]     (-inf where !valid[j])
 //   loss_i = LSE_j z_ij - z_ii                   (0 where !valid[i]), as softplus(LSE_{j != i} z_ij - z_ii)
-//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * scale, the positive's 1 - pi_ii as a sigmoid
-// Anchor rows arrive already scaled (the orchestration loads them normalised), so only columns need a scale.
-// Anchors and candidates are the same rows of one batch, so one mask serves both. Null arrays mean "all ones" /
-// "all valid".
+//   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * scale * row_scale[i] * col_scale[j], the positive's
+//             1 - pi_ii as a sigmoid: dL/d(strip_ij), the coefficient of the raw rows the GEMM multiplied
+// The scales are the rows' inverse norms when the GEMM ran on raw (unnormalised, possibly 16-bit) rows; null when
+// the operands were already normalised. Anchors and candidates are the same rows of one batch, so one mask serves
+// both. Null arrays mean "all ones" / "all valid".
 template <typename Acc>
 struct EpilogueParams {
   Acc* strip;
@@ -51,6 +52,7 @@ struct EpilogueParams {
   int64_t rows;
   int64_t cols;     // number of candidates
   Acc scale;        // 1 / tau
+  const Acc* row_scale;  // indexed by global anchor index
   const Acc* col_scale;
   const bool* valid;
   Acc* loss;        // indexed by global anchor index
@@ -58,16 +60,18 @@ struct EpilogueParams {
 };
 
 // One tile of CKD's student-anchor similarities, whose matrix is symmetric: rows i in [row0, row0 + rows),
-// columns j in [col0, col0 + cols), col0 >= row0, holding cosines <v_i, v_j>. z_ij = tile_ij * scale for
-// i != j, the negatives; the positive pair <u_i, v_i> / tau, which takes the diagonal's place, is combined with
-// their log-sum-exp by the orchestration (softplus_acc). Rows and columns with !valid take no part. An off-diagonal
-// tile (row0 != col0) stands for its transpose too.
+// columns j in [col0, col0 + cols), col0 >= row0, holding raw products <s_i, s_j> (inv_norm given) or cosines
+// <v_i, v_j> (inv_norm null). z_ij = tile_ij * inv_norm[i] * inv_norm[j] * scale for i != j, the negatives; the
+// positive pair <u_i, v_i> / tau, which takes the diagonal's place, is combined with their log-sum-exp by the
+// orchestration (softplus_acc). Rows and columns with !valid take no part. An off-diagonal tile (row0 != col0)
+// stands for its transpose too.
 template <typename Acc>
 struct SymmetricTile {
   Acc* tile;
   int64_t ld;
   int64_t row0, rows, col0, cols;
   Acc scale;
+  const Acc* inv_norm;  // indexed by global row index
   const bool* valid;
 };
 

@@ -26,7 +26,8 @@ std::vector<double> randn(int n, unsigned seed, double scale = 2.0) {
   return v;
 }
 
-// One strip row of raw similarities -> loss and coefficients, with a masked column.
+// One strip row of raw similarities -> loss and coefficients (of the raw rows: times both inverse norms), with a
+// masked column.
 void test_contrastive_epilogue() {
   const int cols = 37, row = 5;
   std::vector<double> raw = randn(cols, 1);
@@ -36,6 +37,8 @@ void test_contrastive_epilogue() {
   valid_storage[11] = 0;
   const bool* valid = reinterpret_cast<const bool*>(valid_storage.data());
   const double scale = 1.7, weight = 0.3;
+  std::vector<float> row_scale(row + 1, 0.0f);
+  row_scale[row] = 0.45f;
   std::vector<float> strip(raw.begin(), raw.end());
   std::vector<float> col(col_scale.begin(), col_scale.end()), loss(row + 1), w(row + 1, weight);
   ckd::EpilogueParams<float> p{};
@@ -44,6 +47,7 @@ void test_contrastive_epilogue() {
   p.rows = 1;
   p.cols = cols;
   p.scale = scale;
+  p.row_scale = row_scale.data();
   p.col_scale = col.data();
   p.valid = valid;
   p.loss = loss.data();
@@ -53,7 +57,7 @@ void test_contrastive_epilogue() {
   std::vector<double> z(cols);
   double m = -INFINITY;
   for (int j = 0; j < cols; ++j) {
-    z[j] = valid[j] ? double(float(raw[j])) * scale * double(float(col_scale[j])) : -INFINITY;
+    z[j] = valid[j] ? double(float(raw[j])) * scale * double(row_scale[row]) * double(float(col_scale[j])) : -INFINITY;
     m = std::max(m, z[j]);
   }
   double sum = 0;
@@ -61,12 +65,15 @@ void test_contrastive_epilogue() {
   const double lse = m + std::log(sum);
   expect_near(loss[row], lse - z[row], 1e-5, "epilogue loss");
   for (int j = 0; j < cols; ++j) {
-    expect_near(strip[j], weight * scale * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0)), 1e-5, "epilogue coefficient");
+    const double raw_factor = double(row_scale[row]) * double(col[j]);
+    expect_near(strip[j], weight * scale * (std::exp(z[j] - lse) - (j == row ? 1.0 : 0.0)) * raw_factor, 1e-5,
+                "epilogue coefficient");
   }
 }
 
 // The log-sum-exp statistics of the negatives merged over two off-diagonal tiles equal one pass over the whole row
-// without its diagonal; the transposed half of a tile updates the rows of its columns.
+// without its diagonal; the transposed half of a tile updates the rows of its columns. The tiles hold raw products
+// s_i . s_j and the rows' inverse norms scale them.
 void test_symmetric_tiles() {
   const int n = 6;
   std::vector<double> sym = randn(n * n, 9);
@@ -74,6 +81,7 @@ void test_symmetric_tiles() {
     for (int j = 0; j < i; ++j) sym[i * n + j] = sym[j * n + i];
   std::vector<char> valid_storage = {1, 1, 0, 1, 1, 1};
   const bool* valid = reinterpret_cast<const bool*>(valid_storage.data());
+  const std::vector<float> inv_norm = {0.5f, 2.0f, 1.0f, 0.25f, 1.5f, 0.75f};
   std::vector<float> row_max(n, -INFINITY), row_sum(n, 0.0f);
   // Tiles of 3 rows: (0..2, 0..2), (0..2, 3..5), (3..5, 3..5).
   for (int i0 : {0, 3}) {
@@ -81,7 +89,7 @@ void test_symmetric_tiles() {
       std::vector<float> tile(9);
       for (int r = 0; r < 3; ++r)
         for (int c = 0; c < 3; ++c) tile[r * 3 + c] = float(sym[(i0 + r) * n + j0 + c]);
-      const ckd::SymmetricTile<float> t{tile.data(), 3, i0, 3, j0, 3, 2.0f, valid};
+      const ckd::SymmetricTile<float> t{tile.data(), 3, i0, 3, j0, 3, 2.0f, inv_norm.data(), valid};
       for (int r = 0; r < 3; ++r) ckd::cpu::symmetric_tile_lse_row(t, r, row_max.data(), row_sum.data());
       if (i0 != j0) ckd::cpu::symmetric_tile_lse_columns(t, 0, 3, row_max.data(), row_sum.data());
     }
@@ -92,7 +100,7 @@ void test_symmetric_tiles() {
     std::vector<double> z(n, -INFINITY);
     for (int j = 0; j < n; ++j) {
       if (!valid[j] || i == j) continue;
-      z[j] = 2.0 * float(sym[i * n + j]);
+      z[j] = 2.0 * float(sym[i * n + j]) * inv_norm[i] * inv_norm[j];
       m = std::max(m, z[j]);
     }
     double s = 0;
@@ -157,20 +165,23 @@ void test_softmax_stats_large_logits() {
   expect_near(log_norm, 0, 0, "softmax stats of a -inf row: log norm");
 }
 
-// grad = (dv - <dv, v> v) / |x| with v = x / |x|, and the clamped branch dv / eps.
+// grad = (dv - <dv, v> v) / |x| with v = x / |x| from d = dv / |x|, and the clamped branch dv / eps (= d).
 void test_normalize_backward() {
   const int cols = 50;
   std::vector<double> x = randn(cols, 4), dv = randn(cols, 5);
-  std::vector<float> xf(x.begin(), x.end()), dvf(dv.begin(), dv.end()), grad(cols);
-  ckd::cpu::normalize_backward_row<float, float, float>(dvf.data(), xf.data(), cols, 0.0f, nullptr, grad.data());
+  std::vector<float> xf(x.begin(), x.end()), grad(cols);
   double norm = 0, dot = 0;
   for (int j = 0; j < cols; ++j) norm += double(xf[j]) * xf[j];
   norm = std::sqrt(norm);
+  std::vector<float> df(cols);
+  for (int j = 0; j < cols; ++j) df[j] = float(dv[j] / norm);
+  ckd::cpu::normalize_backward_row<float, float, float>(df.data(), xf.data(), cols, 0.0f, nullptr, grad.data());
   for (int j = 0; j < cols; ++j) dot += dv[j] * xf[j] / norm;
   for (int j = 0; j < cols; ++j) expect_near(grad[j], (dv[j] - dot * xf[j] / norm) / norm, 1e-5, "normalize backward");
 
-  std::vector<float> tiny(cols, 1e-15f), dv2(dv.begin(), dv.end()), grad2(cols);
-  ckd::cpu::normalize_backward_row<float, float, float>(dv2.data(), tiny.data(), cols, 0.0f, nullptr, grad2.data());
+  std::vector<float> tiny(cols, 1e-15f), grad2(cols), d2(cols);
+  for (int j = 0; j < cols; ++j) d2[j] = float(dv[j] / 1e-12);
+  ckd::cpu::normalize_backward_row<float, float, float>(d2.data(), tiny.data(), cols, 0.0f, nullptr, grad2.data());
   expect_near(grad2[3], dv[3] / 1e-12, 1e-5, "clamped normalize backward");
 }
 

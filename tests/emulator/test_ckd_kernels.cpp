@@ -105,8 +105,9 @@ void test_kd_rows(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 
 void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in) {
   std::vector<float> strip = random_values(kRows * kRows, 3), strip_ref = strip;
-  std::vector<float> col_scale = random_values(kRows, 4);
+  std::vector<float> col_scale = random_values(kRows, 4), row_scale = random_values(kRows, 5);
   for (auto& c : col_scale) c = std::fabs(c) + 0.1f;
+  for (auto& r : row_scale) r = std::fabs(r) + 0.2f;
   std::vector<float> loss(kRows), loss_ref(kRows);
   auto params = [&](std::vector<float>& z, std::vector<float>& l) {
     ckd::EpilogueParams<float> p{};
@@ -115,6 +116,7 @@ void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in)
     p.rows = kRows;
     p.cols = kRows;
     p.scale = 2.0f;
+    p.row_scale = row_scale.data();
     p.col_scale = col_scale.data();
     p.valid = in.valid;
     p.loss = l.data();
@@ -129,14 +131,16 @@ void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in)
 }
 
 // A diagonal and an off-diagonal tile of a symmetric 6 x 6 matrix, 3 rows each: LSE statistics (rows and the
-// transposed columns) and the symmetric coefficients.
+// transposed columns) and the symmetric coefficients, on raw products scaled by the rows' inverse norms.
 void test_symmetric_tiles(ckd::KernelBackend<float>& gpu, const Inputs& in) {
   std::vector<float> lse = random_values(kRows, 15, 1.0f);
   for (auto& l : lse) l += 3.0f;
+  std::vector<float> inv_norm = random_values(kRows, 17);
+  for (auto& v : inv_norm) v = std::fabs(v) + 0.3f;
   for (int j0 : {0, 3}) {
     std::vector<float> tile = random_values(9, 16 + j0), tile_ref = tile;
-    const ckd::SymmetricTile<float> t{tile.data(), 3, 0, 3, j0, 3, 2.0f, in.valid};
-    const ckd::SymmetricTile<float> t_ref{tile_ref.data(), 3, 0, 3, j0, 3, 2.0f, in.valid};
+    const ckd::SymmetricTile<float> t{tile.data(), 3, 0, 3, j0, 3, 2.0f, inv_norm.data(), in.valid};
+    const ckd::SymmetricTile<float> t_ref{tile_ref.data(), 3, 0, 3, j0, 3, 2.0f, inv_norm.data(), in.valid};
     std::vector<float> row_max(kRows, -INFINITY), row_sum(kRows, 0.0f), max_ref = row_max, sum_ref = row_sum;
     gpu.symmetric_tile_lse(t, row_max.data(), row_sum.data());
     for (int r = 0; r < 3; ++r) ckd::cpu::symmetric_tile_lse_row(t_ref, r, max_ref.data(), sum_ref.data());
@@ -152,13 +156,13 @@ void test_symmetric_tiles(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 
 void test_normalize_backward(ckd::KernelBackend<float>& gpu, const Inputs& in) {
   std::vector<float> dv = random_values(kRows * kCols, 6), dv_ref = dv, grad(kRows * kCols), grad_ref(kRows * kCols, 0);
-  std::vector<float> extra_coef = random_values(kRows, 7), extra_inv(kRows, 0.3f);
-  gpu.normalize_backward(dv.data(), matrix(in.s, kRows, kCols), extra_coef.data(), extra_inv.data(),
-                         matrix(in.t, kRows, kCols), in.valid, grad.data());
+  std::vector<float> extra_coef = random_values(kRows, 7);
+  gpu.normalize_backward(dv.data(), matrix(in.s, kRows, kCols), extra_coef.data(), matrix(in.t, kRows, kCols),
+                         in.valid, grad.data());
   for (int i = 0; i < kRows; ++i) {
     if (!in.valid[i]) continue;
     ckd::cpu::normalize_backward_row<float>(dv_ref.data() + i * kCols, in.s.data() + i * kCols, kCols,
-                                            extra_coef[i] * extra_inv[i], in.t.data() + i * kCols,
+                                            extra_coef[i], in.t.data() + i * kCols,
                                             grad_ref.data() + i * kCols);
   }
   expect_close(grad, grad_ref, "normalize_backward");

@@ -146,8 +146,8 @@ class CpuBackend final : public KernelBackend<Acc> {
     });
   }
 
-  void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv, ConstMatrix extra_x,
-                          const bool* valid, void* grad) override {
+  void normalize_backward(Acc* d, ConstMatrix x, const Acc* extra_coef, ConstMatrix extra_x, const bool* valid,
+                          void* grad) override {
     visit_dtype(x.dtype, [&](auto tx) {
       visit_dtype(extra_x.dtype, [&](auto te) {
         using T = decltype(tx);
@@ -159,8 +159,7 @@ class CpuBackend final : public KernelBackend<Acc> {
             return;
           }
           const bool extra = extra_coef != nullptr;
-          cpu::normalize_backward_row<Acc>(dv + i * x.cols, rows_of<T>(x, i), x.cols,
-                                           extra ? extra_coef[i] * extra_inv[i] : Acc(0),
+          cpu::normalize_backward_row<Acc>(d + i * x.cols, rows_of<T>(x, i), x.cols, extra ? extra_coef[i] : Acc(0),
                                            extra ? rows_of<TE>(extra_x, i) : nullptr, g);
         });
       });

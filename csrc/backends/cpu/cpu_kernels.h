@@ -161,7 +161,7 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
     return;
   }
   for (int64_t j = 0; j < p.cols; ++j) {
-    Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
+    Acc v = z[j] * p.scale * epilogue_raw_factor(p, i, j);
     if (p.valid && !p.valid[j]) v = neg_inf<Acc>();
     z[j] = v;
   }
@@ -175,8 +175,8 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   if (!want_grad) return;
   const Acc lse = zi + p.loss[i];
   const Acc g = p.weight[i] * p.scale;
-  for (int64_t j = 0; j < p.cols; ++j) z[j] = g * fast_exp(z[j] - lse);
-  z[i] = -g * sigmoid_acc(d);
+  for (int64_t j = 0; j < p.cols; ++j) z[j] = g * fast_exp(z[j] - lse) * epilogue_raw_factor(p, i, j);
+  z[i] = -g * sigmoid_acc(d) * epilogue_raw_factor(p, i, i);
 }
 
 // Row r of the tile: merges LSE_j z_ij into row i's statistics.
@@ -214,27 +214,26 @@ void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, con
     if (z == neg_inf<Acc>()) {  // masked, or the diagonal
       row[c] = 0;
     } else {
-      row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * t.scale;
+      row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * t.scale *
+               symmetric_tile_raw_factor(t, i, j);
     }
   }
 }
 
+// d = dv / max(|x|, eps) (KernelBackend::normalize_backward): grad = d - <d, x> x / |x|^2, or d itself where the norm
+// is clamped (a constant there).
 template <typename Acc, typename T, typename TE>
-void normalize_backward_row(Acc* dv, const T* x, int64_t cols, Acc extra_factor, const TE* extra_x, T* grad) {
+void normalize_backward_row(Acc* d, const T* x, int64_t cols, Acc extra_coef, const TE* extra_x, T* grad) {
   if (extra_x) {
-    for (int64_t j = 0; j < cols; ++j) dv[j] += extra_factor * static_cast<Acc>(extra_x[j]);
+    for (int64_t j = 0; j < cols; ++j) d[j] += extra_coef * static_cast<Acc>(extra_x[j]);
   }
   const Acc sq = sum_over<Acc>(cols, [&](int64_t j) { const Acc v = static_cast<Acc>(x[j]); return v * v; });
-  const Acc norm = std::sqrt(sq);
-  if (norm < static_cast<Acc>(kNormEps)) {
-    // The clamped norm is a constant: v = x / eps.
-    const Acc inv = Acc(1) / static_cast<Acc>(kNormEps);
-    for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(dv[j] * inv);
+  if (std::sqrt(sq) < static_cast<Acc>(kNormEps)) {
+    for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(d[j]);
     return;
   }
-  const Acc inv = Acc(1) / norm;
-  const Acc proj = row_dot<Acc>(dv, x, cols) * inv * inv;
-  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(inv * (dv[j] - proj * static_cast<Acc>(x[j])));
+  const Acc proj = row_dot<Acc>(d, x, cols) / sq;
+  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(d[j] - proj * static_cast<Acc>(x[j]));
 }
 
 // log P_ic from softmax_stats' row statistics, in the order every kernel uses: (x * inv_temp - max) - log_sum.

@@ -6,19 +6,21 @@
 #include <stdexcept>
 #include <string>
 
+#if defined(__CUDACC__)
+#include <c10/cuda/CUDAException.h>
+#endif
+
 #include "kernels/backend.h"
 #include "backends/cuda/cuda_kernels.h"
 
 namespace ckd {
 
-inline void check_launch(const char* kernel) {
+// After every launch: c10's check (as csrc/device/README.md asks), which reports the error with torch's device-side
+// assertion context and the CUDA_LAUNCH_BLOCKING hint. The emulator runs launches synchronously and reports failures
+// itself.
+inline void check_launch() {
 #if defined(__CUDACC__)
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("ckd_ext: launching ") + kernel + " failed: " + cudaGetErrorString(err));
-  }
-#else
-  (void)kernel;
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
 
@@ -34,7 +36,7 @@ class CudaBackend final : public KernelBackend<Acc> {
       launch_kernel(gpu::row_inv_norms_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
                     static_cast<const T*>(x.data), x.cols, inv_norm);
     });
-    check_launch("row_inv_norms");
+    check_launch();
   }
 
   void row_dots(ConstMatrix a, ConstMatrix b, Acc* out) override {
@@ -47,7 +49,7 @@ class CudaBackend final : public KernelBackend<Acc> {
                       static_cast<const TA*>(a.data), static_cast<const TB*>(b.data), a.cols, out);
       });
     });
-    check_launch("row_dots");
+    check_launch();
   }
 
   void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* row_max, Acc* row_log_sum, Acc* row_log_norm) override {
@@ -57,7 +59,7 @@ class CudaBackend final : public KernelBackend<Acc> {
       launch_kernel(gpu::softmax_stats_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
                     static_cast<const T*>(x.data), x.cols, inv_temp, row_max, row_log_sum, row_log_norm);
     });
-    check_launch("softmax_stats");
+    check_launch();
   }
 
   void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, const bool* valid, Acc* loss, const Acc* weight,
@@ -72,7 +74,7 @@ class CudaBackend final : public KernelBackend<Acc> {
                       loss, weight, static_cast<TS*>(grad));
       });
     });
-    check_launch("kd_rows");
+    check_launch();
   }
 
   void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, const bool* valid,
@@ -83,7 +85,7 @@ class CudaBackend final : public KernelBackend<Acc> {
       launch_kernel(gpu::load_rows_kernel<Acc, T>, elements_grid(rows * x.cols), dim3(gpu::kElementThreads), 0,
                     stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, valid, out);
     });
-    check_launch("load_rows");
+    check_launch();
   }
 
   void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
@@ -96,25 +98,25 @@ class CudaBackend final : public KernelBackend<Acc> {
                     stream_, static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
                     row_rest, col_shift, valid, out);
     });
-    check_launch("exp_block");
+    check_launch();
   }
 
   void contrastive_epilogue(const EpilogueParams<Acc>& p) override {
     if (p.rows == 0) return;
     launch_kernel(gpu::contrastive_epilogue_kernel<Acc>, rows_grid(p.rows), dim3(gpu::kRowThreads), 0, stream_, p);
-    check_launch("contrastive_epilogue");
+    check_launch();
   }
 
   void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) override {
     if (t.rows * t.cols == 0) return;
     launch_kernel(gpu::symmetric_tile_lse_rows_kernel<Acc>, rows_grid(t.rows), dim3(gpu::kRowThreads), 0, stream_, t,
                   row_max, row_sum);
-    check_launch("symmetric_tile_lse_rows");
+    check_launch();
     // Off-diagonal tiles also stand for their transpose, whose rows (the tile's columns) are other rows.
     if (t.row0 != t.col0) {
       launch_kernel(gpu::symmetric_tile_lse_columns_kernel<Acc>, columns_grid(t.cols), dim3(gpu::kColumnThreads), 0,
                     stream_, t, row_max, row_sum);
-      check_launch("symmetric_tile_lse_columns");
+      check_launch();
     }
   }
 
@@ -122,22 +124,22 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (t.rows * t.cols == 0) return;
     launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, elements_grid(t.rows * t.cols),
                   dim3(gpu::kElementThreads), 0, stream_, t, lse, weight);
-    check_launch("symmetric_tile_coefficients");
+    check_launch();
   }
 
-  void normalize_backward(Acc* dv, ConstMatrix x, const Acc* extra_coef, const Acc* extra_inv, ConstMatrix extra_x,
-                          const bool* valid, void* grad) override {
+  void normalize_backward(Acc* d, ConstMatrix x, const Acc* extra_coef, ConstMatrix extra_x, const bool* valid,
+                          void* grad) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tx) {
       visit_dtype(extra_x.dtype, [&](auto te) {
         using T = decltype(tx);
         using TE = decltype(te);
         launch_kernel(gpu::normalize_backward_kernel<Acc, T, TE>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0,
-                      stream_, dv, static_cast<const T*>(x.data), x.cols, extra_coef, extra_inv,
+                      stream_, d, static_cast<const T*>(x.data), x.cols, extra_coef,
                       static_cast<const TE*>(extra_x.data), valid, static_cast<T*>(grad));
       });
     });
-    check_launch("normalize_backward");
+    check_launch();
   }
 
   void column_log_norms(ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, Acc inv_temp, const bool* valid,
@@ -149,7 +151,7 @@ class CudaBackend final : public KernelBackend<Acc> {
                     stream_, static_cast<const T*>(x.data), x.rows, x.cols, row_max, row_log_sum, inv_temp, valid,
                     log_norm);
     });
-    check_launch("column_log_norms");
+    check_launch();
   }
 
   void column_dots(const Acc* a, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum, const Acc* log_norm,
@@ -161,7 +163,7 @@ class CudaBackend final : public KernelBackend<Acc> {
                     static_cast<const T*>(x.data), x.rows, x.cols, row_max, row_log_sum, log_norm, inv_temp, valid,
                     out);
     });
-    check_launch("column_dots");
+    check_launch();
   }
 
   void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum,
@@ -174,7 +176,7 @@ class CudaBackend final : public KernelBackend<Acc> {
                     static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, row_max, row_log_sum,
                     col_log_norm, col_projection, inv_temp, valid, static_cast<T*>(grad));
     });
-    check_launch("bickd_backward_rows");
+    check_launch();
   }
 
  private:

@@ -276,7 +276,7 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
   }
   Acc m = neg_inf<Acc>();
   for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
-    Acc v = z[j] * p.scale * (p.col_scale ? p.col_scale[j] : Acc(1));
+    Acc v = z[j] * p.scale * epilogue_raw_factor(p, i, j);
     if (p.valid && !p.valid[j]) v = neg_inf<Acc>();
     z[j] = v;
     m = max_acc(m, v);
@@ -298,7 +298,7 @@ __global__ void contrastive_epilogue_kernel(EpilogueParams<Acc> p) {
   const Acc lse = zi + term;
   const Acc g = p.weight[i] * p.scale;
   for (int64_t j = threadIdx.x; j < p.cols; j += blockDim.x) {
-    z[j] = j == i ? -g * sigmoid_acc(d) : g * exp_acc(z[j] - lse);
+    z[j] = (j == i ? -g * sigmoid_acc(d) : g * exp_acc(z[j] - lse)) * epilogue_raw_factor(p, i, j);
   }
 }
 
@@ -341,16 +341,18 @@ __global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const A
     const int64_t i = t.row0 + r, j = t.col0 + c;
     const Acc z = symmetric_tile_value(t, r, c);
     // 0 where masked and on the diagonal (z = -inf there).
-    const Acc coef = z == neg_inf<Acc>() ? Acc(0) : (weight[i] * exp_acc(z - lse[i]) + weight[j] * exp_acc(z - lse[j])) * t.scale;
+    const Acc coef = z == neg_inf<Acc>() ? Acc(0)
+                                         : (weight[i] * exp_acc(z - lse[i]) + weight[j] * exp_acc(z - lse[j])) *
+                                               t.scale * symmetric_tile_raw_factor(t, i, j);
     t.tile[r * t.ld + c] = coef;
   }
 }
 
-// One block per row: dv += extra, then grad = (dv - [unclamped] <dv, x> x / |x|^2) / max(|x|, eps). Each thread
-// reads and writes only its own elements, so grad may alias dv.
+// One block per row, d = dv / max(|x|, eps): d += extra, then grad = d - [unclamped] <d, x> x / |x|^2. Each thread
+// reads and writes only its own elements, so grad may alias d.
 template <typename Acc, typename T, typename TE>
-__global__ void normalize_backward_kernel(Acc* dv, const T* x, int64_t cols, const Acc* extra_coef,
-                                          const Acc* extra_inv, const TE* extra_x, const bool* valid, T* grad) {
+__global__ void normalize_backward_kernel(Acc* d, const T* x, int64_t cols, const Acc* extra_coef, const TE* extra_x,
+                                          const bool* valid, T* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
@@ -359,23 +361,20 @@ __global__ void normalize_backward_kernel(Acc* dv, const T* x, int64_t cols, con
     return;
   }
   if (extra_coef) {
-    const Acc f = extra_coef[i] * extra_inv[i];
-    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) dv[base + j] += f * load<Acc>(extra_x, base + j);
+    const Acc f = extra_coef[i];
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) d[base + j] += f * load<Acc>(extra_x, base + j);
   }
   Acc sq = 0, dot = 0;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const Acc v = load<Acc>(x, base + j);
     sq += v * v;
-    dot += dv[base + j] * v;
+    dot += d[base + j] * v;
   }
   sq = block_reduce(sq, SumOp{}, scratch);
   dot = block_reduce(dot, SumOp{}, scratch);
-  const Acc norm = sqrt_acc(sq);
-  const bool clamped = norm < static_cast<Acc>(kNormEps);
-  const Acc inv = Acc(1) / (clamped ? static_cast<Acc>(kNormEps) : norm);
-  const Acc proj = clamped ? Acc(0) : dot * inv * inv;
+  const Acc proj = sqrt_acc(sq) < static_cast<Acc>(kNormEps) ? Acc(0) : dot / sq;
   for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    store(grad, base + j, inv * (dv[base + j] - proj * load<Acc>(x, base + j)));
+    store(grad, base + j, d[base + j] - proj * load<Acc>(x, base + j));
   }
 }
 

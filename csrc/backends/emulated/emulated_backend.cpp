@@ -5,6 +5,7 @@
 
 #include "backends/backends.h"
 #include "backends/cuda/cuda_backend.h"
+#include "device/emulator.h"
 
 namespace {
 
@@ -23,4 +24,5 @@ PYBIND11_MODULE(_emulated, module) {
   module.def("backend_table", [] {
     return pybind11::capsule(const_cast<ckd::EmulatedBackendTable*>(&kTable), ckd::kEmulatedBackendCapsule);
   });
+  module.def("launch_count", &ckd_emu::launch_count, "Kernels the emulator has launched since the process started.");
 }
