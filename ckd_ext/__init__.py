@@ -16,11 +16,23 @@ __all__ = [
 ]
 
 
-def workspace_bytes() -> int:
-    """Bytes of work buffers (similarity strips, converted blocks) one fused op call may use."""
-    return require_extension().workspace_bytes()
+def workspace_bytes(device=None) -> int:
+    """Bytes of work buffers (similarity strips, coefficient matrices, converted blocks) one fused op call on `device`
+    (default: the CPU) may use: the value set by set_workspace_bytes or CKD_EXT_WORKSPACE_MB, else the device's default
+    (CPU: 64 MiB; CUDA: an eighth of the device's free memory at its first call, within [1 GiB, 4 GiB])."""
+    ext = require_extension()
+    setting = ext.workspace_setting()
+    if setting:
+        return setting
+    import torch
+    return ext.default_workspace_bytes(str(torch.device("cpu" if device is None else device)))
 
 
-def set_workspace_bytes(nbytes: int) -> None:
-    """Sets that budget (default 64 MiB, or CKD_EXT_WORKSPACE_MB). Larger strips mean fewer, bigger GEMMs."""
-    require_extension().set_workspace_bytes(int(nbytes))
+def set_workspace_bytes(nbytes) -> None:
+    """Sets that budget for every device; None returns to each device's default. Larger budgets mean fewer,
+    bigger GEMMs."""
+    ext = require_extension()
+    if nbytes is None:
+        ext.reset_workspace_bytes()
+    else:
+        ext.set_workspace_bytes(int(nbytes))

@@ -65,7 +65,7 @@ def _apply_workspace_env(module) -> str:
     value = text.strip()
     if not (value.isdigit() and 0 < int(value) <= 2 ** 30):
         return (f"CKD_EXT_WORKSPACE_MB must be a positive integer number of MiB (at most {2 ** 30}), got {text!r}; "
-                f"unset it for the default (64 MiB) or use ckd_ext.set_workspace_bytes")
+                f"unset it for the per-device default (CPU: 64 MiB) or use ckd_ext.set_workspace_bytes")
     module.set_workspace_bytes(int(value) << 20)
     return ""
 

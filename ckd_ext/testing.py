@@ -12,7 +12,7 @@ import contextlib
 
 from ._extension import emulated_available, emulated_unavailable_reason, require_extension
 
-__all__ = ["emulated_available", "emulated_cuda"]
+__all__ = ["emulated_available", "emulated_cuda", "emulated_launch_count"]
 
 
 @contextlib.contextmanager
@@ -27,3 +27,11 @@ def emulated_cuda():
         yield
     finally:
         module.set_emulated_cuda(previous)
+
+
+def emulated_launch_count() -> int:
+    """Kernels the CUDA emulator has launched in this process (the strip-plan tests compare it with the plans)."""
+    if not emulated_available():
+        raise RuntimeError(emulated_unavailable_reason())
+    from . import _emulated
+    return _emulated.launch_count()

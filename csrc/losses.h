@@ -1,6 +1,6 @@
-// The fused losses on ATen tensors: one orchestration for every device (chunked GEMMs through ATen,
-// the small kernels through KernelBackend). Inputs are 2-D (N, C); validation happens in Python first,
-// these checks only guard direct calls of the ops.
+// The fused losses' op entry points (ckd.cpp, bickd.cpp, kd.cpp over csrc/orchestration/): one orchestration for
+// every device (strips of ATen GEMMs, the small kernels through KernelBackend). Inputs are 2-D (N, C); validation
+// happens in Python first, these checks only guard direct calls of the ops.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -9,10 +9,6 @@
 #include <tuple>
 
 namespace ckd {
-
-// Bytes of work buffers one call may use beyond its inputs, outputs and gradient accumulator.
-int64_t workspace_bytes();
-void set_workspace_bytes(int64_t bytes);
 
 // Forward ops return the loss in the accumulation dtype, float32 (float64 for float64 students), 0-dim for
 // "mean"/"sum", per row for "none"; the Python layer rounds it to the student's dtype outside autocast. And,

@@ -3,9 +3,15 @@
 // (ckd_ext/ops.py) with torch.library.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
+#include <torch/python.h>  // the at::Tensor type caster of the test hooks below
+
+#include <ATen/ATen.h>
 
 #include "backends/select.h"
 #include "losses.h"
+#include "orchestration/gemm.h"
+#include "orchestration/plan.h"
+#include "orchestration/workspace.h"
 
 TORCH_LIBRARY(ckd_ext, m) {
   m.def(
@@ -48,8 +54,86 @@ TORCH_LIBRARY_IMPL(ckd_ext, CUDA, m) { register_kernels(m); }
 
 PYBIND11_MODULE(_C, module) {
   module.doc() = "ckd_ext compiled ops (registered under torch.ops.ckd_ext)";
-  module.def("workspace_bytes", &ckd::workspace_bytes, "Bytes of work buffers one op call may use.");
+  module.def("workspace_setting", &ckd::workspace_setting, "The user's workspace budget in bytes, 0 when unset.");
   module.def("set_workspace_bytes", &ckd::set_workspace_bytes, "Set the bytes of work buffers one op call may use.");
+  module.def("reset_workspace_bytes", &ckd::reset_workspace_bytes, "Back to each device's default budget.");
+  module.def(
+      "default_workspace_bytes",
+      [](const std::string& device) { return ckd::default_workspace_for(at::empty({0}, at::Device(device))); },
+      "The default budget of calls on `device` (CPU: 64 MiB; CUDA: from the device's free memory).");
+  module.def("cuda_workspace_from_free_memory", &ckd::cuda_workspace_from_free_memory,
+             "The CUDA default budget for a device with `free_bytes` free.");
+  module.def("gemm_calls", &ckd::gemm_calls, "Matrix products issued by the ops since the process started.");
+  module.def(
+      "gemm_product",
+      [](const at::Tensor& coef, const at::Tensor& rows, const std::string& device) {
+        const ckd::DeviceKind kind = device == "emulated" ? ckd::DeviceKind::EmulatedCuda : ckd::DeviceKind::Cpu;
+        const ckd::Gemm gemm(rows.scalar_type(), coef.scalar_type(), kind);
+        TORCH_CHECK(rows.scalar_type() == gemm.operand_dtype(), "gemm_product: rows must be in the operand dtype ",
+                    gemm.operand_dtype());
+        at::Tensor out = at::empty({coef.size(0), rows.size(1)}, coef.options());
+        gemm.product(out, coef, rows, /*accumulate=*/false);
+        return out;
+      },
+      "Test hook: coef @ rows through the GEMM policy of a backend ('cpu' or 'emulated', CPU tensors).");
+  module.def(
+      "strip_plan",
+      [](const std::string& loss, int64_t rows, int64_t cols, const std::string& dtype, const std::string& device,
+         int64_t workspace, bool masked, bool want_grad, bool symmetric) {
+        const auto scalar = dtype == "float64"    ? at::kDouble
+                            : dtype == "float32"  ? at::kFloat
+                            : dtype == "float16"  ? at::kHalf
+                            : dtype == "bfloat16" ? at::kBFloat16
+                                                  : throw std::invalid_argument("strip_plan: unknown dtype " + dtype);
+        const ckd::DeviceKind kind = device == "cpu"        ? ckd::DeviceKind::Cpu
+                                     : device == "cuda"     ? ckd::DeviceKind::Cuda
+                                     : device == "emulated" ? ckd::DeviceKind::EmulatedCuda
+                                                            : throw std::invalid_argument("strip_plan: unknown device " + device);
+        const auto acc = scalar == at::kDouble ? at::kDouble : at::kFloat;
+        pybind11::dict out;
+        ckd::PlanInputs p;
+        p.rows = rows;
+        p.cols = cols;
+        p.acc_bytes = at::elementSize(acc);
+        p.grad_in_acc = scalar == acc;
+        p.want_grad = want_grad;
+        p.workspace = workspace;
+        p.gpu = kind != ckd::DeviceKind::Cpu;
+        if (loss == "bickd") {
+          p.operand_bytes = p.acc_bytes;
+          p.operands_are_inputs = false;
+          const ckd::BicKDPlan plan = ckd::plan_bickd(p, symmetric, true, true);
+          out["sample_strip"] = plan.sample_strip;
+          out["sample_block"] = plan.sample_block;
+          out["class_strip"] = plan.class_strip;
+          out["class_block"] = plan.class_block;
+          out["gemms"] = plan.gemms;
+          out["launches"] = plan.launches;
+          out["min_gemm_dim"] = plan.min_gemm_dim;
+          out["transient_bytes"] = plan.transient_bytes;
+          return out;
+        }
+        const ckd::Gemm gemm(scalar, acc, kind);
+        p.operand_bytes = at::elementSize(gemm.operand_dtype());
+        p.operands_are_inputs = !masked && gemm.operand_dtype() == scalar;
+        p.tensor_cores = gemm.tensor_cores();
+        TORCH_CHECK(loss == "ckd_student" || loss == "ckd_teacher", "strip_plan: unknown loss ", loss);
+        const ckd::CkdPlan plan = ckd::plan_ckd(p, loss == "ckd_student");
+        out["whole"] = plan.whole;
+        out["strip"] = plan.strip;
+        out["operand_block"] = plan.operand_block;
+        out["output_block"] = plan.output_block;
+        out["gemms"] = plan.gemms;
+        out["launches"] = plan.launches;
+        out["min_gemm_dim"] = plan.min_gemm_dim;
+        out["transient_bytes"] = plan.transient_bytes;
+        out["tensor_cores"] = plan.gemms > 0 && gemm.tensor_cores();
+        return out;
+      },
+      "The strip plan of one call (orchestration/plan.h), as a dict: sizes, GEMMs, kernel launches, transient bytes.",
+      pybind11::arg("loss"), pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("dtype"),
+      pybind11::arg("device"), pybind11::arg("workspace"), pybind11::arg("masked") = false,
+      pybind11::arg("want_grad") = true, pybind11::arg("symmetric") = false);
   module.def(
       "install_emulated_backend",
       [](const pybind11::capsule& table) {

@@ -9,7 +9,11 @@ import sys
 from pathlib import Path
 
 # ckd_ext._C: the op library with the CPU backend (and the CUDA backend when built with CUDA).
-OPS_SOURCES = ["csrc/ops.cpp", "csrc/losses.cpp", "csrc/backends/select.cpp", "csrc/backends/cpu/cpu_backend.cpp"]
+OPS_SOURCES = [
+    "csrc/ops.cpp", "csrc/ckd.cpp", "csrc/bickd.cpp", "csrc/kd.cpp",
+    "csrc/orchestration/common.cpp", "csrc/orchestration/gemm.cpp", "csrc/orchestration/plan.cpp",
+    "csrc/orchestration/workspace.cpp", "csrc/backends/select.cpp", "csrc/backends/cpu/cpu_backend.cpp",
+]
 CUDA_SOURCES = ["csrc/backends/cuda/cuda_backend.cu"]
 # ckd_ext._emulated (CKD_EXT_EMULATED=1): the CUDA kernels compiled by the host compiler with the CPU emulator's
 # runtime, a backend that _C runs CPU tensors through in tests (csrc/backends/backends.h says why it is a
@@ -29,8 +33,9 @@ NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-std=c++20"]
 # The emulator runs every CUDA thread as an OS thread.
 EMULATED_CXX_FLAGS = ["-O2", "-pthread", "-fvisibility=hidden"]
 EMULATED_LINK_FLAGS = ["-pthread"]
-# Ampere and Hopper, the GPUs the package is built for unless TORCH_CUDA_ARCH_LIST says otherwise.
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Ampere and Hopper, the GPUs the package is built for unless TORCH_CUDA_ARCH_LIST says otherwise, plus Hopper's PTX,
+# which the driver compiles for newer GPUs (sm_100, sm_120) that would otherwise find "no kernel image".
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _cmake_list(name, values):

@@ -1,0 +1,102 @@
+#include "orchestration/common.h"
+
+#include <cmath>
+#include <limits>
+
+namespace ckd {
+
+Reduction parse_reduction(std::string_view r) {
+  if (r == "mean") return Reduction::Mean;
+  if (r == "sum") return Reduction::Sum;
+  TORCH_CHECK(r == "none", "ckd_ext: reduction must be 'mean', 'sum' or 'none', got '", r, "'");
+  return Reduction::None;
+}
+
+bool parse_student_anchor(std::string_view a) {
+  TORCH_CHECK(a == "student" || a == "teacher", "ckd_ext: anchor must be 'student' or 'teacher', got '", a, "'");
+  return a == "student";
+}
+
+void check_positive(const char* name, double v) {
+  const double max = std::numeric_limits<float>::max();
+  TORCH_CHECK(v >= 1.0 / max && v <= std::sqrt(max), "ckd_ext: ", name,
+              " must be a number whose reciprocal and square are finite in float32, got ", v);
+}
+
+DType storage_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default: TORCH_CHECK(false, "ckd_ext: unsupported dtype ", t.scalar_type());
+  }
+}
+
+ConstMatrix row_block(ConstMatrix x, int64_t row0, int64_t rows) {
+  const int64_t elem = visit_dtype(x.dtype, [](auto tag) { return static_cast<int64_t>(sizeof(tag)); });
+  return {static_cast<const char*>(x.data) + row0 * x.cols * elem, x.dtype, rows, x.cols};
+}
+
+Inputs check_inputs(const char* op, const at::Tensor& student, const at::Tensor& teacher,
+                    const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(), op,
+              ": student and teacher must be 2-D tensors of the same shape, got ", student.sizes(), " and ",
+              teacher.sizes());
+  TORCH_CHECK(student.size(1) > 0, op, ": the class dimension must be > 0");
+  storage_dtype(student);
+  storage_dtype(teacher);
+  TORCH_CHECK(teacher.device() == student.device(), op, ": student and teacher must be on the same device, got ",
+              student.device(), " and ", teacher.device());
+  Inputs in{student.contiguous(), teacher.contiguous(), at::Tensor(), student.size(0), student.size(1)};
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 1 && mask->size(0) == in.rows, op,
+                ": mask must be a bool tensor of shape (", in.rows, "), got ", mask->scalar_type(), " ", mask->sizes());
+    TORCH_CHECK(mask->device() == student.device(), op, ": mask must be on the student's device");
+    in.mask = mask->contiguous();
+  }
+  return in;
+}
+
+at::Tensor anchor_weights(const at::Tensor& grad, Reduction reduction, const at::Tensor& divisor,
+                          const at::Tensor& mask, int64_t anchors, const at::TensorOptions& acc_options) {
+  at::Tensor w;
+  if (reduction == Reduction::None) {
+    TORCH_CHECK(grad.numel() == anchors, "ckd_ext: expected ", anchors, " upstream gradients, got ", grad.numel());
+    w = grad.reshape({anchors}).to(acc_options, /*non_blocking=*/false, /*copy=*/true);
+  } else {
+    TORCH_CHECK(grad.numel() == 1, "ckd_ext: expected a scalar upstream gradient, got ", grad.sizes());
+    at::Tensor g = grad.reshape({}).to(acc_options);
+    if (reduction == Reduction::Mean) g = g / divisor.clamp_min(1);
+    w = g.expand({anchors}).contiguous();
+  }
+  if (mask.defined()) w.masked_fill_(mask.logical_not(), 0);
+  return w;
+}
+
+at::Tensor unit_weights(const OpCall& call, const at::Tensor& divisor, const at::Tensor& mask, int64_t anchors) {
+  return anchor_weights(at::ones({}, call.acc_options), call.reduction, divisor, mask, anchors, call.acc_options);
+}
+
+at::Tensor reduce_terms(const at::Tensor& terms, Reduction reduction, const at::Tensor& divisor) {
+  if (reduction == Reduction::None) return terms;
+  at::Tensor s = terms.sum();
+  // Masked terms are 0, so an all-masked batch gives 0 / 1 = 0.
+  if (reduction == Reduction::Mean) s = s / divisor.clamp_min(1);
+  return s;
+}
+
+at::Tensor constant_divisor(const OpCall& call, int64_t value) {
+  return at::full({}, static_cast<double>(value), call.acc_options);
+}
+
+at::Tensor forward_grad(const Inputs& in, bool want_grad) {
+  return want_grad ? at::empty_like(in.student) : at::empty({0}, in.student.options());
+}
+
+at::Tensor WorkBuffer::view(int64_t rows, int64_t cols) {
+  if (storage_.numel() < rows * cols) storage_ = at::empty({rows * cols}, options_);
+  return storage_.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+}  // namespace ckd

@@ -1,0 +1,46 @@
+// How every matrix product of the orchestration is computed: the one place that chooses operand dtypes, tensor
+// cores and the split of fp32 coefficients (docs/cuda.md, "GEMM policy").
+//
+//   CPU backend         fp32 GEMMs (16-bit inputs are converted block by block), fp64 for fp64 inputs.
+//   CUDA / emulated     fp16 / bf16 inputs are the operands as they are, products accumulated in fp32 (tensor
+//                       cores; the emulator converts them to fp32 exactly and runs an fp32 GEMM, which is the same
+//                       arithmetic up to the order of the sums). A product of an fp32 coefficient block with 16-bit
+//                       rows splits the coefficients into high and low 16-bit parts, two GEMMs: about 16 (bf16) or
+//                       22 (fp16) bits of the coefficient, the rows exact. fp32 inputs run fp32 GEMMs, which follow
+//                       torch.backends.cuda.matmul (TF32 only where the user allowed it); fp64 stays fp64.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "backends/select.h"
+
+namespace ckd {
+
+class Gemm {
+ public:
+  Gemm(at::ScalarType input_dtype, at::ScalarType acc_dtype, DeviceKind kind);
+
+  // The dtype GEMM operands are passed in: the inputs' own dtype where the backend multiplies 16-bit operands,
+  // else the accumulation dtype (inputs of another dtype are converted first).
+  at::ScalarType operand_dtype() const { return operand_dtype_; }
+  bool tensor_cores() const { return tensor_cores_; }
+
+  // out (m x n, acc) = a (m x k) @ b (n x k)^T, both operands in operand_dtype().
+  void similarity(at::Tensor out, const at::Tensor& a, const at::Tensor& b) const;
+  // out (m x k, acc) = [out +] coef (m x n, acc) @ rows (n x k, operand_dtype()).
+  void product(at::Tensor out, const at::Tensor& coef, const at::Tensor& rows, bool accumulate) const;
+  // GEMMs one product() call issues.
+  int64_t gemms_per_product() const { return tensor_cores_ ? 2 : 1; }
+
+ private:
+  void mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) const;
+
+  at::ScalarType operand_dtype_, acc_dtype_;
+  bool tensor_cores_, emulated_;
+};
+
+// Matrix products issued by any Gemm since the process started (tests compare it with the strip plans).
+int64_t gemm_calls();
+
+}  // namespace ckd

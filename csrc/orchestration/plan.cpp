@@ -1,0 +1,220 @@
+#include "orchestration/plan.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace ckd {
+
+int64_t rows_within(int64_t bytes, int64_t row_bytes, int64_t total) {
+  return std::max<int64_t>(1, std::min<int64_t>(total, bytes / std::max<int64_t>(row_bytes, 1)));
+}
+
+namespace {
+
+// Tiles of at most `side` rows, as even as possible.
+int64_t balanced(int64_t total, int64_t side) {
+  const int64_t tiles = blocks_of(total, std::max<int64_t>(side, 1));
+  return tiles == 0 ? 1 : blocks_of(total, tiles);
+}
+
+// Sizes of the blocks in a walk of `total` rows by `block`.
+template <typename F>
+void for_blocks(int64_t total, int64_t block, F&& f) {
+  for (int64_t r0 = 0; r0 < total; r0 += block) f(std::min(block, total - r0));
+}
+
+struct Counter {
+  int64_t gemms = 0, launches = 0, min_dim = INT64_MAX;
+  void gemm(int64_t m, int64_t n, int64_t count = 1) {
+    gemms += count;
+    min_dim = std::min({min_dim, m, n});
+  }
+};
+
+}  // namespace
+
+CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
+  const int64_t N = in.rows, C = in.cols, W = in.workspace;
+  CkdPlan plan;
+  plan.student_anchor = student_anchor;
+  const int64_t matrix_bytes = N * N * in.acc_bytes;
+  plan.whole = in.want_grad && matrix_bytes <= W / 2;
+  const int64_t rest = plan.whole ? W - matrix_bytes : W;
+  const int64_t operand_row = C * in.operand_bytes, acc_row = C * in.acc_bytes;
+  const int64_t products = in.tensor_cores ? 2 : 1;
+  Counter n;
+  // Setup: both inverse norms (and the positives' dot products for student anchors).
+  n.launches += student_anchor ? 3 : 2;
+  auto copy = [&](int64_t count) {  // an operand block copied: one load_rows launch where acc is the operand dtype
+    if (!in.operands_are_inputs && in.operand_bytes == in.acc_bytes) n.launches += count;
+  };
+  if (plan.whole) plan.output_block = in.grad_in_acc ? N : balanced(N, rows_within(rest / 2, acc_row, N));
+
+  if (!student_anchor) {
+    if (in.operands_are_inputs) {
+      plan.operand_block = N;
+      plan.strip = plan.whole ? N : balanced(N, rows_within(W / 2, N * in.acc_bytes, N));
+    } else {
+      plan.operand_block = balanced(N, rows_within(plan.whole ? rest / 4 : W / 4, operand_row, N));
+      plan.strip = balanced(N, std::min(plan.operand_block, plan.whole ? N : rows_within(W / 2, N * in.acc_bytes, N)));
+    }
+    const bool cached = plan.operand_block >= N;  // one candidate block, loaded once
+    if (cached) copy(1);
+    for_blocks(N, plan.strip, [&](int64_t rows) {
+      copy(1);
+      for_blocks(N, plan.operand_block, [&](int64_t kb) {
+        if (!cached) copy(1);
+        n.gemm(rows, kb);
+      });
+      n.launches += 1;  // epilogue
+      if (in.want_grad && !plan.whole) n.gemm(N, C, products);
+    });
+    if (in.want_grad) {
+      if (plan.whole) {
+        for_blocks(N, plan.output_block, [&](int64_t out_rows) {
+          for_blocks(N, plan.operand_block, [&](int64_t) {
+            copy(1);
+            n.gemm(out_rows, C, products);
+          });
+          n.launches += 1;  // normalize_backward
+        });
+      } else {
+        n.launches += 1;
+      }
+    }
+    plan.transient_bytes = (plan.whole ? matrix_bytes : plan.strip * N * in.acc_bytes) +
+                           (in.operands_are_inputs ? 0 : (plan.strip + plan.operand_block) * operand_row);
+  } else {
+    const int64_t side = in.gpu ? 2048 : 1024;
+    if (plan.whole) {
+      plan.strip = balanced(N, side);
+      if (!in.operands_are_inputs) plan.strip = balanced(N, std::min(plan.strip, rows_within(rest / 4, operand_row, N)));
+    } else {
+      plan.strip = std::max<int64_t>(
+          1, std::min<int64_t>(N, static_cast<int64_t>(std::sqrt(static_cast<double>(W / 2 / in.acc_bytes)))));
+      if (!in.operands_are_inputs) plan.strip = std::min(plan.strip, rows_within(W / 8, operand_row, N));
+      plan.strip = balanced(N, plan.strip);
+    }
+    plan.operand_block = in.operands_are_inputs ? N : plan.strip;
+    const bool single_tile = plan.strip >= N;
+    auto walk_tiles = [&](auto&& f) {
+      for (int64_t i0 = 0; i0 < N; i0 += plan.strip) {
+        const int64_t ri = std::min(plan.strip, N - i0);
+        for (int64_t j0 = i0; j0 < N; j0 += plan.strip) f(ri, std::min(plan.strip, N - j0), i0 == j0);
+      }
+    };
+    // Pass 1: every tile on or above the diagonal, its log-sum-exp merged into its rows (and its columns').
+    walk_tiles([&](int64_t ri, int64_t rj, bool diagonal) {
+      copy(diagonal ? 1 : 0);
+      if (!diagonal) copy(1);
+      n.gemm(ri, rj);
+      n.launches += diagonal ? 1 : 2;
+    });
+    if (in.want_grad) {
+      if (plan.whole) {
+        walk_tiles([&](int64_t, int64_t, bool) { n.launches += 1; });  // coefficients, tiles in place
+        for_blocks(N, plan.output_block, [&](int64_t out_rows) {
+          for_blocks(N, plan.operand_block, [&](int64_t) {
+            copy(1);
+            n.gemm(out_rows, C, products);
+          });
+          n.launches += 1;  // normalize_backward
+        });
+      } else {
+        walk_tiles([&](int64_t ri, int64_t rj, bool diagonal) {
+          if (!single_tile) {  // recomputed
+            copy(diagonal ? 1 : 0);
+            if (!diagonal) copy(1);
+            n.gemm(ri, rj);
+          }
+          n.launches += 1;  // coefficients
+          n.gemm(ri, C, products);
+          if (!diagonal) n.gemm(rj, C, products);
+        });
+        n.launches += 1;
+      }
+    }
+    const int64_t tile_bytes = plan.whole ? matrix_bytes : plan.strip * plan.strip * in.acc_bytes;
+    plan.transient_bytes = tile_bytes + (in.operands_are_inputs ? 0 : 2 * plan.strip * operand_row);
+  }
+  if (in.want_grad && plan.whole && !in.grad_in_acc) plan.transient_bytes += plan.output_block * acc_row;
+  // Without a whole matrix, the gradient accumulates in acc over N x C: the gradient itself, or a buffer.
+  if (in.want_grad && !plan.whole && !in.grad_in_acc) plan.transient_bytes += N * acc_row;
+  plan.gemms = n.gemms;
+  plan.launches = n.launches;
+  plan.min_gemm_dim = n.gemms ? n.min_dim : 0;
+  return plan;
+}
+
+BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, bool class_side) {
+  const int64_t N = in.rows, C = in.cols, W = in.workspace, acc = in.acc_bytes;
+  BicKDPlan plan;
+  plan.sample_strip = balanced(N, std::min(rows_within(W / 2, N * acc, N), rows_within(W / 4, C * acc, N)));
+  plan.sample_block = balanced(N, rows_within(W / 4, C * acc, N));
+  plan.class_strip = balanced(C, std::min(rows_within(W / 2, C * acc, C), rows_within(W / 4, N * acc, C)));
+  plan.class_block = balanced(C, rows_within(W / 4, N * acc, C));
+  Counter n;
+  n.launches += 2;  // softmax statistics of both inputs
+  const int64_t directions = symmetric ? 2 : 1;
+  if (sample_side) {
+    for (int64_t d = 0; d < directions; ++d) {
+      const bool student_anchors = d == 0;
+      const bool cached = plan.sample_block >= N;
+      if (cached) n.launches += 1;
+      for_blocks(N, plan.sample_strip, [&](int64_t rows) {
+        n.launches += 1;  // anchors
+        for_blocks(N, plan.sample_block, [&](int64_t kb) {
+          if (!cached) n.launches += 1;
+          n.gemm(rows, kb);
+        });
+        n.launches += 1;  // epilogue
+        if (!in.want_grad) return;
+        if (student_anchors) {
+          for_blocks(N, plan.sample_block, [&](int64_t) {
+            if (!cached) n.launches += 1;
+            n.gemm(rows, C);
+          });
+        } else {
+          n.gemm(N, C);
+        }
+      });
+    }
+  }
+  if (class_side) {
+    n.launches += 2;  // column norms of both inputs
+    for (int64_t d = 0; d < directions; ++d) {
+      const bool cached = plan.class_block >= C;
+      if (cached) n.launches += 1;
+      for_blocks(C, plan.class_strip, [&](int64_t cols) {
+        n.launches += 1;
+        for_blocks(C, plan.class_block, [&](int64_t kb) {
+          if (!cached) n.launches += 1;
+          n.gemm(cols, kb);
+        });
+        n.launches += 1;
+        if (!in.want_grad) return;
+        if (d == 0) {
+          for_blocks(C, plan.class_block, [&](int64_t) {
+            if (!cached) n.launches += 1;
+            n.gemm(cols, N);
+          });
+        } else {
+          n.gemm(C, N);
+        }
+      });
+    }
+  }
+  if (in.want_grad) n.launches += class_side ? 2 : 1;  // column projections, then the last pass
+  plan.gemms = n.gemms;
+  plan.launches = n.launches;
+  plan.min_gemm_dim = n.gemms ? n.min_dim : 0;
+  const int64_t sample_bytes = sample_side ? (plan.sample_strip * N + (plan.sample_strip + plan.sample_block) * C) * acc : 0;
+  const int64_t class_bytes = class_side ? (plan.class_strip * C + (plan.class_strip + plan.class_block) * N) * acc : 0;
+  // dp (sample side, unless the gradient is in acc and doubles as it) and dpbar (class side) are N x C in acc.
+  const int64_t accumulators =
+      in.want_grad ? ((sample_side && !in.grad_in_acc ? 1 : 0) + (class_side ? 1 : 0)) * N * C * acc : 0;
+  plan.transient_bytes = std::max(sample_bytes, class_bytes) + accumulators;
+  return plan;
+}
+
+}  // namespace ckd

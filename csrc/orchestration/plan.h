@@ -1,0 +1,52 @@
+// Strip plans: how one call cuts its work into GEMMs and kernel launches, as a pure function of the problem
+// (N, C, dtype, backend, workspace, mask), so that it can be unit-tested at GPU shapes on a CPU machine. The
+// orchestration (ckd.cpp, bickd.cpp) follows the plan; tests compare the plan's counts with what a call issues.
+#pragma once
+#include <cstdint>
+
+namespace ckd {
+
+struct PlanInputs {
+  int64_t rows = 0, cols = 0;  // N, C
+  int64_t operand_bytes = 4;   // bytes of one GEMM operand element (gemm.h: the input's for tensor cores, else acc)
+  int64_t acc_bytes = 4;
+  bool operands_are_inputs = true;  // the inputs serve as operands as they are (no conversion, no masked row)
+  bool tensor_cores = false;        // coefficient products are two GEMMs (gemm.h)
+  bool gpu = false;                 // CUDA or emulated CUDA: larger tiles
+  bool grad_in_acc = true;          // the student gradient's dtype is the accumulation dtype
+  bool want_grad = true;
+  int64_t workspace = 0;
+};
+
+// CKD, both anchors. "whole": the N x N similarities / coefficients live in the workspace at once, and the gradient
+// is computed by output blocks of rows with GEMMs whose inner dimension is N, written through the normalisation
+// backward straight into the gradient (no N x C accumulator beyond the gradient). Otherwise strips (teacher anchor)
+// or tiles (student anchor) are recomputed and their products accumulated into an N x C buffer in acc (the
+// gradient itself when it is in acc).
+struct CkdPlan {
+  bool student_anchor = true;
+  bool whole = false;
+  int64_t strip = 0;          // teacher: anchors per strip; student: tile side
+  int64_t operand_block = 0;  // rows per operand block (N when the inputs are the operands)
+  int64_t output_block = 0;   // whole: gradient rows per output block
+  // What one call issues (forward with the gradient computed in it):
+  int64_t gemms = 0;
+  int64_t launches = 0;        // kernel backend launches (CUDA backend)
+  int64_t min_gemm_dim = 0;    // the smallest M or N of any GEMM
+  int64_t transient_bytes = 0;  // work buffers beyond inputs, outputs and the gradient
+};
+CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor);
+
+// BicKD: strips of normalised probability rows (sample side) or columns (class side), built in fp32 by exp_block.
+struct BicKDPlan {
+  int64_t sample_strip = 0, sample_block = 0;  // anchor rows per strip, candidate rows per block
+  int64_t class_strip = 0, class_block = 0;    // the same for columns
+  int64_t gemms = 0, launches = 0, min_gemm_dim = 0, transient_bytes = 0;
+};
+BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, bool class_side);
+
+// Rows a block of `row_bytes` per row may have within `bytes`, at least 1 and at most `total`.
+int64_t rows_within(int64_t bytes, int64_t row_bytes, int64_t total);
+inline int64_t blocks_of(int64_t total, int64_t block) { return total == 0 ? 0 : (total + block - 1) / block; }
+
+}  // namespace ckd
