@@ -1,30 +1,14 @@
-"""Chunked execution with partial last strips and tiles, against the float64 oracle: every configuration, on the
-CPU kernels in float32 and float64 and on the emulated CUDA kernels.
+"""Chunked execution with partial last strips, tiles and blocks, against the float64 oracle: every configuration,
+on the CPU kernels in float32 and float64 and on the emulated CUDA kernels.
 
-Chunk sizes (csrc/losses.cpp; rows_within<Acc>(bytes, row_elems, total) = clamp(bytes / (row_elems *
-sizeof(Acc)), 1, total)), for a budget B, N rows and C classes:
-  CKD teacher anchor, BicKD sample side: strip_rows = min(rows_within(B/2, N, N), rows_within(B/4, C, N)),
-      candidate blocks of rows_within(B/4, C, N) rows (when candidates are copies: 16-bit or masked inputs; BicKD
-      always);
-  CKD student anchor: tile_rows = min(sqrt(B/2 / sizeof(Acc)), rows_within(B/8, C, N), N);
-  BicKD class side: strip_cols = min(rows_within(B/2, C, C), rows_within(B/4, N, C)), blocks of
-      rows_within(B/4, N, C) columns.
+The sizes come from the strip plans (csrc/orchestration/plan.h, `_C.strip_plan`), which cut N rows into balanced
+blocks (sizes differing by at most one). With a budget B, CKD keeps the whole N x N matrix when N^2 * sizeof(acc)
+<= B / 2 (the gradient then by output blocks); otherwise teacher anchors walk strips of rows_within(B / 2, N) rows
+and student anchors tiles of sqrt(B / 2 / sizeof(acc)) rows, both capped by the operand blocks when the inputs are
+converted or masked (rows_within(B / 4 or B / 8, C * operand bytes)). BicKD: sample strips min(rows_within(B/2, N),
+rows_within(B/4, C)), candidate blocks rows_within(B/4, C); class strips and blocks the same over columns. The
+tests below assert the plan's sizes for their shapes, so a change to the plans cannot silently stop covering a case.
 KD works row by row and has no chunks (it is here because every configuration is).
-
-CPU, B = 16 KiB, C = 32:
-                           float32 (4 bytes)                  float64 (8 bytes)
-  teacher / sample strips  min(8192/604, 4096/128) = 13        min(8192/1208, 4096/256) = 6
-                           N=151: 11 x 13 + 8; N=152: 11 x 13 + 9   N=151: 25 x 6 + 1; N=152: 25 x 6 + 2
-  candidate blocks         4096/128 = 32: 4 x 32 + 23 / + 24    4096/256 = 16: 9 x 16 + 7 / + 8
-  student-anchor tiles     min(45, 2048/128) = 16               min(32, 2048/256) = 8
-                           N=151: 9 x 16 + 7; N=152: 9 x 16 + 8     N=151: 18 x 8 + 7; N=152: 19 x 8 (exact)
-  class strips and blocks  4096/(4 N) = 6: 32 = 5 x 6 + 2       4096/(8 N) = 3: 32 = 10 x 3 + 2
-(8192/608 for N=152 is also 13, 8192/1216 also 6.) So every strip and tile kind ends in a partial one, except
-float64 student tiles at N=152, which divide evenly (the full-tiles case next to the partial one at N=151).
-
-Emulated CUDA, B = 4 KiB, N = 42, C = 32, float32: teacher / sample strips min(2048/168, 1024/128) = 8
-(42 = 5 x 8 + 2), candidate blocks 8 (5 x 8 + 2), student tiles min(22, 512/128) = 4 (42 = 10 x 4 + 2), class strips
-and blocks 1024/168 = 6 (32 = 5 x 6 + 2). (tests/test_emulated.py's N=40, C=30 divides all of these evenly.)
 """
 import pytest
 import torch
@@ -37,13 +21,31 @@ ALL = list(CONFIGS)
 
 
 def with_workspace(nbytes, run):
-    saved = ckd_ext.workspace_bytes()
+    saved = ckd_ext.require_extension().workspace_setting()
     ckd_ext.set_workspace_bytes(nbytes)
     try:
         assert ckd_ext.workspace_bytes() == nbytes
         return run()
     finally:
-        ckd_ext.set_workspace_bytes(saved)
+        ckd_ext.set_workspace_bytes(saved or None)
+
+
+def plan(loss, n, c, dtype, backend, workspace, masked=False):
+    name = str(dtype).removeprefix("torch.")
+    return ckd_ext.require_extension().strip_plan(loss, n, c, name, backend, workspace, masked=masked)
+
+
+def test_the_cpu_budget_splits_every_kind_of_chunk():
+    """16 KiB, C = 32: strips, tiles and blocks all end in a partial one (N = 151 masked, N = 152 not)."""
+    for n, masked in ((151, True), (152, False)):
+        for dtype in (torch.float32, torch.float64):
+            for anchor in ("student", "teacher"):
+                p = plan(f"ckd_{anchor}", n, 32, dtype, "cpu", 16 << 10, masked)
+                assert not p["whole"] and p["strip"] < n and n % p["strip"] != 0 or n == 152, p
+                if masked:
+                    assert p["operand_block"] < n, p
+            p = plan("bickd", n, 32, dtype, "cpu", 16 << 10)
+            assert p["sample_strip"] < n and p["sample_block"] < n and p["class_strip"] < 32, p
 
 
 @pytest.mark.parametrize("config", ALL)
@@ -74,3 +76,53 @@ def test_emulated_partial_strips_and_tiles(config):
             check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction="none")
 
     with_workspace(4 * 1024, run)
+
+
+WHOLE_BUDGET = 13 << 10  # N = 40, C = 24: the 6400-byte matrix is whole, the output and operand blocks are not
+
+
+@pytest.mark.parametrize("anchor", ["student", "teacher"])
+@pytest.mark.parametrize("backend", ["cpu", "emulated"])
+@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True)])
+def test_whole_matrix_by_output_blocks(anchor, backend, dtype, masked):
+    """The whole-matrix gradient in several output blocks (16-bit gradients are not in acc, so they get an output
+    buffer) and several operand blocks (converted or masked copies), on both backends: on the emulated one the 16-bit
+    GEMMs take the inputs as operands and split the coefficients into high and low parts (orchestration/gemm.h)."""
+    if backend == "emulated" and not testing.emulated_available():
+        pytest.skip("the emulated CUDA backend is not built")
+    n, c = 40, 24
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend, WHOLE_BUDGET, masked)
+    assert p["whole"], p
+    if dtype != torch.float32:
+        assert p["output_block"] < n, p
+    if backend == "cpu" or masked:
+        assert p["operand_block"] < n, p
+    student, teacher = pair(n, c, seed=11)
+    mask = random_mask(n, seed=4) if masked else None
+    config = f"ckd_{anchor}"
+
+    def run():
+        if backend == "emulated":
+            with testing.emulated_cuda():
+                check_against_oracle(config, student, teacher, dtype=dtype, mask=mask)
+        else:
+            check_against_oracle(config, student, teacher, dtype=dtype, mask=mask)
+
+    with_workspace(WHOLE_BUDGET, run)
+
+
+def test_workspace_none_returns_to_the_device_defaults():
+    ext = ckd_ext.require_extension()
+    saved = ext.workspace_setting()
+    try:
+        ckd_ext.set_workspace_bytes(4096)
+        assert ckd_ext.workspace_bytes() == ckd_ext.workspace_bytes("cpu") == 4096
+        ckd_ext.set_workspace_bytes(None)
+        assert ext.workspace_setting() == 0
+        assert ckd_ext.workspace_bytes() == 64 << 20
+        # CUDA's default from free memory: an eighth, clamped to [1 GiB, 4 GiB].
+        assert ext.cuda_workspace_from_free_memory(80 << 30) == 4 << 30
+        assert ext.cuda_workspace_from_free_memory(16 << 30) == 2 << 30
+        assert ext.cuda_workspace_from_free_memory(2 << 30) == 1 << 30
+    finally:
+        ckd_ext.set_workspace_bytes(saved or None)

@@ -39,14 +39,35 @@ def cuda_loss_and_grad(config, student, teacher, mask=None, **extra):
     return detached, grad.cpu()
 
 
-def check_cuda_against_oracle(config, student, teacher, dtype, mask=None, **extra):
+def check_cuda_against_oracle(config, student, teacher, dtype, mask=None, tol=None, **extra):
     """The fused op on CUDA (inputs rounded to dtype) against the float64 oracle on the CPU, loss and gradient."""
     s, t = student.detach().to(dtype), teacher.detach().to(dtype)
     loss, grad = cuda_loss_and_grad(config, s, t, mask=mask, **extra)
     s64 = s.double().requires_grad_()
     loss64, grad64 = loss_and_grad(ref, config, s64, t.double(), mask=mask, **extra)
-    assert_matches(loss, loss64, dtype, f"{config} loss")
-    assert_matches(grad, grad64, dtype, f"{config} grad")
+    assert_matches(loss, loss64, dtype, f"{config} loss", tol)
+    assert_matches(grad, grad64, dtype, f"{config} grad", tol)
+
+
+@pytest.fixture(params=[False, True], ids=["tf32_off", "tf32_on"])
+def tf32(request):
+    """fp32 GEMMs follow the user's setting (csrc/orchestration/gemm.h): TF32 rounds their operands to 10 mantissa
+    bits (u = 2^-11), so with it on fp32 results get float16's tolerance (TOLERANCE: 1e-3, twice fp16's u)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    try:
+        yield request.param
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def with_workspace(nbytes, run):
+    saved = ckd_ext.require_extension().workspace_setting()
+    ckd_ext.set_workspace_bytes(nbytes)
+    try:
+        return run()
+    finally:
+        ckd_ext.set_workspace_bytes(saved or None)
 
 
 @pytest.mark.parametrize("config", ALL)
@@ -66,22 +87,76 @@ def test_masks_and_reductions(config, reduction):
 
 
 @pytest.mark.parametrize("config", ALL)
-@pytest.mark.parametrize("n,nbytes", [(151, 16 * 1024), (152, 16 * 1024), (42, 4 * 1024)],
-                         ids=["151-16KiB", "152-16KiB", "42-4KiB"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n,nbytes", [(151, 16 * 1024), (152, 16 * 1024), (42, 4 * 1024), (40, 13 * 1024)],
+                         ids=["151-16KiB", "152-16KiB", "42-4KiB", "40-13KiB"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_small_workspace_strips_and_tiles(config, n, nbytes, dtype, reduction):
-    """Several strips, tiles and converted blocks, each kind ending in a partial one (tests/test_chunking.py has
-    the sizes: C = 32 gives float32 strips of 13 rows and student-anchor tiles of 16 at 16 KiB, 8 and 4 at 4 KiB;
-    float16 inputs add converted candidate blocks)."""
+def test_small_workspace_strips_and_tiles(config, n, nbytes, dtype, reduction, tf32):
+    """Several strips, tiles and operand blocks, each kind ending in a partial one (tests/test_chunking.py asserts
+    the plans' sizes for these shapes: at 16 and 4 KiB the strips and tiles; at 13 KiB, N = 40, the whole 40 x 40
+    matrix with the gradient in several output blocks), masked (operands copied) and with TF32 on and off."""
+    if tf32 and dtype != torch.float32:
+        pytest.skip("TF32 only changes fp32 GEMMs")
     student, teacher = pair(n, 32, seed=n + 1)
-    mask = random_mask(n, seed=n)
-    saved = ckd_ext.workspace_bytes()
-    ckd_ext.set_workspace_bytes(nbytes)
+    mask = random_mask(n, seed=n) if n != 40 else None
+    tol = TOLERANCE[torch.float16] if tf32 else None
+    with_workspace(nbytes, lambda: check_cuda_against_oracle(config, student, teacher, dtype, mask=mask, tol=tol,
+                                                             reduction=reduction))
+
+
+@pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_host_synchronisation(config, dtype):
+    """Forward and backward under torch.cuda.set_sync_debug_mode("error"): any .item(), host copy or
+    synchronising call inside the ops raises. (A first call warms up the workspace default, which reads the
+    device's free memory once.)"""
+    name, kwargs = CONFIGS[config]
+    student, teacher = pair(64, 96, seed=8, dtype=dtype)
+    s = student.detach().cuda().requires_grad_()
+    t, mask = teacher.cuda(), random_mask(64, seed=8).cuda()
+    fn = getattr(ckd_ext, f"{name}_loss")
+    fn(s, t, **kwargs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
     try:
-        check_cuda_against_oracle(config, student, teacher, dtype, mask=mask, reduction=reduction)
+        for reduction in ("mean", "sum", "none"):
+            out = fn(s, t, **kwargs, mask=mask, reduction=reduction)
+            total = sum(o.float().sum() for o in out) if isinstance(out, tuple) else out.float().sum()
+            torch.autograd.grad(total, s)
     finally:
-        ckd_ext.set_workspace_bytes(saved)
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("config", ["ckd_student", "ckd_teacher", "bickd", "kd"])
+def test_captured_in_a_cuda_graph(config):
+    """One forward + backward captured in a CUDA graph and replayed on new inputs equals an eager run."""
+    name, kwargs = CONFIGS[config]
+    fn = getattr(ckd_ext, f"{name}_loss")
+    student, teacher = pair(64, 128, seed=9, dtype=torch.float32)
+    s_static = student.cuda().requires_grad_()
+    t_static = teacher.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        for _ in range(2):
+            torch.autograd.grad(fn(s_static, t_static, **kwargs), s_static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = fn(s_static, t_static, **kwargs)
+        (grad,) = torch.autograd.grad(loss, s_static)
+    new_student, new_teacher = pair(64, 128, seed=10, dtype=torch.float32)
+    with torch.no_grad():
+        s_static.copy_(new_student.cuda())
+        t_static.copy_(new_teacher.cuda())
+    graph.replay()
+    torch.cuda.synchronize()
+    s_eager = new_student.cuda().requires_grad_()
+    expected_loss = fn(s_eager, new_teacher.cuda(), **kwargs)
+    (expected_grad,) = torch.autograd.grad(expected_loss, s_eager)
+    expected_loss, expected_grad = expected_loss.detach().cpu(), expected_grad.cpu()
+    assert_matches(loss.detach().cpu(), expected_loss.double(), torch.float32, f"{config} graph loss", CPU_VS_CUDA)
+    assert_matches(grad.cpu(), expected_grad.double(), torch.float32, f"{config} graph grad", CPU_VS_CUDA)
 
 
 @pytest.mark.parametrize("config", ALL)

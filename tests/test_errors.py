@@ -275,14 +275,14 @@ test_anchor = public_test(
 
 @pytest.fixture
 def restore_workspace():
-    saved = ckd_ext.workspace_bytes()
+    saved = ckd_ext.require_extension().workspace_setting()
     yield
-    ckd_ext.set_workspace_bytes(saved)
+    ckd_ext.set_workspace_bytes(saved or None)
 
 
 @documents("E-workspace-type")
 @pytest.mark.parametrize("value, error, form", [
-    (None, TypeError, 1), (2 ** 70, TypeError, 0), ("abc", ValueError, None), (float("nan"), ValueError, None),
+    ([1], TypeError, 1), (2 ** 70, TypeError, 0), ("abc", ValueError, None), (float("nan"), ValueError, None),
     (float("inf"), OverflowError, None)])
 def test_workspace_type(value, error, form, restore_workspace):
     with pytest.raises(error) as info:

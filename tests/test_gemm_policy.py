@@ -1,0 +1,82 @@
+"""The GEMM policy (csrc/orchestration/gemm.h) for 16-bit inputs on tensor-core backends, run by the emulated backend
+(which computes each GEMM as the tensor core does: 16-bit operands, fp32 accumulation).
+
+1. The coefficient products: fp32 coefficients times 16-bit rows, the coefficients split into high and low 16-bit
+   parts. Against float64, the error of each output is within (2 u_split + K u32) sum_k |c_k| |r_k| with u_split the
+   split's relative error (2^-16 for bf16's 8+8 bits, 2^-21 for fp16's 11+11) and K u32 fp32 accumulation: a bound
+   that a single bf16 rounding of the coefficients (2^-9) would break, which the test also shows.
+2. The losses end to end, fp16 / bf16 inputs, randn logits at scales 1, 10, 100 and near-converged students
+   (student = teacher + 1e-2 noise, where the gradient is a difference of nearly equal terms): the gradient's error
+   against the float64 oracle on the same rounded inputs stays within a factor 2 of what rounding the inputs
+   themselves to 16 bits does to the float64 gradient (measured: at most 1.4x; docs/cuda.md, "GEMM policy").
+"""
+import pytest
+import torch
+
+import ckd_ext
+from ckd_ext import reference, testing
+
+pytestmark = pytest.mark.skipif(not testing.emulated_available(), reason="the emulated CUDA backend is not built")
+ext = ckd_ext.require_extension() if ckd_ext.is_available() else None
+SPLIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -16, torch.float16: 2.0 ** -21}
+U32 = 2.0 ** -24
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_coefficient_products_keep_the_split_precision(dtype):
+    gen = torch.Generator().manual_seed(0)
+    m, k, n = 33, 300, 47
+    # Coefficients spanning 1e-12 .. 1 (w / n times softmax weights times inverse norms), both signs.
+    coef = (torch.randn(m, k, generator=gen, dtype=torch.float64) *
+            torch.logspace(-12, 0, k, dtype=torch.float64)[torch.randperm(k, generator=gen)]).float()
+    rows = (torch.randn(k, n, generator=gen) * 30).to(dtype)
+    exact = coef.double() @ rows.double()
+    magnitude = coef.double().abs() @ rows.double().abs()
+    bound = (2 * SPLIT_ROUNDOFF[dtype] + k * U32) * magnitude
+    out = ext.gemm_product(coef, rows, "emulated")
+    assert ((out.double() - exact).abs() <= bound).all()
+    # One rounding of the coefficients to the rows' dtype would not do (the test can fail).
+    coarse = (coef.to(dtype).double() @ rows.double())
+    assert ((coarse - exact).abs() > bound).any()
+
+
+def _gradients(student, teacher, anchor, upstream, emulated):
+    def run():
+        return torch.ops.ckd_ext.ckd_backward(torch.tensor(upstream), student, teacher, None, 0.5, anchor, "sum")
+    if emulated:
+        with testing.emulated_cuda():
+            return run()
+    return run()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("anchor", ["student", "teacher"])
+@pytest.mark.parametrize("scale", [1.0, 10.0, 100.0])
+@pytest.mark.parametrize("near_converged", [False, True])
+def test_ckd_gradients_within_the_inputs_own_rounding(dtype, anchor, scale, near_converged):
+    gen = torch.Generator().manual_seed(int(scale) + 7 * near_converged)
+    n, c = 48, 64
+    t64 = torch.randn(n, c, generator=gen, dtype=torch.float64) * scale
+    noise = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    s64 = t64 + 1e-2 * scale * noise if near_converged else noise * scale
+    s16, t16 = s64.to(dtype), t64.to(dtype)
+
+    def oracle(s, t):
+        s = s.clone().requires_grad_()
+        return torch.autograd.grad(reference.ckd_loss(s, t, tau=0.5, anchor=anchor, reduction="sum"), s)[0]
+
+    g_rounded = oracle(s16.double(), t16.double())
+    g_exact_inputs = oracle(s64, t64)
+    # An upstream power of two that puts the gradient near 2^14, clear of fp16's subnormals (what GradScaler does).
+    upstream = 2.0 ** round(torch.log2(2.0 ** 14 / g_rounded.abs().max()).item())
+    g = _gradients(s16, t16, anchor, upstream, emulated=True).double() / upstream
+    largest = g_rounded.abs().max()
+    error = (g - g_rounded).abs().max() / largest
+    input_rounding = (g_exact_inputs - g_rounded).abs().max() / largest
+    assert error <= 2 * input_rounding, (error.item(), input_rounding.item())
+    # And no worse than the CPU path, whose coefficients stay fp32 (both are dominated by the gradient's final
+    # rounding to 16 bits: within 10 % of each other, plus a quarter of a unit roundoff).
+    g_cpu = _gradients(s16, t16, anchor, upstream, emulated=False).double() / upstream
+    error_cpu = (g_cpu - g_rounded).abs().max() / largest
+    u16 = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
+    assert error <= 1.1 * error_cpu + u16 / 4, (error.item(), error_cpu.item())
