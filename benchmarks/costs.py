@@ -363,7 +363,7 @@ def estimate_rows(shapes: Iterable[Tuple[int, int]] = GPU_SHAPES, dtype: str = "
                     t_tensor=fmt_seconds(w.flops / (peak.tensor_tflops * 1e12)),
                     t_fp32=fmt_seconds(w.flops / (peak.fp32_tflops * 1e12)),
                     t_hbm=fmt_seconds(w.bytes / (peak.hbm_tbs * 1e12)),
-                    t_launch=fmt_seconds(w.launches * LAUNCH_SECONDS) if w.launches else "",
+                    t_launch=fmt_seconds(w.launches * LAUNCH_SECONDS) if w.launches and name != "eager bf16" else "",
                     estimate=fmt_seconds(w.seconds(rate, peak.hbm_tbs)),
                     memory=(f"{sim * 2 / GIB:.3g} GiB bf16 / {sim * 4 / GIB:.3g} GiB fp32"
                             if name == "eager bf16" and sim else "")))
