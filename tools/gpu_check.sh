@@ -66,7 +66,7 @@ expand() {
   case "$1" in
     test_step) echo "\$PYTHON -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs (and at least one test passed)" ;;
     build_step) echo "\$PYTHON tools/gpu_check.py extension || TORCH_CUDA_ARCH_LIST=\$(\$PYTHON tools/gpu_check.py arch) CKD_EXT_CUDA=on CKD_EXT_EMULATED=0 MAX_JOBS=\$(nproc) \$PYTHON setup.py build_ext --inplace, then the extension check again" ;;
-    sanitizer_step*) echo "compute-sanitizer --tool ${1#sanitizer_step } --error-exitcode 1 \$PYTHON tools/gpu_check.py ops --check run --dtypes float32,bfloat16,float16" ;;
+    sanitizer_step*) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool ${1#sanitizer_step } --error-exitcode 1 \$PYTHON tools/gpu_check.py ops --check run --dtypes float32,bfloat16,float16" ;;
     bench_step*) set -- $1; echo "\$PYTHON benchmarks/run.py --device cuda --only shape=gpu-tokens --only mode=full --only provider=$3 --isolate batch --timeout $4 --deadline <step budget - 5> --warmup 1 --min-reps 2 --reps 5 --max-seconds 2 --no-plots --out \$OUT/$2" ;;
     *) echo "$1" ;;
   esac
@@ -100,7 +100,10 @@ sanitizer_step() {
     echo "compute-sanitizer not found (PATH, CUDA_HOME, /usr/local/cuda*): the $1 step cannot run"
     return 1
   fi
-  "$sanitizer" --tool "$1" --error-exitcode 1 "$PYTHON" tools/gpu_check.py ops --check run --dtypes float32,bfloat16,float16
+  # Without the caching allocator every tensor is its own allocation, so an access past a tensor's end is outside
+  # any allocation, which memcheck reports (inside a cached block it would not).
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$1" --error-exitcode 1 \
+    "$PYTHON" tools/gpu_check.py ops --check run --dtypes float32,bfloat16,float16
 }
 
 bench_step() {  # bench_step OUTDIR PROVIDERS CASE_TIMEOUT  (STEP_BUDGET from the runner)
