@@ -67,13 +67,30 @@ def provider_status(provider: str, loss: Optional[str] = None) -> Tuple[bool, st
     return False, f"unknown provider {provider!r}"
 
 
-def loss_fn(provider: str, loss: str, compile_backend: str = "inductor") -> Callable:
-    """The callable `f(student, teacher) -> scalar loss` of an autograd provider (not floor)."""
+def autocast_dtype(device: str, dtype: str) -> Optional[str]:
+    """The autocast dtype eager and compiled run under: the input's 16-bit dtype on CUDA, else none. The reference
+    upcasts 16-bit inputs to float32, so without autocast its GEMMs would run in float32 (SIMT on a GPU); under
+    autocast they take 16-bit operands on tensor cores, which is what eager PyTorch on bf16 logits gets, and what
+    the floor's input-dtype GEMMs measure."""
+    return dtype if device == "cuda" and dtype in ("bfloat16", "float16") else None
+
+
+def loss_fn(provider: str, loss: str, compile_backend: str = "inductor", autocast: Optional[str] = None) -> Callable:
+    """The callable `f(student, teacher) -> scalar loss` of an autograd provider (not floor); eager and compiled
+    run under CUDA autocast to `autocast` when given (see `autocast_dtype`)."""
     ckd_ext = import_ckd_ext()
     if provider == "ckd_ext":
         return getattr(ckd_ext, f"{loss}_loss")
     from ckd_ext import reference
     fn = getattr(reference, f"{loss}_loss")
+    if autocast:
+        import torch
+        plain, dt = fn, getattr(torch, autocast)
+
+        def fn(student, teacher):
+            with torch.autocast("cuda", dtype=dt):
+                return plain(student, teacher)
+
     if provider == "eager":
         return fn
     if provider == "compiled":

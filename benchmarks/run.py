@@ -19,7 +19,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -27,6 +29,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: an instal
 from benchmarks.cases import (  # noqa: E402
     CSV_COLUMNS, MEMORY_TARGET_GROUPS, MODES, PROVIDERS, SHAPES, SMOKE_SHAPES, TOKEN_GROUPS, is_gemm_bound,
     make_case, parse_only, select_shapes)
+from benchmarks.costs import achieved, device_peak, loss_work, peak_fraction  # noqa: E402
 from benchmarks.measure import profile_full  # noqa: E402
 from benchmarks.providers import package_version, provider_status  # noqa: E402
 from benchmarks.worker import DEFAULT_FUSED_MEM_LIMIT_GIB, DEFAULT_MEM_LIMIT_GIB, run_cases  # noqa: E402
@@ -201,7 +204,7 @@ def compute_targets(t: Table, info: Dict) -> List[Dict]:
             peak_bw = info.get("gpu_peak_bw_gbs")
             bw = None
             if fused is not None:
-                bw = 3 * N * Cc * dtype_size(dtype) / (fused / 1e3) / 1e9  # read S, read T, write grad
+                bw = loss_work(loss, N, Cc, dtype).bytes / (fused / 1e3) / 1e9  # read S, read T, write grad
             r = ratio(bw, peak_bw)
             add(case, "KD >= 70% DRAM bandwidth (GPU)",
                 None if bw is None else f"{bw:.0f} GB/s" + ("" if r is None else f" = {r:.0%}"),
@@ -225,6 +228,29 @@ def mode_table(t: Table, provs: List[str], title: str, metric: str, show) -> Lis
         for mode in MODES:
             L.append(f"| {loss} | {name} ({dtype}) | {mode} | " +
                      " | ".join(show(t, (loss, p, mode, metric, shape, dtype)) for p in provs) + " |")
+    L.append("")
+    return L
+
+
+def rate_table(t: Table, provs: List[str], info: Dict) -> List[str]:
+    """Achieved rates of the full forward + backward: the minimum work of benchmarks/costs.py (loss_work) over the
+    p50 time, TFLOPS for the GEMM-bound losses and GB/s for KD, with the share of the GPU's datasheet peak."""
+    peak = device_peak(info.get("gpu")) if info.get("device") == "cuda" else None
+    head = "### Achieved rate, full forward + backward (benchmarks/costs.py loss_work / p50 time)\n"
+    if peak is not None:
+        head += (f"\nShare of the {peak.name} datasheet peak: {peak.tensor_tflops:g} TFLOPS dense 16-bit tensor cores "
+                 f"(GEMM-bound losses), {peak.hbm_tbs:g} TB/s DRAM (KD).\n")
+    L = [head, "| loss | shape | dtype | " + " | ".join(provs) + " |", "|" + "---|" * (3 + len(provs))]
+    for loss, name, shape, dtype in t.cases():
+        N, Cc = parse_shape(shape)
+        if not (is_gemm_bound(loss, N, Cc) or loss == "kd"):
+            continue
+        cells = []
+        for p in provs:
+            rate = achieved(loss, N, Cc, dtype, "full", t.val(loss, p, "full", "time", shape, dtype))
+            frac = peak_fraction(rate, peak) if rate else None
+            cells.append("" if rate is None else f"{rate[0]:.3g} {rate[1]}" + ("" if frac is None else f" ({frac:.0%})"))
+        L.append(f"| {loss} | {name} | {dtype} | " + " | ".join(cells) + " |")
     L.append("")
     return L
 
@@ -265,6 +291,7 @@ def markdown(t: Table, info: Dict, targets: List[Dict], skipped: Dict[str, str],
                  " | ".join("" if r is None else f"{r:.2f}x" for r in rs) + " |")
     L.append("")
 
+    L += rate_table(t, provs, info)
     L += mode_table(t, provs, "### Time by mode (p50, [p20 .. p80])\n", "time", time_cell)
     L += mode_table(t, provs, "### Peak memory beyond the inputs\n", "peak_mem",
                     lambda t, key: cell(t, key, fmt_mib))
@@ -453,8 +480,13 @@ def main(argv=None) -> int:
     ap.add_argument("--from-csv", default=None, help="skip measuring: rebuild table/plots/docs from a CSV")
     ap.add_argument("--profile", action="store_true", help="profile ckd_ext's full fwd+bwd (torch.profiler) "
                     "at every shape with a missed target and add a 'where the time goes' table")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds of measuring after which the running "
+                    "case is stopped and every unfinished one recorded as 'deadline' (the tables are still written)")
+    ap.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
+    # Stopped from outside (a `timeout`): unwind, so that run_cases takes its worker down with it.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     only = parse_only(a.only)
     if a.device == "auto":
@@ -496,8 +528,9 @@ def main(argv=None) -> int:
                 cases.append(make_case(s, p))
         print(f"{len(cases)} cases on {a.device}, {threads} threads, output {out}")
         isolate = a.isolate or ("batch" if a.smoke else "case")
+        deadline = time.monotonic() + a.deadline if a.deadline is not None else None
         rows, info = run_cases(cases, opts, a.timeout, a.mem_limit_gib or None, a.fused_mem_limit_gib or None,
-                                 isolate=isolate)
+                               isolate=isolate, deadline=deadline)
         meta = dict(device=a.device, threads=threads, torch_version=info.get("torch", ""),
                     package_version=info.get("package_version", package_version()), timestamp=now_iso())
         for r in rows:
@@ -511,7 +544,7 @@ def main(argv=None) -> int:
     t = Table(rows)
     targets = compute_targets(t, info)
     (out / "targets.json").write_text(json.dumps(targets, indent=1))
-    plots = make_plots(t, out / "plots")
+    plots = [] if a.no_plots else make_plots(t, out / "plots")
     prof_md = ""
     if a.profile:
         prof_md = profile_missed(targets, a.device, a.threads or os.cpu_count() or 1)

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from .cases import MODES, SAVED_METRICS, missing_rows, make_inputs, result_row
 from .measure import freeze_gc, measure_peak, measure_time, quantiles, saved_bytes, warm_up
-from .providers import REPO_ROOT, Floor, loss_fn, mode_callables, package_version
+from .providers import REPO_ROOT, Floor, autocast_dtype, loss_fn, mode_callables, package_version
 
 # Default address-space limits (GiB) for CPU worker processes: eager/compiled materialise N x N and C x C
 # matrices and are expected to run out at the scale shapes; the fused ops and the floor get more room.
@@ -117,18 +117,22 @@ def run_case(case: Dict, opts: Dict, emit: Callable) -> None:
         for r in missing_rows(case, device, modes, failure_note(exc), have=done):
             emit(**r)
 
+    autocast = autocast_dtype(device, case["dtype"])
     try:
         student, teacher = make_inputs(case["N"], case["C"], case["dtype"], device)
         fn = floor = None
         if provider == "floor":
             floor = Floor(loss, student, teacher)
         else:
-            fn = loss_fn(provider, loss, opts.get("compile_backend", "inductor"))
+            fn = loss_fn(provider, loss, opts.get("compile_backend", "inductor"), autocast)
     except Exception as e:  # noqa: BLE001
         fail(e, modes)
         return
 
-    backend_note = f"backend={opts.get('compile_backend', 'inductor')}" if provider == "compiled" else ""
+    notes = [f"backend={opts.get('compile_backend', 'inductor')}"] if provider == "compiled" else []
+    if autocast and provider in ("eager", "compiled"):
+        notes.append(f"autocast={autocast}")
+    backend_note = " ".join(notes)
     for mode in modes:
         try:
             setup, run = mode_callables(provider, loss, student, teacher, mode, fn, floor)
@@ -211,14 +215,16 @@ def _classify_death(rc: Optional[int], stderr: str, timed_out: bool) -> str:
 
 def run_cases(cases: List[Dict], opts: Dict, timeout: float, mem_limit_gib: Optional[float],
               fused_mem_limit_gib: Optional[float], isolate: str = "case",
-              log: Callable[[str], None] = print) -> Tuple[List[Dict], Dict]:
+              log: Callable[[str], None] = print, deadline: Optional[float] = None) -> Tuple[List[Dict], Dict]:
     """Run cases in worker subprocesses and return (rows, machine info).
 
     isolate="case": one fresh process per case (the default: clean peak-RSS numbers, a crash or OOM kill
     costs one case). isolate="batch": all cases share one process, under the smallest of their memory limits
     (smoke runs: one torch import); a process that dies or passes `timeout` on a case has that case marked,
     and the rest go on in a new process. Every expected (mode, metric) of a case that produced no row gets
-    one with the note "timeout", "OOM" or "error: ...".
+    one with the note "timeout", "OOM" or "error: ...". `deadline` (a time.monotonic() value): the worker running
+    then is killed, and its case and every case not yet started get the note "deadline", so that a run with a wall
+    budget still writes its tables.
     """
     rows: List[Dict] = []
     info: Dict = {}
@@ -234,6 +240,11 @@ def run_cases(cases: List[Dict], opts: Dict, timeout: float, mem_limit_gib: Opti
     env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     k = 0
     while batches:
+        if deadline is not None and time.monotonic() > deadline:
+            for c in (c for b in batches for c in b):
+                rows.extend(missing_rows(c, opts["device"], _modes(opts), "deadline"))
+            log(f"    -> deadline: {sum(len(b) for b in batches)} cases not run")
+            break
         batch = batches.pop(0)
         k += 1
         spec_path = os.path.join(tmpdir, f"spec{k}.json")
@@ -248,23 +259,27 @@ def run_cases(cases: List[Dict], opts: Dict, timeout: float, mem_limit_gib: Opti
         with open(err_path, "w") as ferr:
             proc = subprocess.Popen(_worker_cmd(spec_path), stdout=ferr, stderr=subprocess.STDOUT, env=env,
                                     cwd=tempfile.gettempdir(), start_new_session=True)
-            timed_out = False
+            timed_out = past_deadline = False
             case_started = time.monotonic()
             current = -1
-            while proc.poll() is None:
-                time.sleep(0.1)
-                ev = _read_events(res_path)
-                starts = [e["case"] for e in ev if e.get("event") == "start"]
-                if starts and starts[-1] != current:
-                    current, case_started = starts[-1], time.monotonic()
-                if time.monotonic() - case_started > timeout:
-                    timed_out = True
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.1)
+                    ev = _read_events(res_path)
+                    starts = [e["case"] for e in ev if e.get("event") == "start"]
+                    if starts and starts[-1] != current:
+                        current, case_started = starts[-1], time.monotonic()
+                    timed_out = time.monotonic() - case_started > timeout
+                    past_deadline = deadline is not None and time.monotonic() > deadline
+                    if timed_out or past_deadline:
+                        break
+            finally:  # a timeout, the deadline, or this process being stopped: the worker goes too
+                if proc.poll() is None:
                     try:
                         os.killpg(proc.pid, signal.SIGKILL)  # the worker's own session (we started it)
                     except ProcessLookupError:
                         pass
                     proc.wait()
-                    break
         events = _read_events(res_path)
         with open(err_path) as f:
             stderr = f.read()
@@ -279,7 +294,7 @@ def run_cases(cases: List[Dict], opts: Dict, timeout: float, mem_limit_gib: Opti
             continue
         # the process died or was killed inside case `bad`; mark its missing rows, re-queue the rest
         bad = started[-1] if started and started[-1] not in done else (min(set(range(len(batch))) - done))
-        note = _classify_death(proc.returncode, stderr, timed_out)
+        note = "deadline" if past_deadline else _classify_death(proc.returncode, stderr, timed_out)
         if note.startswith("error"):
             log("    worker failed:\n" + "\n".join("      " + l for l in stderr.strip().splitlines()[-15:]))
         c = batch[bad]

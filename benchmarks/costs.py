@@ -1,0 +1,393 @@
+"""The FLOP and byte model of each loss, in one place: the benchmark tables' TFLOPS and GB/s columns
+(`loss_work`), the GPU check's summary, and the estimate table of docs/cuda.md (`python -m benchmarks.costs`).
+
+Counting rules
+--------------
+* FLOPs are GEMM FLOPs, 2 per multiply-add; the element-wise work (norms, log-sum-exps, epilogues) is counted
+  in bytes only.
+* Bytes are DRAM traffic; a tensor written by one kernel and read by the next counts twice (no cache reuse is
+  assumed, so the per-kernel models are upper bounds on traffic; `loss_work`, the minimum, is exact).
+* An estimated time is max(FLOPs / GEMM rate, bytes / bandwidth, launches x launch cost): the three overlap
+  when the GPU is busy, and the largest one binds.
+
+`loss_work` is the work no implementation can avoid, the same GEMMs as the benchmark's floor
+(`benchmarks.providers.Floor`): CKD one N x N x C GEMM forward and one backward (either anchor); BicKD that
+plus one C x C x N GEMM each way; KD none. Bytes: the inputs read once, the gradient written once. Achieved
+rates divide this by a measured time, so providers compare on the same numerator.
+
+The per-implementation models (`fused_before`, `fused_after`, `eager`) describe one forward + backward with a
+16-bit student, which ckd_ext runs as a forward without the gradient and a backward that recomputes
+(ckd_ext/ops.py, `_grad_needed`): the forward's similarity GEMMs are paid twice.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Dict, Iterable, List, Optional, Tuple
+
+MIB = 1 << 20
+GIB = 1 << 30
+# The fused op's default workspace before issue 10 (csrc/losses.cpp).
+WORKSPACE_BEFORE = 64 * MIB
+# The workspace the "after" model assumes: the low end of the 1-4 GiB the issue asks the CUDA default to be.
+WORKSPACE_AFTER = 1 * GIB
+ACC_BYTES = 4  # fp32 accumulation: similarities, coefficients, converted operands
+# Host cost of one kernel or cuBLAS launch through ATen, the figure of the issue's review; at millions of tiny
+# launches it, not the GPU, sets the time.
+LAUNCH_SECONDS = 10e-6
+
+
+def dtype_bytes(dtype: str) -> int:
+    return {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+# ------------------------------------------------------------------------------------------------- devices
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+    name: str
+    tensor_tflops: float  # dense bf16 / fp16 tensor cores, fp32 accumulation (no sparsity)
+    fp32_tflops: float    # fp32 SIMT (non-tensor) rate
+    hbm_tbs: float        # DRAM bandwidth, TB/s
+
+
+H100 = DevicePeak("H100 SXM", 989.0, 67.0, 3.35)
+# Vendor datasheet figures, matched on torch.cuda.get_device_name() (first match wins).
+_KNOWN: Tuple[Tuple[Tuple[str, ...], DevicePeak], ...] = (
+    (("H200",), DevicePeak("H200", 989.0, 67.0, 4.8)),
+    (("H100", "PCIE"), DevicePeak("H100 PCIe", 756.0, 51.0, 2.0)),
+    (("H100", "NVL"), DevicePeak("H100 NVL", 835.0, 60.0, 3.9)),
+    (("H100",), H100),
+    (("A100",), DevicePeak("A100", 312.0, 19.5, 2.0)),
+    (("L40S",), DevicePeak("L40S", 362.0, 91.6, 0.864)),
+)
+
+
+def device_peak(device_name: Optional[str]) -> Optional[DevicePeak]:
+    """The datasheet peaks of a GPU named like torch.cuda.get_device_name(), None when unknown."""
+    upper = (device_name or "").upper()
+    for words, peak in _KNOWN:
+        if all(w in upper for w in words):
+            return peak
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- work
+@dataclasses.dataclass
+class Work:
+    flops: float = 0.0
+    bytes: float = 0.0
+    gemms: int = 0
+    launches: int = 0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.flops + other.flops, self.bytes + other.bytes, self.gemms + other.gemms,
+                    self.launches + other.launches)
+
+    def gemm(self, m: int, n: int, k: int, operand_bytes: int, accumulate: bool = False, count: int = 1) -> None:
+        """`count` GEMMs (m x k) @ (k x n) -> fp32 m x n (read as well when accumulating, addmm)."""
+        self.flops += 2.0 * m * n * k * count
+        self.bytes += count * ((m + n) * k * operand_bytes + m * n * ACC_BYTES * (2 if accumulate else 1))
+        self.gemms += count
+        self.launches += count
+
+    def kernel(self, read: float, written: float, count: int = 1) -> None:
+        self.bytes += count * (read + written)
+        self.launches += count
+
+    def seconds(self, gemm_tflops: float, hbm_tbs: float, launch_seconds: float = LAUNCH_SECONDS) -> float:
+        return max(self.flops / (gemm_tflops * 1e12), self.bytes / (hbm_tbs * 1e12), self.launches * launch_seconds)
+
+
+def loss_work(loss: str, N: int, C: int, dtype: str, mode: str = "full") -> Work:
+    """The minimum work of `loss` in a benchmark mode (full, forward, backward, no_grad): see the module doc."""
+    b = dtype_bytes(dtype)
+    gemms = {"ckd": [(N, N, C)], "bickd": [(N, N, C), (C, C, N)], "kd": []}[loss]
+    passes = {"full": 2, "forward": 1, "no_grad": 1, "backward": 1}[mode]
+    flops = passes * sum(2.0 * m * n * k for m, n, k in gemms)
+    nbytes = {"full": 3, "forward": 2, "no_grad": 2, "backward": 1}[mode] * N * C * b
+    return Work(flops=flops, bytes=nbytes, gemms=passes * len(gemms))
+
+
+def achieved(loss: str, N: int, C: int, dtype: str, mode: str, ms: Optional[float]) -> Optional[Tuple[float, str]]:
+    """(rate, unit) a measured time implies for `loss_work`: TFLOPS for the GEMM-bound losses, GB/s for KD."""
+    if ms is None or ms <= 0:
+        return None
+    w = loss_work(loss, N, C, dtype, mode)
+    if w.flops > 0:
+        return w.flops / (ms * 1e-3) / 1e12, "TFLOPS"
+    return w.bytes / (ms * 1e-3) / 1e9, "GB/s"
+
+
+def peak_fraction(rate: Tuple[float, str], peak: Optional[DevicePeak]) -> Optional[float]:
+    """The share of the device's datasheet peak (tensor-core rate for TFLOPS, DRAM bandwidth for GB/s)."""
+    if peak is None:
+        return None
+    value, unit = rate
+    return value / peak.tensor_tflops if unit == "TFLOPS" else value / (peak.hbm_tbs * 1e3)
+
+
+# ----------------------------------------------------------------------------------- the fused op before
+def _rows_within(nbytes: int, row_elems: int, total: int) -> int:
+    """csrc/losses.cpp rows_within<float>: rows of `row_elems` fp32 values within `nbytes`, in [1, total]."""
+    return max(1, min(total, nbytes // (max(row_elems, 1) * ACC_BYTES)))
+
+
+def _blocks(total: int, size: int) -> List[int]:
+    return [min(size, total - i) for i in range(0, total, size)]
+
+
+def _ckd_teacher_before(N, C, b, want_grad, budget) -> Work:
+    w = Work()
+    w.kernel(2 * N * C * b, 2 * N * ACC_BYTES, 2)                          # row_inv_norms of s and t
+    strip = min(_rows_within(budget // 2, N, N), _rows_within(budget // 4, C, N))
+    block = _rows_within(budget // 4, C, N)                                # 16-bit candidates: converted copies
+    for rows in _blocks(N, strip):
+        w.kernel(rows * C * b, rows * C * ACC_BYTES)                       # load_rows: anchors, normalised
+        for kb in _blocks(N, block):
+            w.kernel(kb * C * b, kb * C * ACC_BYTES)                       # load_rows: candidates
+            w.gemm(rows, kb, C, ACC_BYTES)
+        w.kernel(rows * N * ACC_BYTES, rows * N * ACC_BYTES)               # contrastive_epilogue
+        if want_grad:
+            w.gemm(N, C, rows, ACC_BYTES, accumulate=True)                 # dv += z^T anchors
+    if want_grad:
+        w.kernel(N * C * (ACC_BYTES + 2 * b), N * C * b)                   # normalize_backward
+    return w
+
+
+def _ckd_student_before(N, C, b, want_grad, budget) -> Work:
+    w = Work()
+    w.kernel(2 * N * C * b, 2 * N * ACC_BYTES, 2)                          # row_inv_norms
+    w.kernel(2 * N * C * b, N * ACC_BYTES)                                 # row_dots: the positives
+    square = int(math.sqrt(budget // 2 // ACC_BYTES))
+    tile = max(1, min(square, _rows_within(budget // 8, C, N), N))
+    blocks = _blocks(N, tile)
+    single = len(blocks) == 1
+
+    def tiles(grad_pass: bool):
+        for i, ri in enumerate(blocks):
+            if not (grad_pass and single):
+                w.kernel(ri * C * b, ri * C * ACC_BYTES)                   # load_rows v_i
+            for j in range(i, len(blocks)):
+                rj = blocks[j]
+                if grad_pass and single:
+                    pass                                                   # the tile is still in place
+                else:
+                    if j != i:
+                        w.kernel(rj * C * b, rj * C * ACC_BYTES)           # load_rows v_j
+                    w.gemm(ri, rj, C, ACC_BYTES)
+                if not grad_pass:
+                    w.kernel(ri * rj * ACC_BYTES, 0, 1 if j == i else 2)   # symmetric_tile_lse rows (+ columns)
+                else:
+                    w.kernel(ri * rj * ACC_BYTES, ri * rj * ACC_BYTES)     # symmetric_tile_coefficients
+                    w.gemm(ri, C, rj, ACC_BYTES, accumulate=True)          # dv_i += z v_j
+                    if j != i:
+                        w.gemm(rj, C, ri, ACC_BYTES, accumulate=True)      # dv_j += z^T v_i
+
+    tiles(False)
+    if want_grad:
+        tiles(True)
+        w.kernel(N * C * (ACC_BYTES + 2 * b), N * C * b)                   # normalize_backward
+    return w
+
+
+def _bickd_before(N, C, b, want_grad, budget) -> Work:
+    """BicKD with w_sample, w_class > 0, symmetric=False (the benchmark's defaults): student anchors only."""
+    w = Work()
+    w.kernel(2 * N * C * b, 6 * N * ACC_BYTES, 2)                          # softmax_stats of s and t
+    # sample side: anchors p_i, candidates q_k, rebuilt by exp_block for every block (twice with the gradient)
+    strip = min(_rows_within(budget // 2, N, N), _rows_within(budget // 4, C, N))
+    block = _rows_within(budget // 4, C, N)
+    cand_once = block >= N
+    if cand_once:
+        w.kernel(N * C * b, N * C * ACC_BYTES)
+    for rows in _blocks(N, strip):
+        w.kernel(rows * C * b, rows * C * ACC_BYTES)                       # exp_block: anchors
+        for kb in _blocks(N, block):
+            if not cand_once:
+                w.kernel(kb * C * b, kb * C * ACC_BYTES)                   # exp_block: candidates
+            w.gemm(rows, kb, C, ACC_BYTES)
+        w.kernel(rows * N * ACC_BYTES, rows * N * ACC_BYTES)               # contrastive_epilogue
+        if want_grad:
+            for kb in _blocks(N, block):
+                if not cand_once:
+                    w.kernel(kb * C * b, kb * C * ACC_BYTES)
+                w.gemm(rows, C, kb, ACC_BYTES, accumulate=True)            # dp_rows += z q
+    # class side: anchors pbar_c, candidates qbar_d (N x cols blocks)
+    w.kernel(2 * N * C * b, 2 * C * ACC_BYTES, 2)                          # column_log_norms
+    strip_c = min(_rows_within(budget // 2, C, C), _rows_within(budget // 4, N, C))
+    block_c = _rows_within(budget // 4, N, C)
+    cand_once = block_c >= C
+    if cand_once:
+        w.kernel(N * C * b, N * C * ACC_BYTES)
+    for cols in _blocks(C, strip_c):
+        w.kernel(N * cols * b, N * cols * ACC_BYTES)
+        for kb in _blocks(C, block_c):
+            if not cand_once:
+                w.kernel(N * kb * b, N * kb * ACC_BYTES)
+            w.gemm(cols, kb, N, ACC_BYTES)
+        w.kernel(cols * C * ACC_BYTES, cols * C * ACC_BYTES)
+        if want_grad:
+            for kb in _blocks(C, block_c):
+                if not cand_once:
+                    w.kernel(N * kb * b, N * kb * ACC_BYTES)
+                w.gemm(N, cols, kb, ACC_BYTES, accumulate=True)            # dpbar[:, c] += qbar z^T
+    if want_grad:
+        w.kernel(N * C * (ACC_BYTES + b), C * ACC_BYTES)                   # column_dots
+        w.kernel(N * C * (2 * ACC_BYTES + b), N * C * b)                   # bickd_backward_rows
+    return w
+
+
+def _kd(N, C, b, want_grad) -> Work:
+    w = Work()
+    w.kernel(2 * N * C * b, N * C * b if want_grad else 0)                 # kd_rows: one pass
+    return w
+
+
+def fused_before(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student",
+                 budget: int = WORKSPACE_BEFORE) -> Tuple[Work, Work]:
+    """(forward, backward) calls of the fused op as csrc/losses.cpp issues them before issue 10, for a 16-bit
+    student (the forward computes no gradient, the backward recomputes): fp32 GEMMs on converted operands,
+    strips of `budget / C` rows."""
+    b = dtype_bytes(dtype)
+    if loss == "kd":
+        return _kd(N, C, b, False), _kd(N, C, b, True)
+    if loss == "bickd":
+        return _bickd_before(N, C, b, False, budget), _bickd_before(N, C, b, True, budget)
+    f = _ckd_student_before if anchor == "student" else _ckd_teacher_before
+    return f(N, C, b, False, budget), f(N, C, b, True, budget)
+
+
+# ------------------------------------------------------------------------------------ the fused op after
+def _contrastive_after(w: Work, anchors: int, cands: int, K: int, b: int, want_grad: bool, budget: int) -> None:
+    """One contrastive side on tensor cores: strips of anchors sized by their fp32 output (anchors x cands
+    within `budget`), 16-bit operands read as they are; with the gradient, one GEMM of the coefficient strip
+    by the 16-bit candidates, and a recompute of the similarities per output block when the whole coefficient
+    matrix does not fit the workspace (the gradient of a candidate needs every anchor strip)."""
+    strip = max(1, min(anchors, budget // (cands * ACC_BYTES)))
+    strips = _blocks(anchors, strip)
+    recompute = len(strips) > 1
+    for rows in strips:
+        w.gemm(rows, cands, K, b)
+        w.kernel(rows * cands * ACC_BYTES, rows * cands * ACC_BYTES)       # epilogue
+        if want_grad:
+            if recompute:
+                w.gemm(rows, cands, K, b)
+            w.gemm(rows, K, cands, b, accumulate=False)
+
+
+def fused_after(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student",
+                budget: int = WORKSPACE_AFTER) -> Tuple[Work, Work]:
+    """(forward, backward) calls under issue 10's plan, as modelled here (not the code that lands): the same
+    loss-only forward and recomputing backward, the similarity and gradient GEMMs on tensor cores with
+    16-bit operands and fp32 results, strips sized by output within `budget`, one fused normalisation /
+    softmax pass over the inputs per call. Student anchors use the whole symmetric matrix once one tile
+    covers it, so both anchors cost the same."""
+    b = dtype_bytes(dtype)
+    if loss == "kd":
+        return _kd(N, C, b, False), _kd(N, C, b, True)
+    calls = []
+    for want_grad in (False, True):
+        w = Work()
+        w.kernel(2 * N * C * b, 4 * (N + C) * ACC_BYTES, 2)                # row (and column) statistics
+        _contrastive_after(w, N, N, C, b, want_grad, budget)
+        if loss == "bickd":
+            _contrastive_after(w, C, C, N, b, want_grad, budget)
+        if want_grad:
+            w.kernel(N * C * (2 * b + ACC_BYTES), N * C * b)               # backward through the normalisation
+        calls.append(w)
+    return calls[0], calls[1]
+
+
+# -------------------------------------------------------------------------------------------------- eager
+def similarity_elements(loss: str, N: int, C: int) -> int:
+    """Elements of the similarity matrices eager PyTorch materialises (N x N, and C x C for BicKD)."""
+    return {"ckd": N * N, "bickd": N * N + C * C, "kd": 0}[loss]
+
+
+def eager(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student") -> Work:
+    """Eager PyTorch (the few lines of the reference under autocast): forward + backward GEMMs in the 16-bit
+    dtype on tensor cores, autograd's gradient GEMMs (both operands of v @ v^T for CKD's student anchors, one
+    for the rest); bytes a lower bound: the inputs, the gradient, every similarity matrix written and read
+    once in fp32 each way."""
+    b = dtype_bytes(dtype)
+    w = Work()
+    if loss in ("ckd", "bickd"):
+        w.gemm(N, N, C, b)
+        w.gemm(N, C, N, b, count=2 if (loss == "ckd" and anchor == "student") else 1)
+    if loss == "bickd":
+        w.gemm(C, C, N, b)
+        w.gemm(N, C, C, b)
+    # the inputs' fp32 copies (the reference upcasts) and their normalised / softmaxed versions, written and read
+    # once each way
+    w.bytes += 3 * N * C * b + 8 * N * C * ACC_BYTES + 4 * similarity_elements(loss, N, C) * ACC_BYTES
+    return w
+
+
+# --------------------------------------------------------------------------------------------- the table
+GPU_SHAPES: Tuple[Tuple[int, int], ...] = ((4096, 32000), (16384, 32000), (16384, 128256))
+VARIANTS: Tuple[Tuple[str, str, str], ...] = (("ckd", "student", "CKD, student anchor"),
+                                              ("ckd", "teacher", "CKD, teacher anchor"),
+                                              ("bickd", "student", "BicKD"), ("kd", "student", "KD"))
+
+
+def fmt_count(x: float) -> str:
+    for div, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g} {unit}"
+    return f"{x:.3g}"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.3g} s" if s >= 1 else f"{s * 1e3:.3g} ms"
+
+
+def estimate_rows(shapes: Iterable[Tuple[int, int]] = GPU_SHAPES, dtype: str = "bfloat16",
+                  peak: DevicePeak = H100) -> List[Dict[str, str]]:
+    """One row per (loss, shape, implementation) of the docs/cuda.md estimate table."""
+    rows = []
+    for N, C in shapes:
+        for loss, anchor, title in VARIANTS:
+            minimum = loss_work(loss, N, C, dtype)
+            before = sum(fused_before(loss, N, C, dtype, anchor), Work())
+            after = sum(fused_after(loss, N, C, dtype, anchor), Work())
+            impls = [("minimum (floor)", minimum, peak.tensor_tflops),
+                     ("fused before (fp32 GEMMs, 64 MiB)", before, peak.fp32_tflops),
+                     ("fused after (tensor cores, 1 GiB)", after, peak.tensor_tflops),
+                     ("eager bf16", eager(loss, N, C, dtype, anchor), peak.tensor_tflops)]
+            for name, w, rate in impls:
+                sim = similarity_elements(loss, N, C)
+                rows.append(dict(
+                    loss=title, shape=f"{N} x {C}", impl=name, flops=fmt_count(w.flops), bytes=fmt_count(w.bytes) + "B",
+                    gemms=fmt_count(w.gemms), launches={"eager bf16": "tens", "minimum (floor)": ""}.get(name, fmt_count(w.launches)),
+                    t_tensor=fmt_seconds(w.flops / (peak.tensor_tflops * 1e12)),
+                    t_fp32=fmt_seconds(w.flops / (peak.fp32_tflops * 1e12)),
+                    t_hbm=fmt_seconds(w.bytes / (peak.hbm_tbs * 1e12)),
+                    t_launch=fmt_seconds(w.launches * LAUNCH_SECONDS) if w.launches and name != "eager bf16" else "",
+                    estimate=fmt_seconds(w.seconds(rate, peak.hbm_tbs)),
+                    memory=(f"{sim * 2 / GIB:.3g} GiB bf16 / {sim * 4 / GIB:.3g} GiB fp32"
+                            if name == "eager bf16" and sim else "")))
+    return rows
+
+
+def markdown_table(rows: List[Dict[str, str]]) -> str:
+    cols = [("loss", "loss"), ("shape", "N x C"), ("impl", "implementation"), ("flops", "GEMM FLOPs"),
+            ("bytes", "DRAM bytes"), ("gemms", "GEMMs"), ("launches", "launches (kernels + GEMMs)"),
+            ("t_tensor", "FLOPs at 989 TFLOPS"), ("t_fp32", "FLOPs at 67 TFLOPS"), ("t_hbm", "bytes at 3.35 TB/s"),
+            ("t_launch", "launches x 10 us"), ("estimate", "estimate"), ("memory", "N x N (+ C x C) matrices")]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(r[k] for k, _ in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Print the FLOP / byte / launch estimate table of docs/cuda.md.")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    a = ap.parse_args(argv)
+    print(markdown_table(estimate_rows(dtype=a.dtype)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
