@@ -590,6 +590,17 @@ def test_train_teacher(case, monkeypatch, capsys, tmp_path):
     check("T-teacher", message, form, **values)
 
 
+@documents("T-ddp")
+@pytest.mark.parametrize("case", ["negatives-without-ddp", "ddp-without-torchrun"])
+def test_train_ddp(case, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--global-negatives", "ring"] if case == "negatives-without-ddp" else ["--ddp"]
+    values = dict(mode="ring") if case == "negatives-without-ddp" else {}
+    check("T-ddp", usage_error(argv + ["--impl", "reference"], monkeypatch, capsys),
+          form=0 if case == "negatives-without-ddp" else 1, **values)
+
+
 @documents("T-impl")
 def test_train_impl(monkeypatch, capsys, tmp_path):
     # The fused ops unavailable, for the reason E-not-built gives.
