@@ -122,7 +122,10 @@ def _all_to_all(pieces: list, shapes: list, group) -> list:
 
 class _Ring:
     """Point-to-point to the next rank and from the previous one. Each message has its own tag, so that blocks and
-    gradient blocks of equal shapes cannot be matched out of order."""
+    gradient blocks of equal shapes cannot be matched out of order (gloo; NCCL matches in order, which is the
+    same). The receive and the send are one batch_isend_irecv: with NCCL on 2 ranks the previous and the next
+    rank are the same peer, and a receive and a send launched one after the other on that pair's stream would
+    wait for each other."""
 
     def __init__(self, group):
         self.group = group
@@ -134,8 +137,9 @@ class _Ring:
         tensor = tensor.contiguous()
         received = torch.empty_like(tensor)
         _count("send", tensor.numel() * tensor.element_size())
-        works = [dist.irecv(received, group=self.group, group_src=self.prev, tag=tag),
-                 dist.isend(tensor, group=self.group, group_dst=self.next, tag=tag)]
+        works = dist.batch_isend_irecv([
+            dist.P2POp(dist.irecv, received, group=self.group, tag=tag, group_peer=self.prev),
+            dist.P2POp(dist.isend, tensor, group=self.group, tag=tag, group_peer=self.next)])
 
         def wait():
             for work in works:
@@ -297,12 +301,14 @@ class RingLSE(torch.autograd.Function):
         grad_anchors = torch.zeros_like(anchors) if need_anchors else None
         block = _pad_rows(candidates, layout.block)
         grad_block = torch.zeros_like(block) if need_candidates else None
+        contribution = torch.empty_like(block) if need_candidates else None
         wait_grad = None
         world = layout.world
         for step in range(world):
             source = (layout.rank - step) % world
             wait_block = ring.shift(block, tag=2 * step) if step < world - 1 else None
-            contribution = torch.zeros_like(block) if need_candidates else None
+            if need_candidates:
+                contribution.zero_()
             count = layout.counts[source]
             valid = block[:count]
             for start, stop in _strips(anchors.shape[0], count, valid.element_size()) if count else ():
@@ -313,7 +319,8 @@ class RingLSE(torch.autograd.Function):
                 if need_candidates:
                     contribution[:count] += coefficients.T @ anchors[start:stop]
             if need_candidates:
-                grad_block = (wait_grad() if wait_grad is not None else grad_block) + contribution
+                grad_block = wait_grad() if wait_grad is not None else grad_block
+                grad_block += contribution
                 # Every hop, the last one included, goes to the next rank: after `world` hops the gradient of
                 # each block has visited every rank and is back at its owner.
                 wait_grad = ring.shift(grad_block, tag=2 * step + 1) if world > 1 else None

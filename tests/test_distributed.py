@@ -211,6 +211,10 @@ def worker(rank, world, port, out_dir):
             features, teacher, mask = batches[rank]
             ckd_ext.ckd_loss((features @ weight.T + bias).detach(), teacher, mask=mask, global_batch=True)
         results["bytes-ckd-gather-forward"] = counter.sent
+        with distributed.count_bytes() as counter:
+            logits = (features @ weight.T + bias).detach().requires_grad_()
+            ckd_ext.ckd_loss(logits, teacher, mask=mask, global_batch="ring").backward()
+        results["bytes-ckd-ring-step"] = counter.sent
     finally:
         dist.destroy_process_group()
     if rank == 0:
@@ -280,3 +284,11 @@ def test_gather_mode_sends_the_documented_bytes(group_results):
     world, results = group_results
     block = max(valid for _, valid in ROWS[world])
     assert results["bytes-ckd-gather-forward"] == (world - 1) * (8 + 2 * block * CLASSES * 4)
+
+
+def test_ring_sends_the_documented_bytes(group_results):
+    """Ring CKD forward + backward, float32: the row counts, world - 1 blocks forward, world - 1 blocks and world
+    gradient blocks backward, each block padded to the largest count (docs/distributed.md)."""
+    world, results = group_results
+    block = max(valid for _, valid in ROWS[world])
+    assert results["bytes-ckd-ring-step"] == (world - 1) * 8 + (3 * world - 2) * block * CLASSES * 4

@@ -4,6 +4,8 @@ Needs the `train` extra (scikit-learn, matplotlib, tqdm). Everything runs on the
 1 epoch and the tiny models, a few seconds in all on 2 CPU cores.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -198,7 +200,16 @@ def test_torchrun_ddp_ring(tmp_path):
                "-m", "ckd_ext.train", "--ddp", "--global-negatives", "ring", "--methods", "ckd,bickd", *TINY,
                "--out", str(out)]
     root = Path(__file__).resolve().parents[1]  # the ranks import this checkout's ckd_ext
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root)
+    # A session of its own, so that a timeout kills the ranks too and not only the launcher.
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail("torchrun did not finish within 120 s")
+    done = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "distributed: DDP, 2 ranks (gloo)" in done.stdout and "the global batch, ring" in done.stdout
     assert done.stdout.count("method") == 1  # rank 0 alone reports
