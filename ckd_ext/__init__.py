@@ -3,6 +3,7 @@
     ckd_ext.ckd_loss / bickd_loss / kd_loss     fused ops (need the compiled extension)
     ckd_ext.CKDLoss / BicKDLoss / KDLoss        nn.Module wrappers
     ckd_ext.reference                           plain PyTorch, the float64 oracle (no extension needed)
+    ckd_ext.distributed                         global_batch=True / "ring" across ranks (docs/distributed.md)
     ckd_ext.testing                             test-only switches (the emulated CUDA backend)
 """
 from . import reference  # noqa: F401

@@ -4,33 +4,47 @@ from torch import nn
 from . import ops
 
 
-class CKDLoss(nn.Module):
-    def __init__(self, *, tau=1.0, anchor="student", reduction="mean"):
+class _Distributed(nn.Module):
+    """global_batch and group (docs/distributed.md), kept as given and checked at call time like the rest."""
+
+    def __init__(self, global_batch, group):
         super().__init__()
+        self.global_batch, self.group = global_batch, group
+
+    def _distributed_repr(self):
+        return "" if self.global_batch is False else f", global_batch={self.global_batch!r}"
+
+
+class CKDLoss(_Distributed):
+    def __init__(self, *, tau=1.0, anchor="student", reduction="mean", global_batch=False, group=None):
+        super().__init__(global_batch, group)
         self.tau, self.anchor, self.reduction = tau, anchor, reduction
 
     def forward(self, student, teacher, mask=None):
-        return ops.ckd_loss(student, teacher, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction)
+        return ops.ckd_loss(student, teacher, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction,
+                            global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
-        return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}"
+        return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}" + self._distributed_repr()
 
 
-class KDLoss(nn.Module):
-    def __init__(self, *, temperature=4.0, reduction="mean"):
-        super().__init__()
+class KDLoss(_Distributed):
+    def __init__(self, *, temperature=4.0, reduction="mean", global_batch=False, group=None):
+        super().__init__(global_batch, group)
         self.temperature, self.reduction = temperature, reduction
 
     def forward(self, student, teacher, mask=None):
-        return ops.kd_loss(student, teacher, temperature=self.temperature, mask=mask, reduction=self.reduction)
+        return ops.kd_loss(student, teacher, temperature=self.temperature, mask=mask, reduction=self.reduction,
+                           global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, reduction={self.reduction!r}"
+        return f"temperature={self.temperature}, reduction={self.reduction!r}" + self._distributed_repr()
 
 
-class BicKDLoss(nn.Module):
-    def __init__(self, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0, symmetric=False, reduction="mean"):
-        super().__init__()
+class BicKDLoss(_Distributed):
+    def __init__(self, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0, symmetric=False, reduction="mean",
+                 global_batch=False, group=None):
+        super().__init__(global_batch, group)
         self.temperature, self.tau = temperature, tau
         self.w_sample, self.w_class, self.symmetric, self.reduction = w_sample, w_class, symmetric, reduction
 
@@ -38,8 +52,10 @@ class BicKDLoss(nn.Module):
         return ops.bickd_loss(
             student, teacher, temperature=self.temperature, tau=self.tau, w_sample=self.w_sample,
             w_class=self.w_class, symmetric=self.symmetric, mask=mask, reduction=self.reduction,
+            global_batch=self.global_batch, group=self.group,
         )
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, tau={self.tau}, w_sample={self.w_sample}, "
-                f"w_class={self.w_class}, symmetric={self.symmetric}, reduction={self.reduction!r}")
+                f"w_class={self.w_class}, symmetric={self.symmetric}, reduction={self.reduction!r}"
+                + self._distributed_repr())

@@ -13,7 +13,7 @@ float32 list (cross_entropy, kl_div): the loss stays float32, the 16-bit inputs 
 """
 import torch
 
-from . import _validation
+from . import _validation, distributed
 from ._extension import is_available, require_extension
 
 DOUBLE_BACKWARD = ("double backward through ckd_ext losses is not supported; use ckd_ext.reference (plain "
@@ -39,29 +39,45 @@ def _ops():
     return torch.ops.ckd_ext
 
 
-def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean"):
+def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean", global_batch=False,
+             group=None):
     """CKD loss (docs/math.md). `student`, `teacher`: logits (..., C); `mask`: bool (...), False rows take
-    no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none"."""
+    no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none". `global_batch` True or
+    "ring": negatives from the rows of every rank of `group` (docs/distributed.md)."""
     p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+    distributed.check_arguments("ckd_loss", global_batch, group)
+    if global_batch is not False:
+        return _output(distributed.ckd_loss(ckd_loss, p, tau=tau, anchor=anchor, reduction=reduction,
+                                            global_batch=global_batch, group=group), student)
     loss, _ = _ops().ckd_forward(p.student, p.teacher, p.mask, float(tau), anchor, reduction, _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
 
-def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean"):
-    """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md)."""
+def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean", global_batch=False, group=None):
+    """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md). `global_batch` and `group`
+    are checked and otherwise ignored: KD is row-separable, each rank's rows need nothing from the others."""
     p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    distributed.check_arguments("kd_loss", global_batch, group)
     loss, _ = _ops().kd_forward(p.student, p.teacher, p.mask, float(temperature), reduction, _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
 
 def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0, symmetric=False,
-               mask=None, reduction="mean"):
+               mask=None, reduction="mean", global_batch=False, group=None):
     """BicKD loss (this project's definition, docs/math.md). reduction="none" returns the pair
-    (per-sample terms (...), per-class terms (C,)), already weighted by w_sample and w_class."""
+    (per-sample terms (...), per-class terms (C,)), already weighted by w_sample and w_class. `global_batch` True
+    or "ring": sample-side candidates and column statistics from the rows of every rank of `group`
+    (docs/distributed.md)."""
     p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class, symmetric,
                                   mask, reduction)
+    distributed.check_arguments("bickd_loss", global_batch, group)
+    if global_batch is not False:
+        out = distributed.bickd_loss(bickd_loss, p, temperature=temperature, tau=tau, w_sample=w_sample,
+                                     w_class=w_class, symmetric=symmetric, reduction=reduction,
+                                     global_batch=global_batch, group=group)
+        return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
     loss, class_terms, _ = _ops().bickd_forward(
         p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
         bool(symmetric), reduction, _grad_needed(p.student),

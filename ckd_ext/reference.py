@@ -30,6 +30,12 @@ __all__ = ["kd_loss", "ckd_loss", "bickd_loss"]
 EPS = 1e-12  # lower clamp of every L2 norm, as in F.normalize
 
 
+def _distributed():
+    """ckd_ext.distributed, imported on first use: it imports this module's helpers."""
+    from . import distributed
+    return distributed
+
+
 # --------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------
@@ -118,12 +124,14 @@ def _kd_terms(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
 
 
 def kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0,
-            mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+            mask: Optional[Tensor] = None, reduction: str = "mean", global_batch=False, group=None) -> Tensor:
     """Vanilla knowledge distillation (Hinton et al.): T^2 * KL(softmax(t/T) || softmax(s/T)) per row.
 
     ``mean`` averages over the valid rows; ``none`` returns the per-row terms of shape ``(...)``.
+    ``global_batch`` and ``group`` are checked and otherwise ignored (KD is row-separable).
     """
     prepared = prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    _distributed().check_arguments("kd_loss", global_batch, group)
     student_rows, teacher_rows = _valid_rows(prepared)
     return _finish_rows(_kd_terms(student_rows, teacher_rows, temperature), prepared, reduction)
 
@@ -153,13 +161,19 @@ def _ckd_terms(student: Tensor, teacher: Tensor, tau: float, anchor: str) -> Ten
 
 
 def ckd_loss(student: Tensor, teacher: Tensor, *, tau: float = 1.0, anchor: str = "student",
-             mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+             mask: Optional[Tensor] = None, reduction: str = "mean", global_batch=False, group=None) -> Tensor:
     """Contrastive knowledge distillation (sample-wise) on L2-normalised logits.
 
     Positive pair (t_i, s_i); negatives (s_i, s_j) for ``anchor="student"`` or (t_i, s_j) for
-    ``anchor="teacher"``, j ranging over the other valid rows. One valid row gives 0.
+    ``anchor="teacher"``, j ranging over the other valid rows. One valid row gives 0. ``global_batch`` True or
+    ``"ring"``: the rows of every rank of ``group`` (docs/distributed.md).
     """
     prepared = prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+    distributed = _distributed()
+    distributed.check_arguments("ckd_loss", global_batch, group)
+    if global_batch is not False:
+        return distributed.ckd_loss(ckd_loss, prepared, tau=tau, anchor=anchor, reduction=reduction,
+                                    global_batch=global_batch, group=group).to(prepared.student.dtype)
     student_rows, teacher_rows = _valid_rows(prepared)
     return _finish_rows(_ckd_terms(student_rows, teacher_rows, tau, anchor), prepared, reduction)
 
@@ -194,8 +208,8 @@ def _bickd_class_terms(p: Tensor, q: Tensor, tau: float, symmetric: bool) -> Ten
 
 def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, tau: float = 0.1,
                w_sample: float = 1.0, w_class: float = 1.0, symmetric: bool = False,
-               mask: Optional[Tensor] = None,
-               reduction: str = "mean") -> Union[Tensor, Tuple[Tensor, Tensor]]:
+               mask: Optional[Tensor] = None, reduction: str = "mean", global_batch=False,
+               group=None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Bilateral contrastive KD (this project's definition, see docs/math.md) on P = softmax(s/T),
     Q = softmax(t/T): a row-wise (sample) and a column-wise (class) InfoNCE with diagonal positives.
 
@@ -203,10 +217,19 @@ def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, ta
 
     ``sum`` sums each side instead; ``none`` returns ``(sample_terms (...), class_terms (C,))``, each
     already multiplied by its weight (masked rows 0). ``symmetric`` averages each term with its
-    teacher-anchored twin.
+    teacher-anchored twin. ``global_batch`` True or ``"ring"``: the rows of every rank of ``group``
+    (docs/distributed.md).
     """
     prepared = prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
                              symmetric, mask, reduction)
+    distributed = _distributed()
+    distributed.check_arguments("bickd_loss", global_batch, group)
+    if global_batch is not False:
+        out = distributed.bickd_loss(bickd_loss, prepared, temperature=temperature, tau=tau, w_sample=w_sample,
+                                     w_class=w_class, symmetric=symmetric, reduction=reduction,
+                                     global_batch=global_batch, group=group)
+        dtype = prepared.student.dtype
+        return tuple(o.to(dtype) for o in out) if reduction == "none" else out.to(dtype)
     student_rows, teacher_rows = _valid_rows(prepared)
     p = F.softmax(student_rows / temperature, dim=1)
     q = F.softmax(teacher_rows / temperature, dim=1)

@@ -3,6 +3,7 @@
     python -m ckd_ext.train                        # digits (bundled with scikit-learn), all methods, 3 seeds
     python -m ckd_ext.train --impl reference       # the pure-PyTorch losses instead of the fused ops
     python -m ckd_ext.train --dataset cifar100 --data-dir ~/data --teacher resnet32x4.pt
+    torchrun --nproc-per-node 2 -m ckd_ext.train --ddp --global-negatives ring   # DDP, each rank a shard
 
 Every method's objective is ``ce_weight * CE(student, y)`` plus its weighted distillation terms
 (``kd``, ``ckd``, ``bickd`` or a ``+`` combination such as ``kd+bickd``; ``ce`` is the student alone).
@@ -10,6 +11,10 @@ The teacher is trained first (or loaded with ``--teacher``) and is used in eval 
 Prints a table (test accuracy mean +- std over seeds, time per step inside the distillation loss call)
 and writes ``results.json`` and ``accuracy.png`` to ``--out``. See docs/training.md.
 Needs the ``train`` extra (scikit-learn, matplotlib, tqdm); CIFAR-100 also needs ``cifar`` (torchvision).
+
+With ``--ddp`` (under torchrun) every rank trains the same student under DistributedDataParallel (gloo on CPU, NCCL
+on CUDA) on its shard of each ``--batch-size`` batch; ``--global-negatives gather|ring`` makes CKD's negatives and
+BicKD's column statistics span the whole batch (docs/distributed.md); rank 0 prints and writes the results.
 """
 from __future__ import annotations
 
@@ -28,12 +33,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import _extension
 from .models import build_model
 
 DISTILL_TERMS = ("kd", "ckd", "bickd")
+GLOBAL_NEGATIVES = {"off": False, "gather": True, "ring": "ring"}  # --global-negatives -> the losses' global_batch
 DEFAULT_METHODS = "ce,kd,ckd,bickd,kd+bickd"
 CIFAR_FILES = ("train", "test", "meta")
 CIFAR_MEAN, CIFAR_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -89,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast for the forward")
     g.add_argument("--out", default="ckd-train-results", help="folder for results.json and accuracy.png")
     g.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    g.add_argument("--ddp", action="store_true",
+                   help="DistributedDataParallel under torchrun (gloo on CPU, NCCL on CUDA): each rank trains on "
+                        "its shard of every batch")
+    g.add_argument("--global-negatives", choices=tuple(GLOBAL_NEGATIVES), default="off",
+                   help="with --ddp: off: each rank's CKD negatives and BicKD column statistics are its own shard's "
+                        "(as the CKD authors' nn.DataParallel runs); gather: the whole batch, by all-gather; ring: "
+                        "the whole batch, blocks passed rank to rank (less memory)")
     g.add_argument("--threads", type=count0, default=None,
                    help="CPU threads for torch (default: 1 on digits, whose tiny ops only lose from "
                         "threading; torch's default on cifar100; 0: torch's default)")
@@ -179,6 +193,11 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
         p.error(f"--teacher {a.teacher}: no such file")
     if a.teacher is not None and a.save_teacher is not None:
         p.error("--save-teacher saves a trained teacher; it cannot be combined with --teacher")
+    if a.global_negatives != "off" and not a.ddp:
+        p.error(f"--global-negatives {a.global_negatives} needs --ddp (the batch of one process is already global)")
+    if a.ddp and not all(os.environ.get(v) for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        p.error("--ddp needs the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): run "
+                "torchrun --nproc-per-node N -m ckd_ext.train --ddp ...")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif a.device == "cuda" and not torch.cuda.is_available():
@@ -207,6 +226,7 @@ class Fit:
     ce_weight: float
     amp: str
     quiet: bool
+    ddp: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +243,7 @@ class Terms:
     bickd_w_sample: float
     bickd_w_class: float
     bickd_symmetric: bool
+    global_negatives: str
 
 
 def _config(cls, args: argparse.Namespace):
@@ -286,12 +307,14 @@ def distillation(method: str, ops, terms: Terms):
     """fn(student_logits, teacher_logits) -> weighted sum of the method's distillation terms, or None."""
     if method == "ce":
         return None
+    mode = GLOBAL_NEGATIVES[terms.global_negatives]
     calls = {
         "kd": lambda s, t: terms.kd_weight * ops.kd_loss(s, t, temperature=terms.kd_temperature),
-        "ckd": lambda s, t: terms.ckd_weight * ops.ckd_loss(s, t, tau=terms.ckd_tau, anchor=terms.ckd_anchor),
+        "ckd": lambda s, t: terms.ckd_weight * ops.ckd_loss(s, t, tau=terms.ckd_tau, anchor=terms.ckd_anchor,
+                                                            global_batch=mode),
         "bickd": lambda s, t: terms.bickd_weight * ops.bickd_loss(
             s, t, temperature=terms.bickd_temperature, tau=terms.bickd_tau, w_sample=terms.bickd_w_sample,
-            w_class=terms.bickd_w_class, symmetric=terms.bickd_symmetric),
+            w_class=terms.bickd_w_class, symmetric=terms.bickd_symmetric, global_batch=mode),
     }
     return lambda s, t: sum(calls[name](s, t) for name in method.split("+"))
 
@@ -312,12 +335,15 @@ def fit(model, train, test, cfg: Fit, *, epochs, seed, distill=None, teacher=Non
 
     With `distill`, the objective is ce_weight * CE + distill(student_logits, teacher_logits) and the time
     spent inside the distill call (forward only) is accumulated. With `max_steps`, stops after that many
-    steps (used by `loss_trajectory`).
+    steps (used by `loss_trajectory`). With `cfg.ddp`, `model` trains under DistributedDataParallel, each rank on
+    its shard of every batch (every rank draws the same batches from the same seed).
     """
     from tqdm.auto import tqdm
     device = torch.device(cfg.device)
     torch.manual_seed(seed)
     loader = train(seed)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if cfg.ddp else (1, 0)
+    net = torch.nn.parallel.DistributedDataParallel(model) if cfg.ddp else model
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
@@ -328,8 +354,9 @@ def fit(model, train, test, cfg: Fit, *, epochs, seed, distill=None, teacher=Non
         bar = tqdm(loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, disable=not bars)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.tensor_split(world)[rank], y.tensor_split(world)[rank]
             with torch.autocast(**amp):
-                logits = model(x)
+                logits = net(x)
                 loss = cfg.ce_weight * F.cross_entropy(logits, y)
                 if distill is not None:
                     with torch.no_grad():
@@ -392,6 +419,34 @@ class _Threads:
         torch.set_num_threads(self.saved)
 
 
+@contextlib.contextmanager
+def _process_group(a: argparse.Namespace):
+    """With --ddp: the default process group (from torchrun's environment) for the run, and --quiet on every rank
+    but 0, which alone reports."""
+    if not a.ddp:
+        yield
+        return
+    if a.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
+    a.world_size = dist.get_world_size()
+    a.quiet = a.quiet or dist.get_rank() != 0
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _mode(a: argparse.Namespace) -> str:
+    """Which distributed mode ran, for the results header."""
+    if not a.ddp:
+        return "single process"
+    negatives = {"off": "each rank's own shard (local)", "gather": "the global batch, all-gather",
+                 "ring": "the global batch, ring"}[a.global_negatives]
+    return (f"DDP, {a.world_size} ranks ({dist.get_backend()}), batch {a.batch_size} split over the ranks; "
+            f"CKD negatives / BicKD column statistics: {negatives}")
+
+
 # --------------------------------------------------------------------------------------------- session
 @dataclasses.dataclass
 class Session:
@@ -426,7 +481,7 @@ def session(argv=None):
     except ImportError as e:
         parser.error(f"--impl {a.impl}: {e}")
     cfg = _config(Fit, a)
-    with _Threads(a.threads):
+    with _Threads(a.threads), _process_group(a):
         try:
             train, test, data_desc = load_data(a.dataset, a.device, a.batch_size, a.data_dir, a.workers)
         except ValueError as e:
@@ -529,9 +584,11 @@ def _run(s: Session, started: float) -> dict:
         mean, std = _mean_std([r["final_test_acc"] for r in rs])
         summary[m] = dict(test_acc_mean=mean, test_acc_std=std,
                           loss_ms_per_step=statistics.fmean(r["loss_ms_per_step"] for r in rs))
-    config = dict(vars(a), data=s.data_desc, torch=torch.__version__)
+    config = dict(vars(a), data=s.data_desc, torch=torch.__version__, distributed=_mode(a))
     results = dict(config=config, teacher=s.teacher_record, summary=summary, runs=runs,
                    wall_seconds=time.perf_counter() - started)
+    if a.ddp and dist.get_rank() != 0:  # every rank holds the same results; rank 0 reports them
+        return results
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
@@ -539,6 +596,7 @@ def _run(s: Session, started: float) -> dict:
     threads = f" ({torch.get_num_threads()} threads)" if a.device == "cpu" else ""
     print(f"{s.data_desc}; {a.teacher_model} -> {a.student_model}; --impl {a.impl}; "
           f"device {a.device}{threads}; amp {a.amp}; {len(a.seeds)} seed(s), {a.epochs} epochs")
+    print(f"distributed: {config['distributed']}")
     print(format_table(results))
     print(f"(test accuracy after the last epoch, mean +- std over seeds; loss ms/step = time inside the "
           f"distillation loss call, forward only; {results['wall_seconds']:.1f} s in all; "

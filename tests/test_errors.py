@@ -271,6 +271,20 @@ test_anchor = public_test(
     "E-anchor",
     (CKD, dict(anchor="both"), dict(value="'both'")),
     (CKD, dict(anchor=None), dict(value="None")))
+test_global_batch = public_test(
+    "E-global-batch",
+    (ALL, dict(global_batch="gather"), dict(value="'gather'")),
+    (ALL, dict(global_batch=1), dict(value="1")),
+    (CKD, dict(global_batch=None), dict(value="None")))
+test_group_type = public_test(
+    "E-group-type",
+    (ALL, dict(group=[0, 1]), dict(type="list")),
+    (BICKD, dict(global_batch=True, group=0), dict(type="int")))
+# The test process never initialises torch.distributed (tests/test_distributed.py does so in spawned ranks).
+test_no_process_group = public_test(
+    "E-no-process-group",
+    (ALL, dict(global_batch=True), dict(value="True")),
+    (TAU, dict(global_batch="ring"), dict(value="'ring'")))
 
 
 @pytest.fixture
@@ -574,6 +588,17 @@ def test_train_teacher(case, monkeypatch, capsys, tmp_path):
     if case == "not-a-teacher":
         values["arch"] = "'digits_teacher'"
     check("T-teacher", message, form, **values)
+
+
+@documents("T-ddp")
+@pytest.mark.parametrize("case", ["negatives-without-ddp", "ddp-without-torchrun"])
+def test_train_ddp(case, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    argv = ["--global-negatives", "ring"] if case == "negatives-without-ddp" else ["--ddp"]
+    values = dict(mode="ring") if case == "negatives-without-ddp" else {}
+    check("T-ddp", usage_error(argv + ["--impl", "reference"], monkeypatch, capsys),
+          form=0 if case == "negatives-without-ddp" else 1, **values)
 
 
 @documents("T-impl")

@@ -4,8 +4,11 @@ Needs the `train` extra (scikit-learn, matplotlib, tqdm). Everything runs on the
 1 epoch and the tiny models, a few seconds in all on 2 CPU cores.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,3 +189,30 @@ def test_models_shapes_and_sizes():
     assert round(n_params(small) / 1e6, 2) == 1.23 and round(n_params(big) / 1e6, 2) == 7.43
     with pytest.raises(ValueError, match="unknown model"):
         models.build_model("resnet9000", 10)
+
+
+@needs_fused
+def test_torchrun_ddp_ring(tmp_path):
+    """The README's torchrun command at a tiny size: 2 gloo ranks on CPU, CKD and BicKD with global negatives by
+    ring; the table says which mode ran. (The losses' numbers under DDP are tested in tests/test_distributed.py.)"""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "ckd_ext.train", "--ddp", "--global-negatives", "ring", "--methods", "ckd,bickd", *TINY,
+               "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]  # the ranks import this checkout's ckd_ext
+    # A session of its own, so that a timeout kills the ranks too and not only the launcher.
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail("torchrun did not finish within 120 s")
+    done = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed: DDP, 2 ranks (gloo)" in done.stdout and "the global batch, ring" in done.stdout
+    assert done.stdout.count("method") == 1  # rank 0 alone reports
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["config"]["global_negatives"] == "ring" and saved["config"]["world_size"] == 2
+    assert list(saved["summary"]) == ["ckd", "bickd"]

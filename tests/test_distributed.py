@@ -1,0 +1,294 @@
+"""Global-batch CKD and BicKD on 2 and 3 gloo ranks (CPU), against one process computing the float64 reference on
+the concatenated batch.
+
+Each world size is one spawned process group (startup costs seconds) that runs every case and reports its errors;
+the tests below then check one case each. The ranks hold uneven, partly masked batches (5 and 9 valid rows, and 0
+on the third rank), so that a gradient missing a rank's contribution, or an average where a sum belongs, changes
+the numbers. Per case each rank computes its loss with a small linear student, backpropagates, and the parameter
+gradients are averaged over ranks (what DDP's all-reduce does); these, the mean of the ranks' losses, the ranks'
+"none" terms and the gradient of each rank's logits are compared with the single-process values.
+
+Tolerances, relative to the largest magnitude of the expected tensor: float64 1e-10 (only summation order differs:
+the ring merges its log-sum-exp block by block); float32 1e-5 (as tests/helpers.py's TOLERANCE: float32
+accumulation over a few dozen terms, inputs of scale 3).
+"""
+import os
+import pickle
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ckd_ext
+from ckd_ext import distributed, reference
+
+FEATURES, CLASSES = 6, 7
+# Rows each rank holds and how many of them are valid (the rest are masked, and hold garbage).
+ROWS = {2: ((7, 5), (9, 9)), 3: ((7, 5), (9, 9), (2, 0))}
+LOSSES = {
+    "ckd_student": ("ckd_loss", dict(tau=0.5, anchor="student")),
+    "ckd_teacher": ("ckd_loss", dict(tau=0.5, anchor="teacher")),
+    "bickd": ("bickd_loss", dict(temperature=2.0, tau=0.2, w_sample=1.0, w_class=0.5)),
+    "bickd_symmetric": ("bickd_loss", dict(temperature=3.0, tau=0.3, w_sample=0.7, w_class=1.3, symmetric=True)),
+}
+MODES = (True, "ring")
+REDUCTIONS = ("mean", "sum", "none")
+DTYPES = {"float64": (torch.float64, 1e-10), "float32": (torch.float32, 1e-5)}
+IMPLS = {"fused": ckd_ext, "reference": reference}
+TIMEOUT_S = 120  # per process group: a deadlock fails the test instead of hanging CI
+
+
+def global_batch(world, dtype, seed=0):
+    """Features, teacher logits and masks of every rank, and a linear student (weight, bias)."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for rows, valid in ROWS[world]:
+        features = torch.randn(rows, FEATURES, generator=generator, dtype=torch.float64)
+        teacher = 3 * torch.randn(rows, CLASSES, generator=generator, dtype=torch.float64)
+        mask = torch.zeros(rows, dtype=torch.bool)
+        mask[torch.randperm(rows, generator=generator)[:valid]] = True
+        # Masked rows take no part at all: large logits there would dominate every LSE they entered. (Finite: the
+        # linear student's weight gradient multiplies their zero gradient by their features.)
+        features[~mask] *= 1e3
+        batches.append((features.to(dtype), teacher.to(dtype), mask))
+    weight = torch.randn(CLASSES, FEATURES, generator=generator, dtype=torch.float64).to(dtype)
+    bias = torch.randn(CLASSES, generator=generator, dtype=torch.float64).to(dtype)
+    return batches, weight, bias
+
+
+def upstream(world, seed=1):
+    """Weights of the "none" terms in the objective: per global row, and per class."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.rand(n, generator=generator, dtype=torch.float64) for n, _ in ROWS[world]]
+    return rows, torch.rand(CLASSES, generator=generator, dtype=torch.float64)
+
+
+def objective(out, reduction, row_weights, class_weights, scale):
+    """The scalar to backpropagate: the loss, or for "none" a weighted sum of its terms, the row terms scaled by
+    `scale` (the world size on a rank, 1 on one process: the documented convention for "none")."""
+    if reduction != "none":
+        return out
+    rows, classes = out if isinstance(out, tuple) else (out, None)
+    total = scale * (rows.double() * row_weights).sum()
+    return total if classes is None else total + (classes.double() * class_weights).sum()
+
+
+def single_process(world, dtype, loss, reduction):
+    """The float64 reference on the concatenated batch: loss (or terms), parameter gradients, logit gradients."""
+    batches, weight, bias = global_batch(world, dtype)
+    weight, bias = weight.double().requires_grad_(), bias.double().requires_grad_()
+    features = torch.cat([b[0] for b in batches]).double()
+    teacher = torch.cat([b[1] for b in batches]).double()
+    mask = torch.cat([b[2] for b in batches])
+    logits = (features @ weight.T + bias).detach().requires_grad_()
+    name, kwargs = LOSSES[loss]
+    out = getattr(reference, name)(logits, teacher, mask=mask, reduction=reduction, **kwargs)
+    row_weights, class_weights = upstream(world)
+    objective(out, reduction, torch.cat(row_weights), class_weights, 1).backward()
+    logits_grad = logits.grad.clone()
+    (features @ weight.T + bias).backward(logits_grad.masked_fill(~mask[:, None], 0))
+    return dict(out=out, weight=weight.grad, bias=bias.grad, logits=logits_grad.split([n for n, _ in ROWS[world]]))
+
+
+def relative_error(actual, expected, mask=None) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    if mask is not None:
+        actual, expected = actual[mask], expected[mask]
+    if expected.numel() == 0:
+        return float(actual.abs().max()) if actual.numel() else 0.0
+    return float((actual - expected).abs().max() / max(float(expected.abs().max()), 1e-300))
+
+
+def case_id(impl, dtype, loss, mode, reduction):
+    return f"{impl}-{dtype}-{loss}-{'gather' if mode is True else mode}-{reduction}"
+
+
+def run_case(world, rank, impl, dtype_name, loss, mode, reduction):
+    """This rank's part of one case: {quantity: error} (the same on every rank after a max-reduction)."""
+    dtype, _ = DTYPES[dtype_name]
+    batches, weight, bias = global_batch(world, dtype)
+    features, teacher, mask = batches[rank]
+    weight, bias = weight.requires_grad_(), bias.requires_grad_()
+    logits = features @ weight.T + bias
+    logits.retain_grad()
+    name, kwargs = LOSSES[loss]
+    out = getattr(IMPLS[impl], name)(logits, teacher, mask=mask, reduction=reduction, global_batch=mode, **kwargs)
+    row_weights, class_weights = upstream(world)
+    objective(out, reduction, row_weights[rank], class_weights, world).backward()
+    for grad in (weight.grad, bias.grad):  # DDP: all-reduce, then divide by the world size
+        dist.all_reduce(grad)
+        grad /= world
+    expected = single_process(world, dtype, loss, reduction)
+    errors = dict(weight=relative_error(weight.grad, expected["weight"]),
+                  bias=relative_error(bias.grad, expected["bias"]),
+                  # Rank r's logits receive every rank's contribution: world x the single-process gradient.
+                  logits=relative_error(logits.grad / world, expected["logits"][rank], mask))
+    if reduction == "none":
+        terms = out[0] if isinstance(out, tuple) else out
+        offset = sum(n for n, _ in ROWS[world][:rank])
+        expected_terms = expected["out"][0] if isinstance(out, tuple) else expected["out"]
+        errors["terms"] = relative_error(terms, expected_terms[offset:offset + terms.shape[0]])
+        if isinstance(out, tuple):
+            errors["class_terms"] = relative_error(out[1], expected["out"][1])
+    else:
+        mean = out.detach().double().clone()
+        dist.all_reduce(mean)
+        errors["loss"] = relative_error(mean / world, expected["out"])
+    result = torch.tensor(list(errors.values()), dtype=torch.float64)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    return dict(zip(errors, result.tolist())), out
+
+
+def ring_equals_gather(world, rank, loss, reduction):
+    """Each rank's ring loss against its all-gather loss (float64, fused)."""
+    dtype = torch.float64
+    batches, weight, bias = global_batch(world, dtype)
+    features, teacher, mask = batches[rank]
+    logits = features @ weight.T + bias
+    name, kwargs = LOSSES[loss]
+    outs = [getattr(ckd_ext, name)(logits, teacher, mask=mask, reduction=reduction, global_batch=mode, **kwargs)
+            for mode in MODES]
+    pairs = zip(*outs) if isinstance(outs[0], tuple) else [outs]
+    error = max(relative_error(ring, gather, None if ring.shape != mask.shape else mask) for gather, ring in pairs)
+    result = torch.tensor([error], dtype=torch.float64)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    return result.item()
+
+
+def local_mode(world, rank, loss):
+    """global_batch=False on each rank against the reference on that rank's rows alone."""
+    batches, weight, bias = global_batch(world, torch.float64)
+    features, teacher, mask = batches[rank]
+    name, kwargs = LOSSES[loss]
+    logits = (features @ weight.T + bias).requires_grad_()
+    got = getattr(ckd_ext, name)(logits, teacher, mask=mask, **kwargs)
+    (got_grad,) = torch.autograd.grad(got, logits)
+    logits = logits.detach().requires_grad_()
+    want = getattr(reference, name)(logits, teacher, mask=mask, **kwargs)
+    (want_grad,) = torch.autograd.grad(want, logits)
+    error = max(relative_error(got, want), relative_error(got_grad, want_grad, mask))
+    result = torch.tensor([error], dtype=torch.float64)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    return result.item()
+
+
+def no_valid_rows(world, rank, loss, mode):
+    """Every rank fully masked: the loss is 0 and the gradient 0, on every rank, without a deadlock."""
+    batches, weight, bias = global_batch(world, torch.float64)
+    features, teacher, mask = batches[rank]
+    logits = torch.randn(features.shape[0], CLASSES, dtype=torch.float64, requires_grad=True)
+    name, kwargs = LOSSES[loss]
+    out = getattr(ckd_ext, name)(logits, teacher, mask=torch.zeros_like(mask), global_batch=mode, **kwargs)
+    (grad,) = torch.autograd.grad(out, logits)
+    result = torch.tensor([float(out.detach().abs()), float(grad.abs().max()) if grad.numel() else 0.0], dtype=torch.float64)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    return result.max().item()
+
+
+def worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for impl in IMPLS:
+            for dtype in DTYPES:
+                for loss in LOSSES:
+                    for mode in MODES:
+                        for reduction in REDUCTIONS:
+                            results[case_id(impl, dtype, loss, mode, reduction)], _ = run_case(
+                                world, rank, impl, dtype, loss, mode, reduction)
+        for loss in LOSSES:
+            results[f"ring-vs-gather-{loss}"] = {
+                reduction: ring_equals_gather(world, rank, loss, reduction) for reduction in REDUCTIONS}
+            results[f"local-{loss}"] = local_mode(world, rank, loss)
+            results[f"no-valid-rows-{loss}"] = {str(mode): no_valid_rows(world, rank, loss, mode) for mode in MODES}
+        with distributed.count_bytes() as counter:
+            batches, weight, bias = global_batch(world, torch.float32)
+            features, teacher, mask = batches[rank]
+            ckd_ext.ckd_loss((features @ weight.T + bias).detach(), teacher, mask=mask, global_batch=True)
+        results["bytes-ckd-gather-forward"] = counter.sent
+        with distributed.count_bytes() as counter:
+            logits = (features @ weight.T + bias).detach().requires_grad_()
+            ckd_ext.ckd_loss(logits, teacher, mask=mask, global_batch="ring").backward()
+        results["bytes-ckd-ring-step"] = counter.sent
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(out_dir, "results.pkl").write_bytes(pickle.dumps(results))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", params=sorted(ROWS))
+def group_results(request, tmp_path_factory):
+    """Runs every case on one process group of `world` ranks; (world, results)."""
+    world = request.param
+    out_dir = tmp_path_factory.mktemp(f"world{world}")
+    context = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s (a deadlock?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return world, pickle.loads((out_dir / "results.pkl").read_bytes())
+
+
+CASES = [case_id(impl, dtype, loss, mode, reduction) for impl in IMPLS for dtype in DTYPES for loss in LOSSES
+         for mode in MODES for reduction in REDUCTIONS]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_global_loss_and_gradients_equal_single_process(group_results, case):
+    world, results = group_results
+    tolerance = DTYPES[case.split("-")[1]][1]
+    errors = results[case]
+    assert set(errors) >= {"weight", "bias", "logits"}
+    assert max(errors.values()) <= tolerance, f"{world} ranks, {case}: {errors}"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_ring_equals_all_gather(group_results, loss):
+    world, results = group_results
+    errors = results[f"ring-vs-gather-{loss}"]
+    assert max(errors.values()) <= 1e-10, f"{world} ranks, {loss}: {errors}"
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_local_mode_equals_per_rank_single_process(group_results, loss):
+    world, results = group_results
+    assert results[f"local-{loss}"] <= 1e-10
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_no_valid_rows_anywhere_gives_zero_without_deadlock(group_results, loss):
+    world, results = group_results
+    assert results[f"no-valid-rows-{loss}"] == {"True": 0.0, "ring": 0.0}
+
+
+def test_gather_mode_sends_the_documented_bytes(group_results):
+    """All-gather CKD forward, float32: the row counts (8 bytes per rank), then the student and teacher rows
+    padded to the largest count (9), each sent to world - 1 ranks."""
+    world, results = group_results
+    block = max(valid for _, valid in ROWS[world])
+    assert results["bytes-ckd-gather-forward"] == (world - 1) * (8 + 2 * block * CLASSES * 4)
+
+
+def test_ring_sends_the_documented_bytes(group_results):
+    """Ring CKD forward + backward, float32: the row counts, world - 1 blocks forward, world - 1 blocks and world
+    gradient blocks backward, each block padded to the largest count (docs/distributed.md)."""
+    world, results = group_results
+    block = max(valid for _, valid in ROWS[world])
+    assert results["bytes-ckd-ring-step"] == (world - 1) * 8 + (3 * world - 2) * block * CLASSES * 4
