@@ -30,8 +30,9 @@ MIB = 1 << 20
 GIB = 1 << 30
 # The fused op's default workspace before issue 10 (csrc/losses.cpp).
 WORKSPACE_BEFORE = 64 * MIB
-# The workspace the "after" model assumes: the low end of the 1-4 GiB the issue asks the CUDA default to be.
-WORKSPACE_AFTER = 1 * GIB
+# The workspace the "after" rows use: the CUDA default on an 80 GB device (an eighth of its free memory, at most 4 GiB;
+# csrc/orchestration/workspace.h).
+WORKSPACE_AFTER = 4 * GIB
 ACC_BYTES = 4  # fp32 accumulation: similarities, coefficients, converted operands
 # Host cost of one kernel or cuBLAS launch through ATen, the figure of the issue's review; at millions of tiny
 # launches it, not the GPU, sets the time.
@@ -278,24 +279,29 @@ def _contrastive_after(w: Work, anchors: int, cands: int, K: int, b: int, want_g
 
 def fused_after(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student",
                 budget: int = WORKSPACE_AFTER) -> Tuple[Work, Work]:
-    """(forward, backward) calls under issue 10's plan, as modelled here (not the code that lands): the same
-    loss-only forward and recomputing backward, the similarity and gradient GEMMs on tensor cores with
-    16-bit operands and fp32 results, strips sized by output within `budget`, one fused normalisation /
-    softmax pass over the inputs per call. Student anchors use the whole symmetric matrix once one tile
-    covers it, so both anchors cost the same."""
+    """(forward, backward) calls as the landed code issues them: GEMMs, their FLOPs and the kernel launches come from
+    the extension's strip plan (`ckd_ext._C.strip_plan`, csrc/orchestration/plan.h), the plan the op follows and
+    tests/test_strip_plans.py checks against what calls issue. A 16-bit student's forward computes no gradient and
+    its backward recomputes (ckd_ext/ops.py, `_grad_needed`). Bytes stay this module's model (`_contrastive_after`).
+    CKD's 16-bit GEMMs run on tensor cores; BicKD's are fp32 (docs/cuda.md, "GEMM policy")."""
     b = dtype_bytes(dtype)
     if loss == "kd":
         return _kd(N, C, b, False), _kd(N, C, b, True)
+    import ckd_ext
+    ext = ckd_ext.require_extension()
+    name = "bickd" if loss == "bickd" else f"ckd_{anchor}"
     calls = []
     for want_grad in (False, True):
-        w = Work()
-        w.kernel(2 * N * C * b, 4 * (N + C) * ACC_BYTES, 2)                # row (and column) statistics
-        _contrastive_after(w, N, N, C, b, want_grad, budget)
+        bytes_model = Work()
+        bytes_model.kernel(2 * N * C * b, 4 * (N + C) * ACC_BYTES, 2)
+        _contrastive_after(bytes_model, N, N, C, b if loss != "bickd" else ACC_BYTES, want_grad, budget)
         if loss == "bickd":
-            _contrastive_after(w, C, C, N, b, want_grad, budget)
+            _contrastive_after(bytes_model, C, C, N, ACC_BYTES, want_grad, budget)
         if want_grad:
-            w.kernel(N * C * (2 * b + ACC_BYTES), N * C * b)               # backward through the normalisation
-        calls.append(w)
+            bytes_model.kernel(N * C * (2 * b + ACC_BYTES), N * C * b)
+        plan = ext.strip_plan(name, N, C, dtype, "cuda", budget, want_grad=want_grad)
+        calls.append(Work(flops=plan["gemm_flops"], bytes=bytes_model.bytes, gemms=plan["gemms"],
+                          launches=plan["launches"] + plan["gemms"]))
     return calls[0], calls[1]
 
 
@@ -353,7 +359,8 @@ def estimate_rows(shapes: Iterable[Tuple[int, int]] = GPU_SHAPES, dtype: str = "
             after = sum(fused_after(loss, N, C, dtype, anchor), Work())
             impls = [("minimum (floor)", minimum, peak.tensor_tflops),
                      ("fused before (fp32 GEMMs, 64 MiB)", before, peak.fp32_tflops),
-                     ("fused after (tensor cores, 1 GiB)", after, peak.tensor_tflops),
+                     ("fused after (strip plan, 4 GiB)", after,
+                      peak.fp32_tflops if loss == "bickd" else peak.tensor_tflops),
                      ("eager bf16", eager(loss, N, C, dtype, anchor), peak.tensor_tflops)]
             for name, w, rate in impls:
                 sim = similarity_elements(loss, N, C)

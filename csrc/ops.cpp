@@ -108,6 +108,7 @@ PYBIND11_MODULE(_C, module) {
           out["class_strip"] = plan.class_strip;
           out["class_block"] = plan.class_block;
           out["gemms"] = plan.gemms;
+          out["gemm_flops"] = plan.gemm_flops;
           out["launches"] = plan.launches;
           out["min_gemm_dim"] = plan.min_gemm_dim;
           out["transient_bytes"] = plan.transient_bytes;
@@ -124,6 +125,7 @@ PYBIND11_MODULE(_C, module) {
         out["operand_block"] = plan.operand_block;
         out["output_block"] = plan.output_block;
         out["gemms"] = plan.gemms;
+        out["gemm_flops"] = plan.gemm_flops;
         out["launches"] = plan.launches;
         out["min_gemm_dim"] = plan.min_gemm_dim;
         out["transient_bytes"] = plan.transient_bytes;

@@ -25,8 +25,11 @@ void for_blocks(int64_t total, int64_t block, F&& f) {
 
 struct Counter {
   int64_t gemms = 0, launches = 0, min_dim = INT64_MAX;
-  void gemm(int64_t m, int64_t n, int64_t count = 1) {
+  double flops = 0;
+  // `count` GEMMs of m x n outputs over an inner dimension k.
+  void gemm(int64_t m, int64_t n, int64_t k, int64_t count = 1) {
     gemms += count;
+    flops += 2.0 * static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k) * static_cast<double>(count);
     min_dim = std::min({min_dim, m, n});
   }
 };
@@ -64,17 +67,17 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
       copy(1);
       for_blocks(N, plan.operand_block, [&](int64_t kb) {
         if (!cached) copy(1);
-        n.gemm(rows, kb);
+        n.gemm(rows, kb, C);
       });
       n.launches += 1;  // epilogue
-      if (in.want_grad && !plan.whole) n.gemm(N, C, products);
+      if (in.want_grad && !plan.whole) n.gemm(N, C, rows, products);
     });
     if (in.want_grad) {
       if (plan.whole) {
         for_blocks(N, plan.output_block, [&](int64_t out_rows) {
-          for_blocks(N, plan.operand_block, [&](int64_t) {
+          for_blocks(N, plan.operand_block, [&](int64_t kb) {
             copy(1);
-            n.gemm(out_rows, C, products);
+            n.gemm(out_rows, C, kb, products);
           });
           n.launches += 1;  // normalize_backward
         });
@@ -107,16 +110,16 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
     walk_tiles([&](int64_t ri, int64_t rj, bool diagonal) {
       copy(diagonal ? 1 : 0);
       if (!diagonal) copy(1);
-      n.gemm(ri, rj);
+      n.gemm(ri, rj, C);
       n.launches += diagonal ? 1 : 2;
     });
     if (in.want_grad) {
       if (plan.whole) {
         walk_tiles([&](int64_t, int64_t, bool) { n.launches += 1; });  // coefficients, tiles in place
         for_blocks(N, plan.output_block, [&](int64_t out_rows) {
-          for_blocks(N, plan.operand_block, [&](int64_t) {
+          for_blocks(N, plan.operand_block, [&](int64_t kb) {
             copy(1);
-            n.gemm(out_rows, C, products);
+            n.gemm(out_rows, C, kb, products);
           });
           n.launches += 1;  // normalize_backward
         });
@@ -125,11 +128,11 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
           if (!single_tile) {  // recomputed
             copy(diagonal ? 1 : 0);
             if (!diagonal) copy(1);
-            n.gemm(ri, rj);
+            n.gemm(ri, rj, C);
           }
           n.launches += 1;  // coefficients
-          n.gemm(ri, C, products);
-          if (!diagonal) n.gemm(rj, C, products);
+          n.gemm(ri, C, rj, products);
+          if (!diagonal) n.gemm(rj, C, ri, products);
         });
         n.launches += 1;
       }
@@ -141,6 +144,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
   // Without a whole matrix, the gradient accumulates in acc over N x C: the gradient itself, or a buffer.
   if (in.want_grad && !plan.whole && !in.grad_in_acc) plan.transient_bytes += N * acc_row;
   plan.gemms = n.gemms;
+  plan.gemm_flops = n.flops;
   plan.launches = n.launches;
   plan.min_gemm_dim = n.gemms ? n.min_dim : 0;
   return plan;
@@ -165,17 +169,17 @@ BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, boo
         n.launches += 1;  // anchors
         for_blocks(N, plan.sample_block, [&](int64_t kb) {
           if (!cached) n.launches += 1;
-          n.gemm(rows, kb);
+          n.gemm(rows, kb, C);
         });
         n.launches += 1;  // epilogue
         if (!in.want_grad) return;
         if (student_anchors) {
-          for_blocks(N, plan.sample_block, [&](int64_t) {
+          for_blocks(N, plan.sample_block, [&](int64_t kb) {
             if (!cached) n.launches += 1;
-            n.gemm(rows, C);
+            n.gemm(rows, C, kb);
           });
         } else {
-          n.gemm(N, C);
+          n.gemm(N, C, rows);
         }
       });
     }
@@ -189,23 +193,24 @@ BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, boo
         n.launches += 1;
         for_blocks(C, plan.class_block, [&](int64_t kb) {
           if (!cached) n.launches += 1;
-          n.gemm(cols, kb);
+          n.gemm(cols, kb, N);
         });
         n.launches += 1;
         if (!in.want_grad) return;
         if (d == 0) {
-          for_blocks(C, plan.class_block, [&](int64_t) {
+          for_blocks(C, plan.class_block, [&](int64_t kb) {
             if (!cached) n.launches += 1;
-            n.gemm(cols, N);
+            n.gemm(cols, N, kb);
           });
         } else {
-          n.gemm(C, N);
+          n.gemm(C, N, cols);
         }
       });
     }
   }
   if (in.want_grad) n.launches += class_side ? 2 : 1;  // column projections, then the last pass
   plan.gemms = n.gemms;
+  plan.gemm_flops = n.flops;
   plan.launches = n.launches;
   plan.min_gemm_dim = n.gemms ? n.min_dim : 0;
   const int64_t sample_bytes = sample_side ? (plan.sample_strip * N + (plan.sample_strip + plan.sample_block) * C) * acc : 0;

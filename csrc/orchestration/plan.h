@@ -31,6 +31,7 @@ struct CkdPlan {
   int64_t output_block = 0;   // whole: gradient rows per output block
   // What one call issues (forward with the gradient computed in it):
   int64_t gemms = 0;
+  double gemm_flops = 0;       // 2 m n k summed over the GEMMs (a coefficient product on tensor cores counts twice)
   int64_t launches = 0;        // kernel backend launches (CUDA backend)
   int64_t min_gemm_dim = 0;    // the smallest M or N of any GEMM
   int64_t transient_bytes = 0;  // work buffers beyond inputs, outputs and the gradient
@@ -42,6 +43,7 @@ struct BicKDPlan {
   int64_t sample_strip = 0, sample_block = 0;  // anchor rows per strip, candidate rows per block
   int64_t class_strip = 0, class_block = 0;    // the same for columns
   int64_t gemms = 0, launches = 0, min_gemm_dim = 0, transient_bytes = 0;
+  double gemm_flops = 0;
 };
 BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, bool class_side);
 
