@@ -2,6 +2,9 @@
 
     ckd_ext.ckd_loss / bickd_loss / kd_loss     fused ops (need the compiled extension)
     ckd_ext.CKDLoss / BicKDLoss / KDLoss        nn.Module wrappers
+    ckd_ext.fused_linear_ckd_loss / fused_linear_kd_loss
+                                                the same losses on hidden states and LM heads, no logits held
+    ckd_ext.FusedLinearCKDLoss / FusedLinearKDLoss   their nn.Module wrappers
     ckd_ext.reference                           plain PyTorch, the float64 oracle (no extension needed)
     ckd_ext.distributed                         global_batch=True / "ring" across ranks (docs/distributed.md)
     ckd_ext.testing                             test-only switches (the emulated CUDA backend)
@@ -9,10 +12,12 @@
 from . import reference  # noqa: F401
 from ._extension import is_available, require_extension
 from ._version import __version__  # noqa: F401
-from .modules import BicKDLoss, CKDLoss, KDLoss
+from .fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
+from .modules import BicKDLoss, CKDLoss, FusedLinearCKDLoss, FusedLinearKDLoss, KDLoss
 from .ops import bickd_loss, ckd_loss, kd_loss
 __all__ = [
     "ckd_loss", "bickd_loss", "kd_loss", "CKDLoss", "BicKDLoss", "KDLoss", "reference",
+    "fused_linear_ckd_loss", "fused_linear_kd_loss", "FusedLinearCKDLoss", "FusedLinearKDLoss",
     "is_available", "workspace_bytes", "set_workspace_bytes",
 ]
 

@@ -70,7 +70,7 @@ def _check_logits_pair(fn: str, student: Tensor, teacher: Tensor) -> None:
         )
 
 
-def _check_mask(fn: str, mask, student: Tensor) -> None:
+def _check_mask(fn: str, mask, student: Tensor, student_name: str = "student") -> None:
     if mask is None:
         return
     if not isinstance(mask, Tensor):
@@ -81,12 +81,12 @@ def _check_mask(fn: str, mask, student: Tensor) -> None:
     lead_shape = student.shape[:-1]
     if mask.shape != lead_shape:
         raise ValueError(
-            f"{fn}: mask must have the shape of student without its last dimension "
+            f"{fn}: mask must have the shape of {student_name} without its last dimension "
             f"{tuple(lead_shape)}, got {tuple(mask.shape)}"
         )
     if mask.device != student.device:
         raise ValueError(
-            f"{fn}: mask must be on the same device as student ({student.device}), got {mask.device}"
+            f"{fn}: mask must be on the same device as {student_name} ({student.device}), got {mask.device}"
         )
 
 
@@ -179,3 +179,124 @@ def prepare_bickd(fn: str, student, teacher, temperature, tau, w_sample, w_class
     _check_bool(fn, "symmetric", symmetric)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
     return _flatten(fn, student, teacher, mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused-linear losses: hidden states and LM heads instead of logits
+# --------------------------------------------------------------------------------------------------
+
+
+class FusedLinearPrepared(NamedTuple):
+    """Validated hidden states (flattened to token rows) and heads of a fused-linear loss."""
+
+    student_hidden: Tensor            # (N, H_s), not detached
+    student_weight: Tensor            # (V, H_s), not detached
+    student_bias: Optional[Tensor]    # (V,) or None
+    teacher_hidden: Tensor            # (N, H_t), detached
+    teacher_weight: Tensor            # (V, H_t), detached
+    teacher_bias: Optional[Tensor]    # (V,) or None, detached
+    mask: Optional[Tensor]            # (N,) bool or None
+    labels: Optional[Tensor]          # (N,) integer or None (KD only)
+    lead_shape: torch.Size            # student_hidden.shape[:-1]
+
+
+def _check_same_device(fn: str, name: str, value: Tensor, hidden: Tensor) -> None:
+    if value.device != hidden.device:
+        raise ValueError(f"{fn}: {name} must be on the same device as student_hidden ({hidden.device}), "
+                         f"got {value.device}")
+
+
+def _check_head(fn: str, side: str, hidden: Tensor, weight, bias, vocab: Optional[int]) -> None:
+    """One model's hidden states, weight (V, H) and optional bias (V,): kinds, shapes and dtypes."""
+    _check_floating_tensor(fn, f"{side}_hidden", hidden)
+    _check_floating_tensor(fn, f"{side}_weight", weight)
+    if hidden.dim() < 1:
+        raise ValueError(f"{fn}: {side}_hidden must have at least 1 dimension (..., H), got a 0-dimensional tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{fn}: {side}_weight must have shape (V, H) with H = {hidden.shape[-1]}, the last "
+                         f"dimension of {side}_hidden, got {tuple(weight.shape)}")
+    if vocab is None and weight.shape[0] == 0:
+        raise ValueError(f"{fn}: student_weight must have at least one row (vocabulary V > 0), "
+                         f"got {tuple(weight.shape)}")
+    if vocab is not None and weight.shape[0] != vocab:
+        raise ValueError(f"{fn}: teacher_weight must have the vocabulary of student_weight (V = {vocab} rows), "
+                         f"got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_floating_tensor(fn, f"{side}_bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: {side}_bias must have shape (V,) = ({weight.shape[0]},), "
+                             f"got {tuple(bias.shape)}")
+    for name, value in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
+        # nn.Linear computes in one dtype; converting a head here would copy V x H elements on every call.
+        if value is not None and value.dtype != hidden.dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of {side}_hidden ({hidden.dtype}), "
+                            f"got {value.dtype}")
+
+
+def _check_labels(fn: str, labels, hidden: Tensor) -> None:
+    if labels is None:
+        return
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        got = f"dtype {labels.dtype}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"{fn}: labels must be a torch.Tensor of dtype torch.int64 or torch.int32, got {got}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{fn}: labels must have the shape of student_hidden without its last dimension "
+                         f"{tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+
+
+def _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                          teacher_bias, mask, labels=None) -> FusedLinearPrepared:
+    _check_head(fn, "student", student_hidden, student_weight, student_bias, None)
+    _check_head(fn, "teacher", teacher_hidden, teacher_weight, teacher_bias, student_weight.shape[0])
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"{fn}: teacher_hidden must have the leading dimensions of student_hidden "
+                         f"{tuple(student_hidden.shape[:-1])}, got {tuple(teacher_hidden.shape)}")
+    for name, value in (("student_weight", student_weight), ("student_bias", student_bias),
+                        ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                        ("teacher_bias", teacher_bias)):
+        if value is not None:
+            _check_same_device(fn, name, value, student_hidden)
+    _check_mask(fn, mask, student_hidden, "student_hidden")
+    _check_labels(fn, labels, student_hidden)
+    if labels is not None:
+        _check_same_device(fn, "labels", labels, student_hidden)
+
+    def rows(x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def constant(x: Optional[Tensor]) -> Optional[Tensor]:
+        return None if x is None else x.detach()
+
+    return FusedLinearPrepared(
+        student_hidden=rows(student_hidden), student_weight=student_weight, student_bias=student_bias,
+        teacher_hidden=rows(teacher_hidden.detach()), teacher_weight=teacher_weight.detach(),
+        teacher_bias=constant(teacher_bias), mask=None if mask is None else mask.reshape(-1),
+        labels=None if labels is None else labels.reshape(-1), lead_shape=student_hidden.shape[:-1])
+
+
+def prepare_fused_linear_ckd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                             teacher_bias, tau, anchor, mask, reduction) -> FusedLinearPrepared:
+    """Validate the arguments of a fused-linear CKD loss and flatten its hidden states."""
+    _check_positive(fn, "tau", tau)
+    _check_choice(fn, "anchor", anchor, ANCHORS)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    return _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                 student_bias, teacher_bias, mask)
+
+
+def prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                            teacher_bias, temperature, mask, labels, ce_weight, ignore_index,
+                            reduction) -> FusedLinearPrepared:
+    """Validate the arguments of a fused-linear KD (+ CE) loss and flatten its hidden states."""
+    _check_positive(fn, "temperature", temperature)
+    _check_number(fn, "ce_weight", ce_weight)
+    if not (0 <= ce_weight <= FLOAT32_MAX):
+        raise ValueError(f"{fn}: ce_weight must be a finite number >= 0, got {ce_weight!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
+        raise TypeError(f"{fn}: ignore_index must be a Python int, got {type(ignore_index).__name__}")
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    if ce_weight != 0 and labels is None:
+        raise ValueError(f"{fn}: ce_weight = {ce_weight!r} needs labels (the cross-entropy targets); pass labels "
+                         f"or ce_weight=0")
+    return _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                 student_bias, teacher_bias, mask, labels)

@@ -1,7 +1,7 @@
 """nn.Module wrappers of the fused losses: hyperparameters at construction, tensors at call time."""
 from torch import nn
 
-from . import ops
+from . import fused_linear, ops
 
 
 class _Distributed(nn.Module):
@@ -59,3 +59,40 @@ class BicKDLoss(_Distributed):
         return (f"temperature={self.temperature}, tau={self.tau}, w_sample={self.w_sample}, "
                 f"w_class={self.w_class}, symmetric={self.symmetric}, reduction={self.reduction!r}"
                 + self._distributed_repr())
+
+
+class FusedLinearCKDLoss(nn.Module):
+    """CKD on the logits of two linear heads, from hidden states and head weights (``fused_linear_ckd_loss``)."""
+
+    def __init__(self, *, tau=1.0, anchor="student", reduction="mean"):
+        super().__init__()
+        self.tau, self.anchor, self.reduction = tau, anchor, reduction
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                teacher_bias=None, mask=None):
+        return fused_linear.fused_linear_ckd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}"
+
+
+class FusedLinearKDLoss(nn.Module):
+    """KD (+ ce_weight * cross-entropy) on the logits of two linear heads (``fused_linear_kd_loss``)."""
+
+    def __init__(self, *, temperature=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean"):
+        super().__init__()
+        self.temperature, self.ce_weight, self.ignore_index = temperature, ce_weight, ignore_index
+        self.reduction = reduction
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
+                teacher_bias=None, mask=None, labels=None):
+        return fused_linear.fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, temperature=self.temperature, mask=mask, labels=labels,
+            ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction)
+
+    def extra_repr(self):
+        return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "
+                f"reduction={self.reduction!r}")
