@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import _validation
 from ._extension import require_extension
-from .ops import _output, ckd_loss
+from .ops import _once_differentiable, _output, ckd_loss
 
 __all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
 
@@ -282,6 +282,7 @@ class _FusedLinearKD(torch.autograd.Function):
         return total * scale
 
     @staticmethod
+    @_once_differentiable  # the saved gradients are constants: a second derivative through them would be 0
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, valid, labels = ctx.saved_tensors

@@ -145,9 +145,9 @@ def _once_differentiable(backward):
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return outputs
-        grad = outputs[0].detach().requires_grad_()
-        marked = torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), 1)(grad)
-        return (marked,) + tuple(outputs[1:])
+        return tuple(None if grad is None else
+                     torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), 1)(grad.detach().requires_grad_())
+                     for grad in outputs)
 
     return wrapper
 

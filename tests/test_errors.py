@@ -287,6 +287,100 @@ test_no_process_group = public_test(
     (TAU, dict(global_batch="ring"), dict(value="'ring'")))
 
 
+# ---- the fused-linear losses' own arguments
+FL_CKD, FL_KD = ("fused_linear_ckd_loss",), ("fused_linear_kd_loss",)
+FL_ALL = FL_CKD + FL_KD
+FL_MODULES = {"fused_linear_ckd_loss": ckd_ext.FusedLinearCKDLoss, "fused_linear_kd_loss": ckd_ext.FusedLinearKDLoss}
+FL_POSITIONAL = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
+FL_HYPERPARAMETERS = ("tau", "anchor", "temperature", "ce_weight", "ignore_index", "reduction")
+
+
+def fl_inputs():
+    """Valid inputs of a fused-linear loss: 4 tokens, V = 5, H_s = 3, H_t = 2."""
+    g = torch.Generator().manual_seed(1)
+    return dict(student_hidden=torch.randn(4, 3, generator=g), student_weight=torch.randn(5, 3, generator=g),
+                teacher_hidden=torch.randn(4, 2, generator=g), teacher_weight=torch.randn(5, 2, generator=g))
+
+
+def fl_call(impl: str, fn: str, **overrides):
+    """`fn` through the function or its module (hyperparameters at construction)."""
+    args = dict(fl_inputs(), **overrides)
+    positional = [args.pop(k) for k in FL_POSITIONAL]
+    if impl == "module":
+        hyper = {k: args.pop(k) for k in FL_HYPERPARAMETERS if k in args}
+        return FL_MODULES[fn](**hyper)(*positional, **args)
+    return getattr(ckd_ext, fn)(*positional, **args)
+
+
+def fused_linear_test(entry_id, *items):
+    """A test of `entry_id` raised by the function and the module of every fused-linear loss in `items`."""
+    @documents(entry_id)
+    @pytest.mark.parametrize("fn, overrides, values", cases(*items))
+    def test(fn, overrides, values):
+        for impl in ("fused", "module"):
+            try:
+                expect(entry_id, lambda: fl_call(impl, fn, **overrides), fn=fn, **values)
+            except BaseException as exc:
+                exc.add_note(f"implementation: {impl}")
+                raise
+    return test
+
+
+test_fl_hidden_0d = fused_linear_test(
+    "E-fl-hidden-0d",
+    (FL_ALL, dict(student_hidden=torch.tensor(1.0)), dict(name="student_hidden")),
+    (FL_CKD, dict(teacher_hidden=torch.tensor(1.0)), dict(name="teacher_hidden")))
+test_fl_weight_shape = fused_linear_test(
+    "E-fl-weight-shape",
+    (FL_ALL, dict(student_weight=torch.randn(3, 5)), dict(name="student_weight", width="3", hidden="student_hidden",
+                                                         shape="(3, 5)")),
+    (FL_KD, dict(teacher_weight=torch.randn(5)), dict(name="teacher_weight", width="2", hidden="teacher_hidden",
+                                                      shape="(5,)")))
+test_fl_no_vocab = fused_linear_test(
+    "E-fl-no-vocab",
+    (FL_ALL, dict(student_weight=torch.randn(0, 3), teacher_weight=torch.randn(0, 2)), dict(shape="(0, 3)")))
+test_fl_vocab = fused_linear_test(
+    "E-fl-vocab",
+    (FL_ALL, dict(teacher_weight=torch.randn(6, 2)), dict(vocab="5", shape="(6, 2)")))
+test_fl_bias_shape = fused_linear_test(
+    "E-fl-bias-shape",
+    (FL_ALL, dict(student_bias=torch.randn(5, 1)), dict(name="student_bias", vocab="5", shape="(5, 1)")),
+    (FL_CKD, dict(teacher_bias=torch.randn(4)), dict(name="teacher_bias", vocab="5", shape="(4,)")))
+test_fl_tokens = fused_linear_test(
+    "E-fl-tokens",
+    (FL_ALL, dict(teacher_hidden=torch.randn(2, 2, 2)), dict(lead_shape="(4,)", shape="(2, 2, 2)")))
+test_fl_head_dtype = fused_linear_test(
+    "E-fl-head-dtype",
+    (FL_ALL, dict(student_weight=torch.randn(5, 3, dtype=torch.float64)),
+     dict(name="student_weight", hidden="student_hidden", dtype="torch.float32", got="torch.float64")),
+    (FL_KD, dict(teacher_bias=torch.randn(5).half()),
+     dict(name="teacher_bias", hidden="teacher_hidden", dtype="torch.float32", got="torch.float16")))
+test_fl_device = fused_linear_test(
+    "E-fl-device",
+    (FL_ALL, dict(teacher_hidden=torch.randn(4, 2, device=META)), dict(name="teacher_hidden", device="cpu",
+                                                                       got="meta")),
+    (FL_KD, dict(labels=torch.zeros(4, dtype=torch.int64, device=META)), dict(name="labels", device="cpu",
+                                                                              got="meta")))
+test_labels_type = fused_linear_test(
+    "E-labels-type",
+    (FL_KD, dict(labels=[0, 1, 2, 3]), dict(got="list")),
+    (FL_KD, dict(labels=torch.zeros(4)), dict(got="dtype torch.float32")))
+test_labels_shape = fused_linear_test(
+    "E-labels-shape",
+    (FL_KD, dict(labels=torch.zeros(2, 2, dtype=torch.int64)), dict(lead_shape="(4,)", shape="(2, 2)")))
+test_ce_weight_range = fused_linear_test(
+    "E-ce-weight-range",
+    *[(FL_KD, dict(ce_weight=v, labels=torch.zeros(4, dtype=torch.int64)), dict(value=repr(v)))
+      for v in (-1.0, float("nan"), float("inf"))])
+test_ce_weight_labels = fused_linear_test(
+    "E-ce-weight-labels",
+    (FL_KD, dict(ce_weight=0.5), dict(value="0.5")))
+test_ignore_index_type = fused_linear_test(
+    "E-ignore-index-type",
+    (FL_KD, dict(ignore_index=-1.0), dict(type="float")),
+    (FL_KD, dict(ignore_index=True), dict(type="bool")))
+
+
 @pytest.fixture
 def restore_workspace():
     saved = ckd_ext.require_extension().workspace_setting()

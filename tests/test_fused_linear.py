@@ -458,3 +458,13 @@ def test_saved_for_backward_is_bounded(loss):
     assert max(saved) < tokens * vocab // 8
     assert sum(saved) <= 2 * inputs + 2 * tokens * width + 2 * width * width
     out.backward()
+
+
+@pytest.mark.parametrize("loss", ("ckd", "kd"))
+def test_double_backward_raises(loss):
+    """First order only, as for the logit losses: differentiating a gradient raises instead of returning 0."""
+    student, teacher = heads(dtype=torch.float64, seed=20)
+    fn = ckd_fns()[0] if loss == "ckd" else kd_fns()[0]
+    (grad,) = torch.autograd.grad(fn(student, teacher), student[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate|double backward"):
+        grad.pow(2).sum().backward()
