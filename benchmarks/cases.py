@@ -5,7 +5,9 @@ Vocabulary
 case      one (loss, provider, shape, dtype, device); measured in all modes.
 provider  ``ckd_ext`` (fused ops), ``eager`` (``ckd_ext.reference``), ``compiled`` (``torch.compile`` of the
           reference) and ``floor`` (the bare work no implementation can avoid, see
-          :class:`benchmarks.providers.Floor`).
+          :class:`benchmarks.providers.Floor`). The ``lm`` group (hidden states and LM heads in, see
+          :func:`benchmarks.providers.lm_loss_fn`) has ``fused_linear`` (``ckd_ext.fused_linear_*_loss``) and, on
+          materialised logits ``hidden @ W.T``, ``ckd_ext``, ``eager`` and ``compiled``; no floor.
 mode      ``full`` (forward + backward, the headline), ``forward`` (with autograd recording),
           ``backward`` (``loss.backward()`` alone, the forward done untimed beforehand), ``no_grad``.
 metric    ``time`` (ms, p20/p50/p80 over repetitions after warm-up), ``peak_mem`` (MiB beyond the inputs),
@@ -22,7 +24,10 @@ import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple
 
 LOSSES: Tuple[str, ...] = ("ckd", "bickd", "kd")
-PROVIDERS: Tuple[str, ...] = ("ckd_ext", "eager", "compiled", "floor")
+PROVIDERS: Tuple[str, ...] = ("fused_linear", "ckd_ext", "eager", "compiled", "floor")
+LOGIT_PROVIDERS: Tuple[str, ...] = ("ckd_ext", "eager", "compiled", "floor")
+LM_PROVIDERS: Tuple[str, ...] = ("fused_linear", "ckd_ext", "eager", "compiled")
+LM_GROUPS: Tuple[str, ...] = ("lm", "gpu-lm", "smoke-lm")
 # Order matters: `full` runs first so that torch.compile builds its forward+backward graphs there.
 MODES: Tuple[str, ...] = ("full", "forward", "backward", "no_grad")
 SAVED_METRICS: Tuple[str, ...] = ("saved_total", "saved_inputs", "saved_extra")
@@ -56,14 +61,20 @@ class Shape:
     C: int
     dtype: str = "float32"
     cuda_only: bool = False
+    hidden: Tuple[int, ...] = ()  # (H_s, H_t) of the lm groups: C is then the vocabulary V
+    only_providers: Tuple[str, ...] = ()  # where some providers cannot finish in reasonable time
 
     @property
     def shape(self) -> str:
         return f"{self.N}x{self.C}"
 
+    @property
+    def providers(self) -> Tuple[str, ...]:
+        return self.only_providers or (LM_PROVIDERS if self.group in LM_GROUPS else LOGIT_PROVIDERS)
 
-def _mk(name, group, losses, N, C, dtype="float32", cuda_only=False) -> List[Shape]:
-    return [Shape(name, group, loss, N, C, dtype, cuda_only) for loss in losses]
+
+def _mk(name, group, losses, N, C, dtype="float32", cuda_only=False, hidden=(), only_providers=()) -> List[Shape]:
+    return [Shape(name, group, loss, N, C, dtype, cuda_only, hidden, only_providers) for loss in losses]
 
 
 ALL = LOSSES
@@ -86,10 +97,19 @@ SHAPES: List[Shape] = (
     # sweeps for the plots (together with the vision shapes: N = 128..4096 at C = 1000, C = 128..8192 at N = 512)
     + [s for N in (128, 256, 1024, 2048) for s in _mk(f"sweep-N{N}", "sweep", ALL, N, 1000)]
     + [s for C in (128, 256, 2048, 4096, 8192) for s in _mk(f"sweep-C{C}", "sweep", ALL, 512, C)]
+    # lm: hidden states (N x H_s, N x H_t) and LM heads (V x H) in, the logits never materialised by fused_linear
+    # (eager and compiled, a few minutes per call there on 2 cores, only on the smaller shape below)
+    + [s for dt in ("float32", "bfloat16")
+       for s in _mk("lm-4k-v32k-h512-1024", "lm", ("ckd", "kd"), 4096, 32000, dt, hidden=(512, 1024),
+                    only_providers=("fused_linear", "ckd_ext"))]
+    # a quarter of the tokens and vocabulary, where the eager and compiled references finish on 2 cores
+    + _mk("lm-1k-v8k-h512-1024", "lm", ("ckd", "kd"), 1024, 8000, hidden=(512, 1024))
+    + _mk("gpu-lm-16k-v128k-h2048-4096", "gpu-lm", ("ckd", "kd"), 16384, 128256, "bfloat16", True, (2048, 4096))
 )
 # --smoke: tiny, but still an N sweep (C = 16) and a C sweep (N = 16) so that every plot gets drawn.
 SMOKE_SHAPES: List[Shape] = (_mk("smoke-8x16", "smoke", ALL, 8, 16) + _mk("smoke-16x16", "smoke", ALL, 16, 16)
-                             + _mk("smoke-16x32", "smoke", ALL, 16, 32))
+                             + _mk("smoke-16x32", "smoke", ALL, 16, 32)
+                             + _mk("smoke-lm-16x32", "smoke-lm", ("ckd", "kd"), 16, 32, hidden=(4, 6)))
 
 # The shape groups some targets single out (the targets of docs/benchmarks.md, checked by benchmarks/run.py).
 TOKEN_GROUPS = ("tokens", "gpu-tokens")
@@ -134,7 +154,7 @@ def parse_only(items: Sequence[str]) -> Dict[str, List[str]]:
 def make_case(shape: Shape, provider: str) -> Dict:
     """A case as the worker receives it (JSON)."""
     return {"loss": shape.loss, "provider": provider, "name": shape.name, "group": shape.group,
-            "N": shape.N, "C": shape.C, "dtype": shape.dtype}
+            "N": shape.N, "C": shape.C, "dtype": shape.dtype, "hidden": list(shape.hidden)}
 
 
 def result_row(case: Dict, device: str, mode: str, metric: str, vals: Optional[Sequence[float]] = None,
@@ -163,3 +183,22 @@ def make_inputs(N: int, C: int, dtype: str, device: str, seed: int = 0):
     t = torch.randn(N, C, generator=g, device=device, dtype=torch.float32).mul_(3.0)
     s = (t * 0.5).add_(torch.randn(N, C, generator=g, device=device, dtype=torch.float32), alpha=2.0)
     return s.to(dt).requires_grad_(True), t.to(dt)
+
+
+def make_lm_inputs(N: int, V: int, hidden: Sequence[int], dtype: str, device: str, seed: int = 0):
+    """(student hidden, student weight) as leaves requiring grad and (teacher hidden, teacher weight), in `dtype`:
+    unit-scale hidden states and heads of scale 1/sqrt(H), so logits have unit scale, the teacher's somewhat
+    larger and correlated with the student's through a shared part of the hidden states."""
+    import torch
+    g = torch.Generator(device=device).manual_seed(seed)
+    dt = getattr(torch, dtype)
+    h_s, h_t = hidden
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32)
+
+    ht = randn(N, h_t)
+    hs = ht[:, :h_s] * 0.5 + randn(N, h_s)
+    ws = randn(V, h_s).mul_(h_s ** -0.5)
+    wt = randn(V, h_t).mul_(2.0 * h_t ** -0.5)
+    return ((hs.to(dt).requires_grad_(True), ws.to(dt).requires_grad_(True)), (ht.to(dt), wt.to(dt)))

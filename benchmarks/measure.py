@@ -151,7 +151,8 @@ def saved_bytes(fn: Callable, student, teacher) -> Dict[str, int]:
         storages[(str(x.device), st.data_ptr())] = st.nbytes()
         return x
 
-    inputs = {(str(x.device), x.untyped_storage().data_ptr()) for x in (student, teacher)}
+    inputs = {(str(x.device), x.untyped_storage().data_ptr())
+              for x in (student, teacher) + tuple(getattr(fn, "inputs", ()))}  # an lm provider's heads
     student.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         loss = fn(student, teacher)

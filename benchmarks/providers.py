@@ -48,6 +48,12 @@ def provider_status(provider: str, loss: Optional[str] = None) -> Tuple[bool, st
         return False, f"ckd_ext not importable ({type(e).__name__}: {e})"
     if provider == "floor":
         return True, ""
+    if provider == "fused_linear":
+        if not ckd_ext.is_available():
+            return False, extension().unavailable_reason()
+        names = [f"fused_linear_{loss}_loss"] if loss else ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
+        missing = [n for n in names if not callable(getattr(ckd_ext, n, None))]
+        return (False, f"ckd_ext has no {', '.join(missing)}") if missing else (True, "")
     if provider == "ckd_ext":
         if not ckd_ext.is_available():
             return False, extension().unavailable_reason()
@@ -97,6 +103,40 @@ def loss_fn(provider: str, loss: str, compile_backend: str = "inductor", autocas
         import torch
         return torch.compile(fn, dynamic=False, backend=compile_backend)
     raise ValueError(provider)
+
+
+# KD's temperature in the lm group, for every provider: 1, fused_linear_kd_loss's default (LLM distillation's usual).
+LM_KD_TEMPERATURE = 1.0
+
+
+def lm_loss_fn(provider: str, loss: str, student_weight, teacher_weight, compile_backend: str = "inductor"):
+    """The callable `f(student_hidden, teacher_hidden) -> scalar loss` of an lm-group provider, the heads bound to it:
+    fused_linear takes hidden states and heads; the others materialise the logits (`F.linear`, in the input dtype, as
+    a model's head would) and run ckd_ext's op, the eager reference or its torch.compile. The heads are listed in
+    `f.inputs` (the student's first, `f.params`: its gradient is cleared between calls like the hidden states')."""
+    import torch
+    import torch.nn.functional as F
+    ckd_ext = import_ckd_ext()
+    kwargs = {"temperature": LM_KD_TEMPERATURE} if loss == "kd" else {}
+    if provider == "fused_linear":
+        fused = getattr(ckd_ext, f"fused_linear_{loss}_loss")
+
+        def fn(student_hidden, teacher_hidden):
+            return fused(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
+    else:
+        from ckd_ext import reference
+        logit_loss = getattr(ckd_ext if provider == "ckd_ext" else reference, f"{loss}_loss")
+
+        def materialised(student_hidden, teacher_hidden):
+            return logit_loss(F.linear(student_hidden, student_weight), F.linear(teacher_hidden, teacher_weight),
+                              **kwargs)
+
+        fn = torch.compile(materialised, dynamic=False, backend=compile_backend) if provider == "compiled" \
+            else materialised
+    call = (lambda s, t: fn(s, t))
+    call.inputs = (student_weight, teacher_weight)
+    call.params = (student_weight,)
+    return call
 
 
 class Floor:
@@ -187,6 +227,8 @@ def mode_callables(provider: str, loss: str, student, teacher, mode: str, fn: Op
 
     def clear():
         student.grad = None
+        for param in getattr(fn, "params", ()):  # an lm provider's student head
+            param.grad = None
         held.clear()
 
     if mode == "full":

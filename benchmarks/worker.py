@@ -19,9 +19,9 @@ import time
 import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .cases import MODES, SAVED_METRICS, missing_rows, make_inputs, result_row
+from .cases import MODES, SAVED_METRICS, make_inputs, make_lm_inputs, missing_rows, result_row
 from .measure import freeze_gc, measure_peak, measure_time, quantiles, saved_bytes, warm_up
-from .providers import REPO_ROOT, Floor, autocast_dtype, loss_fn, mode_callables, package_version
+from .providers import REPO_ROOT, Floor, autocast_dtype, lm_loss_fn, loss_fn, mode_callables, package_version
 
 # Default address-space limits (GiB) for CPU worker processes: eager/compiled materialise N x N and C x C
 # matrices and are expected to run out at the scale shapes; the fused ops and the floor get more room.
@@ -119,12 +119,19 @@ def run_case(case: Dict, opts: Dict, emit: Callable) -> None:
 
     autocast = autocast_dtype(device, case["dtype"])
     try:
-        student, teacher = make_inputs(case["N"], case["C"], case["dtype"], device)
         fn = floor = None
-        if provider == "floor":
-            floor = Floor(loss, student, teacher)
+        backend = opts.get("compile_backend", "inductor")
+        if case.get("hidden"):  # lm group: hidden states are the timed inputs, the heads are bound to the loss
+            (student, student_weight), (teacher, teacher_weight) = make_lm_inputs(
+                case["N"], case["C"], case["hidden"], case["dtype"], device)
+            fn = lm_loss_fn(provider, loss, student_weight, teacher_weight, backend)
+            autocast = None  # every lm provider runs in the inputs' dtype (F.linear as a model's head would)
         else:
-            fn = loss_fn(provider, loss, opts.get("compile_backend", "inductor"), autocast)
+            student, teacher = make_inputs(case["N"], case["C"], case["dtype"], device)
+            if provider == "floor":
+                floor = Floor(loss, student, teacher)
+            else:
+                fn = loss_fn(provider, loss, backend, autocast)
     except Exception as e:  # noqa: BLE001
         fail(e, modes)
         return
@@ -230,7 +237,7 @@ def run_cases(cases: List[Dict], opts: Dict, timeout: float, mem_limit_gib: Opti
     info: Dict = {}
 
     def limit_for(c):
-        gib = fused_mem_limit_gib if c["provider"] in ("ckd_ext", "floor") else mem_limit_gib
+        gib = fused_mem_limit_gib if c["provider"] in ("ckd_ext", "floor", "fused_linear") else mem_limit_gib
         return int(gib * 2 ** 30) if gib else None
 
     batches: List[List[Dict]] = [[c] for c in cases] if isolate == "case" else [list(cases)] if cases else []
