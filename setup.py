@@ -146,9 +146,10 @@ setup(
     extras_require={
         "test": requirements("requirements-test.txt"),
         "train": ["scikit-learn", "matplotlib", "tqdm"],
+        "lm": ["tokenizers"],
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli"]},
+    entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli", "ckd-train-lm = ckd_ext.train_lm:cli"]},
     zip_safe=False,
 )

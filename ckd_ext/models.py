@@ -4,6 +4,9 @@
   ``digits_teacher`` is a small CNN (~0.1 M parameters); ``digits_student`` is a deliberately narrow MLP
   (a 10-unit bottleneck, ~760 parameters), so the teacher is clearly better than the student trained
   alone and there is a gap for distillation to close.
+* Language modelling (``python -m ckd_ext.train_lm``): ``CausalLM``, a small pre-norm causal Transformer whose
+  forward returns the last hidden states; its ``head`` (``nn.Linear(width, vocab, bias=False)``) is applied by the
+  loss (the fused-linear losses take the hidden states and ``head.weight``).
 * CIFAR-100: ``resnet32x4`` -> ``resnet8x4``, the standard pair of the CRD / mdistiller benchmarks (CIFAR
   ResNets with 4x wider channels, 32-64-128-256; ~7.4 M and ~1.2 M parameters).
 
@@ -14,7 +17,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["digits_teacher", "digits_student", "resnet8x4", "resnet32x4", "build_model", "MODELS"]
+__all__ = ["digits_teacher", "digits_student", "resnet8x4", "resnet32x4", "build_model", "MODELS", "CausalLM"]
+
+
+# ----------------------------------------------------------------------------------------- language model
+class CausalLM(nn.Module):
+    """Token and position embeddings, `layers` pre-norm Transformer blocks (4 heads where the width allows, causal
+    self-attention, a 4x MLP), a final LayerNorm; forward returns the hidden states (B, L, width)."""
+
+    def __init__(self, vocab: int, width: int, layers: int, context: int):
+        super().__init__()
+        heads = 4 if width % 4 == 0 else 1
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        nn.init.normal_(self.tokens.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        x = self.tokens(ids) + self.positions(torch.arange(length, device=ids.device))
+        causal = nn.Transformer.generate_square_subsequent_mask(length, device=ids.device)
+        return self.norm(self.blocks(x, mask=causal, is_causal=True))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
 
 
 # --------------------------------------------------------------------------------------------- digits
