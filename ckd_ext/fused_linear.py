@@ -4,7 +4,7 @@ of two language-model heads, without ever holding the N x V logits (nor an N x N
     fused_linear_ckd_loss   exact through the heads' Gram matrix: CKD depends on the logits only through inner
                             products and norms of their rows, and every logit row lies in the span of the heads'
                             columns, so the rows are expressed in an orthonormal basis of that span (N x K rows,
-                            K = H_s + H_t + biases) and handed to the fused ``ckd_loss`` (docs/math.md, section 7).
+                            K = H_s + H_t + biases) and handed to the fused ``ckd_loss`` (docs/math.md, section 8).
     fused_linear_kd_loss    row-separable: the tokens are walked in chunks, both models' logits of one chunk are
                             computed into a bounded buffer, the fused KD op (and cross-entropy) gives the chunk's
                             logit gradient, which is folded into the hidden / weight / bias gradients at once.
@@ -33,7 +33,7 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 GRAM_DTYPE = torch.float64
 # Regularisation of the Gram matrix before its Cholesky factorisation, relative to its largest diagonal entry. It
 # makes rank-deficient heads (H_s + H_t > V, or a student head shared with the teacher) factorise, and it changes an
-# inner product of logits by at most REGULARISATION * max|column|^2 * |h|^2 (docs/math.md 7.3): directions of the
+# inner product of logits by at most REGULARISATION * max|column|^2 * |h|^2 (docs/math.md 8.3): directions of the
 # heads whose squared singular value is below 1e-12 of the largest are left out (a float32 logit carries a rounding
 # error of 6e-8 of |h| |w| already). Where the float64 rounding of G exceeds it (Cholesky fails), an
 # eigendecomposition with the same threshold takes over.
@@ -72,31 +72,37 @@ def _head_columns(student_weight, student_bias, teacher_weight, teacher_bias) ->
 
 
 def _vocabulary_chunks(blocks: List[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
-    """(rows, B[rows] in GRAM_DTYPE) over the vocabulary, each chunk within the workspace budget."""
+    """(rows, B[rows] in GRAM_DTYPE) over the vocabulary, one reused buffer of a quarter of the workspace budget."""
     vocab, width = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
-    step = _chunk_rows(width * torch.finfo(GRAM_DTYPE).bits // 8)
+    step = min(vocab, _chunk_rows(4 * width * torch.finfo(GRAM_DTYPE).bits // 8))
+    buffer = torch.empty(step, width, dtype=GRAM_DTYPE, device=blocks[0].device)
     for start in range(0, vocab, step):
         rows = slice(start, min(start + step, vocab))
-        yield rows, torch.cat([b[rows].to(GRAM_DTYPE) for b in blocks], dim=1)
+        chunk, column = buffer[:rows.stop - start], 0
+        for b in blocks:
+            chunk[:, column:column + b.shape[1]].copy_(b[rows])
+            column += b.shape[1]
+        yield rows, chunk
 
 
 def _orthonormal_coordinates(blocks: List[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(G, X) with G = B^T B and X (K x K) such that Q = B X has orthonormal columns spanning span(B):
-    X = L^-T for the Cholesky factor L of G + delta I (an eigendecomposition with a threshold where that fails)."""
+    """(M, X): X (K x K) such that Q = B X has orthonormal columns spanning span(B), and M = B^T Q = G X, the
+    coordinates of B's columns in that basis (G = B^T B). X = L^-T for the Cholesky factor L of G + delta I, so that
+    M = (L L^T - delta I) L^-T = L - delta X; where that factorisation fails, an eigendecomposition with a threshold."""
     width = sum(b.shape[1] for b in blocks)
     gram = torch.zeros(width, width, dtype=GRAM_DTYPE, device=blocks[0].device)
     for _, chunk in _vocabulary_chunks(blocks):
         gram.addmm_(chunk.T, chunk)
     delta = REGULARISATION * gram.diagonal().amax().clamp_min(torch.finfo(GRAM_DTYPE).tiny)
-    regularised = gram + delta * torch.eye(width, dtype=GRAM_DTYPE, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(regularised)
+    factor, info = torch.linalg.cholesky_ex(gram + delta * torch.eye(width, dtype=GRAM_DTYPE, device=gram.device))
     if torch.compiler.is_compiling() or not bool(info.any()):
-        eye = torch.eye(width, dtype=GRAM_DTYPE, device=gram.device)
-        return gram, torch.linalg.solve_triangular(factor.T, eye, upper=True)
+        del gram
+        basis = torch.linalg.inv_ex(factor)[0].T  # L^-T (L is triangular: no pivoting needed)
+        return factor.addcmul_(basis, delta, value=-1.0), basis
     # Only where delta is below the rounding of G (a head far larger than any LM head): the null space by threshold.
     values, vectors = torch.linalg.eigh(gram)
-    keep = values > delta
-    return gram, vectors * torch.where(keep, values.clamp_min(delta).rsqrt(), torch.zeros_like(values))
+    basis = vectors * torch.where(values > delta, values.clamp_min(delta).rsqrt(), torch.zeros_like(values))
+    return gram @ basis, basis
 
 
 def _project(hidden: Tensor, coefficients: Tensor, with_bias: bool, dtype: torch.dtype) -> Tensor:
@@ -117,9 +123,8 @@ class _GramProjection(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 mask):
         blocks = _head_columns(student_weight, student_bias, teacher_weight, teacher_bias)
-        gram, basis = _orthonormal_coordinates(blocks)
+        coefficients, basis = _orthonormal_coordinates(blocks)  # row k of B^T Q: B's column k in the basis
         student_width = student_weight.shape[1] + (student_bias is not None)
-        coefficients = gram @ basis  # B^T Q: row k is the coordinate of B's column k in the basis
         student_coefficients = coefficients[:student_width]
         dtype = _accumulation_dtype(student_hidden.dtype)
         student_rows = _project(student_hidden, student_coefficients, student_bias is not None, dtype)
@@ -149,14 +154,17 @@ class _GramProjection(torch.autograd.Function):
             combination = basis @ (grad_rows.T @ hidden).to(GRAM_DTYPE)
             if ctx.with_bias:
                 combination = torch.cat([combination, basis @ grad_rows.sum(0).to(GRAM_DTYPE).unsqueeze(1)], dim=1)
-            head_grad = torch.empty(student_weight.shape[0], combination.shape[1], dtype=student_weight.dtype,
-                                    device=student_weight.device)
+            width = student_weight.shape[1]
+            grad_weight = torch.empty_like(student_weight)
+            grad_bias = torch.empty_like(student_bias) if ctx.with_bias else None
             blocks = _head_columns(student_weight, student_bias, teacher_weight, teacher_bias)
             for rows, chunk in _vocabulary_chunks(blocks):
-                head_grad[rows] = chunk @ combination
-            width = student_weight.shape[1]
-            grad_weight = head_grad[:, :width] if need_weight else None
-            grad_bias = head_grad[:, width] if need_bias and ctx.with_bias else None
+                head_grad = chunk @ combination
+                grad_weight[rows] = head_grad[:, :width]
+                if grad_bias is not None:
+                    grad_bias[rows] = head_grad[:, width]
+            grad_weight = grad_weight if need_weight else None
+            grad_bias = grad_bias if need_bias else None
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
@@ -169,6 +177,7 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
     biases (V,). Work O(V K^2 + N^2 K) for K = H_s + H_t (+ 1 per bias), memory O(N K + K^2) beyond the inputs."""
     p = _validation.prepare_fused_linear_ckd("fused_linear_ckd_loss", student_hidden, student_weight, teacher_hidden,
                                              teacher_weight, student_bias, teacher_bias, tau, anchor, mask, reduction)
+    require_extension()  # before the Gram work, not at the ckd_loss call after it
     student_rows, teacher_rows = _GramProjection.apply(p.student_hidden, p.student_weight, p.student_bias,
                                                        p.teacher_hidden, p.teacher_weight, p.teacher_bias, p.mask)
     loss = ckd_loss(student_rows, teacher_rows, tau=tau, anchor=anchor, mask=p.mask, reduction=reduction)
