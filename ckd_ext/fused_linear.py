@@ -85,14 +85,18 @@ def _vocabulary_chunks(blocks: List[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
         yield rows, chunk
 
 
-def _orthonormal_coordinates(blocks: List[Tensor]) -> Tuple[Tensor, Tensor]:
+def _orthonormal_coordinates(blocks: List[Tensor], split: int) -> Tuple[Tensor, Tensor]:
     """(M, X): X (K x K) such that Q = B X has orthonormal columns spanning span(B), and M = B^T Q = G X, the
     coordinates of B's columns in that basis (G = B^T B). X = L^-T for the Cholesky factor L of G + delta I, so that
     M = (L L^T - delta I) L^-T = L - delta X; where that factorisation fails, an eigendecomposition with a threshold."""
     width = sum(b.shape[1] for b in blocks)
     gram = torch.zeros(width, width, dtype=GRAM_DTYPE, device=blocks[0].device)
     for _, chunk in _vocabulary_chunks(blocks):
-        gram.addmm_(chunk.T, chunk)
+        # G is symmetric: the rows above `split` (the student's: [B_s^T B_s | B_s^T B_t]) and the diagonal block below
+        # it (B_t^T B_t) only, a fifth fewer multiply-adds at H_t = 2 H_s; the rest is mirrored below
+        gram[:split].addmm_(chunk[:, :split].T, chunk)
+        gram[split:, split:].addmm_(chunk[:, split:].T, chunk[:, split:])
+    gram[split:, :split] = gram[:split, split:].T
     delta = REGULARISATION * gram.diagonal().amax().clamp_min(torch.finfo(GRAM_DTYPE).tiny)
     factor, info = torch.linalg.cholesky_ex(gram + delta * torch.eye(width, dtype=GRAM_DTYPE, device=gram.device))
     if torch.compiler.is_compiling() or not bool(info.any()):
@@ -123,8 +127,8 @@ class _GramProjection(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 mask):
         blocks = _head_columns(student_weight, student_bias, teacher_weight, teacher_bias)
-        coefficients, basis = _orthonormal_coordinates(blocks)  # row k of B^T Q: B's column k in the basis
         student_width = student_weight.shape[1] + (student_bias is not None)
+        coefficients, basis = _orthonormal_coordinates(blocks, student_width)  # row k: B's column k in the basis
         student_coefficients = coefficients[:student_width]
         dtype = _accumulation_dtype(student_hidden.dtype)
         student_rows = _project(student_hidden, student_coefficients, student_bias is not None, dtype)
