@@ -420,8 +420,8 @@ def _largest_tensor(run):
 @pytest.mark.parametrize("loss", ("ckd", "kd"))
 def test_nothing_n_by_v_or_n_by_n_is_allocated(loss, restore_workspace):
     """Forward and backward at a shape where N x V (4M elements) and N x N (1M) dwarf the inputs (the largest, the
-    teacher head, 98k): no tensor of even 1/8 of N x N appears. The same probe on materialised logits does see them,
-    so this test can fail. (The ops' own work buffers are bounded by the workspace, 1 MiB here.)"""
+    teacher head, 98k): no tensor of even 1/8 of N x N appears. The same probe sees the N x V tensor of materialised
+    logits, so this test can fail. (The ops' own work buffers are bounded by the workspace, 1 MiB here.)"""
     ckd_ext.set_workspace_bytes(1 << 20)
     student, teacher = heads(dtype=torch.float32, seed=18, bias=True, **MEMORY_SHAPE)
     tokens, vocab = MEMORY_SHAPE["tokens"][0], MEMORY_SHAPE["vocab"]
@@ -431,9 +431,8 @@ def test_nothing_n_by_v_or_n_by_n_is_allocated(loss, restore_workspace):
     mode = _largest_tensor(lambda: fused(student, teacher).backward())
     assert mode.largest < limit, f"{mode.op} returned {mode.largest} elements"
 
-    def materialised():
-        s_logits, t_logits = F.linear(*student), F.linear(*teacher)
-        (ckd_ext.ckd_loss(s_logits, t_logits) if loss == "ckd" else ckd_ext.kd_loss(s_logits, t_logits)).backward()
+    def materialised():  # the logits alone (the probe's sanity check; the loss on them would only add time)
+        F.linear(*student).sum().backward()
 
     assert _largest_tensor(materialised).largest >= tokens * vocab
 
