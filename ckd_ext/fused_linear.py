@@ -45,14 +45,15 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.compiler.assume_constant_result
-def _workspace_bytes() -> int:
+def _workspace_bytes(device: str) -> int:
     # A constant for torch.compile (which cannot trace the pybind11 call): a graph is specialised to the budget.
-    return require_extension().workspace_bytes()
+    from . import workspace_bytes  # the package's, per device (at call time: the package imports this module)
+    return workspace_bytes(device)
 
 
-def _chunk_rows(row_bytes: int) -> int:
-    """Rows of one work buffer whose rows take `row_bytes` each, within the ops' workspace budget."""
-    return max(1, _workspace_bytes() // max(row_bytes, 1))
+def _chunk_rows(row_bytes: int, device: torch.device) -> int:
+    """Rows of one work buffer whose rows take `row_bytes` each, within the ops' workspace budget on `device`."""
+    return max(1, _workspace_bytes(str(device)) // max(row_bytes, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def _head_columns(student_weight, student_bias, teacher_weight, teacher_bias) ->
 def _vocabulary_chunks(blocks: List[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
     """(rows, B[rows] in GRAM_DTYPE) over the vocabulary, one reused buffer of a quarter of the workspace budget."""
     vocab, width = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
-    step = min(vocab, _chunk_rows(4 * width * torch.finfo(GRAM_DTYPE).bits // 8))
+    step = min(vocab, _chunk_rows(4 * width * torch.finfo(GRAM_DTYPE).bits // 8, blocks[0].device))
     buffer = torch.empty(step, width, dtype=GRAM_DTYPE, device=blocks[0].device)
     for start in range(0, vocab, step):
         rows = slice(start, min(start + step, vocab))
@@ -224,7 +225,7 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
     tokens, vocab = hs.shape[0], ws.shape[0]
     with_ce = labels is not None and ce_weight != 0
     # per row: both models' logits, the KD gradient and (with CE) its probabilities, in the accumulation dtype
-    step = _chunk_rows(vocab * (4 if with_ce else 3) * torch.finfo(dtype).bits // 8)
+    step = _chunk_rows(vocab * (4 if with_ce else 3) * torch.finfo(dtype).bits // 8, hs.device)
     zero = torch.zeros((), dtype=dtype, device=hs.device)
     value = torch.zeros(tokens, dtype=dtype, device=hs.device) if want == "terms" else zero.clone()
     grads = None
