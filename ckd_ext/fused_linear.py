@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _validation
+from . import _validation, distributed
 from ._extension import require_extension
 from .ops import _once_differentiable, _output, ckd_loss
 
@@ -174,18 +174,24 @@ class _GramProjection(torch.autograd.Function):
 
 
 def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
-                          teacher_bias=None, tau=1.0, anchor="student", mask=None, reduction="mean"):
+                          teacher_bias=None, tau=1.0, anchor="student", mask=None, reduction="mean",
+                          global_batch=False, group=None):
     """``ckd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias)``
     without the logits: loss and gradients (hidden, weight, bias of the student) equal those of the logit loss.
 
     Hidden states (..., H_s) and (..., H_t) with the same leading dimensions; weights (V, H) as in ``nn.Linear``;
-    biases (V,). Work O(V K^2 + N^2 K) for K = H_s + H_t (+ 1 per bias), memory O(N K + K^2) beyond the inputs."""
+    biases (V,). Work O(V K^2 + N^2 K) for K = H_s + H_t (+ 1 per bias), memory O(N K + K^2) beyond the inputs.
+    `global_batch` / `group` as for ``ckd_loss`` (docs/distributed.md): the K-wide rows in the heads' basis are what
+    is gathered or passed between ranks (the basis comes from the heads alone, which DDP keeps identical on every
+    rank), so a global batch costs N K per rank, not N V."""
     p = _validation.prepare_fused_linear_ckd("fused_linear_ckd_loss", student_hidden, student_weight, teacher_hidden,
                                              teacher_weight, student_bias, teacher_bias, tau, anchor, mask, reduction)
+    distributed.check_arguments("fused_linear_ckd_loss", global_batch, group)
     require_extension()  # before the Gram work, not at the ckd_loss call after it
     student_rows, teacher_rows = _GramProjection.apply(p.student_hidden, p.student_weight, p.student_bias,
                                                        p.teacher_hidden, p.teacher_weight, p.teacher_bias, p.mask)
-    loss = ckd_loss(student_rows, teacher_rows, tau=tau, anchor=anchor, mask=p.mask, reduction=reduction)
+    loss = ckd_loss(student_rows, teacher_rows, tau=tau, anchor=anchor, mask=p.mask, reduction=reduction,
+                    global_batch=global_batch, group=group)
     loss = _output(loss, student_hidden)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 

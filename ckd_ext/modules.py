@@ -64,18 +64,21 @@ class BicKDLoss(_Distributed):
 class FusedLinearCKDLoss(nn.Module):
     """CKD on the logits of two linear heads, from hidden states and head weights (``fused_linear_ckd_loss``)."""
 
-    def __init__(self, *, tau=1.0, anchor="student", reduction="mean"):
+    def __init__(self, *, tau=1.0, anchor="student", reduction="mean", global_batch=False, group=None):
         super().__init__()
         self.tau, self.anchor, self.reduction = tau, anchor, reduction
+        self.global_batch, self.group = global_batch, group
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                 teacher_bias=None, mask=None):
         return fused_linear.fused_linear_ckd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-            teacher_bias=teacher_bias, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction)
+            teacher_bias=teacher_bias, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction,
+            global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
-        return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}"
+        return (f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}, "
+                f"global_batch={self.global_batch!r}")
 
 
 class FusedLinearKDLoss(nn.Module):
