@@ -321,13 +321,18 @@ def markdown(t: Table, info: Dict, targets: List[Dict], skipped: Dict[str, str],
     provs = [p for p in PROVIDERS if any(r["provider"] == p for r in t.rows)]
     L: List[str] = []
     L.append("### Machine\n")
-    desc = f"{info.get('cpu', '?')}, {info.get('cpu_count', '?')} cores, {info.get('mem_total_gib', '?')} GiB RAM"
+    def known(key):  # a key the machine file lacks is said so, not shown as None
+        return "not recorded" if info.get(key) in (None, "") else info[key]
+
+    cpu = info.get("cpu") or "CPU not recorded"
+    desc = f"{cpu}, {known('cpu_count')} cores, {known('mem_total_gib')} GiB RAM"
     if info.get("gpu"):
         desc += f"; GPU {info['gpu']} ({info.get('gpu_mem_gib')} GiB, peak DRAM {info.get('gpu_peak_bw_gbs')} GB/s)"
     L.append(f"- {desc}")
-    L.append(f"- device `{info.get('device')}`, threads {info.get('threads')} (torch.set_num_threads), "
-             f"torch {info.get('torch')} (CUDA {info.get('cuda_runtime')}), python {info.get('python')}, "
-             f"ckd_ext {info.get('package_version')}, {info.get('platform')}")
+    cuda = "not recorded" if "cuda_runtime" not in info else info["cuda_runtime"] or "none"
+    L.append(f"- device `{known('device')}`, threads {known('threads')} (torch.set_num_threads), "
+             f"torch {known('torch')} (CUDA {cuda}), python {known('python')}, "
+             f"ckd_ext {known('package_version')}, {known('platform')}")
     ts = sorted({r.get("timestamp", "") for r in t.rows if r.get("timestamp")})
     if ts:
         L.append(f"- run {ts[0]} .. {ts[-1]}")
@@ -473,6 +478,39 @@ def read_csv(path: Path) -> List[Dict]:
         return list(csv.DictReader(f))
 
 
+# Machine keys that every CSV row also carries (as the column named here): what a CSV without its machine file
+# still says about the run.
+MACHINE_KEYS_IN_ROWS = {"device": "device", "threads": "threads", "torch": "torch_version",
+                        "package_version": "package_version"}
+
+
+def own_machine_file(csv_path: Path) -> Path:
+    """Where a CSV kept under its own name (as in docs/) keeps its machine description."""
+    return csv_path.with_name(csv_path.stem + ".machine.json")
+
+
+def machine_file(csv_path: Path) -> Path:
+    """The machine description of a results CSV: its own (above), else the `machine.json` the runner wrote beside
+    its results.csv."""
+    own = own_machine_file(csv_path)
+    return own if own.exists() else csv_path.with_name("machine.json")
+
+
+def load_machine(csv_path: Path, rows: List[Dict]) -> Tuple[Dict, Dict[str, str]]:
+    """(machine info, skipped providers) for re-rendering `csv_path`: its machine file, with what the rows record
+    filling the keys the file lacks (all of them when there is no file). A value the rows disagree on is left out."""
+    path = machine_file(csv_path)
+    info = json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        print(f"NOTE: no machine file for {csv_path} ({path.name}): the Machine section has only what the rows record")
+    skipped = info.pop("skipped", {})
+    for key, column in MACHINE_KEYS_IN_ROWS.items():
+        values = {r[column] for r in rows if r.get(column)}
+        if info.get(key) in (None, "") and len(values) == 1:
+            info[key] = values.pop()
+    return info, skipped if isinstance(skipped, dict) else {}
+
+
 def update_docs(doc: Path, body: str, plots: List[str], begin: str = DOC_BEGIN, end: str = DOC_END):
     img_dir = doc.parent / "img" / "benchmarks"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -561,9 +599,7 @@ def main(argv=None) -> int:
 
     if a.from_csv:
         rows = read_csv(Path(a.from_csv))
-        mj = Path(a.from_csv).parent / "machine.json"
-        info = json.loads(mj.read_text()) if mj.exists() else {}
-        skipped = info.pop("skipped", {}) if isinstance(info.get("skipped"), dict) else {}
+        info, skipped = load_machine(Path(a.from_csv), rows)
     else:
         threads = a.threads or os.cpu_count() or 1
         if a.smoke:
@@ -619,6 +655,11 @@ def main(argv=None) -> int:
         lm_only = all(group_of(r["shape_name"]) in LM_GROUPS for r in rows)
         update_docs(doc, markdown(t, info, targets, skipped, plots, plot_prefix="img/benchmarks/") + prof_md, plots,
                     *((LM_DOC_BEGIN, LM_DOC_END) if lm_only else ()))
+        if not a.from_csv:  # the run's data beside the doc, so that the doc can be re-rendered with its machine
+            kept = doc.with_name(f"benchmarks-{'lm-' if lm_only else ''}{a.device}-{now_iso()[:10]}.csv")
+            shutil.copy(out / "results.csv", kept)
+            shutil.copy(out / "machine.json", own_machine_file(kept))
+            print(f"kept {kept} and its machine file")
         print(f"updated {doc}")
 
     n_fail = sum(1 for r in rows if fnum(r["p50"]) is None)

@@ -4,6 +4,7 @@ Not a timed test: timings are only checked to be numbers. Takes ~30 s on 2 busy 
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,10 @@ def test_smoke_run_produces_csv_table_and_plots(tmp_path):
     for heading in ("### Machine", "### Fused-linear losses", "### Headline", "### Peak memory",
                     "### Bytes kept for backward", "### Targets"):
         assert heading in md
+    machine = json.loads((out / "machine.json").read_text())
+    section = _machine_section(md)
+    assert machine["cpu"] and f"- {machine['cpu']}, {machine['cpu_count']} cores," in section
+    assert "None" not in section and "not recorded" not in section, section
     for loss in cases.LOSSES:
         png = out / "plots" / f"{loss}_float32.png"
         assert png.exists() and png.stat().st_size > 1000, png
@@ -79,3 +84,43 @@ def test_quantiles_and_shapes():
               "tokens-1k-v8k", "scale-rows-64k", "scale-classes-32k", "gpu-tokens-16k-v128k"):
         assert n in names
     assert not any(s.cuda_only for s in cases.select_shapes("cpu"))
+
+
+def _machine_section(md: str) -> str:
+    return md.split("### Machine", 1)[1].split("###", 1)[0]
+
+
+def _rerender(tmp_path, csv_name, machine=None):
+    """Re-renders a few rows of the committed CPU run from a copy named `csv_name`, with `machine` as its
+    `<stem>.machine.json` (none when None); returns the Machine section of results.md."""
+    from benchmarks import run
+    src = sorted((ROOT / "docs").glob("benchmarks-cpu-*.csv"))[-1]
+    lines = src.read_text().splitlines()[:13]
+    data = tmp_path / "data"
+    data.mkdir()
+    csv_path = data / csv_name
+    csv_path.write_text("\n".join(lines) + "\n")
+    if machine is not None:
+        (data / (csv_path.stem + ".machine.json")).write_text(json.dumps(machine))
+    out = tmp_path / "out"
+    assert run.main(["--from-csv", str(csv_path), "--out", str(out), "--device", "cpu", "--no-plots"]) == 0
+    return _machine_section((out / "results.md").read_text())
+
+
+def test_rerender_from_csv_keeps_its_machine_file(tmp_path):
+    machine = {"platform": "Linux-test", "python": "3.11.7", "torch": "2.14.1+cu130", "cuda_runtime": "13.0",
+               "cpu": "Test CPU 9000", "cpu_count": 2, "threads": 2, "mem_total_gib": 24.0, "device": "cpu",
+               "package_version": "0.1.0", "skipped": {"compiled": "no compiler"}}
+    section = _rerender(tmp_path, "benchmarks-cpu-test.csv", machine)
+    assert "- Test CPU 9000, 2 cores, 24.0 GiB RAM" in section
+    assert ("- device `cpu`, threads 2 (torch.set_num_threads), torch 2.14.1+cu130 (CUDA 13.0), python 3.11.7, "
+            "ckd_ext 0.1.0, Linux-test") in section
+    assert "provider `compiled` skipped: no compiler" in section
+
+
+def test_rerender_without_machine_file_uses_what_the_rows_record(tmp_path):
+    section = _rerender(tmp_path, "results.csv")
+    assert "None" not in section and "?" not in section
+    assert "CPU not recorded, not recorded cores, not recorded GiB RAM" in section
+    # device, threads, torch and ckd_ext versions are columns of every row of that CSV
+    assert "- device `cpu`, threads 2 (torch.set_num_threads), torch 2.14.1+cu130 (CUDA not recorded)" in section
