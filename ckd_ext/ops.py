@@ -128,10 +128,39 @@ def _bickd_backward_fake(grad_sample, grad_class, student, *hyperparameters):
 
 
 def _save_for_backward(ctx, inputs, grad, reduction, compute_grad):
-    """Keeps either the gradient computed in forward or the inputs themselves (never copies)."""
+    """Keeps the inputs themselves (never copies) and, where forward computed it, the gradient: backward scales
+    that gradient once (`_scaled_precomputed`) and recomputes from the inputs on any later backward."""
     student, teacher, mask = inputs[:3]
+    # The forward's gradient output is never used downstream; materialised, its zero upstream gradient would be a
+    # second N x C tensor in every backward. Unused outputs' gradients arrive as None instead.
+    ctx.set_materialize_grads(False)
     ctx.precomputed = bool(compute_grad) and reduction != "none"
-    ctx.save_for_backward(*((grad,) if ctx.precomputed else (student, teacher, mask)))
+    ctx.save_for_backward(student, teacher, mask, *((grad,) if ctx.precomputed else ()))
+
+
+def _is_eager(t: torch.Tensor) -> bool:
+    """A plain tensor outside any tracing (no compiler, no FakeTensor / FunctionalTensor, no dispatch mode)."""
+    return (type(t) is torch.Tensor and not torch.compiler.is_compiling()
+            and not torch.utils._python_dispatch.is_in_torch_dispatch_mode())
+
+
+def _scaled_precomputed(ctx, grad_loss):
+    """The gradient kept from forward times grad_loss, or None where backward has to recompute it.
+
+    None too for an upstream gradient of None (the loss unused: it contributes nothing). The first backward
+    scales it in place: the op made it and nothing else holds it, so memory holds one gradient
+    where `grad * grad_loss` held two. It is then scaled and no longer the gradient for an upstream 1, so a
+    second backward (retain_graph=True) recomputes. The scaling goes through `.data`, which shares the storage but
+    not the version counter: the saved tensor still unpacks on that second backward. When traced (torch.compile,
+    opcheck's AOT checks) the product stays out of place: the compiler owns buffer reuse, functionalisation
+    rejects the mutation of a saved tensor, and a traced graph must not depend on how many backwards ran."""
+    if not ctx.precomputed or grad_loss is None:
+        return None
+    grad = ctx.saved_tensors[3]
+    if not _is_eager(grad):
+        return grad * grad_loss
+    ctx.precomputed = False
+    return grad.data.mul_(grad_loss)
 
 
 def _once_differentiable(backward):
@@ -143,7 +172,7 @@ def _once_differentiable(backward):
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or outputs[0] is None:
             return outputs
         return tuple(None if grad is None else
                      torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), 1)(grad.detach().requires_grad_())
@@ -160,11 +189,10 @@ def _register():
         _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
 
     def ckd_backward(ctx, grad_loss, _grad_of_grad):
-        if ctx.precomputed:
-            (grad,) = ctx.saved_tensors
-            return grad * grad_loss, None, None, None, None, None, None
-        student, teacher, mask = ctx.saved_tensors
-        grad = ops.ckd_backward(grad_loss, student, teacher, mask, ctx.tau, ctx.anchor, ctx.reduction)
+        grad = _scaled_precomputed(ctx, grad_loss)
+        if grad is None and grad_loss is not None:
+            student, teacher, mask = ctx.saved_tensors[:3]
+            grad = ops.ckd_backward(grad_loss, student, teacher, mask, ctx.tau, ctx.anchor, ctx.reduction)
         return grad, None, None, None, None, None, None
 
     def kd_setup(ctx, inputs, output):
@@ -172,28 +200,31 @@ def _register():
         _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
 
     def kd_backward(ctx, grad_loss, _grad_of_grad):
-        if ctx.precomputed:
-            (grad,) = ctx.saved_tensors
-            return grad * grad_loss, None, None, None, None, None
-        student, teacher, mask = ctx.saved_tensors
-        grad = ops.kd_backward(grad_loss, student, teacher, mask, ctx.temperature, ctx.reduction)
+        grad = _scaled_precomputed(ctx, grad_loss)
+        if grad is None and grad_loss is not None:
+            student, teacher, mask = ctx.saved_tensors[:3]
+            grad = ops.kd_backward(grad_loss, student, teacher, mask, ctx.temperature, ctx.reduction)
         return grad, None, None, None, None, None
 
     def bickd_setup(ctx, inputs, output):
         (_, _, _, ctx.temperature, ctx.tau, ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction,
          compute_grad) = inputs
+        ctx.loss_shape, ctx.class_terms_shape = output[0].shape, output[1].shape
         _save_for_backward(ctx, inputs, output[2], ctx.reduction, compute_grad)
 
     def bickd_backward(ctx, grad_loss, grad_class, _grad_of_grad):
-        nones = (None,) * 9
-        if ctx.precomputed:
-            (grad,) = ctx.saved_tensors
-            return (grad * grad_loss,) + nones
-        # An output that was not used arrives as zeros (torch.library materialises unused gradients).
-        student, teacher, mask = ctx.saved_tensors
-        grad = ops.bickd_backward(grad_loss, grad_class, student, teacher, mask, ctx.temperature, ctx.tau,
-                                  ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction)
-        return (grad,) + nones
+        grad = _scaled_precomputed(ctx, grad_loss)
+        if grad is None and (grad_loss is not None or grad_class is not None):
+            student, teacher, mask = ctx.saved_tensors[:3]
+            # An output that was not used (reduction="none": the per-sample or the per-class terms) contributes 0.
+            dtype = _loss_dtype(student)
+            if grad_loss is None:
+                grad_loss = student.new_zeros(ctx.loss_shape, dtype=dtype)
+            if grad_class is None:
+                grad_class = student.new_zeros(ctx.class_terms_shape, dtype=dtype)
+            grad = ops.bickd_backward(grad_loss, grad_class, student, teacher, mask, ctx.temperature, ctx.tau,
+                                      ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction)
+        return (grad,) + (None,) * 9
 
     lib = "ckd_ext::"
     torch.library.register_fake(lib + "ckd_forward")(_ckd_forward_fake)

@@ -182,6 +182,29 @@ def test_backward_op_equals_gradient_from_forward(config, reduction):
 
 
 @pytest.mark.parametrize("config", ALL)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_backward_with_retain_graph(config, reduction, dtype):
+    """The first backward scales the gradient kept from forward in place (float32 "mean"), so a second backward
+    through the same graph recomputes it: both match the oracle, with weights that differ between the two
+    backwards (an in-place scaling reused twice would give 1.3 * 0.7 times the gradient)."""
+    name, kwargs = CONFIGS[config]
+    fn, fn64 = getattr(ckd_ext, f"{name}_loss"), getattr(ref, f"{name}_loss")
+    student, teacher = pair(20, 16, seed=17, dtype=dtype)
+    out = fn(student, teacher, reduction=reduction, **kwargs)
+    s64 = student.detach().double().requires_grad_()
+    out64 = fn64(s64, teacher.double(), reduction=reduction, **kwargs)
+    for weight in (1.3, 0.7):
+        (grad,) = torch.autograd.grad(weighted_sum(out, weight), student, retain_graph=True)
+        (grad64,) = torch.autograd.grad(weighted_sum(out64, weight), s64, retain_graph=True)
+        assert_matches(grad, grad64, dtype, f"gradient of the backward with weight {weight}")
+
+
+def weighted_sum(out, weight):
+    return weight * (sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum())
+
+
+@pytest.mark.parametrize("config", ALL)
 def test_torch_compile_fullgraph(config):
     name, kwargs = CONFIGS[config]
     fn = getattr(ckd_ext, f"{name}_loss")
