@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "kernels/scalar_math.h"
@@ -52,16 +53,19 @@ inline float fast_exp(float x) {
 // float64 accumulation (gradcheck) keeps libm's exp.
 inline double fast_exp(double x) { return std::exp(x); }
 
+// Chunk width of sum_mapped and the row kernels below: a chunk of each input and its buffer of terms stay in L1
+// between the loops that work on it, so that a pass over a row reads each input from memory once.
+constexpr int64_t kRowChunk = 512;
+
 // sum_j f(j) for an f worth vectorising (an exp): values are computed a chunk at a time by a loop the
 // compiler vectorises, then summed in a fixed order (float addition is not associative, so the sum itself
 // stays scalar and results stay deterministic without -ffast-math).
 template <typename Acc, typename F>
 inline Acc sum_mapped(int64_t n, F&& f) {
-  constexpr int64_t kChunk = 512;
-  Acc buffer[kChunk];
+  Acc buffer[kRowChunk];
   Acc total = 0;
-  for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
-    const int64_t w = std::min(kChunk, n - j0);
+  for (int64_t j0 = 0; j0 < n; j0 += kRowChunk) {
+    const int64_t w = std::min(kRowChunk, n - j0);
     for (int64_t j = 0; j < w; ++j) buffer[j] = f(j0 + j);
     total += sum_over<Acc>(w, [&](int64_t j) { return buffer[j]; });
   }
@@ -115,39 +119,87 @@ struct FastExp {
   Acc operator()(Acc x) const { return fast_exp(x); }
 };
 
-// KD for one row in the cancellation-free form of kernels/scalar_math.h: lse_t with the q-mean c of x, lse_s,
-// Delta - c refined from the mass excess where it is small (<= 1/2, where the refinement cannot overflow), then
-// the KL terms and the gradient T w (p - q).
+// One softmax's running statistics over a row taken a chunk at a time: the max so far and sum_j w_j relative to it,
+// with (optionally) a second sum of terms scaled like w_j (KD's sum_j w_j x_j). A chunk that raises the max rescales
+// both sums once, by e^(old max - new max) (0 from an old max of -inf); chunks while the max is still -inf add
+// nothing (their terms are 0 against any later finite max, and a row that stays at -inf is handled by the caller).
+template <typename Acc>
+struct OnlineSoftmax {
+  Acc max = neg_inf<Acc>();
+  Acc sum = 0;
+  Acc weighted = 0;
+
+  // Raises the max to chunk_max; whether the chunk's terms are to be added.
+  bool raise(Acc chunk_max) {
+    const Acc m = std::max(max, chunk_max);
+    if (m == neg_inf<Acc>()) return false;
+    if (m > max) {
+      const Acc f = fast_exp(max - m);
+      sum *= f;
+      weighted *= f;
+      max = m;
+    }
+    return true;
+  }
+};
+
+// KD for one row in the cancellation-free form of kernels/scalar_math.h: one pass for lse_t, lse_s and the q-mean c
+// of x (online maxima, each chunk read once), Delta - c refined from the mass excess where it is small (<= 1/2,
+// where the refinement cannot overflow), then one pass for the KL terms and the gradient T w (p - q).
 template <typename Acc, typename TS, typename TT>
 void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, Acc weight, TS* grad) {
   const Acc inv_temp = Acc(1) / temperature;
   const FastExp e;
   auto x = [&](int64_t j) { return (static_cast<Acc>(s[j]) - static_cast<Acc>(t[j])) * inv_temp; };
-  const Acc max_t = max_over<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; });
-  auto weight_t = [&](int64_t j) { return fast_exp(static_cast<Acc>(t[j]) * inv_temp - max_t); };
-  const Acc sum_t = sum_mapped<Acc>(cols, weight_t);
-  const Acc lse_t = max_t + std::log(sum_t);
-  const Acc c = sum_mapped<Acc>(cols, [&](int64_t j) { return kd_shift_term(weight_t(j), x(j)); }) / sum_t;
-  const Acc lse_s = logsumexp<Acc>(cols, [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp; });
-  auto log_q = [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp - lse_t; };
+  auto t_scaled = [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; };
+  auto s_scaled = [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp; };
+  OnlineSoftmax<Acc> q_stats, p_stats;  // q_stats.weighted: c's numerator sum_j w_j x_j
+  Acc terms[kRowChunk];
+  for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
+    const int64_t w = std::min(kRowChunk, cols - j0);
+    if (q_stats.raise(max_over<Acc>(w, [&](int64_t j) { return t_scaled(j0 + j); }))) {
+      for (int64_t j = 0; j < w; ++j) terms[j] = fast_exp(t_scaled(j0 + j) - q_stats.max);
+      q_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
+      for (int64_t j = 0; j < w; ++j) terms[j] = kd_shift_term(terms[j], x(j0 + j));
+      q_stats.weighted += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
+    }
+    if (p_stats.raise(max_over<Acc>(w, [&](int64_t j) { return s_scaled(j0 + j); }))) {
+      for (int64_t j = 0; j < w; ++j) terms[j] = fast_exp(s_scaled(j0 + j) - p_stats.max);
+      p_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
+    }
+  }
+  // A teacher row of -inf only has no softmax: NaN, as e^(-inf - -inf) gives. A student row of -inf only has
+  // lse_s = -inf.
+  const Acc sum_t = q_stats.max == neg_inf<Acc>() ? std::numeric_limits<Acc>::quiet_NaN() : q_stats.sum;
+  const Acc lse_t = q_stats.max + std::log(sum_t);
+  const Acc c = q_stats.weighted / sum_t;
+  const Acc lse_s = p_stats.max == neg_inf<Acc>() ? p_stats.max : p_stats.max + std::log(p_stats.sum);
+  auto log_q = [&](int64_t j) { return t_scaled(j) - lse_t; };
   Acc d = lse_s - lse_t - c;  // Delta - c
   if (kd_small(d)) {
     d = log1p_acc(sum_mapped<Acc>(cols, [&](int64_t j) {
-      return kd_mass_excess(x(j) - c, log_q(j), static_cast<Acc>(s[j]) * inv_temp - lse_t - c, e);
+      return kd_mass_excess(x(j) - c, log_q(j), s_scaled(j) - lse_t - c, e);
     }));
   }
   // log p from lse_s itself: lse_t + c + d equals it but rounds like its largest part, which at a small temperature
   // (|lse| ~ 1e9) is an absolute error of tens, and exp of it wrong by as many orders of magnitude.
-  auto log_p = [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp - lse_s; };
-  const Acc kl = sum_mapped<Acc>(cols, [&](int64_t j) { return kd_kl_term(log_q(j), x(j) - c - d, log_p(j), e); });
-  *loss = temperature * temperature * kl;
-  if (grad) {
-    const Acc g = weight * temperature;
-    for (int64_t j = 0; j < cols; ++j) {
-      const Acc diff = kd_prob_difference(log_q(j), x(j) - c - d, log_p(j), e);
-      grad[j] = static_cast<TS>(g * diff);
+  auto log_p = [&](int64_t j) { return s_scaled(j) - lse_s; };
+  auto kl_term = [&](int64_t j) { return kd_kl_term(log_q(j), x(j) - c - d, log_p(j), e); };
+  const Acc g = weight * temperature;
+  Acc kl = 0;
+  for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
+    const int64_t w = std::min(kRowChunk, cols - j0);
+    if (grad) {  // one loop for both: the exps of log q and log p are shared by the KL term and p - q
+      for (int64_t j = j0; j < j0 + w; ++j) {
+        terms[j - j0] = kl_term(j);
+        grad[j] = static_cast<TS>(g * kd_prob_difference(log_q(j), x(j) - c - d, log_p(j), e));
+      }
+    } else {
+      for (int64_t j = 0; j < w; ++j) terms[j] = kl_term(j0 + j);
     }
+    kl += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
   }
+  *loss = temperature * temperature * kl;
 }
 
 template <typename Acc>
