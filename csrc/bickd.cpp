@@ -147,16 +147,8 @@ class BicKDPass {
     engine.run(
         anchor_rows, candidate_rows,
         [&](at::Tensor& z, int64_t r0, int64_t rows) {
-          EpilogueParams<Acc> p{};
-          p.strip = z.data_ptr<Acc>();
-          p.row0 = r0;
-          p.rows = rows;
-          p.cols = anchors;
-          p.scale = inv_tau_;
-          p.valid = valid;
-          p.loss = terms.data_ptr<Acc>();
-          p.weight = w.defined() ? w.const_data_ptr<Acc>() : nullptr;
-          k_.contrastive_epilogue(p);
+          k_.contrastive_epilogue(strip_epilogue<Acc>(z, r0, rows, inv_tau_, valid, terms,
+                                                       w.defined() ? w.const_data_ptr<Acc>() : nullptr));
         },
         !w.defined() ? GradientInto::None : student_anchors ? GradientInto::Anchors : GradientInto::Candidates,
         target);

@@ -103,17 +103,10 @@ struct Ckd {
     engine.run(
         operand(in.teacher, anchor_buffer), operand(in.student, candidate_buffer),
         [&](at::Tensor& z, int64_t r0, int64_t rows) {
-          EpilogueParams<Acc> p{};
-          p.strip = z.data_ptr<Acc>();
-          p.row0 = r0;
-          p.rows = rows;
-          p.cols = N;
-          p.scale = inv_tau;
+          EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau, in.valid(), row_loss,
+                                                       want_grad ? weight.const_data_ptr<Acc>() : nullptr);
           p.row_scale = inv_t.data_ptr<Acc>();
           p.col_scale = inv_s.data_ptr<Acc>();
-          p.valid = in.valid();
-          p.loss = row_loss.data_ptr<Acc>();
-          p.weight = want_grad ? weight.const_data_ptr<Acc>() : nullptr;
           k.contrastive_epilogue(p);
         },
         want_grad && !plan.whole ? GradientInto::Candidates : GradientInto::None,

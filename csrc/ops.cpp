@@ -91,6 +91,13 @@ PYBIND11_MODULE(_C, module) {
                                                             : throw std::invalid_argument("strip_plan: unknown device " + device);
         const auto acc = scalar == at::kDouble ? at::kDouble : at::kFloat;
         pybind11::dict out;
+        auto counts = [&out](const auto& plan) {  // what both plan types report
+          out["gemms"] = plan.gemms;
+          out["gemm_flops"] = plan.gemm_flops;
+          out["launches"] = plan.launches;
+          out["min_gemm_dim"] = plan.min_gemm_dim;
+          out["transient_bytes"] = plan.transient_bytes;
+        };
         ckd::PlanInputs p;
         p.rows = rows;
         p.cols = cols;
@@ -107,11 +114,7 @@ PYBIND11_MODULE(_C, module) {
           out["sample_block"] = plan.sample_block;
           out["class_strip"] = plan.class_strip;
           out["class_block"] = plan.class_block;
-          out["gemms"] = plan.gemms;
-          out["gemm_flops"] = plan.gemm_flops;
-          out["launches"] = plan.launches;
-          out["min_gemm_dim"] = plan.min_gemm_dim;
-          out["transient_bytes"] = plan.transient_bytes;
+          counts(plan);
           return out;
         }
         const ckd::Gemm gemm(scalar, acc, kind);
@@ -124,11 +127,7 @@ PYBIND11_MODULE(_C, module) {
         out["strip"] = plan.strip;
         out["operand_block"] = plan.operand_block;
         out["output_block"] = plan.output_block;
-        out["gemms"] = plan.gemms;
-        out["gemm_flops"] = plan.gemm_flops;
-        out["launches"] = plan.launches;
-        out["min_gemm_dim"] = plan.min_gemm_dim;
-        out["transient_bytes"] = plan.transient_bytes;
+        counts(plan);
         out["tensor_cores"] = plan.gemms > 0 && gemm.tensor_cores();
         return out;
       },

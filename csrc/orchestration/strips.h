@@ -9,6 +9,7 @@
 
 #include <functional>
 
+#include "kernels/types.h"
 #include "orchestration/gemm.h"
 
 namespace ckd {
@@ -23,6 +24,24 @@ struct StripWalk {
 };
 
 enum class GradientInto { None, Anchors, Candidates };
+
+// The epilogue of strip z (anchors r0 .. r0 + rows - 1 against every candidate): loss terms into `loss`, and
+// coefficients in place where `weight` is given. The row and column scales stay null (operands already normalised)
+// unless the caller sets them.
+template <typename Acc>
+EpilogueParams<Acc> strip_epilogue(at::Tensor& z, int64_t r0, int64_t rows, Acc scale, const bool* valid,
+                                   at::Tensor& loss, const Acc* weight) {
+  EpilogueParams<Acc> p{};
+  p.strip = z.data_ptr<Acc>();
+  p.row0 = r0;
+  p.rows = rows;
+  p.cols = z.size(1);
+  p.scale = scale;
+  p.valid = valid;
+  p.loss = loss.data_ptr<Acc>();
+  p.weight = weight;
+  return p;
+}
 
 class StripEngine {
  public:
