@@ -31,11 +31,24 @@ def with_workspace(nbytes, run):
         ckd_ext.set_workspace_bytes(saved or None)
 
 
-def issued(op, student, teacher, mask, emulated):
-    """(GEMMs, kernel launches or None) of one forward computing loss and gradient."""
-    gemms, launches = ext.gemm_calls(), testing.emulated_launch_count() if emulated else 0
-    op()
-    return ext.gemm_calls() - gemms, (testing.emulated_launch_count() - launches) if emulated else None
+def assert_issues_the_plan(op, backend, workspace, plan):
+    """One call of `op` (a forward computing loss and gradient) under `workspace` on `backend` issues the plan's
+    GEMMs and, under the emulator, its kernel launches."""
+    emulated = backend == "emulated"
+
+    def run():
+        gemms, launches = ext.gemm_calls(), testing.emulated_launch_count() if emulated else 0
+        if emulated:
+            with testing.emulated_cuda():
+                op()
+        else:
+            op()
+        return ext.gemm_calls() - gemms, (testing.emulated_launch_count() - launches) if emulated else None
+
+    gemms, launches = with_workspace(workspace, run)
+    assert gemms == plan["gemms"], plan
+    if launches is not None:
+        assert launches == plan["launches"], plan
 
 
 CASES = [  # (N, C, workspace): whole matrix at 64 KiB and 16 KiB (several operand blocks for fp32 copies), strips
@@ -54,18 +67,9 @@ def test_ckd_plan_counts_what_a_call_issues(backend, anchor, dtype, masked, n, c
     mask = random_mask((n,), seed=3) if masked else None
     plan = ext.strip_plan(f"ckd_{anchor}", n, c, DTYPE_NAMES[dtype], backend, workspace, masked=masked)
 
-    def run():
-        def op():
-            return torch.ops.ckd_ext.ckd_forward(student, teacher, mask, 0.5, anchor, "mean", True)
-        if backend == "emulated":
-            with testing.emulated_cuda():
-                return issued(op, student, teacher, mask, True)
-        return issued(op, student, teacher, mask, False)
-
-    gemms, launches = with_workspace(workspace, run)
-    assert gemms == plan["gemms"], plan
-    if launches is not None:
-        assert launches == plan["launches"], plan
+    assert_issues_the_plan(
+        lambda: torch.ops.ckd_ext.ckd_forward(student, teacher, mask, 0.5, anchor, "mean", True), backend, workspace,
+        plan)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "emulated"])
@@ -77,18 +81,9 @@ def test_bickd_plan_counts_what_a_call_issues(backend, symmetric, n, c, workspac
     student, teacher = pair(n, c, seed=5, dtype=torch.float32)
     plan = ext.strip_plan("bickd", n, c, "float32", backend, workspace, symmetric=symmetric)
 
-    def run():
-        def op():
-            return torch.ops.ckd_ext.bickd_forward(student, teacher, None, 4.0, 0.1, 1.0, 1.0, symmetric, "mean", True)
-        if backend == "emulated":
-            with testing.emulated_cuda():
-                return issued(op, student, teacher, None, True)
-        return issued(op, student, teacher, None, False)
-
-    gemms, launches = with_workspace(workspace, run)
-    assert gemms == plan["gemms"], plan
-    if launches is not None:
-        assert launches == plan["launches"], plan
+    assert_issues_the_plan(
+        lambda: torch.ops.ckd_ext.bickd_forward(student, teacher, None, 4.0, 0.1, 1.0, 1.0, symmetric, "mean", True),
+        backend, workspace, plan)
 
 
 # The GPU benchmark shapes (bf16 token batches) with the CUDA default workspace of an 80 GiB device (4 GiB) and the

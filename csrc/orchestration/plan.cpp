@@ -52,6 +52,17 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
     if (!in.operands_are_inputs && in.operand_bytes == in.acc_bytes) n.launches += count;
   };
   if (plan.whole) plan.output_block = in.grad_in_acc ? N : balanced(N, rows_within(rest / 2, acc_row, N));
+  // The whole-matrix gradient, either anchor: per output block, its products over the operand blocks, then the
+  // normalisation backward.
+  auto output_blocks = [&] {
+    for_blocks(N, plan.output_block, [&](int64_t out_rows) {
+      for_blocks(N, plan.operand_block, [&](int64_t kb) {
+        copy(1);
+        n.gemm(out_rows, C, kb, products);
+      });
+      n.launches += 1;
+    });
+  };
 
   if (!student_anchor) {
     if (in.operands_are_inputs) {
@@ -74,13 +85,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
     });
     if (in.want_grad) {
       if (plan.whole) {
-        for_blocks(N, plan.output_block, [&](int64_t out_rows) {
-          for_blocks(N, plan.operand_block, [&](int64_t kb) {
-            copy(1);
-            n.gemm(out_rows, C, kb, products);
-          });
-          n.launches += 1;  // normalize_backward
-        });
+        output_blocks();
       } else {
         n.launches += 1;
       }
@@ -116,13 +121,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
     if (in.want_grad) {
       if (plan.whole) {
         walk_tiles([&](int64_t, int64_t, bool) { n.launches += 1; });  // coefficients, tiles in place
-        for_blocks(N, plan.output_block, [&](int64_t out_rows) {
-          for_blocks(N, plan.operand_block, [&](int64_t kb) {
-            copy(1);
-            n.gemm(out_rows, C, kb, products);
-          });
-          n.launches += 1;  // normalize_backward
-        });
+        output_blocks();
       } else {
         walk_tiles([&](int64_t ri, int64_t rj, bool diagonal) {
           if (!single_tile) {  // recomputed
