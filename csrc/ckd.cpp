@@ -70,55 +70,117 @@ struct Ckd {
                          static_cast<char*>(grad.data_ptr()) + r0 * C * grad.element_size());
   }
 
-  // Whole-matrix gradient: d rows J = coef[J, :] @ rows(x) by output blocks, each finished into the gradient.
-  // coef_rows(J0, n) gives the (n x N) coefficient rows of the output rows J.
-  template <typename CoefRows>
-  void gradient_by_output_blocks(const at::Tensor& x, CoefRows&& coef_rows, const at::Tensor& extra_coef) {
+  // The gradient by output blocks of rows J (whole and recompute plans): d_J = sum over blocks K of the product rows
+  // coef(J, K) @ rows_K(x), finished into the gradient. coef_block(o0, n, k0, kb, rows_K) gives the (n x kb)
+  // coefficients of output rows [o0, o0 + n) against rows [k0, k0 + kb), whose operand rows it is handed.
+  template <typename CoefBlock>
+  void gradient_by_output_blocks(const at::Tensor& x, CoefBlock&& coef_block, const at::Tensor& extra_coef) {
     WorkBuffer out_buffer(acc_options), rows_buffer(operand_options);
     const OperandRows rows = operand(x, rows_buffer);
+    const bool one_block = plan.gradient_block >= N;
+    const at::Tensor all_rows = one_block ? rows(0, N) : at::Tensor();
     for (int64_t o0 = 0; o0 < N; o0 += plan.output_block) {
       const int64_t n = std::min(plan.output_block, N - o0);
       at::Tensor d = in.student.scalar_type() == acc_type<Acc>() ? grad.narrow(0, o0, n) : out_buffer.view(n, C);
-      const at::Tensor coef = coef_rows(o0, n);
-      for (int64_t k0 = 0; k0 < N; k0 += plan.operand_block) {
-        const int64_t kb = std::min(plan.operand_block, N - k0);
-        gemm.product(d, coef.narrow(1, k0, kb), rows(k0, kb), /*accumulate=*/k0 > 0);
+      for (int64_t k0 = 0; k0 < N; k0 += plan.gradient_block) {
+        const int64_t kb = std::min(plan.gradient_block, N - k0);
+        const at::Tensor rows_k = one_block ? all_rows : rows(k0, kb);
+        gemm.product(d, coef_block(o0, n, k0, kb, rows_k), rows_k, /*accumulate=*/k0 > 0);
       }
       finish_rows(d, o0, n, extra_coef);
     }
   }
 
+  // The student's output rows [o0, o0 + n) as the recomputed similarities' operand, loaded once per output block:
+  // part of the product rows when those are the student's, all loaded (one block), else a copy.
+  struct OutputRows {
+    Ckd& ckd;
+    bool from_product_rows;
+    WorkBuffer buffer;
+    int64_t loaded = -1;
+    at::Tensor rows;
+    const at::Tensor& get(int64_t o0, int64_t n, const at::Tensor& rows_k) {
+      if (from_product_rows) return rows = rows_k.narrow(0, o0, n);
+      if (loaded != o0) rows = ckd.operand(ckd.in.student, buffer)(o0, n), loaded = o0;
+      return rows;
+    }
+  };
+  OutputRows output_rows(bool student_products) {
+    return {*this, student_products && plan.gradient_block >= N, WorkBuffer(operand_options)};
+  }
+
   at::Tensor accumulator() {
-    return in.student.scalar_type() == acc_type<Acc>() ? grad.zero_() : at::zeros({N, C}, acc_options);
+    TORCH_INTERNAL_ASSERT(in.student.scalar_type() == acc_type<Acc>(), "ckd: only a gradient in acc accumulates");
+    return grad.zero_();
   }
 
   // Teacher anchors: z_ij = <u_i, v_j> / tau over the student rows j (the released code's form).
   void teacher_anchor(const at::Tensor& weight, at::Tensor& row_loss) {
     const bool want_grad = grad.defined();
-    const StripWalk walk{N, N, plan.strip, plan.operand_block};
-    const at::Tensor storage = at::empty({plan.whole ? N : plan.strip, N}, acc_options);
-    WorkBuffer anchor_buffer(operand_options), candidate_buffer(operand_options);
-    at::Tensor d = want_grad && !plan.whole ? accumulator() : at::Tensor();
-    StripEngine engine(gemm, walk, storage);
-    engine.run(
-        operand(in.teacher, anchor_buffer), operand(in.student, candidate_buffer),
-        [&](at::Tensor& z, int64_t r0, int64_t rows) {
-          EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau, in.valid(), row_loss,
-                                                       want_grad ? weight.const_data_ptr<Acc>() : nullptr);
-          p.row_scale = inv_t.data_ptr<Acc>();
-          p.col_scale = inv_s.data_ptr<Acc>();
-          k.contrastive_epilogue(p);
-        },
-        want_grad && !plan.whole ? GradientInto::Candidates : GradientInto::None,
-        [&](int64_t, int64_t) { return d; });
+    const bool accumulate = want_grad && !plan.whole && !plan.recompute;
+    at::Tensor storage = at::empty({plan.whole ? N : plan.strip, N}, acc_options);
+    at::Tensor d = accumulate ? accumulator() : at::Tensor();
+    {
+      const StripWalk walk{N, N, plan.strip, plan.operand_block};
+      WorkBuffer anchor_buffer(operand_options), candidate_buffer(operand_options);
+      StripEngine engine(gemm, walk, storage);
+      const bool coefficients = want_grad && !plan.recompute;
+      engine.run(
+          operand(in.teacher, anchor_buffer), operand(in.student, candidate_buffer),
+          [&](at::Tensor& z, int64_t r0, int64_t rows) {
+            EpilogueParams<Acc> p = strip_epilogue<Acc>(z, r0, rows, inv_tau, in.valid(), row_loss,
+                                                         coefficients ? weight.const_data_ptr<Acc>() : nullptr);
+            p.row_scale = inv_t.data_ptr<Acc>();
+            p.col_scale = inv_s.data_ptr<Acc>();
+            k.contrastive_epilogue(p);
+          },
+          accumulate ? GradientInto::Candidates : GradientInto::None, [&](int64_t, int64_t) { return d; });
+    }
     if (!want_grad) return;
     if (plan.whole) {
       // Output rows J are candidates: their coefficients are the columns J of the anchors' strips.
-      gradient_by_output_blocks(in.teacher, [&](int64_t o0, int64_t n) { return storage.narrow(1, o0, n).t(); },
-                                at::Tensor());
+      gradient_by_output_blocks(
+          in.teacher,
+          [&](int64_t o0, int64_t n, int64_t k0, int64_t kb, const at::Tensor&) {
+            return storage.narrow(0, k0, kb).narrow(1, o0, n).t();
+          },
+          at::Tensor());
+    } else if (plan.recompute) {
+      storage = at::Tensor();  // the first pass's strip: the recompute's buffers take its place
+      teacher_anchor_recompute(weight, row_loss);
     } else {
       finish_rows(d, 0, N, at::Tensor());
     }
+  }
+
+  // The recompute plan's gradient for teacher anchors: per output block J of student rows and block K of anchors,
+  // z_KJ = u_K v_J^T again, its coefficients from the anchors' log-sum-exps lse_i = z_ii + loss_i; the positive's
+  // coefficient w_i (pi_ii - 1) = -w_i sigmoid(d_i) = w_i expm1(-loss_i) (loss_i = softplus(d_i)) goes through the
+  // normalisation backward's extra term, as for student anchors.
+  void teacher_anchor_recompute(const at::Tensor& weight, const at::Tensor& row_loss) {
+    at::Tensor positive = at::empty({N}, acc_options);
+    k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
+    positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
+    const at::Tensor lse = positive + row_loss;
+    at::Tensor positive_coef = at::expm1(-row_loss).mul_(weight).mul_(inv_tau).mul_(inv_t).mul_(inv_s);
+    if (in.mask.defined()) positive_coef.masked_fill_(in.mask.logical_not(), 0);
+    WorkBuffer coef_buffer(acc_options);
+    OutputRows outputs = output_rows(/*student_products=*/false);
+    gradient_by_output_blocks(
+        in.teacher,
+        [&](int64_t o0, int64_t n, int64_t k0, int64_t kb, const at::Tensor& rows_k) {
+          at::Tensor z = coef_buffer.view(kb, n);
+          gemm.similarity(z, rows_k, outputs.get(o0, n, rows_k));
+          at::Tensor unused_loss;
+          EpilogueParams<Acc> p = strip_epilogue<Acc>(z, k0, kb, inv_tau, in.valid(), unused_loss,
+                                                       weight.const_data_ptr<Acc>());
+          p.col0 = o0;
+          p.row_scale = inv_t.data_ptr<Acc>();
+          p.col_scale = inv_s.data_ptr<Acc>();
+          k.contrastive_coefficients(p, lse.const_data_ptr<Acc>());
+          return z.t();
+        },
+        positive_coef);
   }
 
   // Student anchors: z_ij = <v_i, v_j> / tau for j != i and the positive <u_i, v_i> / tau in place of z_ii. That
@@ -131,7 +193,7 @@ struct Ckd {
     positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
 
     const int64_t t = plan.strip;
-    const at::Tensor storage = at::empty({plan.whole ? N : t, plan.whole ? N : t}, acc_options);
+    at::Tensor storage = at::empty({plan.whole ? N : t, plan.whole ? N : t}, acc_options);
     WorkBuffer row_buffer(operand_options), col_buffer(operand_options);
     const OperandRows rows_i = operand(in.student, row_buffer), rows_j = operand(in.student, col_buffer);
     const bool single_tile = t >= N;
@@ -174,6 +236,25 @@ struct Ckd {
     // coefficient of the raw t_i in d_i = dv_i / |s_i|.
     at::Tensor positive_coef = at::sigmoid(d).mul_(weight).mul_(-inv_tau).mul_(inv_t).mul_(inv_s);
     if (in.mask.defined()) positive_coef.masked_fill_(in.mask.logical_not(), 0);
+    if (plan.recompute) {
+      storage = at::Tensor();  // the first pass's buffers: the recompute's take their place
+      row_buffer.release();
+      col_buffer.release();
+      WorkBuffer coef_buffer(acc_options);
+      OutputRows outputs = output_rows(/*student_products=*/true);
+      gradient_by_output_blocks(
+          in.student,
+          [&](int64_t o0, int64_t n, int64_t k0, int64_t kb, const at::Tensor& rows_k) {
+            at::Tensor z = coef_buffer.view(n, kb);
+            gemm.similarity(z, outputs.get(o0, n, rows_k), rows_k);
+            const SymmetricTile<Acc> tile{z.data_ptr<Acc>(), kb, o0, n, k0, kb, inv_tau, inv_s.data_ptr<Acc>(),
+                                          in.valid()};
+            k.symmetric_tile_coefficients(tile, lse.const_data_ptr<Acc>(), weight.const_data_ptr<Acc>());
+            return z;
+          },
+          positive_coef);
+      return;
+    }
     in_place = plan.whole || single_tile;
     if (plan.whole) {
       for_each_tile([&](const SymmetricTile<Acc>& tile, const at::Tensor&, const at::Tensor&, at::Tensor& z) {
@@ -181,8 +262,12 @@ struct Ckd {
         // The lower triangle is the upper's transpose: the output blocks read whole rows.
         if (tile.row0 != tile.col0) storage.narrow(0, tile.col0, tile.cols).narrow(1, tile.row0, tile.rows).copy_(z.t());
       });
-      gradient_by_output_blocks(in.student, [&](int64_t o0, int64_t n) { return storage.narrow(0, o0, n); },
-                                positive_coef);
+      gradient_by_output_blocks(
+          in.student,
+          [&](int64_t o0, int64_t n, int64_t k0, int64_t kb, const at::Tensor&) {
+            return storage.narrow(0, o0, n).narrow(1, k0, kb);
+          },
+          positive_coef);
       return;
     }
     at::Tensor acc = accumulator();

@@ -126,7 +126,9 @@ PYBIND11_MODULE(_C, module) {
         out["whole"] = plan.whole;
         out["strip"] = plan.strip;
         out["operand_block"] = plan.operand_block;
+        out["recompute"] = plan.recompute;
         out["output_block"] = plan.output_block;
+        out["gradient_block"] = plan.gradient_block;
         counts(plan);
         out["tensor_cores"] = plan.gemms > 0 && gemm.tensor_cores();
         return out;

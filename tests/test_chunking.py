@@ -111,6 +111,42 @@ def test_whole_matrix_by_output_blocks(anchor, backend, dtype, masked):
     with_workspace(WHOLE_BUDGET, run)
 
 
+RECOMPUTE_BUDGET = 6 << 10  # N = 40, C = 24: the 6400-byte matrix is not whole; several output and operand blocks
+
+
+@pytest.mark.parametrize("anchor", ["student", "teacher"])
+@pytest.mark.parametrize("backend", ["cpu", "emulated"])
+@pytest.mark.parametrize("dtype,masked,reduction", [(torch.bfloat16, False, "mean"), (torch.float16, True, "mean"),
+                                                    (torch.bfloat16, True, "none")])
+def test_recomputed_gradient_by_output_blocks(anchor, backend, dtype, masked, reduction):
+    """16-bit inputs whose N x N matrix does not fit: the first pass keeps each row's log-sum-exp and the gradient is
+    computed by output blocks, their similarities recomputed against every operand block (the plan's "recompute"
+    mode, orchestration/plan.h), with no fp32 N x C buffer. "none" recomputes it in backward with per-anchor
+    weights. The tolerance is the suite's (helpers.tolerance): recomputing a similarity rounds it as the first pass
+    did, so the error model is that of the other modes."""
+    if backend == "emulated" and not testing.emulated_available():
+        pytest.skip("the emulated CUDA backend is not built")
+    n, c = 40, 24
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend, RECOMPUTE_BUDGET, masked)
+    assert p["recompute"] and not p["whole"], p
+    assert p["output_block"] < n, p
+    assert p["transient_bytes"] <= RECOMPUTE_BUDGET, p
+    if backend == "cpu" or masked:
+        assert p["gradient_block"] < n, p
+    student, teacher = pair(n, c, seed=13)
+    mask = random_mask(n, seed=5) if masked else None
+    config = f"ckd_{anchor}"
+
+    def run():
+        if backend == "emulated":
+            with testing.emulated_cuda():
+                check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
+        else:
+            check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
+
+    with_workspace(RECOMPUTE_BUDGET, run)
+
+
 def test_workspace_none_returns_to_the_device_defaults():
     ext = ckd_ext.require_extension()
     saved = ext.workspace_setting()

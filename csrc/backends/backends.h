@@ -31,7 +31,7 @@ struct EmulatedBackendTable {
   KernelBackend<double>& (*double_backend)();
 };
 // Bump whenever KernelBackend, EpilogueParams or SymmetricTile change layout.
-constexpr int64_t kEmulatedBackendAbi = 6;
+constexpr int64_t kEmulatedBackendAbi = 7;
 constexpr const char* kEmulatedBackendCapsule = "ckd_ext._emulated.backend_table";
 
 }  // namespace ckd

@@ -42,6 +42,11 @@ class KernelBackend {
                          const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
                          Acc* out) = 0;
   virtual void contrastive_epilogue(const EpilogueParams<Acc>& p) = 0;
+  // In place, a block of raw similarities (anchors p.row0.., candidates p.col0..) whose anchors' full log-sum-exps
+  // lse[i] (positive included) a first pass found: the epilogue's coefficients weight[i] pi_ij * scale * row_scale[i]
+  // * col_scale[j] for j != i, 0 on the diagonal and in masked rows and columns (the positive's coefficient is the
+  // orchestration's, as for symmetric_tile_coefficients). p.loss is not read.
+  virtual void contrastive_coefficients(const EpilogueParams<Acc>& p, const Acc* lse) = 0;
   // Merges the tile's max-shifted exp-sums of the negatives (the diagonal excluded) into the running
   // (row_max, row_sum) of every row it touches: rows i over columns j and, for an off-diagonal tile, rows j over
   // columns i.

@@ -37,7 +37,8 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
 
 // Parameters of the contrastive epilogue, which turns one strip of raw similarities (rows = anchors
 // row0 .. row0+rows-1, columns = every candidate, row-major with leading dimension cols) into per-anchor losses
-// and, in place, gradient coefficients. The positive of anchor i sits in column i.
+// and, in place, gradient coefficients. The positive of anchor i sits in column i. The same parameters describe a
+// block of candidates col0 .. col0+cols-1 for contrastive_coefficients, whose anchors' log-sum-exps are known.
 //   z_ij  = strip_ij * scale * row_scale[i] * col_scale[j]     (-inf where !valid[j])
 //   loss_i = LSE_j z_ij - z_ii                   (0 where !valid[i]), as softplus(LSE_{j != i} z_ij - z_ii)
 //   coef_ij = weight[i] * (softmax_j(z_i.)_j - delta_ij) * scale * row_scale[i] * col_scale[j], the positive's
@@ -51,6 +52,7 @@ struct EpilogueParams {
   int64_t row0;     // global index of the strip's first anchor
   int64_t rows;
   int64_t cols;     // number of candidates
+  int64_t col0;     // global index of the first candidate: 0 for a whole strip (contrastive_epilogue)
   Acc scale;        // 1 / tau
   const Acc* row_scale;  // indexed by global anchor index
   const Acc* col_scale;

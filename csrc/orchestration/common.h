@@ -67,6 +67,7 @@ class WorkBuffer {
  public:
   explicit WorkBuffer(const at::TensorOptions& options) : options_(options) {}
   at::Tensor view(int64_t rows, int64_t cols);
+  void release() { storage_ = at::Tensor(); }
 
  private:
   at::TensorOptions options_;

@@ -42,27 +42,19 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
   plan.student_anchor = student_anchor;
   const int64_t matrix_bytes = N * N * in.acc_bytes;
   plan.whole = in.want_grad && matrix_bytes <= W / 2;
+  plan.recompute = in.want_grad && !plan.whole && !in.grad_in_acc;
+  const bool accumulate = in.want_grad && !plan.whole && !plan.recompute;
   const int64_t rest = plan.whole ? W - matrix_bytes : W;
   const int64_t operand_row = C * in.operand_bytes, acc_row = C * in.acc_bytes;
   const int64_t products = in.tensor_cores ? 2 : 1;
   Counter n;
-  // Setup: both inverse norms (and the positives' dot products for student anchors).
-  n.launches += student_anchor ? 3 : 2;
+  // Setup: both inverse norms (and the positives' dot products for student anchors, or for the recomputed
+  // coefficients of teacher anchors).
+  n.launches += student_anchor || plan.recompute ? 3 : 2;
   auto copy = [&](int64_t count) {  // an operand block copied: one load_rows launch where acc is the operand dtype
     if (!in.operands_are_inputs && in.operand_bytes == in.acc_bytes) n.launches += count;
   };
-  if (plan.whole) plan.output_block = in.grad_in_acc ? N : balanced(N, rows_within(rest / 2, acc_row, N));
-  // The whole-matrix gradient, either anchor: per output block, its products over the operand blocks, then the
-  // normalisation backward.
-  auto output_blocks = [&] {
-    for_blocks(N, plan.output_block, [&](int64_t out_rows) {
-      for_blocks(N, plan.operand_block, [&](int64_t kb) {
-        copy(1);
-        n.gemm(out_rows, C, kb, products);
-      });
-      n.launches += 1;
-    });
-  };
+  int64_t first_pass_bytes = 0;
 
   if (!student_anchor) {
     if (in.operands_are_inputs) {
@@ -81,17 +73,10 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
         n.gemm(rows, kb, C);
       });
       n.launches += 1;  // epilogue
-      if (in.want_grad && !plan.whole) n.gemm(N, C, rows, products);
+      if (accumulate) n.gemm(N, C, rows, products);
     });
-    if (in.want_grad) {
-      if (plan.whole) {
-        output_blocks();
-      } else {
-        n.launches += 1;
-      }
-    }
-    plan.transient_bytes = (plan.whole ? matrix_bytes : plan.strip * N * in.acc_bytes) +
-                           (in.operands_are_inputs ? 0 : (plan.strip + plan.operand_block) * operand_row);
+    first_pass_bytes = (plan.whole ? matrix_bytes : plan.strip * N * in.acc_bytes) +
+                       (in.operands_are_inputs ? 0 : (plan.strip + plan.operand_block) * operand_row);
   } else {
     const int64_t side = in.gpu ? 2048 : 1024;
     if (plan.whole) {
@@ -118,30 +103,65 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
       n.gemm(ri, rj, C);
       n.launches += diagonal ? 1 : 2;
     });
-    if (in.want_grad) {
-      if (plan.whole) {
-        walk_tiles([&](int64_t, int64_t, bool) { n.launches += 1; });  // coefficients, tiles in place
-        output_blocks();
-      } else {
-        walk_tiles([&](int64_t ri, int64_t rj, bool diagonal) {
-          if (!single_tile) {  // recomputed
-            copy(diagonal ? 1 : 0);
-            if (!diagonal) copy(1);
-            n.gemm(ri, rj, C);
-          }
-          n.launches += 1;  // coefficients
-          n.gemm(ri, C, rj, products);
-          if (!diagonal) n.gemm(rj, C, ri, products);
-        });
-        n.launches += 1;
-      }
+    if (plan.whole) {
+      walk_tiles([&](int64_t, int64_t, bool) { n.launches += 1; });  // coefficients, tiles in place
+    } else if (accumulate) {
+      walk_tiles([&](int64_t ri, int64_t rj, bool diagonal) {
+        if (!single_tile) {  // recomputed
+          copy(diagonal ? 1 : 0);
+          if (!diagonal) copy(1);
+          n.gemm(ri, rj, C);
+        }
+        n.launches += 1;  // coefficients
+        n.gemm(ri, C, rj, products);
+        if (!diagonal) n.gemm(rj, C, ri, products);
+      });
     }
-    const int64_t tile_bytes = plan.whole ? matrix_bytes : plan.strip * plan.strip * in.acc_bytes;
-    plan.transient_bytes = tile_bytes + (in.operands_are_inputs ? 0 : 2 * plan.strip * operand_row);
+    first_pass_bytes = (plan.whole ? matrix_bytes : plan.strip * plan.strip * in.acc_bytes) +
+                       (in.operands_are_inputs ? 0 : 2 * plan.strip * operand_row);
   }
-  if (in.want_grad && plan.whole && !in.grad_in_acc) plan.transient_bytes += plan.output_block * acc_row;
-  // Without a whole matrix, the gradient accumulates in acc over N x C: the gradient itself, or a buffer.
-  if (in.want_grad && !plan.whole && !in.grad_in_acc) plan.transient_bytes += N * acc_row;
+
+  // The gradient by output blocks (whole, recompute): per output block, its products over the gradient blocks (each
+  // recomputed first: similarities, coefficients), then the normalisation backward into the gradient.
+  int64_t gradient_bytes = 0;
+  if (plan.whole || plan.recompute) {
+    const int64_t d_row = in.grad_in_acc ? 0 : acc_row;  // an output block's d, unless the gradient's own rows
+    plan.gradient_block = plan.whole ? plan.operand_block
+                          : in.operands_are_inputs ? N
+                                                   : balanced(N, rows_within(W / 4, operand_row, N));
+    const bool one_block = plan.gradient_block >= N;  // the product rows loaded once
+    // Recompute: the output rows as the similarities' other operand, a copy unless they are the inputs or, for
+    // student anchors, part of the product rows already loaded.
+    const bool output_copies = plan.recompute && !in.operands_are_inputs && !(student_anchor && one_block);
+    const int64_t block_copy_bytes = in.operands_are_inputs ? 0 : plan.gradient_block * operand_row;
+    if (plan.whole) {
+      plan.output_block = in.grad_in_acc ? N : balanced(N, rows_within(rest / 2, acc_row, N));
+    } else {
+      const int64_t per_row = d_row + plan.gradient_block * in.acc_bytes + (output_copies ? operand_row : 0);
+      plan.output_block = balanced(N, rows_within(W - block_copy_bytes, per_row, N));
+    }
+    if (one_block) copy(1);
+    for_blocks(N, plan.output_block, [&](int64_t out_rows) {
+      if (output_copies) copy(1);
+      for_blocks(N, plan.gradient_block, [&](int64_t kb) {
+        if (!one_block) copy(1);
+        if (plan.recompute) {
+          n.gemm(out_rows, kb, C);
+          n.launches += 1;  // coefficients
+        }
+        n.gemm(out_rows, C, kb, products);
+      });
+      n.launches += 1;  // normalisation backward
+    });
+    gradient_bytes = plan.output_block * (d_row + (plan.recompute ? plan.gradient_block * in.acc_bytes : 0) +
+                                          (output_copies ? operand_row : 0)) +
+                     block_copy_bytes;
+    // The whole matrix stays alive through the gradient; the recompute's first-pass buffers are released before it.
+    plan.transient_bytes = plan.whole ? first_pass_bytes + gradient_bytes : std::max(first_pass_bytes, gradient_bytes);
+  } else {
+    if (accumulate) n.launches += 1;  // the normalisation backward of the accumulated gradient
+    plan.transient_bytes = first_pass_bytes;
+  }
   plan.gemms = n.gemms;
   plan.gemm_flops = n.flops;
   plan.launches = n.launches;

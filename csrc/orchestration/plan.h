@@ -18,17 +18,24 @@ struct PlanInputs {
   int64_t workspace = 0;
 };
 
-// CKD, both anchors. "whole": the N x N similarities / coefficients live in the workspace at once, and the gradient
-// is computed by output blocks of rows with GEMMs whose inner dimension is N, written through the normalisation
-// backward straight into the gradient (no N x C accumulator beyond the gradient). Otherwise strips (teacher anchor)
-// or tiles (student anchor) are recomputed and their products accumulated into an N x C buffer in acc (the
-// gradient itself when it is in acc).
+// CKD, both anchors, in one of three gradient modes:
+//   whole      the N x N similarities / coefficients live in the workspace at once, and the gradient is computed by
+//              output blocks of rows with GEMMs whose inner dimension is N, written through the normalisation
+//              backward straight into the gradient (no N x C accumulator beyond the gradient);
+//   recompute  (the matrix does not fit, the gradient is 16-bit) the first pass keeps only each row's log-sum-exp;
+//              per output block of gradient rows, the similarities against every operand block are computed again
+//              (a third GEMM), turned into coefficients and multiplied into that block's rows, which are written
+//              through the normalisation backward: the gradient's only fp32 buffer is one output block;
+//   accumulate (the matrix does not fit, the gradient is in acc) strips (teacher anchor) or tiles (student anchor)
+//              multiply their coefficients into the gradient itself as they go.
 struct CkdPlan {
   bool student_anchor = true;
   bool whole = false;
-  int64_t strip = 0;          // teacher: anchors per strip; student: tile side
-  int64_t operand_block = 0;  // rows per operand block (N when the inputs are the operands)
-  int64_t output_block = 0;   // whole: gradient rows per output block
+  bool recompute = false;
+  int64_t strip = 0;           // teacher: anchors per strip; student: tile side (the first pass)
+  int64_t operand_block = 0;   // rows per operand block of the first pass (N when the inputs are the operands)
+  int64_t output_block = 0;    // whole, recompute: gradient rows per output block
+  int64_t gradient_block = 0;  // whole, recompute: operand rows per block of an output block's products
   // What one call issues (forward with the gradient computed in it):
   int64_t gemms = 0;
   double gemm_flops = 0;       // 2 m n k summed over the GEMMs (a coefficient product on tensor cores counts twice)

@@ -26,8 +26,8 @@ struct StripWalk {
 enum class GradientInto { None, Anchors, Candidates };
 
 // The epilogue of strip z (anchors r0 .. r0 + rows - 1 against every candidate): loss terms into `loss`, and
-// coefficients in place where `weight` is given. The row and column scales stay null (operands already normalised)
-// unless the caller sets them.
+// coefficients in place where `weight` is given (`loss` may be undefined for contrastive_coefficients, which writes
+// none). The row and column scales stay null (operands already normalised) unless the caller sets them.
 template <typename Acc>
 EpilogueParams<Acc> strip_epilogue(at::Tensor& z, int64_t r0, int64_t rows, Acc scale, const bool* valid,
                                    at::Tensor& loss, const Acc* weight) {
@@ -38,7 +38,7 @@ EpilogueParams<Acc> strip_epilogue(at::Tensor& z, int64_t r0, int64_t rows, Acc 
   p.cols = z.size(1);
   p.scale = scale;
   p.valid = valid;
-  p.loss = loss.data_ptr<Acc>();
+  p.loss = loss.defined() ? loss.data_ptr<Acc>() : nullptr;
   p.weight = weight;
   return p;
 }

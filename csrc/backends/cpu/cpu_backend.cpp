@@ -130,6 +130,10 @@ class CpuBackend final : public KernelBackend<Acc> {
     parallel_rows(p.rows, p.cols, [&](int64_t r) { cpu::contrastive_epilogue_row(p, r); });
   }
 
+  void contrastive_coefficients(const EpilogueParams<Acc>& p, const Acc* lse) override {
+    parallel_rows(p.rows, p.cols, [&](int64_t r) { cpu::contrastive_coefficients_row(p, lse, r); });
+  }
+
   void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) override {
     parallel_rows(t.rows, t.cols, [&](int64_t r) { cpu::symmetric_tile_lse_row(t, r, row_max, row_sum); });
     // The transposed half updates other rows (col0 > row0 + rows - 1), so it runs after, not alongside.

@@ -231,6 +231,24 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   z[i] = -g * sigmoid_acc(d) * epilogue_raw_factor(p, i, i);
 }
 
+// Row r of a block for contrastive_coefficients (KernelBackend): the epilogue's exponentials against a known lse.
+template <typename Acc>
+void contrastive_coefficients_row(const EpilogueParams<Acc>& p, const Acc* lse, int64_t r) {
+  const int64_t i = p.row0 + r;
+  Acc* z = p.strip + r * p.cols;
+  if (p.valid && !p.valid[i]) {
+    std::fill(z, z + p.cols, Acc(0));
+    return;
+  }
+  const Acc g = p.weight[i] * p.scale;
+  for (int64_t c = 0; c < p.cols; ++c) {
+    const int64_t j = p.col0 + c;
+    const Acc f = epilogue_raw_factor(p, i, j);
+    const bool negative = j != i && !(p.valid && !p.valid[j]);
+    z[c] = negative ? g * fast_exp(z[c] * p.scale * f - lse[i]) * f : Acc(0);
+  }
+}
+
 // Row r of the tile: merges LSE_j z_ij into row i's statistics.
 template <typename Acc>
 void symmetric_tile_lse_row(const SymmetricTile<Acc>& t, int64_t r, Acc* row_max, Acc* row_sum) {

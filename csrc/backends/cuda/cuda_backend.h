@@ -107,6 +107,13 @@ class CudaBackend final : public KernelBackend<Acc> {
     check_launch();
   }
 
+  void contrastive_coefficients(const EpilogueParams<Acc>& p, const Acc* lse) override {
+    if (p.rows * p.cols == 0) return;
+    launch_kernel(gpu::contrastive_coefficients_kernel<Acc>, block_rows_grid(p.rows, p.cols),
+                  dim3(gpu::kElementThreads), 0, stream_, p, lse);
+    check_launch();
+  }
+
   void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) override {
     if (t.rows * t.cols == 0) return;
     launch_kernel(gpu::symmetric_tile_lse_rows_kernel<Acc>, rows_grid(t.rows), dim3(gpu::kRowThreads), 0, stream_, t,
@@ -183,6 +190,13 @@ class CudaBackend final : public KernelBackend<Acc> {
   static dim3 rows_grid(int64_t rows) { return dim3(static_cast<unsigned>(rows)); }
   static dim3 columns_grid(int64_t cols) {
     return dim3(static_cast<unsigned>((cols + gpu::kColumnThreads - 1) / gpu::kColumnThreads));
+  }
+  // A matrix's rows as the grid's x (up to 2^31 - 1), each split along y into column ranges of kElementThreads
+  // (y <= 65535), as many as cover the row while the grid stays within about kMaxElementBlocks blocks.
+  static dim3 block_rows_grid(int64_t rows, int64_t cols) {
+    const int64_t ranges = std::min<int64_t>((cols + gpu::kElementThreads - 1) / gpu::kElementThreads,
+                                             gpu::kMaxElementBlocks / std::max<int64_t>(rows, 1));
+    return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(std::max<int64_t>(ranges, 1)));
   }
   static dim3 elements_grid(int64_t total) {
     const int64_t blocks = (total + gpu::kElementThreads - 1) / gpu::kElementThreads;

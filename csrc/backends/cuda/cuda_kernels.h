@@ -348,6 +348,23 @@ __global__ void symmetric_tile_coefficients_kernel(SymmetricTile<Acc> t, const A
   }
 }
 
+// Blocks (x) by rows of z, split (y) into column ranges the threads stride over: no per-element division.
+template <typename Acc>
+__global__ void contrastive_coefficients_kernel(EpilogueParams<Acc> p, const Acc* lse) {
+  const int64_t r = blockIdx.x;
+  const int64_t i = p.row0 + r;
+  Acc* z = p.strip + r * p.cols;
+  const bool row_valid = !(p.valid && !p.valid[i]);
+  const Acc g = row_valid ? p.weight[i] * p.scale : Acc(0);
+  for (int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; c < p.cols;
+       c += static_cast<int64_t>(gridDim.y) * blockDim.x) {
+    const int64_t j = p.col0 + c;
+    const Acc f = epilogue_raw_factor(p, i, j);
+    const bool negative = row_valid && j != i && !(p.valid && !p.valid[j]);
+    z[c] = negative ? g * exp_acc(z[c] * p.scale * f - lse[i]) * f : Acc(0);
+  }
+}
+
 // One block per row, d = dv / max(|x|, eps): d += extra, then grad = d - [unclamped] <d, x> x / |x|^2. Each thread
 // reads and writes only its own elements, so grad may alias d.
 template <typename Acc, typename T, typename TE>
