@@ -142,10 +142,13 @@ def _flatten(fn: str, student, teacher, mask) -> Prepared:
     _check_logits_pair(fn, student, teacher)
     _check_mask(fn, mask, student)
     num_classes = student.shape[-1]
+    # (N, C) inputs go to the ops as they are: a reshape would add a view node to the student's autograd graph
+    # (and a backward step) for nothing, the per-call cost that matters at small shapes.
+    flat = student.dim() == 2
     return Prepared(
-        student=student.reshape(-1, num_classes),
-        teacher=teacher.detach().reshape(-1, num_classes),
-        mask=None if mask is None else mask.reshape(-1),
+        student=student if flat else student.reshape(-1, num_classes),
+        teacher=teacher.detach() if flat else teacher.detach().reshape(-1, num_classes),
+        mask=mask if mask is None or mask.dim() == 1 else mask.reshape(-1),
         lead_shape=student.shape[:-1],
     )
 

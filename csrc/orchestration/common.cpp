@@ -1,6 +1,8 @@
 #include "orchestration/common.h"
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
 #include <limits>
 
 namespace ckd {
@@ -58,6 +60,16 @@ Inputs check_inputs(const char* op, const at::Tensor& student, const at::Tensor&
   return in;
 }
 
+namespace {
+// A divisor on the CPU is read where it is, in the accumulation type (what the device arithmetic divides by):
+// no synchronisation, and at small shapes a handful of ATen calls fewer. CUDA divisors stay on the device.
+std::optional<double> host_divisor(const at::Tensor& divisor) {
+  if (!divisor.is_cpu()) return std::nullopt;
+  if (divisor.scalar_type() == at::kDouble) return std::max(*divisor.const_data_ptr<double>(), 1.0);
+  return static_cast<double>(std::max(*divisor.const_data_ptr<float>(), 1.0f));
+}
+}  // namespace
+
 at::Tensor anchor_weights(const at::Tensor& grad, Reduction reduction, const at::Tensor& divisor,
                           const at::Tensor& mask, int64_t anchors, const at::TensorOptions& acc_options) {
   at::Tensor w;
@@ -67,7 +79,10 @@ at::Tensor anchor_weights(const at::Tensor& grad, Reduction reduction, const at:
   } else {
     TORCH_CHECK(grad.numel() == 1, "ckd_ext: expected a scalar upstream gradient, got ", grad.sizes());
     at::Tensor g = grad.reshape({}).to(acc_options);
-    if (reduction == Reduction::Mean) g = g / divisor.clamp_min(1);
+    if (reduction == Reduction::Mean) {
+      const std::optional<double> d = host_divisor(divisor);
+      g = d ? g / *d : g / divisor.clamp_min(1);
+    }
     w = g.expand({anchors}).contiguous();
   }
   if (mask.defined()) w.masked_fill_(mask.logical_not(), 0);
@@ -75,14 +90,25 @@ at::Tensor anchor_weights(const at::Tensor& grad, Reduction reduction, const at:
 }
 
 at::Tensor unit_weights(const OpCall& call, const at::Tensor& divisor, const at::Tensor& mask, int64_t anchors) {
-  return anchor_weights(at::ones({}, call.acc_options), call.reduction, divisor, mask, anchors, call.acc_options);
+  const std::optional<double> d = host_divisor(divisor);
+  if (!d) return anchor_weights(at::ones({}, call.acc_options), call.reduction, divisor, mask, anchors, call.acc_options);
+  // 1 / d rounded once in acc, as the device path computes it.
+  const double w = call.reduction != Reduction::Mean ? 1.0
+                   : call.acc_options.dtype() == at::kDouble ? 1.0 / *d
+                                                             : static_cast<double>(1.0f / static_cast<float>(*d));
+  at::Tensor weights = at::full({anchors}, w, call.acc_options);
+  if (mask.defined()) weights.masked_fill_(mask.logical_not(), 0);
+  return weights;
 }
 
 at::Tensor reduce_terms(const at::Tensor& terms, Reduction reduction, const at::Tensor& divisor) {
   if (reduction == Reduction::None) return terms;
   at::Tensor s = terms.sum();
   // Masked terms are 0, so an all-masked batch gives 0 / 1 = 0.
-  if (reduction == Reduction::Mean) s = s / divisor.clamp_min(1);
+  if (reduction == Reduction::Mean) {
+    const std::optional<double> d = host_divisor(divisor);
+    s = d ? s.div_(*d) : s / divisor.clamp_min(1);
+  }
   return s;
 }
 
