@@ -31,12 +31,19 @@ def _grad_needed(student: torch.Tensor) -> bool:
 
 
 def _output(loss: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    if loss.dtype == student.dtype:  # float32 and float64 students: nothing to decide (and no autocast query)
+        return loss
     return loss if torch.is_autocast_enabled(student.device.type) else loss.to(student.dtype)
 
 
-def _ops():
+def _forward(function, op: str, *args):
+    """A forward op with autograd: in eager mode through its autograd.Function (ckd_ext.autograd; less per-call cost
+    than the op's registered autograd, docs/benchmarks.md "Per-call overhead"), when traced through the op itself,
+    which torch.compile and opcheck know by its schema, fake kernel and registered autograd."""
     require_extension()
-    return torch.ops.ckd_ext
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.ckd_ext, op)(*args)
+    return function.apply(*args)
 
 
 def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean", global_batch=False,
@@ -49,7 +56,8 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     if global_batch is not False:
         return _output(distributed.ckd_loss(ckd_loss, p, tau=tau, anchor=anchor, reduction=reduction,
                                             global_batch=global_batch, group=group), student)
-    loss, _ = _ops().ckd_forward(p.student, p.teacher, p.mask, float(tau), anchor, reduction, _grad_needed(p.student))
+    loss, _ = _forward(CKDFunction, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
+                       _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
@@ -59,7 +67,8 @@ def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean", g
     are checked and otherwise ignored: KD is row-separable, each rank's rows need nothing from the others."""
     p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
     distributed.check_arguments("kd_loss", global_batch, group)
-    loss, _ = _ops().kd_forward(p.student, p.teacher, p.mask, float(temperature), reduction, _grad_needed(p.student))
+    loss, _ = _forward(KDFunction, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
+                       _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
@@ -78,9 +87,9 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
                                      w_class=w_class, symmetric=symmetric, reduction=reduction,
                                      global_batch=global_batch, group=group)
         return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
-    loss, class_terms, _ = _ops().bickd_forward(
-        p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample), float(w_class),
-        bool(symmetric), reduction, _grad_needed(p.student),
+    loss, class_terms, _ = _forward(
+        BicKDFunction, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
+        float(w_class), bool(symmetric), reduction, _grad_needed(p.student),
     )
     loss = _output(loss, student)
     if reduction == "none":
@@ -181,51 +190,100 @@ def _once_differentiable(backward):
     return wrapper
 
 
+def _ckd_setup(ctx, inputs, output):
+    _, _, _, ctx.tau, ctx.anchor, ctx.reduction, compute_grad = inputs
+    _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
+
+
+def _ckd_backward(ctx, grad_loss, _grad_of_grad):
+    grad = _scaled_precomputed(ctx, grad_loss)
+    if grad is None and grad_loss is not None:
+        student, teacher, mask = ctx.saved_tensors[:3]
+        grad = torch.ops.ckd_ext.ckd_backward(grad_loss, student, teacher, mask, ctx.tau, ctx.anchor, ctx.reduction)
+    return grad, None, None, None, None, None, None
+
+
+def _kd_setup(ctx, inputs, output):
+    _, _, _, ctx.temperature, ctx.reduction, compute_grad = inputs
+    _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
+
+
+def _kd_backward(ctx, grad_loss, _grad_of_grad):
+    grad = _scaled_precomputed(ctx, grad_loss)
+    if grad is None and grad_loss is not None:
+        student, teacher, mask = ctx.saved_tensors[:3]
+        grad = torch.ops.ckd_ext.kd_backward(grad_loss, student, teacher, mask, ctx.temperature, ctx.reduction)
+    return grad, None, None, None, None, None
+
+
+def _bickd_setup(ctx, inputs, output):
+    (_, _, _, ctx.temperature, ctx.tau, ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction,
+     compute_grad) = inputs
+    ctx.loss_shape, ctx.class_terms_shape = output[0].shape, output[1].shape
+    _save_for_backward(ctx, inputs, output[2], ctx.reduction, compute_grad)
+
+
+def _bickd_backward(ctx, grad_loss, grad_class, _grad_of_grad):
+    grad = _scaled_precomputed(ctx, grad_loss)
+    if grad is None and (grad_loss is not None or grad_class is not None):
+        student, teacher, mask = ctx.saved_tensors[:3]
+        # An output that was not used (reduction="none": the per-sample or the per-class terms) contributes 0.
+        dtype = _loss_dtype(student)
+        if grad_loss is None:
+            grad_loss = student.new_zeros(ctx.loss_shape, dtype=dtype)
+        if grad_class is None:
+            grad_class = student.new_zeros(ctx.class_terms_shape, dtype=dtype)
+        grad = torch.ops.ckd_ext.bickd_backward(grad_loss, grad_class, student, teacher, mask, ctx.temperature,
+                                                ctx.tau, ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction)
+    return (grad,) + (None,) * 9
+
+
+# (op, setup_context, backward) of each forward op: registered on the op below, and the same functions make the
+# autograd.Function classes of ckd_ext.autograd.
+AUTOGRAD = {
+    "ckd_forward": (_ckd_setup, _once_differentiable(_ckd_backward)),
+    "kd_forward": (_kd_setup, _once_differentiable(_kd_backward)),
+    "bickd_forward": (_bickd_setup, _once_differentiable(_bickd_backward)),
+}
+
+
+def _function(name: str, op: str, doc: str) -> type:
+    """An autograd.Function over `op` with the op's own setup and backward (ckd_ext.autograd). Its forward calls the
+    op below the Autograd dispatch key, where the op's registered autograd (a second autograd.Function in Python,
+    torch._library.autograd) would otherwise run again; it takes ctx itself (no setup_context), which spares
+    apply() binding the arguments to a signature on every call."""
+    setup_context, backward = AUTOGRAD[op]
+
+    def forward(ctx, *args):
+        if torch.compiler.is_compiling():
+            output = getattr(torch.ops.ckd_ext, op)(*args)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                output = getattr(torch.ops.ckd_ext, op)(*args)
+        ctx.mark_non_differentiable(output[-1])
+        setup_context(ctx, args, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": doc, "__module__": "ckd_ext.autograd", "forward": staticmethod(forward),
+        "backward": staticmethod(backward)})
+
+
+CKDFunction = _function(
+    "CKDFunction", "ckd_forward",
+    "apply(student, teacher, mask, tau, anchor, reduction, compute_grad) -> (loss, grad): torch.ops.ckd_ext.ckd_forward "
+    "with its autograd.")
+KDFunction = _function(
+    "KDFunction", "kd_forward",
+    "apply(student, teacher, mask, temperature, reduction, compute_grad) -> (loss, grad): "
+    "torch.ops.ckd_ext.kd_forward with its autograd.")
+BicKDFunction = _function(
+    "BicKDFunction", "bickd_forward",
+    "apply(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction, compute_grad) -> "
+    "(loss, class_terms, grad): torch.ops.ckd_ext.bickd_forward with its autograd.")
+
+
 def _register():
-    ops = torch.ops.ckd_ext
-
-    def ckd_setup(ctx, inputs, output):
-        _, _, _, ctx.tau, ctx.anchor, ctx.reduction, compute_grad = inputs
-        _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
-
-    def ckd_backward(ctx, grad_loss, _grad_of_grad):
-        grad = _scaled_precomputed(ctx, grad_loss)
-        if grad is None and grad_loss is not None:
-            student, teacher, mask = ctx.saved_tensors[:3]
-            grad = ops.ckd_backward(grad_loss, student, teacher, mask, ctx.tau, ctx.anchor, ctx.reduction)
-        return grad, None, None, None, None, None, None
-
-    def kd_setup(ctx, inputs, output):
-        _, _, _, ctx.temperature, ctx.reduction, compute_grad = inputs
-        _save_for_backward(ctx, inputs, output[1], ctx.reduction, compute_grad)
-
-    def kd_backward(ctx, grad_loss, _grad_of_grad):
-        grad = _scaled_precomputed(ctx, grad_loss)
-        if grad is None and grad_loss is not None:
-            student, teacher, mask = ctx.saved_tensors[:3]
-            grad = ops.kd_backward(grad_loss, student, teacher, mask, ctx.temperature, ctx.reduction)
-        return grad, None, None, None, None, None
-
-    def bickd_setup(ctx, inputs, output):
-        (_, _, _, ctx.temperature, ctx.tau, ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction,
-         compute_grad) = inputs
-        ctx.loss_shape, ctx.class_terms_shape = output[0].shape, output[1].shape
-        _save_for_backward(ctx, inputs, output[2], ctx.reduction, compute_grad)
-
-    def bickd_backward(ctx, grad_loss, grad_class, _grad_of_grad):
-        grad = _scaled_precomputed(ctx, grad_loss)
-        if grad is None and (grad_loss is not None or grad_class is not None):
-            student, teacher, mask = ctx.saved_tensors[:3]
-            # An output that was not used (reduction="none": the per-sample or the per-class terms) contributes 0.
-            dtype = _loss_dtype(student)
-            if grad_loss is None:
-                grad_loss = student.new_zeros(ctx.loss_shape, dtype=dtype)
-            if grad_class is None:
-                grad_class = student.new_zeros(ctx.class_terms_shape, dtype=dtype)
-            grad = ops.bickd_backward(grad_loss, grad_class, student, teacher, mask, ctx.temperature, ctx.tau,
-                                      ctx.w_sample, ctx.w_class, ctx.symmetric, ctx.reduction)
-        return (grad,) + (None,) * 9
-
     lib = "ckd_ext::"
     torch.library.register_fake(lib + "ckd_forward")(_ckd_forward_fake)
     torch.library.register_fake(lib + "kd_forward")(_kd_forward_fake)
@@ -233,12 +291,8 @@ def _register():
     torch.library.register_fake(lib + "ckd_backward")(_ckd_backward_fake)
     torch.library.register_fake(lib + "kd_backward")(_kd_backward_fake)
     torch.library.register_fake(lib + "bickd_backward")(_bickd_backward_fake)
-    torch.library.register_autograd(lib + "ckd_forward", _once_differentiable(ckd_backward),
-                                    setup_context=ckd_setup)
-    torch.library.register_autograd(lib + "kd_forward", _once_differentiable(kd_backward),
-                                    setup_context=kd_setup)
-    torch.library.register_autograd(lib + "bickd_forward", _once_differentiable(bickd_backward),
-                                    setup_context=bickd_setup)
+    for op, (setup_context, backward) in AUTOGRAD.items():
+        torch.library.register_autograd(lib + op, backward, setup_context=setup_context)
 
 
 # Once per process: _C outlives a re-import of this package (importlib.reload, tests that purge sys.modules), and
