@@ -6,10 +6,11 @@
                                                 the same losses on hidden states and LM heads, no logits held
     ckd_ext.FusedLinearCKDLoss / FusedLinearKDLoss   their nn.Module wrappers
     ckd_ext.reference                           plain PyTorch, the float64 oracle (no extension needed)
+    ckd_ext.autograd                            CKDFunction / KDFunction / BicKDFunction over the ops
     ckd_ext.distributed                         global_batch=True / "ring" across ranks (docs/distributed.md)
     ckd_ext.testing                             test-only switches (the emulated CUDA backend)
 """
-from . import reference  # noqa: F401
+from . import autograd, reference  # noqa: F401
 from ._extension import is_available, require_extension
 from ._version import __version__  # noqa: F401
 from .fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
