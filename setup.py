@@ -90,12 +90,28 @@ WITH_CUDA = cuda_wanted()
 
 
 class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
-    """Also writes build/ptxas_report.md (registers, shared memory, spills per CUDA kernel)."""
+    """Also compiles the CPU backend once per instruction set of cfg.CPU_ISA_FLAGS into _C, and writes
+    build/ptxas_report.md (registers, shared memory, spills per CUDA kernel)."""
 
     def run(self):
         super().run()
         if WITH_CUDA:
             subprocess.run([sys.executable, str(ROOT / "tools" / "ptxas_report.py")], check=True)
+
+    def build_extension(self, ext):
+        if ext.name == "ckd_ext._C":
+            # Extension takes one set of flags for all its sources, so each instruction set's compilation is its
+            # own compile call (with the flags torch's build_extensions has already added to ext), linked in as
+            # extra objects: after the sources' objects and lowest set first, as build_config.py requires.
+            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+            isa_objects = []
+            for isa, flags in cfg.CPU_ISA_FLAGS.items():
+                isa_objects += self.compiler.compile(
+                    [cfg.CPU_BACKEND_SOURCE], output_dir=os.path.join(self.build_temp, f"cpu_isa_{isa}"),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, depends=ext.depends,
+                    extra_postargs=cxx + flags + [f"-DCKD_CPU_ISA={isa}"], debug=self.debug)
+            ext.extra_objects = list(ext.extra_objects) + isa_objects
+        super().build_extension(ext)
 
 
 def extensions():

@@ -19,7 +19,7 @@ from .ops import bickd_loss, ckd_loss, kd_loss
 __all__ = [
     "ckd_loss", "bickd_loss", "kd_loss", "CKDLoss", "BicKDLoss", "KDLoss", "reference",
     "fused_linear_ckd_loss", "fused_linear_kd_loss", "FusedLinearCKDLoss", "FusedLinearKDLoss",
-    "is_available", "workspace_bytes", "set_workspace_bytes",
+    "is_available", "workspace_bytes", "set_workspace_bytes", "cpu_isa", "available_cpu_isas", "set_cpu_isa",
 ]
 
 
@@ -43,3 +43,21 @@ def set_workspace_bytes(nbytes) -> None:
         ext.reset_workspace_bytes()
     else:
         ext.set_workspace_bytes(int(nbytes))
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels run with: "baseline" (SSE2 on x86-64; the only one elsewhere), "avx2"
+    (AVX2 + FMA + F16C) or "avx512" (AVX-512 F/BW/VL/DQ). By default the highest in available_cpu_isas(); every one
+    gives the same results to the bit (docs/benchmarks.md, "CPU instruction sets")."""
+    return require_extension().cpu_isa()
+
+
+def available_cpu_isas() -> list:
+    """The instruction sets this build has CPU kernels for and this CPU runs, lowest first."""
+    return require_extension().available_cpu_isas()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Runs the CPU kernels with instruction set `name` from now on, process-wide (as CKD_EXT_CPU_ISA does at
+    import); one not in available_cpu_isas() is a RuntimeError."""
+    require_extension().set_cpu_isa(name)

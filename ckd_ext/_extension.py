@@ -43,9 +43,9 @@ def _load():
         module = importlib.import_module("ckd_ext._C")
     except ImportError as exc:
         return None, f"ckd_ext._C failed to load ({exc}). Rebuild it with: {REBUILD}", NOT_BUILT_EMULATED
-    workspace_error = _apply_workspace_env(module)
-    if workspace_error:
-        return None, workspace_error, NOT_BUILT_EMULATED
+    env_error = _apply_workspace_env(module) or _apply_cpu_isa_env(module)
+    if env_error:
+        return None, env_error, NOT_BUILT_EMULATED
     if not info.WITH_EMULATED:
         return module, "", NOT_BUILT_EMULATED
     try:
@@ -67,6 +67,22 @@ def _apply_workspace_env(module) -> str:
         return (f"CKD_EXT_WORKSPACE_MB must be a positive integer number of MiB (at most {2 ** 30}), got {text!r}; "
                 f"unset it for the per-device default (CPU: 64 MiB) or use ckd_ext.set_workspace_bytes")
     module.set_workspace_bytes(int(value) << 20)
+    return ""
+
+
+def _apply_cpu_isa_env(module) -> str:
+    """CKD_EXT_CPU_ISA, when set, is the instruction set the CPU kernels run with (baseline, avx2 or avx512; by
+    default the highest this build and CPU have); a value that is unknown or that this machine cannot run is an
+    error of every fused call, not silently replaced."""
+    text = os.environ.get("CKD_EXT_CPU_ISA")
+    if text is None:
+        return ""
+    try:
+        module.set_cpu_isa(text.strip().lower())
+    except RuntimeError:
+        allowed = module.available_cpu_isas()
+        return (f"CKD_EXT_CPU_ISA must be one of {', '.join(allowed)} on this machine, got {text!r}; unset it for "
+                f"the highest ({allowed[-1]}) or use ckd_ext.set_cpu_isa")
     return ""
 
 

@@ -1,12 +1,14 @@
-// Schemas of the ckd_ext ops, their CPU (and CUDA) kernels and the _C Python module (the workspace budget and
-// the test-only emulated CUDA backend). Autograd and the fake (meta) implementations are registered from Python
+// Schemas of the ckd_ext ops, their CPU (and CUDA) kernels and the _C Python module (the workspace budget, the CPU
+// kernels' instruction set and the test-only emulated CUDA backend). Autograd and the fake (meta) implementations are registered from Python
 // (ckd_ext/ops.py) with torch.library.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>  // available_cpu_isas' list
 #include <torch/library.h>
 #include <torch/python.h>  // the at::Tensor type caster of the test hooks below
 
 #include <ATen/ATen.h>
 
+#include "backends/cpu/cpu_isa.h"
 #include "backends/select.h"
 #include "losses.h"
 #include "orchestration/gemm.h"
@@ -63,6 +65,10 @@ PYBIND11_MODULE(_C, module) {
       "The default budget of calls on `device` (CPU: 64 MiB; CUDA: from the device's free memory).");
   module.def("cuda_workspace_from_free_memory", &ckd::cuda_workspace_from_free_memory,
              "The CUDA default budget for a device with `free_bytes` free.");
+  module.def("cpu_isa", &ckd::cpu_isa, "The instruction set the CPU kernels run with: baseline, avx2 or avx512.");
+  module.def("available_cpu_isas", &ckd::available_cpu_isas,
+             "The instruction sets this build has CPU kernels for and this CPU runs, lowest first.");
+  module.def("set_cpu_isa", &ckd::set_cpu_isa, "Run the CPU kernels with this instruction set (process-wide).");
   module.def("gemm_calls", &ckd::gemm_calls, "Matrix products issued by the ops since the process started.");
   module.def(
       "gemm_product",

@@ -408,6 +408,17 @@ def test_workspace_size(value, shown, restore_workspace):
     expect("E-workspace-size", lambda: ckd_ext.set_workspace_bytes(value), nbytes=shown)
 
 
+@documents("E-cpu-isa")
+def test_cpu_isa():
+    allowed = ", ".join(ckd_ext.available_cpu_isas())
+    previous = ckd_ext.cpu_isa()
+    expect("E-cpu-isa", lambda: ckd_ext.set_cpu_isa("sse9"), form=0, name="sse9", allowed=allowed)
+    unsupported = [isa for isa in ("avx2", "avx512") if isa not in ckd_ext.available_cpu_isas()]
+    for isa in unsupported:  # none on a CPU with AVX-512; only the unknown form can be raised there
+        expect("E-cpu-isa", lambda: ckd_ext.set_cpu_isa(isa), form=1, name=isa, allowed=allowed)
+    assert ckd_ext.cpu_isa() == previous
+
+
 @documents("E-double-backward")
 @pytest.mark.parametrize("fn", FUNCTIONS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -443,7 +454,8 @@ SCENARIO_SCRIPT = r"""
 import importlib.abc, json, os, sys, types, warnings
 import torch
 
-SCENARIOS = ("not-built", "load-failed", "torch-mismatch", "emulated-missing", "no-emulated", "workspace-env")
+SCENARIOS = ("not-built", "load-failed", "torch-mismatch", "emulated-missing", "no-emulated", "workspace-env",
+             "cpu-isa-env")
 TORCH_VERSION = torch.__version__
 
 
@@ -469,6 +481,8 @@ def scenario(name):
     torch.__version__ = "0.0.1-not-the-build-torch" if name == "torch-mismatch" else TORCH_VERSION
     if name == "workspace-env":
         os.environ["CKD_EXT_WORKSPACE_MB"] = "abc"
+    if name == "cpu-isa-env":
+        os.environ["CKD_EXT_CPU_ISA"] = "sse9"
     if name == "no-emulated":
         info = types.ModuleType("ckd_ext._build_info")
         info.TORCH_VERSION, info.WITH_EMULATED = TORCH_VERSION, False
@@ -488,6 +502,7 @@ def scenario(name):
             sys.meta_path.remove(blocker)
         torch.__version__ = TORCH_VERSION
         os.environ.pop("CKD_EXT_WORKSPACE_MB", None)
+        os.environ.pop("CKD_EXT_CPU_ISA", None)
 
     def record(call, fn):
         try:
@@ -509,6 +524,8 @@ def scenario(name):
     record("bad tau", lambda: ckd_ext.ckd_loss(s, s, tau=0))
     if ckd_ext.is_available():
         record("_C.set_emulated_cuda", lambda: ckd_ext._extension.require_extension().set_emulated_cuda(True))
+    if name == "cpu-isa-env":
+        out["available_cpu_isas"] = importlib.import_module("ckd_ext._C").available_cpu_isas()
     out["is_available"] = ckd_ext.is_available()
     out["reason"] = ckd_ext._extension.unavailable_reason()
     return out
@@ -1045,6 +1062,16 @@ def test_workspace_env(extension_scenarios):
     result = extension_scenarios["workspace-env"]
     for call_name in ("ckd_loss", "kd_loss", "bickd_loss", "workspace_bytes"):
         check("E-workspace-env", error_of(result, call_name, RuntimeError), value="'abc'")
+    assert result["calls"]["reference.ckd_loss"] is None
+
+
+@documents("E-cpu-isa-env")
+def test_cpu_isa_env(extension_scenarios):
+    result = extension_scenarios["cpu-isa-env"]
+    allowed = result["available_cpu_isas"]
+    for call_name in ("ckd_loss", "kd_loss", "bickd_loss", "workspace_bytes"):
+        check("E-cpu-isa-env", error_of(result, call_name, RuntimeError), value="'sse9'", allowed=", ".join(allowed),
+              best=allowed[-1])
     assert result["calls"]["reference.ckd_loss"] is None
 
 

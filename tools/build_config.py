@@ -5,14 +5,20 @@ package build) and CMakeLists.txt (C++ work, compile_commands.json, ctest), so t
 
 Paths are relative to the repository root.
 """
+import platform
 import sys
 from pathlib import Path
+
+# The CPU backend (with its kernels, cpu_kernels.h): in OPS_SOURCES for the baseline instruction set, and compiled
+# again, into the same library, once per entry of CPU_ISA_FLAGS below.
+CPU_BACKEND_SOURCE = "csrc/backends/cpu/cpu_backend.cpp"
 
 # ckd_ext._C: the op library with the CPU backend (and the CUDA backend when built with CUDA).
 OPS_SOURCES = [
     "csrc/ops.cpp", "csrc/ckd.cpp", "csrc/bickd.cpp", "csrc/kd.cpp",
     "csrc/orchestration/common.cpp", "csrc/orchestration/gemm.cpp", "csrc/orchestration/plan.cpp",
-    "csrc/orchestration/workspace.cpp", "csrc/backends/select.cpp", "csrc/backends/cpu/cpu_backend.cpp",
+    "csrc/orchestration/workspace.cpp", "csrc/backends/select.cpp", "csrc/backends/cpu/cpu_isa.cpp",
+    CPU_BACKEND_SOURCE,
 ]
 CUDA_SOURCES = ["csrc/backends/cuda/cuda_backend.cu"]
 # ckd_ext._emulated (CKD_EXT_EMULATED=1): the CUDA kernels compiled by the host compiler with the CPU emulator's
@@ -25,8 +31,29 @@ INCLUDE_DIRS = ["csrc"]
 # vectorise them (about 3x on KD); IEEE results are unchanged, only FP-exception traps are not kept.
 # -fopenmp: at::parallel_for is an inline template whose OpenMP pragma is compiled in *our* sources; without the
 # flag every CPU kernel runs on one thread.
-CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp"]
+# -ffp-contract=off: no a * b + c is fused into one FMA, so that every instruction set of CPU_ISA_FLAGS (and every
+# platform) rounds every operation as the baseline does and the CPU results are the same to the bit whichever
+# csrc/backends/cpu/cpu_isa.h picks: the kernels never reassociate (no -ffast-math: their sums run in a fixed order),
+# so the vector width does not change a result either. Reproducible losses across machines, and one set of test
+# expectations, for what contraction would gain (the FMAs of fast_exp's polynomial; not measured).
+CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp", "-ffp-contract=off"]
 LINK_FLAGS = ["-fopenmp"]
+
+# The instruction sets CPU_BACKEND_SOURCE is compiled for besides the baseline (x86-64 only; elsewhere the baseline
+# alone), each with its flags and -DCKD_CPU_ISA=<name>, added to CXX_FLAGS; csrc/backends/cpu/cpu_isa.cpp checks the
+# same features at run time. avx512 is the x86-64-v4 set (F, BW, VL, DQ), whose BW has the 16-bit moves bf16 needs;
+# -mf16c makes c10::Half convert in hardware (the same values). Their objects must be linked after the baseline ones
+# and in this order, lowest set first: inline functions of headers (std::, c10::) are emitted in every object that
+# calls them out of line and the linker keeps the first copy, so a baseline caller always gets a baseline copy and
+# an AVX2 caller never an AVX-512 one. Both builds add them after OPS_SOURCES. tests/test_cpu_isa.py checks both
+# promises: the same bits from every set, and VEX code only in the ISA compilations.
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+CPU_ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+} if _X86_64 else {}
+if CPU_ISA_FLAGS:
+    CXX_FLAGS.append("-DCKD_CPU_MULTI_ISA")  # cpu_isa.cpp then dispatches to them
 # --expt-relaxed-constexpr: the kernels call constexpr host functions (std::numeric_limits) on the device, and
 # c10::Half / c10::BFloat16 need it under nvcc.
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-std=c++20"]
@@ -50,6 +77,9 @@ def write_cmake(path: Path) -> None:
         + _cmake_list("CKD_EMULATED_SOURCES", EMULATED_SOURCES)
         + _cmake_list("CKD_INCLUDE_DIRS", INCLUDE_DIRS)
         + _cmake_list("CKD_CXX_FLAGS", CXX_FLAGS)
+        + f"set(CKD_CPU_BACKEND_SOURCE {CPU_BACKEND_SOURCE})\n"
+        + _cmake_list("CKD_CPU_ISAS", list(CPU_ISA_FLAGS))
+        + "".join(_cmake_list(f"CKD_CPU_ISA_FLAGS_{name}", flags) for name, flags in CPU_ISA_FLAGS.items())
         + _cmake_list("CKD_LINK_FLAGS", LINK_FLAGS)
         + _cmake_list("CKD_NVCC_FLAGS", NVCC_FLAGS)
         + _cmake_list("CKD_EMULATED_CXX_FLAGS", EMULATED_CXX_FLAGS)

@@ -1,12 +1,14 @@
 // KernelBackend for CPU tensors: the torch-free row kernels of cpu_kernels.h, run in parallel
-// over rows (or column blocks) with at::parallel_for.
+// over rows (or column blocks) with at::parallel_for. Compiled once per instruction set (CKD_CPU_ISA, see
+// cpu_isa.h); cpu_isa.cpp picks which compilation's backend serves calls.
 #include "backends/backends.h"
 
 #include <ATen/Parallel.h>
 
 #include "backends/cpu/cpu_kernels.h"
 
-namespace ckd {
+namespace ckd::cpu {
+inline namespace CKD_CPU_ISA {
 namespace {
 
 // Enough elements per task that scheduling costs nothing next to the work.
@@ -217,12 +219,13 @@ class CpuBackend final : public KernelBackend<Acc> {
 }  // namespace
 
 template <typename Acc>
-KernelBackend<Acc>& cpu_backend() {
-  static CpuBackend<Acc> backend;
-  return backend;
+KernelBackend<Acc>& backend() {
+  static CpuBackend<Acc> instance;
+  return instance;
 }
 
-template KernelBackend<float>& cpu_backend<float>();
-template KernelBackend<double>& cpu_backend<double>();
+template KernelBackend<float>& backend<float>();
+template KernelBackend<double>& backend<double>();
 
-}  // namespace ckd
+}  // namespace CKD_CPU_ISA
+}  // namespace ckd::cpu

@@ -10,7 +10,16 @@
 #include "kernels/scalar_math.h"
 #include "kernels/types.h"
 
+// This header is compiled once per instruction set the CPU backend is built for (cpu_isa.h), with that set's
+// flags and CKD_CPU_ISA naming it; each compilation's kernels live in their own inline namespace, so that the
+// linker never merges, say, the AVX-512 kd_row with the baseline one (inline templates are emitted in every
+// object that uses them and the linker keeps one copy of each name).
+#ifndef CKD_CPU_ISA
+#define CKD_CPU_ISA baseline
+#endif
+
 namespace ckd::cpu {
+inline namespace CKD_CPU_ISA {
 
 // Four independent partial sums: lets the compiler keep several lanes busy and roughly halves the
 // rounding error of one long float sum.
@@ -392,4 +401,5 @@ void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t col
   for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>((u[j] - e[j] * inv_sum * total) * inv_temp);
 }
 
+}  // namespace CKD_CPU_ISA
 }  // namespace ckd::cpu
