@@ -39,9 +39,7 @@ class BicKDPass {
         opts_(in.student.options().dtype(acc_type<Acc>())),
         inv_temp_(static_cast<Acc>(1.0 / cfg.temperature)),
         inv_tau_(static_cast<Acc>(1.0 / cfg.tau)),
-        symmetric_(cfg.symmetric),
-        anchor_buffer_(opts_),
-        candidate_buffer_(opts_) {
+        symmetric_(cfg.symmetric) {
     PlanInputs p;
     p.rows = N_;
     p.cols = C_;
@@ -49,7 +47,8 @@ class BicKDPass {
     p.operands_are_inputs = false;
     p.grad_in_acc = in.student.scalar_type() == acc_type<Acc>();
     p.want_grad = want_grad;
-    p.workspace = workspace_for(in.student);
+    p.workspace = bickd_workspace_for(in.student, N_, C_, sizeof(Acc));
+    p.gpu = device_kind(in.student) != DeviceKind::Cpu;
     plan_ = plan_bickd(p, cfg.symmetric, cfg.w_sample != 0, cfg.w_class != 0);
     for (auto* side : {&s_, &t_}) {
       for (auto* t : {&side->row_max, &side->row_log_sum, &side->row_log_norm}) *t = at::empty({N_}, opts_);
@@ -61,15 +60,16 @@ class BicKDPass {
   // Sample side: anchors are student rows p_i, candidates teacher rows q_k (and the reverse for the twin).
   // Adds each anchor's term, times `half`, to `loss`; accumulates dL/dp into dp when weight is defined.
   void sample_side(const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dp) {
-    sample_strips(in_.student, s_, in_.teacher, t_, /*student_anchors=*/true, weight, loss, dp);
-    if (symmetric_) sample_strips(in_.teacher, t_, in_.student, s_, false, weight, loss, dp);
+    side(plan_.sample, N_, in_.valid(), [this](const at::Tensor& x, const BicKDStats& st) { return normalised_rows(x, st); },
+         weight, loss, [&](int64_t r0, int64_t n) { return dp.narrow(0, r0, n); });
   }
 
-  // Class side: anchors are student columns pbar_c, candidates teacher columns qbar_d (and the reverse).
+  // Class side: anchors are student columns pbar_c, candidates teacher columns qbar_d (and the reverse). dpbar is
+  // (N, C); its transpose's rows are the columns' gradients.
   void class_side(const at::Tensor& weight, at::Tensor& loss, const at::Tensor& dpbar) {
     ensure_column_norms();
-    class_strips(in_.student, s_, in_.teacher, t_, true, weight, loss, dpbar);
-    if (symmetric_) class_strips(in_.teacher, t_, in_.student, s_, false, weight, loss, dpbar);
+    side(plan_.cls, C_, nullptr, [this](const at::Tensor& x, const BicKDStats& st) { return normalised_columns(x, st); },
+         weight, loss, [&](int64_t c0, int64_t n) { return dpbar.t().narrow(0, c0, n); });
   }
 
   void backward(const at::Tensor& dp, const at::Tensor& dpbar, const at::Tensor& grad) {
@@ -109,9 +109,10 @@ class BicKDPass {
                         in_.valid(), st.col_log_norm.data_ptr<Acc>());
   }
 
+  // The two builders below write into a work buffer they own: what they return stays valid until their next call.
   // Normalised rows [row0, row0 + rows) of softmax(x / T): p = exp((x / T - max) - log_norm).
-  OperandRows normalised_rows(WorkBuffer& buffer, const at::Tensor& x, const BicKDStats& st) {
-    return [this, &buffer, &x, &st](int64_t row0, int64_t rows) {
+  OperandRows normalised_rows(const at::Tensor& x, const BicKDStats& st) {
+    return [this, buffer = WorkBuffer(opts_), &x, &st](int64_t row0, int64_t rows) mutable {
       at::Tensor out = buffer.view(rows, C_);
       k_.exp_block(as_matrix(x), row0, rows, 0, C_, inv_temp_, st.row_max.template data_ptr<Acc>(),
                    st.row_log_norm.template data_ptr<Acc>(), nullptr, in_.valid(), out.template data_ptr<Acc>());
@@ -121,8 +122,8 @@ class BicKDPass {
 
   // Normalised columns [col0, col0 + cols) of softmax(x / T) over every row, as (cols, N) operand rows (a
   // transposed view of an (N, cols) block): pbar = exp(((x / T - max) - log_sum) - log|P_.c|).
-  OperandRows normalised_columns(WorkBuffer& buffer, const at::Tensor& x, const BicKDStats& st) {
-    return [this, &buffer, &x, &st](int64_t col0, int64_t cols) {
+  OperandRows normalised_columns(const at::Tensor& x, const BicKDStats& st) {
+    return [this, buffer = WorkBuffer(opts_), &x, &st](int64_t col0, int64_t cols) mutable {
       at::Tensor out = buffer.view(N_, cols);
       k_.exp_block(as_matrix(x), 0, N_, col0, cols, inv_temp_, st.row_max.template data_ptr<Acc>(),
                    st.row_log_sum.template data_ptr<Acc>(), st.col_log_norm.template data_ptr<Acc>(), in_.valid(),
@@ -131,19 +132,45 @@ class BicKDPass {
     };
   }
 
+  // Every operand row built once: views of them.
+  static OperandRows built_once(const OperandRows& build, int64_t count) {
+    const at::Tensor all = build(0, count);
+    return [all](int64_t r0, int64_t n) { return all.narrow(0, r0, n); };
+  }
+
   at::Tensor scaled_weight(const at::Tensor& weight) const {
     return weight.defined() && symmetric_ ? weight * 0.5 : weight;
   }
 
-  // One direction of one side through the strip engine. `target(r0, n)`: the gradient rows the anchors' products
-  // go to (student anchors) or, for teacher anchors, every candidate's (r0 = 0).
-  void strips(int64_t anchors, int64_t strip, int64_t block, const OperandRows& anchor_rows,
+  // One side, both directions, as the plan walks it (plan.h: Whole builds both inputs' operands once, the others
+  // build them per direction in buffers freed after it). `target(r0, n)`: the gradient rows the student anchors'
+  // products go to, or for teacher anchors every candidate's (r0 = 0).
+  template <typename MakeBuilder>
+  void side(const BicKDSide& plan, int64_t count, const bool* valid, MakeBuilder&& make_builder,
+            const at::Tensor& weight, at::Tensor& loss, const std::function<at::Tensor(int64_t, int64_t)>& target) {
+    if (plan.operands == BicKDOperands::Whole) {
+      const OperandRows student = built_once(make_builder(in_.student, s_), count);
+      const OperandRows teacher = built_once(make_builder(in_.teacher, t_), count);
+      strips(count, plan, student, teacher, valid, weight, loss, true, target);
+      if (symmetric_) strips(count, plan, teacher, student, valid, weight, loss, false, target);
+      return;
+    }
+    strips(count, plan, make_builder(in_.student, s_), make_builder(in_.teacher, t_), valid, weight, loss, true,
+           target);
+    if (symmetric_) {
+      strips(count, plan, make_builder(in_.teacher, t_), make_builder(in_.student, s_), valid, weight, loss, false,
+             target);
+    }
+  }
+
+  // One direction of one side through the strip engine.
+  void strips(int64_t anchors, const BicKDSide& plan, const OperandRows& anchor_rows,
               const OperandRows& candidate_rows, const bool* valid, const at::Tensor& weight, at::Tensor& loss,
               bool student_anchors, const std::function<at::Tensor(int64_t, int64_t)>& target) {
-    const at::Tensor storage = at::empty({strip, anchors}, opts_);
+    const at::Tensor storage = at::empty({plan.strip, anchors}, opts_);
     at::Tensor terms = at::zeros({anchors}, opts_);
     const at::Tensor w = scaled_weight(weight);
-    StripEngine engine(gemm_, StripWalk{anchors, anchors, strip, block}, storage);
+    StripEngine engine(gemm_, StripWalk{anchors, anchors, plan.strip, plan.block}, storage);
     engine.run(
         anchor_rows, candidate_rows,
         [&](at::Tensor& z, int64_t r0, int64_t rows) {
@@ -155,23 +182,6 @@ class BicKDPass {
     loss.add_(terms, symmetric_ ? 0.5 : 1.0);
   }
 
-  void sample_strips(const at::Tensor& anchor_x, const BicKDStats& anchor_stats, const at::Tensor& cand_x,
-                     const BicKDStats& cand_stats, bool student_anchors, const at::Tensor& weight, at::Tensor& loss,
-                     const at::Tensor& dp) {
-    strips(N_, plan_.sample_strip, plan_.sample_block, normalised_rows(anchor_buffer_, anchor_x, anchor_stats),
-           normalised_rows(candidate_buffer_, cand_x, cand_stats), in_.valid(), weight, loss, student_anchors,
-           [&](int64_t r0, int64_t n) { return dp.narrow(0, r0, n); });
-  }
-
-  // dpbar is (N, C); its transpose's rows are the columns' gradients.
-  void class_strips(const at::Tensor& anchor_x, const BicKDStats& anchor_stats, const at::Tensor& cand_x,
-                    const BicKDStats& cand_stats, bool student_anchors, const at::Tensor& weight, at::Tensor& loss,
-                    const at::Tensor& dpbar) {
-    strips(C_, plan_.class_strip, plan_.class_block, normalised_columns(anchor_buffer_, anchor_x, anchor_stats),
-           normalised_columns(candidate_buffer_, cand_x, cand_stats), nullptr, weight, loss, student_anchors,
-           [&](int64_t c0, int64_t n) { return dpbar.t().narrow(0, c0, n); });
-  }
-
   const Inputs& in_;
   KernelBackend<Acc>& k_;
   const Gemm gemm_;
@@ -180,7 +190,6 @@ class BicKDPass {
   const Acc inv_temp_, inv_tau_;
   const bool symmetric_;
   BicKDPlan plan_;
-  WorkBuffer anchor_buffer_, candidate_buffer_;
   BicKDStats s_, t_;  // student's, teacher's
 };
 

@@ -63,6 +63,9 @@ PYBIND11_MODULE(_C, module) {
       "default_workspace_bytes",
       [](const std::string& device) { return ckd::default_workspace_for(at::empty({0}, at::Device(device))); },
       "The default budget of calls on `device` (CPU: 64 MiB; CUDA: from the device's free memory).");
+  module.def("bickd_cpu_workspace", &ckd::bickd_cpu_workspace,
+             "BicKD's default CPU budget for an N x C call accumulating in `acc_bytes` (without a setting).",
+             pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("acc_bytes") = 4);
   module.def("cuda_workspace_from_free_memory", &ckd::cuda_workspace_from_free_memory,
              "The CUDA default budget for a device with `free_bytes` free.");
   module.def("cpu_isa", &ckd::cpu_isa, "The instruction set the CPU kernels run with: baseline, avx2 or avx512.");
@@ -116,10 +119,18 @@ PYBIND11_MODULE(_C, module) {
           p.operand_bytes = p.acc_bytes;
           p.operands_are_inputs = false;
           const ckd::BicKDPlan plan = ckd::plan_bickd(p, symmetric, true, true);
-          out["sample_strip"] = plan.sample_strip;
-          out["sample_block"] = plan.sample_block;
-          out["class_strip"] = plan.class_strip;
-          out["class_block"] = plan.class_block;
+          auto side = [&out](const char* name, const ckd::BicKDSide& s) {
+            const std::string prefix(name);
+            out[(prefix + "_operands").c_str()] = s.operands == ckd::BicKDOperands::Whole        ? "whole"
+                                                  : s.operands == ckd::BicKDOperands::Candidates ? "candidates"
+                                                                                                 : "blocks";
+            out[(prefix + "_strip").c_str()] = s.strip;
+            out[(prefix + "_block").c_str()] = s.block;
+          };
+          side("sample", plan.sample);
+          side("class", plan.cls);
+          out["built_elements"] = plan.built_elements;
+          out["work_bytes"] = plan.work_bytes;
           counts(plan);
           return out;
         }

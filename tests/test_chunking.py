@@ -5,9 +5,9 @@ The sizes come from the strip plans (csrc/orchestration/plan.h, `_C.strip_plan`)
 blocks (sizes differing by at most one). With a budget B, CKD keeps the whole N x N matrix when N^2 * sizeof(acc)
 <= B / 2 (the gradient then by output blocks); otherwise teacher anchors walk strips of rows_within(B / 2, N) rows
 and student anchors tiles of sqrt(B / 2 / sizeof(acc)) rows, both capped by the operand blocks when the inputs are
-converted or masked (rows_within(B / 4 or B / 8, C * operand bytes)). BicKD: sample strips min(rows_within(B/2, N),
-rows_within(B/4, C)), candidate blocks rows_within(B/4, C); class strips and blocks the same over columns. The
-tests below assert the plan's sizes for their shapes, so a change to the plans cannot silently stop covering a case.
+converted or masked (rows_within(B / 4 or B / 8, C * operand bytes)). BicKD walks each side (rows, columns) by the
+cheapest of three operand modes within B: both normalised operand matrices whole, the candidates whole beside strips
+of anchors, or candidate blocks rebuilt per strip (plan.h, BicKDOperands). The tests below assert the plan's sizes for their shapes, so a change to the plans cannot silently stop covering a case.
 KD works row by row and has no chunks (it is here because every configuration is).
 """
 import pytest
@@ -76,6 +76,35 @@ def test_emulated_partial_strips_and_tiles(config):
             check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction="none")
 
     with_workspace(4 * 1024, run)
+
+
+# BicKD's operand modes (test_strip_plans.BICKD_CASES): (N, C, workspace, sample side's, class side's).
+BICKD_MODES = [(40, 24, 64 << 10, "whole", "whole"), (40, 24, 6 << 10, "candidates", "candidates"),
+               (40, 24, 3 << 10, "blocks", "blocks"), (40, 100, 38 << 10, "whole", "candidates")]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated"])
+@pytest.mark.parametrize("config", ["bickd", "bickd_symmetric"])
+@pytest.mark.parametrize("n,c,workspace,sample,cls", BICKD_MODES)
+def test_bickd_operand_modes(backend, config, n, c, workspace, sample, cls):
+    """Each of BicKD's operand modes on both sides, masked, with per-anchor weights ("none", recomputed in backward)
+    and with the gradient in the forward ("mean")."""
+    if backend == "emulated" and not testing.emulated_available():
+        pytest.skip("the emulated CUDA backend is not built")
+    p = plan("bickd", n, c, torch.float32, "emulated" if backend == "emulated" else "cpu", workspace)
+    assert (p["sample_operands"], p["class_operands"]) == (sample, cls), p
+    student, teacher = pair(n, c, seed=n + c)
+    mask = random_mask(n, seed=7)
+
+    def run():
+        for reduction in ("none", "mean"):
+            if backend == "emulated":
+                with testing.emulated_cuda():
+                    check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction=reduction)
+            else:
+                check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction=reduction)
+
+    with_workspace(workspace, run)
 
 
 WHOLE_BUDGET = 13 << 10  # N = 40, C = 24: the 6400-byte matrix is whole, the output and operand blocks are not

@@ -72,17 +72,29 @@ def test_ckd_plan_counts_what_a_call_issues(backend, anchor, dtype, masked, n, c
         plan)
 
 
+# (N, C, workspace, sample side's operands, class side's operands) at N = 40, C = 24, where each side's fp32 operand
+# matrix takes 3840 bytes: both matrices whole (64 KiB), the candidates whole beside strips (6 KiB), candidate blocks
+# (3 KiB), and a mix (N = 40, C = 100, 38 KiB: both sample matrices, 16000 bytes each, fit beside one strip of all 40
+# rows; beside them the class side would have strips of 17 columns, where with its candidates alone it has 40).
+BICKD_CASES = [(40, 24, 64 << 10, "whole", "whole"), (40, 24, 6 << 10, "candidates", "candidates"),
+               (40, 24, 3 << 10, "blocks", "blocks"), (40, 100, 38 << 10, "whole", "candidates")]
+
+
 @pytest.mark.parametrize("backend", ["cpu", "emulated"])
 @pytest.mark.parametrize("symmetric", [False, True])
-@pytest.mark.parametrize("n,c,workspace", [(40, 24, 64 << 10), (40, 24, 3 << 10)])
-def test_bickd_plan_counts_what_a_call_issues(backend, symmetric, n, c, workspace):
+@pytest.mark.parametrize("want_grad", [True, False])
+@pytest.mark.parametrize("n,c,workspace,sample,cls", BICKD_CASES)
+def test_bickd_plan_counts_what_a_call_issues(backend, symmetric, want_grad, n, c, workspace, sample, cls):
     if backend == "emulated" and not testing.emulated_available():
         pytest.skip("the emulated CUDA backend is not built")
     student, teacher = pair(n, c, seed=5, dtype=torch.float32)
-    plan = ext.strip_plan("bickd", n, c, "float32", backend, workspace, symmetric=symmetric)
+    plan = ext.strip_plan("bickd", n, c, "float32", backend, workspace, want_grad=want_grad, symmetric=symmetric)
+    assert (plan["sample_operands"], plan["class_operands"]) == (sample, cls), plan
+    assert plan["work_bytes"] <= workspace, plan
 
     assert_issues_the_plan(
-        lambda: torch.ops.ckd_ext.bickd_forward(student, teacher, None, 4.0, 0.1, 1.0, 1.0, symmetric, "mean", True),
+        lambda: torch.ops.ckd_ext.bickd_forward(student, teacher, None, 4.0, 0.1, 1.0, 1.0, symmetric, "mean",
+                                                want_grad),
         backend, workspace, plan)
 
 
@@ -139,8 +151,51 @@ def test_cpu_plan_before_and_after_at_a_32k_vocabulary():
         assert plan["min_gemm_dim"] >= 1024, plan
 
 
-@pytest.mark.parametrize("n,c", [(4096, 32000), (16384, 32000)])
-def test_bickd_plan_at_gpu_shapes(n, c):
-    plan = ext.strip_plan("bickd", n, c, "bfloat16", "cuda", 4 * GiB)
-    assert plan["gemms"] <= 300, plan
+BICKD_GPU_SHAPES = [(4096, 32000), (16384, 32000), (16384, 128256)]
+
+
+FEW_HUNDRED = 350  # GEMMs per direction
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("workspace", [4 * GiB, 1 * GiB])
+@pytest.mark.parametrize("n,c", BICKD_GPU_SHAPES)
+def test_bickd_plan_at_gpu_shapes(n, c, workspace, symmetric):
+    """A few hundred GEMMs at most, none thinner than 512, work buffers within the workspace (the N x C fp32
+    accumulators dp and dpbar are outside it, like the gradient)."""
+    if (n, c, workspace) == (16384, 128256, 1 * GiB):
+        pytest.xfail("the class side's strips keep their similarity rows (strip x 128256 fp32) beside fp32 operand "
+                     "blocks of depth 16384: ~4900 GEMMs at 1 GiB. An online-softmax walk (the strip's products "
+                     "accumulated block by block with a running max, no strip rows) would need only operand blocks, "
+                     "~2 (128256 / 8192)^2 = 490 per direction; not done (docs/cuda.md)")
+    plan = ext.strip_plan("bickd", n, c, "bfloat16", "cuda", workspace, symmetric=symmetric)
+    assert plan["gemms"] <= FEW_HUNDRED * (2 if symmetric else 1), plan
     assert plan["min_gemm_dim"] >= 512, plan
+    assert plan["work_bytes"] <= workspace, plan
+
+
+def test_bickd_plan_before_and_after_at_the_largest_gpu_shape():
+    """16384 x 128256 at 4 GiB issued 624 GEMMs with strips sized by `workspace / C` (and the class side's candidate
+    blocks rebuilt for every strip and pass)."""
+    plan = ext.strip_plan("bickd", 16384, 128256, "bfloat16", "cuda", 4 * GiB)
+    assert plan["gemms"] <= FEW_HUNDRED, plan
+
+
+def test_bickd_cpu_plan_at_a_32k_vocabulary():
+    """1024 x 32000 fp32 (the scale-classes-32k benchmark): under the shape-sized CPU default both sides keep their
+    candidates whole, so each operand is built once per call (4 N x C matrices), where the 64 MiB default rebuilt the
+    class side's candidates for each of its 123 strips, twice."""
+    n, c = 1024, 32000
+    workspace = ext.bickd_cpu_workspace(n, c)
+    assert workspace == (64 << 20) + n * c * 4
+    plan = ext.strip_plan("bickd", n, c, "float32", "cpu", workspace)
+    assert plan["sample_operands"] == plan["class_operands"] == "candidates", plan
+    assert plan["built_elements"] == 4 * n * c, plan
+    assert plan["work_bytes"] <= workspace, plan
+    before = ext.strip_plan("bickd", n, c, "float32", "cpu", 64 << 20)
+    assert before["built_elements"] > 50 * n * c, before
+
+
+def test_bickd_cpu_workspace_is_capped():
+    assert ext.bickd_cpu_workspace(64, 100) == (64 << 20) + 64 * 100 * 4
+    assert ext.bickd_cpu_workspace(16384, 128256) == 1 * GiB

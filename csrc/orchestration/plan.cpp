@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace ckd {
 
@@ -169,75 +170,112 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
   return plan;
 }
 
+namespace {
+
+// What one BicKD side issues, in closed form (a balanced walk's blocks all have the first one's size but the last).
+struct BicKDSideWork {
+  int64_t gemms = 0, launches = 0, built = 0, min_dim = 0, work_bytes = 0;
+  double flops = 0;
+};
+
+int64_t last_block(int64_t total, int64_t block) { return total - (blocks_of(total, block) - 1) * block; }
+
+BicKDSideWork bickd_side_work(const BicKDSide& side, int64_t count, int64_t depth, int64_t acc, int64_t directions,
+                              bool want_grad) {
+  BicKDSideWork w;
+  const int64_t strips = blocks_of(count, side.strip), blocks = blocks_of(count, side.block);
+  const int64_t matrix = count * depth;
+  const bool whole = side.operands == BicKDOperands::Whole;
+  if (whole) {
+    w.launches += 2;
+    w.built += 2 * matrix;
+  }
+  for (int64_t d = 0; d < directions; ++d) {
+    const bool into_anchors = d == 0;  // student anchors: products into the anchors' rows, per candidate block
+    if (!whole) {
+      // The strip engine builds one block once per run, else every block per strip and pass over the candidates.
+      const int64_t passes = want_grad && into_anchors ? 2 : 1;
+      const int64_t candidate_builds = blocks == 1 ? 1 : strips * blocks * passes;
+      w.launches += strips + candidate_builds;
+      w.built += matrix + (blocks == 1 ? 1 : strips * passes) * matrix;
+    }
+    w.gemms += strips * blocks;
+    w.launches += strips;  // epilogues
+    if (want_grad) w.gemms += into_anchors ? strips * blocks : strips;
+  }
+  w.flops = 2.0 * static_cast<double>(count) * static_cast<double>(count) * static_cast<double>(depth) *
+            static_cast<double>(directions * (want_grad ? 2 : 1));
+  w.min_dim = std::min(last_block(count, side.strip), last_block(count, side.block));
+  if (want_grad) w.min_dim = std::min(w.min_dim, depth);  // the products' outputs are (rows, depth)
+  w.work_bytes = ((whole ? 2 * count : side.strip + side.block) * depth + side.strip * count) * acc;
+  return w;
+}
+
+// One GEMM call is charged as this many built operand elements. On the CPU, a ~10 us call against ~2.5 ns per exp.
+// On a GPU a build is a memory-bound pass next to GEMMs of thousands of flops per element it writes; what more
+// GEMMs cost is their launches and partial last waves, ~1 ms on an fp32 GEMM of thousands of rows, about what
+// 2^30 elements take to write and read back at ~3.35 TB/s.
+double bickd_gemm_cost(bool gpu) { return gpu ? double(int64_t{1} << 30) : double(int64_t{1} << 12); }
+
+// The cheapest walk of one side within the workspace: Whole when both operand matrices fit beside a strip, else
+// every strip size (as a number of balanced strips) with the largest candidate blocks beside it.
+BicKDSide plan_bickd_side(int64_t count, int64_t depth, const PlanInputs& in, int64_t directions) {
+  const int64_t W = in.workspace, acc = in.acc_bytes;
+  const double per_gemm = bickd_gemm_cost(in.gpu);
+  BicKDSide best{BicKDOperands::Blocks, 1, 1};  // when nothing fits: one anchor against one candidate at a time
+  double best_cost = std::numeric_limits<double>::infinity();
+  auto consider = [&](const BicKDSide& side) {
+    const BicKDSideWork w = bickd_side_work(side, count, depth, acc, directions, in.want_grad);
+    const double cost = static_cast<double>(w.gemms) * per_gemm + static_cast<double>(w.built);
+    if (w.work_bytes <= W && cost < best_cost) {
+      best = side;
+      best_cost = cost;
+    }
+  };
+  const int64_t matrix_bytes = count * depth * acc;
+  if (2 * matrix_bytes < W) {
+    consider({BicKDOperands::Whole, balanced(count, rows_within(W - 2 * matrix_bytes, count * acc, count)), count});
+  }
+  for (int64_t strips = 1; strips <= count; ++strips) {
+    if (static_cast<double>(strips) * per_gemm >= best_cost) break;  // every strip issues a GEMM
+    const int64_t strip = blocks_of(count, strips);
+    if (blocks_of(count, strip) != strips) continue;  // the same strips as a smaller count
+    const int64_t rest = W - strip * (depth + count) * acc;
+    if (rest < depth * acc) continue;
+    const int64_t block = balanced(count, rows_within(rest, depth * acc, count));
+    consider({block >= count ? BicKDOperands::Candidates : BicKDOperands::Blocks, strip, block});
+  }
+  return best;
+}
+
+}  // namespace
+
 BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, bool class_side) {
-  const int64_t N = in.rows, C = in.cols, W = in.workspace, acc = in.acc_bytes;
+  const int64_t N = in.rows, C = in.cols, acc = in.acc_bytes, directions = symmetric ? 2 : 1;
   BicKDPlan plan;
-  plan.sample_strip = balanced(N, std::min(rows_within(W / 2, N * acc, N), rows_within(W / 4, C * acc, N)));
-  plan.sample_block = balanced(N, rows_within(W / 4, C * acc, N));
-  plan.class_strip = balanced(C, std::min(rows_within(W / 2, C * acc, C), rows_within(W / 4, N * acc, C)));
-  plan.class_block = balanced(C, rows_within(W / 4, N * acc, C));
-  Counter n;
-  n.launches += 2;  // softmax statistics of both inputs
-  const int64_t directions = symmetric ? 2 : 1;
-  if (sample_side) {
-    for (int64_t d = 0; d < directions; ++d) {
-      const bool student_anchors = d == 0;
-      const bool cached = plan.sample_block >= N;
-      if (cached) n.launches += 1;
-      for_blocks(N, plan.sample_strip, [&](int64_t rows) {
-        n.launches += 1;  // anchors
-        for_blocks(N, plan.sample_block, [&](int64_t kb) {
-          if (!cached) n.launches += 1;
-          n.gemm(rows, kb, C);
-        });
-        n.launches += 1;  // epilogue
-        if (!in.want_grad) return;
-        if (student_anchors) {
-          for_blocks(N, plan.sample_block, [&](int64_t kb) {
-            if (!cached) n.launches += 1;
-            n.gemm(rows, C, kb);
-          });
-        } else {
-          n.gemm(N, C, rows);
-        }
-      });
-    }
-  }
+  plan.launches = 2;  // softmax statistics of both inputs
+  int64_t min_dim = INT64_MAX;
+  auto side = [&](BicKDSide& out, int64_t count, int64_t depth) {
+    out = plan_bickd_side(count, depth, in, directions);
+    const BicKDSideWork w = bickd_side_work(out, count, depth, acc, directions, in.want_grad);
+    plan.gemms += w.gemms;
+    plan.launches += w.launches;
+    plan.built_elements += w.built;
+    plan.gemm_flops += w.flops;
+    plan.work_bytes = std::max(plan.work_bytes, w.work_bytes);  // each side's buffers are freed before the next
+    if (w.gemms) min_dim = std::min(min_dim, w.min_dim);
+  };
+  if (sample_side) side(plan.sample, N, C);
   if (class_side) {
-    n.launches += 2;  // column norms of both inputs
-    for (int64_t d = 0; d < directions; ++d) {
-      const bool cached = plan.class_block >= C;
-      if (cached) n.launches += 1;
-      for_blocks(C, plan.class_strip, [&](int64_t cols) {
-        n.launches += 1;
-        for_blocks(C, plan.class_block, [&](int64_t kb) {
-          if (!cached) n.launches += 1;
-          n.gemm(cols, kb, N);
-        });
-        n.launches += 1;
-        if (!in.want_grad) return;
-        if (d == 0) {
-          for_blocks(C, plan.class_block, [&](int64_t kb) {
-            if (!cached) n.launches += 1;
-            n.gemm(cols, N, kb);
-          });
-        } else {
-          n.gemm(C, N, cols);
-        }
-      });
-    }
+    plan.launches += 2;  // column norms of both inputs
+    side(plan.cls, C, N);
   }
-  if (in.want_grad) n.launches += class_side ? 2 : 1;  // column projections, then the last pass
-  plan.gemms = n.gemms;
-  plan.gemm_flops = n.flops;
-  plan.launches = n.launches;
-  plan.min_gemm_dim = n.gemms ? n.min_dim : 0;
-  const int64_t sample_bytes = sample_side ? (plan.sample_strip * N + (plan.sample_strip + plan.sample_block) * C) * acc : 0;
-  const int64_t class_bytes = class_side ? (plan.class_strip * C + (plan.class_strip + plan.class_block) * N) * acc : 0;
+  if (in.want_grad) plan.launches += class_side ? 2 : 1;  // column projections, then the last pass
+  plan.min_gemm_dim = plan.gemms ? min_dim : 0;
   // dp (sample side, unless the gradient is in acc and doubles as it) and dpbar (class side) are N x C in acc.
   const int64_t accumulators =
       in.want_grad ? ((sample_side && !in.grad_in_acc ? 1 : 0) + (class_side ? 1 : 0)) * N * C * acc : 0;
-  plan.transient_bytes = std::max(sample_bytes, class_bytes) + accumulators;
+  plan.transient_bytes = plan.work_bytes + accumulators;
   return plan;
 }
 

@@ -45,11 +45,27 @@ struct CkdPlan {
 };
 CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor);
 
-// BicKD: strips of normalised probability rows (sample side) or columns (class side), built in fp32 by exp_block.
+// BicKD, per side: `count` anchors (student rows p_i or columns pbar_c) against as many candidates (teacher rows or
+// columns), normalised probability vectors of `depth` acc elements built from the logits by exp_block, walked by the
+// strip engine in strips of anchors against blocks of candidates. Which operands are built how often:
+//   Whole       both inputs' operand matrices (count x depth each) built once per call, shared by both directions;
+//               strips are views.
+//   Candidates  the candidates built once per direction (one block), each strip's anchors once per strip.
+//   Blocks      neither fits: each strip's anchors once, its candidate blocks once for the similarities and, for
+//               student anchors with the gradient, again for its products.
+// Each side picks the mode and sizes with the fewest GEMMs, plus built elements, within the workspace (see
+// plan_bickd); the N x C acc accumulators dp, dpbar of the gradient are not part of the workspace.
+enum class BicKDOperands { Whole, Candidates, Blocks };
+struct BicKDSide {
+  BicKDOperands operands = BicKDOperands::Blocks;
+  int64_t strip = 0, block = 0;  // anchors per strip, candidates per block (Whole, Candidates: block = count)
+};
 struct BicKDPlan {
-  int64_t sample_strip = 0, sample_block = 0;  // anchor rows per strip, candidate rows per block
-  int64_t class_strip = 0, class_block = 0;    // the same for columns
-  int64_t gemms = 0, launches = 0, min_gemm_dim = 0, transient_bytes = 0;
+  BicKDSide sample, cls;  // sample side: rows; class side: columns
+  int64_t gemms = 0, launches = 0, min_gemm_dim = 0;
+  int64_t built_elements = 0;  // operand elements exp_block writes over the call
+  int64_t work_bytes = 0;      // work buffers at their peak (one side's operands and strip), within the workspace
+  int64_t transient_bytes = 0;  // work_bytes plus the N x C acc gradient accumulators
   double gemm_flops = 0;
 };
 BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, bool class_side);

@@ -33,6 +33,15 @@ int64_t workspace_for(const at::Tensor& x) {
   return default_workspace_for(x);
 }
 
+int64_t bickd_cpu_workspace(int64_t rows, int64_t cols, int64_t acc_bytes) {
+  return std::min(kCpuWorkspaceBytes + rows * cols * acc_bytes, kMinCudaWorkspaceBytes);
+}
+
+int64_t bickd_workspace_for(const at::Tensor& x, int64_t rows, int64_t cols, int64_t acc_bytes) {
+  if (const int64_t set = g_setting.load(); set > 0) return set;
+  return x.is_cuda() ? default_workspace_for(x) : bickd_cpu_workspace(rows, cols, acc_bytes);
+}
+
 int64_t cuda_workspace_from_free_memory(int64_t free_bytes) {
   return std::clamp(free_bytes / 8, kMinCudaWorkspaceBytes, kMaxCudaWorkspaceBytes);
 }

@@ -19,6 +19,13 @@ void reset_workspace_bytes();
 // The budget of a call on x's device: the setting, else that device's default.
 int64_t workspace_for(const at::Tensor& x);
 int64_t default_workspace_for(const at::Tensor& x);
+// BicKD's budget on x's device for an N x C call accumulating in `acc_bytes`: the setting, else on the CPU
+// bickd_cpu_workspace and on CUDA its default.
+int64_t bickd_workspace_for(const at::Tensor& x, int64_t rows, int64_t cols, int64_t acc_bytes);
+// The CPU default plus one N x C acc matrix, at most kMinCudaWorkspaceBytes: room to keep one side's candidates whole
+// (built once instead of once per strip and pass; the class side's dpbar accumulator is that size already) beside
+// strips of the default's size. A pure function, for tests and the strip-plan tool.
+int64_t bickd_cpu_workspace(int64_t rows, int64_t cols, int64_t acc_bytes);
 // The default for CUDA from free device memory (a pure function, for tests and the strip-plan tool).
 int64_t cuda_workspace_from_free_memory(int64_t free_bytes);
 
