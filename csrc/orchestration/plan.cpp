@@ -73,7 +73,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
         if (!cached) copy(1);
         n.gemm(rows, kb, C);
       });
-      n.launches += 1;  // epilogue
+      n.launches += 2;  // epilogue: chunk statistics, then losses and coefficients
       if (accumulate) n.gemm(N, C, rows, products);
     });
     first_pass_bytes = (plan.whole ? matrix_bytes : plan.strip * N * in.acc_bytes) +
@@ -102,7 +102,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
       copy(diagonal ? 1 : 0);
       if (!diagonal) copy(1);
       n.gemm(ri, rj, C);
-      n.launches += diagonal ? 1 : 2;
+      n.launches += 1;  // rows and, off the diagonal, columns in one kernel
     });
     if (plan.whole) {
       walk_tiles([&](int64_t, int64_t, bool) { n.launches += 1; });  // coefficients, tiles in place
@@ -200,7 +200,7 @@ BicKDSideWork bickd_side_work(const BicKDSide& side, int64_t count, int64_t dept
       w.built += matrix + (blocks == 1 ? 1 : strips * passes) * matrix;
     }
     w.gemms += strips * blocks;
-    w.launches += strips;  // epilogues
+    w.launches += 2 * strips;  // epilogues: chunk statistics, then losses and coefficients
     if (want_grad) w.gemms += into_anchors ? strips * blocks : strips;
   }
   w.flops = 2.0 * static_cast<double>(count) * static_cast<double>(count) * static_cast<double>(depth) *

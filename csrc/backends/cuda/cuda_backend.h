@@ -6,7 +6,10 @@
 #include <stdexcept>
 #include <string>
 
+#include <vector>
+
 #if defined(__CUDACC__)
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #endif
 
@@ -82,8 +85,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (rows * x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::load_rows_kernel<Acc, T>, elements_grid(rows * x.cols), dim3(gpu::kElementThreads), 0,
-                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, valid, out);
+      launch_kernel(gpu::load_rows_kernel<Acc, T>, element_grid(rows, x.cols), element_block(x.cols), 0, stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, valid, out);
     });
     check_launch();
   }
@@ -94,43 +96,54 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (rows * cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::exp_block_kernel<Acc, T>, elements_grid(rows * cols), dim3(gpu::kElementThreads), 0,
-                    stream_, static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
+      launch_kernel(gpu::exp_block_kernel<Acc, T>, element_grid(rows, cols), element_block(cols), 0, stream_,
+                    static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
                     row_rest, col_shift, valid, out);
     });
     check_launch();
   }
 
+  // Two launches (cuda_kernels.h, contrastive_epilogue_stats_kernel); plan.cpp counts them.
   void contrastive_epilogue(const EpilogueParams<Acc>& p) override {
     if (p.rows == 0) return;
-    launch_kernel(gpu::contrastive_epilogue_kernel<Acc>, rows_grid(p.rows), dim3(gpu::kRowThreads), 0, stream_, p);
+    const gpu::EpilogueSplit split = epilogue_split(p.rows, p.cols);
+    Scratch partials(split.floats() * static_cast<int64_t>(sizeof(Acc)), stream_, host_scratch_);
+    Acc* partial_values = static_cast<Acc*>(partials.data());
+    launch_kernel(gpu::contrastive_epilogue_stats_kernel<Acc>, dim3(static_cast<unsigned>(p.rows),
+                  static_cast<unsigned>(split.chunks)), dim3(gpu::kRowThreads), 0, stream_, p, split, partial_values);
+    check_launch();
+    const unsigned finishing_chunks = p.weight ? static_cast<unsigned>(split.chunks) : 1u;  // loss only: one per row
+    launch_kernel(gpu::contrastive_epilogue_finish_kernel<Acc>, dim3(static_cast<unsigned>(p.rows), finishing_chunks),
+                  dim3(gpu::kRowThreads), 0, stream_, p, split, static_cast<const Acc*>(partial_values));
     check_launch();
   }
 
   void contrastive_coefficients(const EpilogueParams<Acc>& p, const Acc* lse) override {
     if (p.rows * p.cols == 0) return;
-    launch_kernel(gpu::contrastive_coefficients_kernel<Acc>, block_rows_grid(p.rows, p.cols),
-                  dim3(gpu::kElementThreads), 0, stream_, p, lse);
+    launch_kernel(gpu::contrastive_coefficients_kernel<Acc>, element_grid(p.rows, p.cols), element_block(p.cols), 0,
+                  stream_, p, lse);
     check_launch();
   }
 
   void symmetric_tile_lse(const SymmetricTile<Acc>& t, Acc* row_max, Acc* row_sum) override {
     if (t.rows * t.cols == 0) return;
-    launch_kernel(gpu::symmetric_tile_lse_rows_kernel<Acc>, rows_grid(t.rows), dim3(gpu::kRowThreads), 0, stream_, t,
-                  row_max, row_sum);
-    check_launch();
-    // Off-diagonal tiles also stand for their transpose, whose rows (the tile's columns) are other rows.
-    if (t.row0 != t.col0) {
-      launch_kernel(gpu::symmetric_tile_lse_columns_kernel<Acc>, columns_grid(t.cols), dim3(gpu::kColumnThreads), 0,
-                    stream_, t, row_max, row_sum);
-      check_launch();
+    const bool diagonal = t.row0 == t.col0;
+    // The kernel's column blocks merge into rows col0.., its row blocks into rows row0..: they must not overlap.
+    if (!diagonal && t.col0 < t.row0 + t.rows) {
+      throw std::invalid_argument("symmetric_tile_lse: an off-diagonal tile (row0 " + std::to_string(t.row0) +
+                                  ", rows " + std::to_string(t.rows) + ", col0 " + std::to_string(t.col0) +
+                                  ") must lie wholly above the diagonal");
     }
+    const int64_t blocks = t.rows + (diagonal ? 0 : (t.cols + 31) / 32);
+    launch_kernel(gpu::symmetric_tile_lse_kernel<Acc>, dim3(static_cast<unsigned>(blocks)), dim3(gpu::kColumnThreads),
+                  0, stream_, t, row_max, row_sum);
+    check_launch();
   }
 
   void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) override {
     if (t.rows * t.cols == 0) return;
-    launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, elements_grid(t.rows * t.cols),
-                  dim3(gpu::kElementThreads), 0, stream_, t, lse, weight);
+    launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, element_grid(t.rows, t.cols), element_block(t.cols),
+                  0, stream_, t, lse, weight);
     check_launch();
   }
 
@@ -191,19 +204,58 @@ class CudaBackend final : public KernelBackend<Acc> {
   static dim3 columns_grid(int64_t cols) {
     return dim3(static_cast<unsigned>((cols + gpu::kColumnThreads - 1) / gpu::kColumnThreads));
   }
-  // A matrix's rows as the grid's x (up to 2^31 - 1), each split along y into column ranges of kElementThreads
-  // (y <= 65535), as many as cover the row while the grid stays within about kMaxElementBlocks blocks.
-  static dim3 block_rows_grid(int64_t rows, int64_t cols) {
-    const int64_t ranges = std::min<int64_t>((cols + gpu::kElementThreads - 1) / gpu::kElementThreads,
-                                             gpu::kMaxElementBlocks / std::max<int64_t>(rows, 1));
-    return dim3(static_cast<unsigned>(rows), static_cast<unsigned>(std::max<int64_t>(ranges, 1)));
+  // Element kernels (gpu::for_elements): blocks of kElementThreads threads, as many columns wide as a row needs up
+  // to all of them (32, 64, 128 or 256), the rest of the block on further rows, so that narrow rows keep the
+  // block's threads busy. Up to 65535 block rows (CUDA's limit for grid.y); the kernels stride past them.
+  static dim3 element_block(int64_t cols) {
+    unsigned width = 32;
+    while (width < static_cast<unsigned>(gpu::kElementThreads) && width < cols) width *= 2;
+    return dim3(width, static_cast<unsigned>(gpu::kElementThreads) / width);
   }
-  static dim3 elements_grid(int64_t total) {
-    const int64_t blocks = (total + gpu::kElementThreads - 1) / gpu::kElementThreads;
-    return dim3(static_cast<unsigned>(std::min<int64_t>(blocks, gpu::kMaxElementBlocks)));
+  static dim3 element_grid(int64_t rows, int64_t cols) {
+    const dim3 block = element_block(cols);
+    const int64_t col_blocks = (cols + block.x - 1) / block.x;
+    const int64_t row_blocks = (rows + block.y - 1) / block.y;
+    return dim3(static_cast<unsigned>(std::min<int64_t>(col_blocks, gpu::kMaxElementBlocks)),
+                static_cast<unsigned>(std::min<int64_t>(row_blocks, 65535)));
   }
 
+  // Chunks per strip row for the epilogue: enough blocks (rows x chunks) to fill the largest GPUs (kEpilogueBlocks)
+  // when a strip has few rows, and at least kEpilogueChunkCols columns per chunk (8 elements per thread) so that a
+  // block's fixed costs (the merge, its barriers) stay small; chunks are whole packs of 4 for vector loads.
+  static gpu::EpilogueSplit epilogue_split(int64_t rows, int64_t cols) {
+    const int64_t by_blocks = (gpu::kEpilogueBlocks + rows - 1) / rows;
+    const int64_t by_width = std::max<int64_t>(1, cols / gpu::kEpilogueChunkCols);
+    const int64_t wanted = std::min(by_blocks, by_width);
+    const int64_t chunk_cols = ((cols + wanted - 1) / wanted + 3) / 4 * 4;
+    return gpu::EpilogueSplit{rows, (cols + chunk_cols - 1) / chunk_cols, chunk_cols};
+  }
+
+  // A work buffer for the duration of one backend call. On the GPU it comes from torch's caching allocator on the
+  // call's stream (freed into that stream's pool: later work on the stream reuses it only after these kernels); the
+  // emulator runs launches synchronously and reuses one host buffer.
+  class Scratch {
+   public:
+#if defined(__CUDACC__)
+    Scratch(int64_t bytes, cudaStream_t stream, std::vector<unsigned char>&)
+        : data_(c10::cuda::CUDACachingAllocator::raw_alloc_with_stream(static_cast<size_t>(bytes), stream)) {}
+    ~Scratch() { c10::cuda::CUDACachingAllocator::raw_delete(data_); }
+#else
+    Scratch(int64_t bytes, cudaStream_t, std::vector<unsigned char>& host) {
+      if (host.size() < static_cast<size_t>(bytes)) host.resize(static_cast<size_t>(bytes));
+      data_ = host.data();
+    }
+#endif
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    void* data() const { return data_; }
+
+   private:
+    void* data_ = nullptr;
+  };
+
   cudaStream_t stream_ = nullptr;
+  std::vector<unsigned char> host_scratch_;  // the emulator's Scratch
 };
 
 // The backend for the calling thread, bound to `stream` (a cudaStream_t; ignored by the emulator).
