@@ -99,3 +99,22 @@ def test_bickd_gradient_at_large_logits(symmetric):
     kernels); now 1.3e-7 at most."""
     grad, grad64 = bickd_large_logit_gradients((40, 120), 29, symmetric, "none")
     assert_matches(grad, grad64, torch.float32, "grad", tol=2e-5)
+
+
+
+def test_epilogue_over_split_rows():
+    """CKD's teacher anchors in strips of 16 against 2100 candidates: the CUDA epilogue splits each strip row into 2
+    column chunks (cuda_backend.h, epilogue_split), whose statistics a second kernel merges; masked anchors and
+    candidates included. (BicKD's class strips run the same two kernels; tests/emulator/test_ckd_kernels.cpp checks
+    3-chunk rows, element-wise rows and the loss-only path against the CPU kernels. ~1 min emulated: 8k blocks.)"""
+    n, c = 2100, 6
+    workspace = 2 * 16 * n * 4  # half of it holds a strip: 16 rows of n fp32 similarities
+    plan = ckd_ext.require_extension().strip_plan("ckd_teacher", n, c, "float32", "emulated", workspace, masked=True)
+    assert plan["strip"] == 16 and not plan["whole"], plan
+    saved = ckd_ext.workspace_bytes()
+    ckd_ext.set_workspace_bytes(workspace)
+    try:
+        student, teacher = pair(n, c, seed=11)
+        check_against_oracle("ckd_teacher", student, teacher, dtype=torch.float32, mask=random_mask(n, seed=11))
+    finally:
+        ckd_ext.set_workspace_bytes(saved)

@@ -2,6 +2,7 @@
 // the torch-free CPU kernels (csrc/backends/cpu/cpu_kernels.h) on the same inputs. Built in every configuration of
 // this project, so ThreadSanitizer and AddressSanitizer+UBSan run the real kernels.
 #include <cmath>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -130,6 +131,45 @@ void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in)
   expect_close(strip, strip_ref, "epilogue coefficients");
 }
 
+// Strips of few, long rows, which the epilogue splits into column chunks (cuda_backend.h, epilogue_split: 3 chunks
+// of 1100 columns here), the positives in the middle chunk, one anchor and some candidates masked; packed (cols %
+// 4 == 0) and element-wise rows, with and without the gradient.
+void test_split_contrastive_epilogue(ckd::KernelBackend<float>& gpu) {
+  constexpr int kStripRows = 3, kRow0 = 1500;
+  for (int cols : {3300, 3299}) {
+    std::vector<float> col_scale = random_values(cols, 31), row_scale = random_values(cols, 32);
+    for (auto& c : col_scale) c = std::fabs(c) + 0.1f;
+    for (auto& r : row_scale) r = std::fabs(r) + 0.2f;
+    std::unique_ptr<bool[]> valid(new bool[cols]);
+    for (int j = 0; j < cols; ++j) valid[j] = j % 7 != 3 && j != kRow0 + 1;
+    std::vector<float> weight(cols, 0.0f);
+    for (int r = 0; r < kStripRows; ++r) weight[kRow0 + r] = 0.5f + r;
+    for (bool want_grad : {true, false}) {
+      std::vector<float> strip = random_values(kStripRows * cols, 33), strip_ref = strip;
+      std::vector<float> loss(cols, -1.0f), loss_ref(cols, -1.0f);
+      auto params = [&](std::vector<float>& z, std::vector<float>& l) {
+        ckd::EpilogueParams<float> p{};
+        p.strip = z.data();
+        p.row0 = kRow0;
+        p.rows = kStripRows;
+        p.cols = cols;
+        p.scale = 3.0f;
+        p.row_scale = row_scale.data();
+        p.col_scale = col_scale.data();
+        p.valid = valid.get();
+        p.loss = l.data();
+        p.weight = want_grad ? weight.data() : nullptr;
+        return p;
+      };
+      gpu.contrastive_epilogue(params(strip, loss));
+      const auto p_ref = params(strip_ref, loss_ref);
+      for (int r = 0; r < kStripRows; ++r) ckd::cpu::contrastive_epilogue_row(p_ref, r);
+      expect_close(loss, loss_ref, "split epilogue loss");
+      if (want_grad) expect_close(strip, strip_ref, "split epilogue coefficients");
+    }
+  }
+}
+
 // A diagonal and an off-diagonal tile of a symmetric 6 x 6 matrix, 3 rows each: LSE statistics (rows and the
 // transposed columns) and the symmetric coefficients, on raw products scaled by the rows' inverse norms.
 void test_symmetric_tiles(ckd::KernelBackend<float>& gpu, const Inputs& in) {
@@ -152,20 +192,42 @@ void test_symmetric_tiles(ckd::KernelBackend<float>& gpu, const Inputs& in) {
     for (int r = 0; r < 3; ++r) ckd::cpu::symmetric_tile_coefficients_row(t_ref, r, lse.data(), in.weight.data());
     expect_close(tile, tile_ref, "symmetric_tile_coefficients");
   }
+
+  // An off-diagonal 70 x 40 tile: each warp of a column block takes a share of the 70 rows, and the second column
+  // block is partly past the tile. Rows and columns masked here and there.
+  constexpr int kTileRows = 70, kTileCols = 40, kN = kTileRows + kTileCols;
+  std::vector<float> big_inv_norm = random_values(kN, 41);
+  for (auto& v : big_inv_norm) v = std::fabs(v) + 0.3f;
+  bool big_valid[kN];
+  for (int k = 0; k < kN; ++k) big_valid[k] = k % 9 != 4;
+  std::vector<float> tile = random_values(kTileRows * kTileCols, 42);
+  const ckd::SymmetricTile<float> t{tile.data(), kTileCols, 0, kTileRows, kTileRows, kTileCols, 2.0f,
+                                    big_inv_norm.data(), big_valid};
+  std::vector<float> row_max = random_values(kN, 43), row_sum(kN, 1.0f), max_ref = row_max, sum_ref = row_sum;
+  gpu.symmetric_tile_lse(t, row_max.data(), row_sum.data());
+  for (int r = 0; r < kTileRows; ++r) ckd::cpu::symmetric_tile_lse_row(t, r, max_ref.data(), sum_ref.data());
+  ckd::cpu::symmetric_tile_lse_columns(t, 0, kTileCols, max_ref.data(), sum_ref.data());
+  expect_close(row_max, max_ref, "symmetric_tile_lse max (70 x 40)");
+  expect_close(row_sum, sum_ref, "symmetric_tile_lse sum (70 x 40)");
 }
 
+// Rows of kCols (vector loads) and of kCols - 1 (one element at a time), with and without the extra term.
 void test_normalize_backward(ckd::KernelBackend<float>& gpu, const Inputs& in) {
-  std::vector<float> dv = random_values(kRows * kCols, 6), dv_ref = dv, grad(kRows * kCols), grad_ref(kRows * kCols, 0);
-  std::vector<float> extra_coef = random_values(kRows, 7);
-  gpu.normalize_backward(dv.data(), matrix(in.s, kRows, kCols), extra_coef.data(), matrix(in.t, kRows, kCols),
-                         in.valid, grad.data());
-  for (int i = 0; i < kRows; ++i) {
-    if (!in.valid[i]) continue;
-    ckd::cpu::normalize_backward_row<float>(dv_ref.data() + i * kCols, in.s.data() + i * kCols, kCols,
-                                            extra_coef[i], in.t.data() + i * kCols,
-                                            grad_ref.data() + i * kCols);
+  for (int cols : {kCols, kCols - 1}) {
+    for (bool extra : {true, false}) {
+      std::vector<float> dv = random_values(kRows * cols, 6), dv_ref = dv, grad(kRows * cols), grad_ref(kRows * cols, 0);
+      std::vector<float> extra_coef = random_values(kRows, 7);
+      gpu.normalize_backward(dv.data(), matrix(in.s, kRows, cols), extra ? extra_coef.data() : nullptr,
+                             matrix(in.t, kRows, cols), in.valid, grad.data());
+      for (int i = 0; i < kRows; ++i) {
+        if (!in.valid[i]) continue;
+        ckd::cpu::normalize_backward_row<float>(dv_ref.data() + i * cols, in.s.data() + i * cols, cols,
+                                                extra ? extra_coef[i] : 0.0f, extra ? in.t.data() + i * cols : nullptr,
+                                                grad_ref.data() + i * cols);
+      }
+      expect_close(grad, grad_ref, extra ? "normalize_backward" : "normalize_backward without extra");
+    }
   }
-  expect_close(grad, grad_ref, "normalize_backward");
 }
 
 void test_bickd_kernels(ckd::KernelBackend<float>& gpu, const Inputs& in) {
@@ -190,17 +252,23 @@ void test_bickd_kernels(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 
   std::vector<float> col_projection(kCols);
   for (int c = 0; c < kCols; ++c) col_projection[c] = log_norm_ref[c] < float(ckd::kLogNormEps) ? 0.0f : col_dot_ref[c];
-  std::vector<float> dp = random_values(kRows * kCols, 9), grad(kRows * kCols), grad_ref(kRows * kCols, 0);
-  std::vector<float> scratch(2 * kCols);
-  gpu.bickd_backward_rows(dp.data(), dpbar.data(), matrix(in.s, kRows, kCols), row_max.data(), log_sum.data(),
-                          log_norm_ref.data(), col_projection.data(), inv_temp, in.valid, grad.data());
-  for (int i = 0; i < kRows; ++i) {
-    if (!in.valid[i]) continue;
-    ckd::cpu::bickd_backward_row<float>(dp.data() + i * kCols, dpbar.data() + i * kCols, in.s.data() + i * kCols,
-                                        kCols, row_max[i], log_sum[i], log_norm_ref.data(), col_projection.data(),
-                                        inv_temp, scratch.data(), grad_ref.data() + i * kCols);
+  // Both sides, the sample side only (dpbar null) and the class side only (dp null).
+  for (int sides : {3, 1, 2}) {
+    const float* dpbar_in = sides & 2 ? dpbar.data() : nullptr;
+    std::vector<float> dp = random_values(kRows * kCols, 9), grad(kRows * kCols), grad_ref(kRows * kCols, 0);
+    float* dp_in = sides & 1 ? dp.data() : nullptr;
+    std::vector<float> scratch(2 * kCols);
+    gpu.bickd_backward_rows(dp_in, dpbar_in, matrix(in.s, kRows, kCols), row_max.data(), log_sum.data(),
+                            log_norm_ref.data(), col_projection.data(), inv_temp, in.valid, grad.data());
+    for (int i = 0; i < kRows; ++i) {
+      if (!in.valid[i]) continue;
+      ckd::cpu::bickd_backward_row<float>(dp_in ? dp_in + i * kCols : nullptr, dpbar_in ? dpbar_in + i * kCols : nullptr,
+                                          in.s.data() + i * kCols, kCols, row_max[i], log_sum[i], log_norm_ref.data(),
+                                          col_projection.data(), inv_temp, scratch.data(), grad_ref.data() + i * kCols);
+    }
+    expect_close(grad, grad_ref, sides == 3 ? "bickd_backward_rows" : sides == 1 ? "bickd_backward_rows (dp only)"
+                                                                                 : "bickd_backward_rows (dpbar only)");
   }
-  expect_close(grad, grad_ref, "bickd_backward_rows");
 }
 
 void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
@@ -236,6 +304,7 @@ int main() {
   test_row_statistics(gpu, in);
   test_kd_rows(gpu, in);
   test_contrastive_epilogue(gpu, in);
+  test_split_contrastive_epilogue(gpu);
   test_symmetric_tiles(gpu, in);
   test_normalize_backward(gpu, in);
   test_bickd_kernels(gpu, in);
