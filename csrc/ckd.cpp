@@ -153,17 +153,29 @@ struct Ckd {
     }
   }
 
+  // Each row's positive similarity <u_i, v_i> / tau.
+  at::Tensor positive_similarities() {
+    at::Tensor positive = at::empty({N}, acc_options);
+    k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
+    return positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
+  }
+
+  // From pi_ii - 1 (computed by the caller in the form exact for its anchor): w_i (pi_ii - 1) / tau, the positive's
+  // coefficient of u_i in dv_i, times the two inverse norms that make it the coefficient of the raw t_i in
+  // d_i = dv_i / |s_i|; 0 on masked rows.
+  at::Tensor positive_coefficients(at::Tensor pi_minus_one, const at::Tensor& weight) {
+    pi_minus_one.mul_(weight).mul_(inv_tau).mul_(inv_t).mul_(inv_s);
+    if (in.mask.defined()) pi_minus_one.masked_fill_(in.mask.logical_not(), 0);
+    return pi_minus_one;
+  }
+
   // The recompute plan's gradient for teacher anchors: per output block J of student rows and block K of anchors,
   // z_KJ = u_K v_J^T again, its coefficients from the anchors' log-sum-exps lse_i = z_ii + loss_i; the positive's
   // coefficient w_i (pi_ii - 1) = -w_i sigmoid(d_i) = w_i expm1(-loss_i) (loss_i = softplus(d_i)) goes through the
   // normalisation backward's extra term, as for student anchors.
   void teacher_anchor_recompute(const at::Tensor& weight, const at::Tensor& row_loss) {
-    at::Tensor positive = at::empty({N}, acc_options);
-    k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
-    positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
-    const at::Tensor lse = positive + row_loss;
-    at::Tensor positive_coef = at::expm1(-row_loss).mul_(weight).mul_(inv_tau).mul_(inv_t).mul_(inv_s);
-    if (in.mask.defined()) positive_coef.masked_fill_(in.mask.logical_not(), 0);
+    const at::Tensor lse = positive_similarities() + row_loss;
+    const at::Tensor positive_coef = positive_coefficients(at::expm1(-row_loss), weight);
     WorkBuffer coef_buffer(acc_options);
     OutputRows outputs = output_rows(/*student_products=*/false);
     gradient_by_output_blocks(
@@ -188,9 +200,7 @@ struct Ckd {
   // its columns; the gradient applies the symmetric coefficients (w_i pi_ij + w_j pi_ji) / tau to both sides.
   void student_anchor(const at::Tensor& weight, at::Tensor& row_loss) {
     const bool want_grad = grad.defined();
-    at::Tensor positive = at::empty({N}, acc_options);
-    k.row_dots(as_matrix(in.teacher), as_matrix(in.student), positive.data_ptr<Acc>());
-    positive.mul_(inv_t).mul_(inv_s).mul_(inv_tau);
+    const at::Tensor positive = positive_similarities();
 
     const int64_t t = plan.strip;
     at::Tensor storage = at::empty({plan.whole ? N : t, plan.whole ? N : t}, acc_options);
@@ -232,10 +242,7 @@ struct Ckd {
     if (!want_grad) return;
 
     const at::Tensor lse = positive + terms;  // the full log-sum-exp, for the negatives' weights pi_ij
-    // w_i (pi_ii - 1) / tau, the positive's coefficient of u_i in dv_i, times the two inverse norms that make it the
-    // coefficient of the raw t_i in d_i = dv_i / |s_i|.
-    at::Tensor positive_coef = at::sigmoid(d).mul_(weight).mul_(-inv_tau).mul_(inv_t).mul_(inv_s);
-    if (in.mask.defined()) positive_coef.masked_fill_(in.mask.logical_not(), 0);
+    const at::Tensor positive_coef = positive_coefficients(at::sigmoid(d).neg_(), weight);
     if (plan.recompute) {
       storage = at::Tensor();  // the first pass's buffers: the recompute's take their place
       row_buffer.release();

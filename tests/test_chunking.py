@@ -10,6 +10,8 @@ cheapest of three operand modes within B: both normalised operand matrices whole
 of anchors, or candidate blocks rebuilt per strip (plan.h, BicKDOperands). The tests below assert the plan's sizes for their shapes, so a change to the plans cannot silently stop covering a case.
 KD works row by row and has no chunks (it is here because every configuration is).
 """
+import contextlib
+
 import pytest
 import torch
 
@@ -28,6 +30,15 @@ def with_workspace(nbytes, run):
         return run()
     finally:
         ckd_ext.set_workspace_bytes(saved or None)
+
+
+def on_backend(backend):
+    """Where the checks run: the CPU kernels, or the CUDA kernels under the emulator (skipped if not built)."""
+    if backend == "emulated":
+        if not testing.emulated_available():
+            pytest.skip("the emulated CUDA backend is not built")
+        return testing.emulated_cuda()
+    return contextlib.nullcontext()
 
 
 def plan(loss, n, c, dtype, backend, workspace, masked=False):
@@ -89,19 +100,15 @@ BICKD_MODES = [(40, 24, 64 << 10, "whole", "whole"), (40, 24, 6 << 10, "candidat
 def test_bickd_operand_modes(backend, config, n, c, workspace, sample, cls):
     """Each of BicKD's operand modes on both sides, masked, with per-anchor weights ("none", recomputed in backward)
     and with the gradient in the forward ("mean")."""
-    if backend == "emulated" and not testing.emulated_available():
-        pytest.skip("the emulated CUDA backend is not built")
+    backend_context = on_backend(backend)
     p = plan("bickd", n, c, torch.float32, "emulated" if backend == "emulated" else "cpu", workspace)
     assert (p["sample_operands"], p["class_operands"]) == (sample, cls), p
     student, teacher = pair(n, c, seed=n + c)
     mask = random_mask(n, seed=7)
 
     def run():
-        for reduction in ("none", "mean"):
-            if backend == "emulated":
-                with testing.emulated_cuda():
-                    check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction=reduction)
-            else:
+        with backend_context:
+            for reduction in ("none", "mean"):
                 check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction=reduction)
 
     with_workspace(workspace, run)
@@ -117,8 +124,7 @@ def test_whole_matrix_by_output_blocks(anchor, backend, dtype, masked):
     """The whole-matrix gradient in several output blocks (16-bit gradients are not in acc, so they get an output
     buffer) and several operand blocks (converted or masked copies), on both backends: on the emulated one the 16-bit
     GEMMs take the inputs as operands and split the coefficients into high and low parts (orchestration/gemm.h)."""
-    if backend == "emulated" and not testing.emulated_available():
-        pytest.skip("the emulated CUDA backend is not built")
+    backend_context = on_backend(backend)
     n, c = 40, 24
     p = plan(f"ckd_{anchor}", n, c, dtype, backend, WHOLE_BUDGET, masked)
     assert p["whole"], p
@@ -131,10 +137,7 @@ def test_whole_matrix_by_output_blocks(anchor, backend, dtype, masked):
     config = f"ckd_{anchor}"
 
     def run():
-        if backend == "emulated":
-            with testing.emulated_cuda():
-                check_against_oracle(config, student, teacher, dtype=dtype, mask=mask)
-        else:
+        with backend_context:
             check_against_oracle(config, student, teacher, dtype=dtype, mask=mask)
 
     with_workspace(WHOLE_BUDGET, run)
@@ -153,8 +156,7 @@ def test_recomputed_gradient_by_output_blocks(anchor, backend, dtype, masked, re
     mode, orchestration/plan.h), with no fp32 N x C buffer. "none" recomputes it in backward with per-anchor
     weights. The tolerance is the suite's (helpers.tolerance): recomputing a similarity rounds it as the first pass
     did, so the error model is that of the other modes."""
-    if backend == "emulated" and not testing.emulated_available():
-        pytest.skip("the emulated CUDA backend is not built")
+    backend_context = on_backend(backend)
     n, c = 40, 24
     p = plan(f"ckd_{anchor}", n, c, dtype, backend, RECOMPUTE_BUDGET, masked)
     assert p["recompute"] and not p["whole"], p
@@ -167,10 +169,7 @@ def test_recomputed_gradient_by_output_blocks(anchor, backend, dtype, masked, re
     config = f"ckd_{anchor}"
 
     def run():
-        if backend == "emulated":
-            with testing.emulated_cuda():
-                check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
-        else:
+        with backend_context:
             check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
 
     with_workspace(RECOMPUTE_BUDGET, run)
