@@ -21,20 +21,25 @@
 namespace ckd::cpu {
 inline namespace CKD_CPU_ISA {
 
-// Four independent partial sums: lets the compiler keep several lanes busy and roughly halves the
-// rounding error of one long float sum.
+// Lanes of the reductions below: independent partial results, as many as an AVX-512 register holds floats, so
+// that the compiler turns the loop into vector operations with no dependency chain from one element to the next
+// (a single running sum or max waits out the add's or max's latency on every element). The lane count is the
+// same for every instruction set, so every ISA's kernels give the same bits (tests/test_cpu_isa.py); more
+// partial sums also round less than one long float sum.
+constexpr int64_t kLanes = 16;
+
 template <typename Acc, typename F>
 inline Acc sum_over(int64_t n, F&& term) {
-  Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  Acc s[kLanes] = {};
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    s0 += term(j);
-    s1 += term(j + 1);
-    s2 += term(j + 2);
-    s3 += term(j + 3);
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) s[l] += term(j + l);
   }
-  for (; j < n; ++j) s0 += term(j);
-  return (s0 + s1) + (s2 + s3);
+  for (int64_t l = 0; j + l < n; ++l) s[l] += term(j + l);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) s[l] += s[l + width];
+  }
+  return s[0];
 }
 
 // exp for float, branch-free so that loops over it vectorise (libm's expf is a scalar call): Cody-Waite
@@ -81,11 +86,21 @@ inline Acc sum_mapped(int64_t n, F&& f) {
   return total;
 }
 
+// The max of value(j), ignoring NaNs (std::max keeps its first argument when a comparison is false), as a single
+// running max would: max is exact, so the lanes change nothing but the speed.
 template <typename Acc, typename F>
 inline Acc max_over(int64_t n, F&& value) {
-  Acc m = neg_inf<Acc>();
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, value(j));
-  return m;
+  Acc m[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) m[l] = neg_inf<Acc>();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) m[l] = std::max(m[l], value(j + l));
+  }
+  for (int64_t l = 0; j + l < n; ++l) m[l] = std::max(m[l], value(j + l));
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) m[l] = std::max(m[l], m[l + width]);
+  }
+  return m[0];
 }
 
 // Max-shifted LSE of value(j); -inf when every value is -inf.
