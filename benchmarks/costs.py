@@ -26,6 +26,8 @@ import dataclasses
 import math
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from .cases import base_loss
+
 MIB = 1 << 20
 GIB = 1 << 30
 # The fused op's default workspace before issue 10 (csrc/losses.cpp).
@@ -103,7 +105,7 @@ class Work:
 def loss_work(loss: str, N: int, C: int, dtype: str, mode: str = "full") -> Work:
     """The minimum work of `loss` in a benchmark mode (full, forward, backward, no_grad): see the module doc."""
     b = dtype_bytes(dtype)
-    gemms = {"ckd": [(N, N, C)], "bickd": [(N, N, C), (C, C, N)], "kd": []}[loss]
+    gemms = {"ckd": [(N, N, C)], "bickd": [(N, N, C), (C, C, N)], "kd": []}[base_loss(loss)]
     passes = {"full": 2, "forward": 1, "no_grad": 1, "backward": 1}[mode]
     flops = passes * sum(2.0 * m * n * k for m, n, k in gemms)
     nbytes = {"full": 3, "forward": 2, "no_grad": 2, "backward": 1}[mode] * N * C * b

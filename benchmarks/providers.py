@@ -2,12 +2,13 @@
 (`mode_callables`), and whether it can run here (`provider_status`)."""
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
-from .cases import LOSSES
+from .cases import LOSSES, base_loss, loss_call
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +58,7 @@ def provider_status(provider: str, loss: Optional[str] = None) -> Tuple[bool, st
     if provider == "ckd_ext":
         if not ckd_ext.is_available():
             return False, extension().unavailable_reason()
-        names = [f"{loss}_loss"] if loss else [f"{x}_loss" for x in LOSSES]
+        names = [f"{loss_call(loss)[0]}_loss"] if loss else [f"{x}_loss" for x in LOSSES]
         missing = [n for n in names if not callable(getattr(ckd_ext, n, None))]
         if missing:
             return False, f"ckd_ext has no {', '.join(missing)}"
@@ -67,8 +68,8 @@ def provider_status(provider: str, loss: Optional[str] = None) -> Tuple[bool, st
             from ckd_ext import reference
         except Exception as e:  # noqa: BLE001
             return False, f"ckd_ext.reference not importable ({type(e).__name__}: {e})"
-        if loss and not callable(getattr(reference, f"{loss}_loss", None)):
-            return False, f"ckd_ext.reference has no {loss}_loss"
+        if loss and not callable(getattr(reference, f"{loss_call(loss)[0]}_loss", None)):
+            return False, f"ckd_ext.reference has no {loss_call(loss)[0]}_loss"
         return True, ""
     return False, f"unknown provider {provider!r}"
 
@@ -85,10 +86,11 @@ def loss_fn(provider: str, loss: str, compile_backend: str = "inductor", autocas
     """The callable `f(student, teacher) -> scalar loss` of an autograd provider (not floor); eager and compiled
     run under CUDA autocast to `autocast` when given (see `autocast_dtype`)."""
     ckd_ext = import_ckd_ext()
+    stem, kwargs = loss_call(loss)
     if provider == "ckd_ext":
-        return getattr(ckd_ext, f"{loss}_loss")
+        return functools.partial(getattr(ckd_ext, f"{stem}_loss"), **kwargs)
     from ckd_ext import reference
-    fn = getattr(reference, f"{loss}_loss")
+    fn = functools.partial(getattr(reference, f"{stem}_loss"), **kwargs)
     if autocast:
         import torch
         plain, dt = fn, getattr(torch, autocast)
@@ -160,7 +162,7 @@ class Floor:
 
     def __init__(self, loss: str, student, teacher):
         import torch
-        self.loss, self.s, self.t = loss, student.detach(), teacher.detach()
+        self.loss, self.s, self.t = base_loss(loss), student.detach(), teacher.detach()
         N, C = self.s.shape
         self.N, self.C = N, C
         budget = max(N * C, 1 << 22)

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: an installed ckd_ext still wins
 from benchmarks.cases import (  # noqa: E402
     CSV_COLUMNS, LM_GROUPS, LM_PROVIDERS, MEMORY_TARGET_GROUPS, MODES, PROVIDERS, SHAPES, SMOKE_SHAPES, TOKEN_GROUPS,
-    is_gemm_bound, make_case, parse_only, select_shapes)
+    base_loss, is_gemm_bound, make_case, parse_only, select_shapes)
 from benchmarks.costs import achieved, device_peak, loss_work, peak_fraction  # noqa: E402
 from benchmarks.measure import profile_full  # noqa: E402
 from benchmarks.providers import package_version, provider_status  # noqa: E402
@@ -143,6 +143,23 @@ def now_iso() -> str:
 
 
 # -------------------------------------------------------------------------------------------- targets
+# The floor targets (issue 13): GEMM-bound CKD / BicKD within 1.15x of the floor at N, C >= 1024, 1.5x at 512 x 1000
+# (where the O(N C) element-wise work is a larger share), 1.25x at the other GEMM-bound shapes; BicKD at its
+# 32k-class scale shape 1.3x (its C x C side walks 32000 classes in strips); KD within 2x of its memory floor.
+FLOOR_LIMITS = {("bickd", 1024, 32000): 1.3, (512, 1000): 1.5}
+
+
+def floor_limit(loss: str, N: int, C: int) -> Optional[float]:
+    if base_loss(loss) == "kd":
+        return 2.0
+    if not is_gemm_bound(loss, N, C):
+        return None
+    limit = FLOOR_LIMITS.get((base_loss(loss), N, C), FLOOR_LIMITS.get((N, C)))
+    if limit is not None:
+        return limit
+    return 1.15 if N >= 1024 and C >= 1024 else 1.25
+
+
 def compute_targets(t: Table, info: Dict) -> List[Dict]:
     """The targets of docs/benchmarks.md, from one run's rows. status: met / missed / not measured."""
     out: List[Dict] = []
@@ -182,12 +199,13 @@ def compute_targets(t: Table, info: Dict) -> List[Dict]:
             lm_targets(t, case, grp, add)
             continue
         fused = t.val(loss, "ckd_ext", "full", "time", shape, dtype)
-        # 1. within 1.25x of the floor at GEMM-bound shapes
-        if is_gemm_bound(loss, N, Cc):
-            fl = t.val(loss, "floor", "full", "time", shape, dtype)
-            r = ratio(fused, fl)
-            add(case, "full fwd+bwd <= 1.25x floor (GEMM-bound)", None if r is None else f"{r:.2f}x floor",
-                "<= 1.25x", None if r is None else r <= 1.25)
+        # 1. near the floor: GEMM-bound shapes by size (floor_limit), KD within 2x of its memory floor
+        limit = floor_limit(loss, N, Cc)
+        if limit is not None:
+            r = ratio(fused, t.val(loss, "floor", "full", "time", shape, dtype))
+            what = "memory floor" if loss == "kd" else "floor (GEMM-bound)"
+            add(case, f"full fwd+bwd <= {limit:g}x {what}", None if r is None else f"{r:.2f}x floor",
+                f"<= {limit:g}x", None if r is None else r <= limit)
         # 2. faster than eager everywhere, >= 1.5x at token shapes
         need = 1.5 if grp in TOKEN_GROUPS else 1.0
         versus(case, f"faster than eager (>= {need}x)", "eager", "time", f">= {need}x", lambda r: r >= need,
@@ -205,6 +223,12 @@ def compute_targets(t: Table, info: Dict) -> List[Dict]:
         bound = N * Cc * dtype_size(dtype) + 64 * (N + Cc)
         add(case, "saved = inputs + O(N + C)", None if ex is None else f"{int(ex)} B extra",
             f"<= {bound} B (grad + 64(N+C))", None if ex is None else ex <= bound)
+        # 5b. KD's peak beyond the inputs: one gradient and O(N) (backward scales the kept gradient in place)
+        if loss == "kd":
+            peak = t.val(loss, "ckd_ext", "full", "peak_mem", shape, dtype)
+            bound_mib = (N * Cc * dtype_size(dtype) + 64 * (N + Cc)) / 2 ** 20
+            add(case, "KD peak extra memory <= one gradient + O(N)", None if peak is None else fmt_mib(peak),
+                f"<= {fmt_mib(bound_mib)}", None if peak is None else peak <= bound_mib)
         # 6. GPU: KD at >= 70% of DRAM bandwidth at the large bf16 token shapes
         if info.get("device") == "cuda" and loss == "kd" and grp == "gpu-tokens":
             peak_bw = info.get("gpu_peak_bw_gbs")
@@ -304,7 +328,7 @@ def rate_table(t: Table, provs: List[str], info: Dict) -> List[str]:
     L = [head, "| loss | shape | dtype | " + " | ".join(provs) + " |", "|" + "---|" * (3 + len(provs))]
     for loss, name, shape, dtype in t.cases():
         N, Cc = parse_shape(shape)
-        if not (is_gemm_bound(loss, N, Cc) or loss == "kd"):
+        if not (is_gemm_bound(loss, N, Cc) or base_loss(loss) == "kd"):
             continue
         cells = []
         for p in provs:
