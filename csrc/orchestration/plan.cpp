@@ -87,10 +87,11 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
       plan.strip = std::max<int64_t>(
           1, std::min<int64_t>(N, static_cast<int64_t>(std::sqrt(static_cast<double>(W / 2 / in.acc_bytes)))));
       // Each pass computes its diagonal tiles whole, (T + 1) / 2T of N^2 for T tile rows, and the first pass's tiles
-      // are computed again for the gradient: on the CPU, tiles of at most `side` rows cut that (at 8192 rows,
-      // 2.33 N^2 C multiply-adds in 2731-row tiles, 2.13 in 1024-row tiles) while 1024-wide GEMMs keep their rate.
-      // A GPU keeps the largest tiles: there the number of launches, not the FLOPs, is what the larger count costs.
-      if (!in.gpu) plan.strip = std::min(plan.strip, side);
+      // are computed again for the gradient: on the CPU, tiles of at most max(side, N / 8) rows cut that (at 8192
+      // rows, 2.33 N^2 C multiply-adds in 2731-row tiles, 2.13 in 1024-row tiles) while 1024-wide GEMMs keep their
+      // rate; past eight tile rows (0.56 of N^2 per pass) smaller tiles would only add GEMMs. A GPU keeps the
+      // largest tiles: there the number of launches, not the FLOPs, is what more tiles cost.
+      if (!in.gpu) plan.strip = std::min(plan.strip, std::max(side, N / 8));
       if (!in.operands_are_inputs) plan.strip = std::min(plan.strip, rows_within(W / 8, operand_row, N));
       plan.strip = balanced(N, plan.strip);
     }
