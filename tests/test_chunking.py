@@ -4,7 +4,7 @@ on the CPU kernels in float32 and float64 and on the emulated CUDA kernels.
 The sizes come from the strip plans (csrc/orchestration/plan.h, `_C.strip_plan`), which cut N rows into balanced
 blocks (sizes differing by at most one). With a budget B, CKD keeps the whole N x N matrix when N^2 * sizeof(acc)
 <= B / 2 (the gradient then by output blocks); otherwise teacher anchors walk strips of rows_within(B / 2, N) rows
-and student anchors tiles of sqrt(B / 2 / sizeof(acc)) rows, both capped by the operand blocks when the inputs are
+and student anchors tiles of sqrt(B / 2 / sizeof(acc)) rows (on the CPU at most max(1024, N / 8)), both capped by the operand blocks when the inputs are
 converted or masked (rows_within(B / 4 or B / 8, C * operand bytes)). BicKD walks each side (rows, columns) by the
 cheapest of three operand modes within B: both normalised operand matrices whole, the candidates whole beside strips
 of anchors, or candidate blocks rebuilt per strip (plan.h, BicKDOperands). The tests below assert the plan's sizes for their shapes, so a change to the plans cannot silently stop covering a case.
