@@ -45,11 +45,16 @@ inline Acc sum_over(int64_t n, F&& term) {
 // exp for float, branch-free so that loops over it vectorise (libm's expf is a scalar call): Cody-Waite
 // reduction x = k ln2 + r and the Cephes polynomial for exp(r), about 1 ulp. Arguments below -87 give 0
 // (true values < 1.6e-38 there), -inf included; the kernels only exponentiate max-shifted values (<= 0) and
-// norms' logs (< 28), far below the clamp at 88.
+// norms' logs (< 28), far below the clamp at 88. NaN gives NaN. The vectorised loops also exponentiate lanes they
+// then discard (masked, or the diagonal), where x can be NaN (-inf - -inf), so 2^k is built from the bits of the
+// rounding sum in unsigned arithmetic: no float-to-int conversion of a NaN and no shift of a negative number, both
+// undefined.
 inline float fast_exp(float x) {
   const float xc = std::min(std::max(x, -87.0f), 88.0f);
-  // Rounds x / ln2 to the nearest integer: adding 1.5 * 2^23 leaves no fraction bits.
-  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // Rounds x / ln2 to the nearest integer: adding 1.5 * 2^23 leaves no fraction bits, and the sum's low bits
+  // hold that integer (plus the bits of 1.5 * 2^23, subtracted below).
+  const float rounding_sum = xc * 1.44269504088896341f + 12582912.0f;
+  const float k = rounding_sum - 12582912.0f;
   float r = xc - k * 0.693359375f;
   r = r - k * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -59,7 +64,9 @@ inline float fast_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  uint32_t sum_bits;
+  std::memcpy(&sum_bits, &rounding_sum, sizeof sum_bits);
+  const uint32_t bits = (sum_bits - 0x4B400000u + 127u) << 23;  // 0x4B400000: the bits of 1.5 * 2^23
   float two_k;
   std::memcpy(&two_k, &bits, sizeof two_k);
   return x < -87.0f ? 0.0f : y * two_k;
