@@ -26,6 +26,7 @@ void parallel_rows(int64_t rows, int64_t cols, F&& body) {
 template <typename F>
 void parallel_column_blocks(int64_t cols, F&& body) {
   constexpr int64_t kBlock = 256;
+  static_assert(kBlock <= cpu::kRowChunk, "symmetric_tile_lse_columns holds a block in kRowChunk buffers");
   const int64_t blocks = (cols + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) body(b * kBlock, std::min(cols, (b + 1) * kBlock));

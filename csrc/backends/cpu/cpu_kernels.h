@@ -233,90 +233,172 @@ void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, 
   *loss = temperature * temperature * kl;
 }
 
+// A mask as bytes: GCC has no vector type for bool, and leaves a loop that loads bools scalar.
+inline const unsigned char* mask_bytes(const bool* valid) { return reinterpret_cast<const unsigned char*>(valid); }
+
+// body(factor) with factor(c) = epilogue_raw_factor(p, i, col0 + c), the same products without the per-element
+// pointer tests (a missing scale is a factor of exactly 1), so that body's loop vectorises.
+template <typename Acc, typename Body>
+inline void with_epilogue_raw_factor(const EpilogueParams<Acc>& p, int64_t i, int64_t col0, Body&& body) {
+  const Acc row_factor = p.row_scale ? p.row_scale[i] : Acc(1);
+  if (p.col_scale) {
+    const Acc* __restrict col_factor = p.col_scale + col0;
+    body([=](int64_t c) { return row_factor * col_factor[c]; });
+  } else {
+    body([=](int64_t) { return row_factor; });
+  }
+}
+
 template <typename Acc>
 void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   const int64_t i = p.row0 + r;
-  Acc* z = p.strip + r * p.cols;
+  Acc* __restrict z = p.strip + r * p.cols;
   const bool want_grad = p.weight != nullptr;
   if (p.valid && !p.valid[i]) {
     p.loss[i] = 0;
     if (want_grad) std::fill(z, z + p.cols, Acc(0));
     return;
   }
-  for (int64_t j = 0; j < p.cols; ++j) {
-    Acc v = z[j] * p.scale * epilogue_raw_factor(p, i, j);
-    if (p.valid && !p.valid[j]) v = neg_inf<Acc>();
-    z[j] = v;
+  const int64_t cols = p.cols;
+  const Acc scale = p.scale;
+  with_epilogue_raw_factor(p, i, 0, [&](auto&& factor) {
+    for (int64_t j = 0; j < cols; ++j) z[j] = z[j] * scale * factor(j);
+  });
+  if (p.valid) {
+    const unsigned char* __restrict valid = mask_bytes(p.valid);
+    for (int64_t j = 0; j < cols; ++j) z[j] = valid[j] != 0 ? z[j] : neg_inf<Acc>();
   }
   // The term from the negatives' log-sum-exp (kernels/scalar_math.h, softplus_acc): no cancellation where the
   // positive dominates.
   const Acc zi = z[i];
-  const Acc m = max_over<Acc>(p.cols, [&](int64_t j) { return z[j]; });
-  const Acc negatives = sum_mapped<Acc>(p.cols, [&](int64_t j) { return j == i ? Acc(0) : fast_exp(z[j] - m); });
+  const Acc m = max_over<Acc>(cols, [&](int64_t j) { return z[j]; });
+  const Acc negatives = sum_mapped<Acc>(cols, [&](int64_t j) { return j == i ? Acc(0) : fast_exp(z[j] - m); });
   const Acc d = (m - zi) + std::log(negatives);
   p.loss[i] = softplus_acc(d);
   if (!want_grad) return;
   const Acc lse = zi + p.loss[i];
-  const Acc g = p.weight[i] * p.scale;
-  for (int64_t j = 0; j < p.cols; ++j) z[j] = g * fast_exp(z[j] - lse) * epilogue_raw_factor(p, i, j);
+  const Acc g = p.weight[i] * scale;
+  with_epilogue_raw_factor(p, i, 0, [&](auto&& factor) {
+    for (int64_t j = 0; j < cols; ++j) z[j] = g * fast_exp(z[j] - lse) * factor(j);
+  });
   z[i] = -g * sigmoid_acc(d) * epilogue_raw_factor(p, i, i);
 }
 
-// Row r of a block for contrastive_coefficients (KernelBackend): the epilogue's exponentials against a known lse.
+// Row r of a block for contrastive_coefficients (KernelBackend): the epilogue's exponentials against a known lse;
+// 0 where masked and on the diagonal.
 template <typename Acc>
 void contrastive_coefficients_row(const EpilogueParams<Acc>& p, const Acc* lse, int64_t r) {
   const int64_t i = p.row0 + r;
-  Acc* z = p.strip + r * p.cols;
+  Acc* __restrict z = p.strip + r * p.cols;
+  const int64_t cols = p.cols;
   if (p.valid && !p.valid[i]) {
-    std::fill(z, z + p.cols, Acc(0));
+    std::fill(z, z + cols, Acc(0));
     return;
   }
-  const Acc g = p.weight[i] * p.scale;
-  for (int64_t c = 0; c < p.cols; ++c) {
-    const int64_t j = p.col0 + c;
-    const Acc f = epilogue_raw_factor(p, i, j);
-    const bool negative = j != i && !(p.valid && !p.valid[j]);
-    z[c] = negative ? g * fast_exp(z[c] * p.scale * f - lse[i]) * f : Acc(0);
+  const Acc g = p.weight[i] * p.scale, scale = p.scale, lse_i = lse[i];
+  with_epilogue_raw_factor(p, i, p.col0, [&](auto&& factor) {
+    for (int64_t c = 0; c < cols; ++c) z[c] = g * fast_exp(z[c] * scale * factor(c) - lse_i) * factor(c);
+  });
+  if (p.valid) {
+    const unsigned char* __restrict valid = mask_bytes(p.valid + p.col0);
+    for (int64_t c = 0; c < cols; ++c) z[c] = valid[c] != 0 ? z[c] : Acc(0);
   }
+  if (i >= p.col0 && i < p.col0 + cols) z[i - p.col0] = 0;
 }
 
-// Row r of the tile: merges LSE_j z_ij into row i's statistics.
+// symmetric_tile_value (kernels/scalar_math.h) for columns [c0, c0 + w) of row r, w <= kRowChunk: the same products
+// in the same order, with the masks and the diagonal applied after them instead of tested per element, so that the
+// loops vectorise (per element, the tests kept them scalar, and at small C the N^2 epilogue outweighs the GEMMs).
+template <typename Acc>
+void symmetric_tile_row_values(const SymmetricTile<Acc>& t, int64_t r, int64_t c0, int64_t w, Acc* __restrict out) {
+  const int64_t i = t.row0 + r, j0 = t.col0 + c0;
+  const Acc* __restrict raw = t.tile + r * t.ld + c0;
+  const Acc scale = t.scale;
+  if (t.inv_norm) {
+    const Acc* __restrict inv_norm_j = t.inv_norm + j0;
+    const Acc inv_norm_i = t.inv_norm[i];
+    for (int64_t c = 0; c < w; ++c) out[c] = raw[c] * scale * inv_norm_i * inv_norm_j[c];
+  } else {
+    for (int64_t c = 0; c < w; ++c) out[c] = raw[c] * scale;
+  }
+  if (t.valid) {
+    if (!t.valid[i]) {
+      std::fill(out, out + w, neg_inf<Acc>());
+      return;
+    }
+    const unsigned char* __restrict valid_j = mask_bytes(t.valid + j0);
+    for (int64_t c = 0; c < w; ++c) out[c] = valid_j[c] != 0 ? out[c] : neg_inf<Acc>();
+  }
+  if (i >= j0 && i < j0 + w) out[i - j0] = neg_inf<Acc>();
+}
+
+// Row r of the tile: merges LSE_j z_ij into row i's statistics, a chunk at a time (each chunk's own max and sum,
+// merged), so that the tile row is read once.
 template <typename Acc>
 void symmetric_tile_lse_row(const SymmetricTile<Acc>& t, int64_t r, Acc* row_max, Acc* row_sum) {
   const int64_t i = t.row0 + r;
   if (t.valid && !t.valid[i]) return;
-  const Acc m = max_over<Acc>(t.cols, [&](int64_t c) { return symmetric_tile_value(t, r, c); });
-  if (m == neg_inf<Acc>()) return;
-  const Acc s = sum_mapped<Acc>(t.cols, [&](int64_t c) { return fast_exp(symmetric_tile_value(t, r, c) - m); });
-  merge_lse(row_max[i], row_sum[i], m, s);
+  Acc z[kRowChunk];
+  for (int64_t c0 = 0; c0 < t.cols; c0 += kRowChunk) {
+    const int64_t w = std::min(kRowChunk, t.cols - c0);
+    symmetric_tile_row_values(t, r, c0, w, z);
+    const Acc m = max_over<Acc>(w, [&](int64_t c) { return z[c]; });
+    if (m == neg_inf<Acc>()) continue;
+    for (int64_t c = 0; c < w; ++c) z[c] = fast_exp(z[c] - m);
+    merge_lse(row_max[i], row_sum[i], m, sum_over<Acc>(w, [&](int64_t c) { return z[c]; }));
+  }
 }
 
-// Columns [c0, c1) of an off-diagonal tile: merges LSE_i z_ij into row j's statistics (the transposed tile).
+// Columns [c0, c1) of an off-diagonal tile, c1 - c0 <= kRowChunk: merges LSE_i z_ij into row j's statistics (the
+// transposed tile).
 template <typename Acc>
 void symmetric_tile_lse_columns(const SymmetricTile<Acc>& t, int64_t c0, int64_t c1, Acc* row_max, Acc* row_sum) {
   const int64_t w = c1 - c0;
-  std::vector<Acc> mx(w, neg_inf<Acc>()), sum(w, Acc(0));
-  for (int64_t r = 0; r < t.rows; ++r)
-    for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], symmetric_tile_value(t, r, c0 + c));
-  for (int64_t r = 0; r < t.rows; ++r)
+  Acc z[kRowChunk], mx[kRowChunk], sum[kRowChunk];
+  std::fill(mx, mx + w, neg_inf<Acc>());
+  std::fill(sum, sum + w, Acc(0));
+  for (int64_t r = 0; r < t.rows; ++r) {
+    symmetric_tile_row_values(t, r, c0, w, z);
+    for (int64_t c = 0; c < w; ++c) mx[c] = std::max(mx[c], z[c]);
+  }
+  for (int64_t r = 0; r < t.rows; ++r) {
+    symmetric_tile_row_values(t, r, c0, w, z);
+    // A column without a finite value (mx = -inf) would exponentiate -inf - -inf: it adds nothing.
     for (int64_t c = 0; c < w; ++c) {
-      if (mx[c] != neg_inf<Acc>()) sum[c] += fast_exp(symmetric_tile_value(t, r, c0 + c) - mx[c]);
+      const Acc e = fast_exp(z[c] - mx[c]);
+      sum[c] += mx[c] != neg_inf<Acc>() ? e : Acc(0);
     }
+  }
   for (int64_t c = 0; c < w; ++c) merge_lse(row_max[t.col0 + c0 + c], row_sum[t.col0 + c0 + c], mx[c], sum[c]);
 }
 
+// Row r of the tile's coefficients (w_i pi_ij + w_j pi_ji) / tau, in place, times the raw factor
+// (symmetric_tile_raw_factor) that makes them multiply the tile's raw rows; 0 where masked and on the diagonal.
 template <typename Acc>
 void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, const Acc* lse, const Acc* weight) {
   const int64_t i = t.row0 + r;
-  Acc* row = t.tile + r * t.ld;
-  for (int64_t c = 0; c < t.cols; ++c) {
-    const int64_t j = t.col0 + c;
-    const Acc z = symmetric_tile_value(t, r, c);
-    if (z == neg_inf<Acc>()) {  // masked, or the diagonal
-      row[c] = 0;
+  Acc* __restrict row = t.tile + r * t.ld;
+  const Acc scale = t.scale, weight_i = weight[i], lse_i = lse[i];
+  const Acc inv_norm_i = t.inv_norm ? t.inv_norm[i] : Acc(1);
+  Acc z[kRowChunk];
+  for (int64_t c0 = 0; c0 < t.cols; c0 += kRowChunk) {
+    const int64_t w = std::min(kRowChunk, t.cols - c0), j0 = t.col0 + c0;
+    symmetric_tile_row_values(t, r, c0, w, z);
+    const Acc* __restrict weight_j = weight + j0;
+    const Acc* __restrict lse_j = lse + j0;
+    Acc* __restrict out = row + c0;
+    auto coefficients = [&](auto&& raw_factor) {
+      for (int64_t c = 0; c < w; ++c) {
+        const Acc v = (weight_i * fast_exp(z[c] - lse_i) + weight_j[c] * fast_exp(z[c] - lse_j[c])) * scale *
+                      raw_factor(c);
+        out[c] = z[c] == neg_inf<Acc>() ? Acc(0) : v;  // masked, or the diagonal
+      }
+    };
+    if (t.inv_norm) {
+      const Acc* __restrict inv_norm_j = t.inv_norm + j0;
+      coefficients([&](int64_t c) { return inv_norm_i * inv_norm_j[c]; });
     } else {
-      row[c] = (weight[i] * fast_exp(z - lse[i]) + weight[j] * fast_exp(z - lse[j])) * t.scale *
-               symmetric_tile_raw_factor(t, i, j);
+      coefficients([](int64_t) { return Acc(1); });
     }
   }
 }
