@@ -14,7 +14,8 @@ import sys
 import time
 
 CASES = [("kd", 4, 8, 2000), ("ckd_student", 4, 8, 2000), ("kd", 64, 100, 1000), ("ckd_student", 64, 100, 1000),
-         ("ckd_teacher", 64, 100, 1000), ("bickd", 64, 100, 500), ("ckd_student", 512, 1000, 9),
+         ("ckd_teacher", 64, 100, 1000), ("bickd", 64, 100, 500), ("ckd_student", 512, 128, 200),
+         ("ckd_student", 512, 256, 200), ("ckd_student", 512, 1000, 9),
          ("ckd_teacher", 512, 1000, 9), ("bickd", 512, 1000, 5), ("kd", 512, 1000, 15), ("ckd_student", 2048, 8192, 3),
          ("ckd_teacher", 2048, 8192, 3), ("kd", 2048, 8192, 5), ("bickd", 1024, 8192, 2),
          ("ckd_student", 4096, 1000, 3), ("ckd_teacher", 4096, 1000, 3), ("bickd", 4096, 1000, 2), ("kd", 4096, 1000, 9),
