@@ -58,7 +58,9 @@ template <typename Acc>
 CKD_HOST_DEVICE Acc sigmoid_acc(Acc d) { return Acc(1) / (Acc(1) + exp_acc(-d)); }
 
 // z_ij of a symmetric tile at (r, c), negatives only: -inf where row or column is masked and on the diagonal (the
-// positive's place, handled apart through softplus / sigmoid above), else the scaled cosine.
+// positive's place, handled apart through softplus / sigmoid above), else the scaled cosine. The CPU backend's row
+// form (symmetric_tile_row_values, backends/cpu/cpu_kernels.h) computes the same products in the same order and
+// applies the masks and the diagonal after them, so that its loops vectorise; a change here is a change there.
 template <typename Acc>
 CKD_HOST_DEVICE Acc symmetric_tile_value(const SymmetricTile<Acc>& t, int64_t r, int64_t c) {
   const int64_t i = t.row0 + r, j = t.col0 + c;
