@@ -377,7 +377,7 @@ void symmetric_tile_lse_columns(const SymmetricTile<Acc>& t, int64_t c0, int64_t
 template <typename Acc>
 void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, const Acc* lse, const Acc* weight) {
   const int64_t i = t.row0 + r;
-  Acc* __restrict row = t.tile + r * t.ld;
+  Acc* row = t.tile + r * t.ld;  // not restrict: symmetric_tile_row_values reads the same row
   const Acc scale = t.scale, weight_i = weight[i], lse_i = lse[i];
   const Acc inv_norm_i = t.inv_norm ? t.inv_norm[i] : Acc(1);
   Acc z[kRowChunk];
@@ -386,7 +386,7 @@ void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, con
     symmetric_tile_row_values(t, r, c0, w, z);
     const Acc* __restrict weight_j = weight + j0;
     const Acc* __restrict lse_j = lse + j0;
-    Acc* __restrict out = row + c0;
+    Acc* out = row + c0;
     auto coefficients = [&](auto&& raw_factor) {
       for (int64_t c = 0; c < w; ++c) {
         const Acc v = (weight_i * fast_exp(z[c] - lse_i) + weight_j[c] * fast_exp(z[c] - lse_j[c])) * scale *
