@@ -166,6 +166,6 @@ setup(
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],
     },
-    entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli", "ckd-train-lm = ckd_ext.train_lm:cli"]},
+    entry_points={"console_scripts": ["ckd-train = ckd_ext.demos.classify:cli", "ckd-train-lm = ckd_ext.demos.lm:cli"]},
     zip_safe=False,
 )

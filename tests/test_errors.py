@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import ckd_ext
-from ckd_ext import _extension, reference, train
+from ckd_ext import _extension, reference
+from ckd_ext.demos import classify
 from ckd_ext.testing import emulated_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -598,9 +599,9 @@ def _capsule(pointer: int, name: bytes):
 
 def usage_error(argv, monkeypatch, capsys) -> str:
     """`ckd-train argv` exits with the documented status before training; returns the error message."""
-    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started despite a usage error"))
+    monkeypatch.setattr(classify, "fit", lambda *a, **k: pytest.fail("training started despite a usage error"))
     with pytest.raises(SystemExit) as info:
-        train.main(argv)
+        classify.main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "\nckd-train: error: " in err, err
@@ -673,8 +674,8 @@ def test_train_extra(module, argv, monkeypatch, capsys, tmp_path):
     for name in ("train", "test", "meta"):  # a complete CIFAR-100 copy, so that only the package is missing
         (tmp_path / "cifar-100-python").mkdir(exist_ok=True)
         (tmp_path / "cifar-100-python" / name).write_bytes(b"")
-    real = train.importlib.util.find_spec
-    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    real = classify.importlib.util.find_spec
+    monkeypatch.setattr(classify.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
     argv = [a.replace("TMP", str(tmp_path)) for a in argv] + ["--impl", "reference"]
     check("T-extra", usage_error(argv, monkeypatch, capsys), module=module,
           extra="cifar" if module == "torchvision" else "train")
@@ -692,7 +693,7 @@ def test_train_teacher(case, monkeypatch, capsys, tmp_path):
     if case == "with-save":
         argv += ["--save-teacher", str(tmp_path / "saved.pt")]
     # The teacher file is read after the data are loaded: a stub instead of the digits (sklearn, ~1 s).
-    monkeypatch.setattr(train, "load_data", lambda *a, **k: (lambda seed: [], [], "no data"))
+    monkeypatch.setattr(classify, "load_data", lambda *a, **k: (lambda seed: [], [], "no data"))
     message = usage_error(argv, monkeypatch, capsys)
     form = {"missing": 0, "with-save": 1, "unreadable": 2, "not-a-teacher": 3}[case]
     values = {} if case == "with-save" else dict(path=str(path))
@@ -717,7 +718,7 @@ def test_train_impl(monkeypatch, capsys, tmp_path):
     # The fused ops unavailable, for the reason E-not-built gives.
     reason = ENTRIES["E-not-built"].messages[0]
     monkeypatch.setattr(_extension, "_error", reason)
-    monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("data loaded without the fused ops"))
+    monkeypatch.setattr(classify, "load_data", lambda *a, **k: pytest.fail("data loaded without the fused ops"))
     message = usage_error(["--impl", "fused", "--quiet", "--out", str(tmp_path)], monkeypatch, capsys)
     check("T-impl", message, reason=reason)
 

@@ -1,4 +1,4 @@
-"""Tests of the distillation demo (ckd_ext/train.py): smoke run, fused == reference trajectories, bad arguments.
+"""Tests of the distillation demo (ckd_ext/demos/classify.py): smoke run, fused == reference trajectories, bad arguments.
 
 Needs the `train` extra (scikit-learn, matplotlib, tqdm). Everything runs on the bundled digits data with
 1 epoch and the tiny models, a few seconds in all on 2 CPU cores.
@@ -18,7 +18,8 @@ pytest.importorskip("matplotlib", reason="the demo needs the train extra: pip in
 pytest.importorskip("tqdm", reason="the demo needs the train extra: pip install 'ckd_ext[train]'")
 
 import ckd_ext  # noqa: E402
-from ckd_ext import _extension, models, train  # noqa: E402
+from ckd_ext import _extension  # noqa: E402
+from ckd_ext.demos import classify, models  # noqa: E402
 
 ALL_METHODS = ["ce", "kd", "ckd", "bickd", "kd+bickd"]
 TINY = ["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--quiet"]
@@ -31,7 +32,7 @@ needs_fused = pytest.mark.skipif(not ckd_ext.is_available(),
 def test_smoke_all_methods_table_json_png(impl, tmp_path, capsys):
     out = tmp_path / "out"
     threads = torch.get_num_threads()
-    results = train.main([*TINY, "--impl", impl, "--out", str(out)])
+    results = classify.main([*TINY, "--impl", impl, "--out", str(out)])
     assert torch.get_num_threads() == threads  # --threads (1 on digits) is restored after the run
     printed = capsys.readouterr().out
     for label in ["method", "test acc (%)", "loss ms/step", "teacher", "ce (student alone)", *ALL_METHODS]:
@@ -48,7 +49,7 @@ def test_smoke_all_methods_table_json_png(impl, tmp_path, capsys):
 
 
 def test_seeds_give_mean_and_std(tmp_path):
-    results = train.main(["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0,1", "--quiet",
+    results = classify.main(["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0,1", "--quiet",
                           "--impl", "reference", "--methods", "ce", "--out", str(tmp_path)])
     accs = [r["final_test_acc"] for r in results["runs"]]
     assert len(accs) == 2
@@ -59,14 +60,14 @@ def test_seeds_give_mean_and_std(tmp_path):
 
 def test_same_seed_same_trajectory():
     argv = ["--impl", "reference", "--teacher-epochs", "1", "--methods", "kd,ckd", "--quiet"]
-    assert train.loss_trajectory(argv, steps=5) == train.loss_trajectory(argv, steps=5)
+    assert classify.loss_trajectory(argv, steps=5) == classify.loss_trajectory(argv, steps=5)
 
 
 @needs_fused
 def test_fused_and_reference_trajectories_match():
     argv = ["--teacher-epochs", "1", "--seed", "0", "--methods", ",".join(ALL_METHODS), "--quiet"]
-    fused = train.loss_trajectory([*argv, "--impl", "fused"], steps=20)
-    ref = train.loss_trajectory([*argv, "--impl", "reference"], steps=20)
+    fused = classify.loss_trajectory([*argv, "--impl", "fused"], steps=20)
+    ref = classify.loss_trajectory([*argv, "--impl", "reference"], steps=20)
     for method in ALL_METHODS:
         assert len(fused[method]) == len(ref[method]) == 20
         for step, (f, r) in enumerate(zip(fused[method], ref[method])):
@@ -76,8 +77,8 @@ def test_fused_and_reference_trajectories_match():
 def test_teacher_save_and_load(tmp_path):
     path = tmp_path / "teacher.pt"
     base = ["--epochs", "1", "--seeds", "0", "--quiet", "--impl", "reference", "--methods", "ce"]
-    trained = train.main([*base, "--teacher-epochs", "2", "--save-teacher", str(path), "--out", str(tmp_path / "a")])
-    loaded = train.main([*base, "--teacher", str(path), "--out", str(tmp_path / "b")])
+    trained = classify.main([*base, "--teacher-epochs", "2", "--save-teacher", str(path), "--out", str(tmp_path / "a")])
+    loaded = classify.main([*base, "--teacher", str(path), "--out", str(tmp_path / "b")])
     assert loaded["teacher"]["test_acc"] == trained["teacher"]["test_acc"]
     assert loaded["runs"][0]["final_test_acc"] == trained["runs"][0]["final_test_acc"]
 
@@ -108,18 +109,18 @@ def _garbage(tmp_path):
     (["--teacher", "/nonexistent/teacher.pt"], "no such file"),
 ])
 def test_bad_arguments_fail_before_training(argv, message, monkeypatch, capsys):
-    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started despite a bad argument"))
-    monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("data loaded despite a bad argument"))
+    monkeypatch.setattr(classify, "fit", lambda *a, **k: pytest.fail("training started despite a bad argument"))
+    monkeypatch.setattr(classify, "load_data", lambda *a, **k: pytest.fail("data loaded despite a bad argument"))
     with pytest.raises(SystemExit) as exc:
-        train.main([*argv, "--impl", "reference"] if argv[0] != "--impl" else argv)
+        classify.main([*argv, "--impl", "reference"] if argv[0] != "--impl" else argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_wrong_teacher_file_is_rejected_before_training(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("training started despite a bad teacher"))
+    monkeypatch.setattr(classify, "fit", lambda *a, **k: pytest.fail("training started despite a bad teacher"))
     with pytest.raises(SystemExit) as exc:
-        train.main(["--teacher", str(_garbage(tmp_path)), "--impl", "reference", "--quiet",
+        classify.main(["--teacher", str(_garbage(tmp_path)), "--impl", "reference", "--quiet",
                     "--out", str(tmp_path)])
     assert exc.value.code == 2
     assert "not a saved 'digits_teacher' teacher" in capsys.readouterr().err
@@ -128,17 +129,17 @@ def test_wrong_teacher_file_is_rejected_before_training(tmp_path, monkeypatch, c
 def test_teacher_and_data_code_raise_value_errors(tmp_path):
     """Below `main` the errors are exceptions; only `main` turns them into usage errors."""
     with pytest.raises(ValueError, match="not a saved 'digits_teacher' teacher"):
-        train.load_teacher(str(_garbage(tmp_path)), "digits_teacher", 10, "cpu")
+        classify.load_teacher(str(_garbage(tmp_path)), "digits_teacher", 10, "cpu")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match="cannot be read"):
-        train.load_teacher(str(tmp_path / "empty.pt"), "digits_teacher", 10, "cpu")
+        classify.load_teacher(str(tmp_path / "empty.pt"), "digits_teacher", 10, "cpu")
 
 
 @pytest.mark.skipif(ckd_ext.is_available(), reason="the fused ops can run here")
 def test_fused_without_the_extension_is_a_usage_error(monkeypatch, capsys):
-    monkeypatch.setattr(train, "load_data", lambda *a, **k: pytest.fail("data loaded without the fused ops"))
+    monkeypatch.setattr(classify, "load_data", lambda *a, **k: pytest.fail("data loaded without the fused ops"))
     with pytest.raises(SystemExit) as exc:
-        train.main(["--impl", "fused", "--quiet"])
+        classify.main(["--impl", "fused", "--quiet"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert _extension.unavailable_reason() in err and "or use --impl reference" in err
@@ -151,14 +152,14 @@ def test_malformed_cifar_copy_gets_a_clear_error(tmp_path, capsys):
     for name in ("train", "test", "meta"):
         (folder / name).write_bytes(b"not a pickle")
     with pytest.raises(SystemExit) as exc:
-        train.main(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--impl", "reference",
+        classify.main(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--impl", "reference",
                     "--quiet", "--out", str(tmp_path / "out")])
     assert exc.value.code == 2
     assert "cifar-100-python/{train,test,meta}" in capsys.readouterr().err
 
 
 def test_module_entry_point_rejects_unknown_method():
-    proc = subprocess.run([sys.executable, "-m", "ckd_ext.train", "--methods", "crd", "--impl", "reference"],
+    proc = subprocess.run([sys.executable, "-m", "ckd_ext.demos.classify", "--methods", "crd", "--impl", "reference"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown method 'crd'" in proc.stderr
@@ -166,8 +167,8 @@ def test_module_entry_point_rejects_unknown_method():
 
 
 def test_console_entry_point_exits_zero(tmp_path):
-    """`ckd-train` is ckd_ext.train:cli: a successful run exits 0 and prints the table, not the results dict."""
-    code = ("import sys; from ckd_ext.train import cli; sys.argv = ['ckd-train'] + sys.argv[1:]; "
+    """`ckd-train` is ckd_ext.demos.classify:cli: a successful run exits 0 and prints the table, not the results dict."""
+    code = ("import sys; from ckd_ext.demos.classify import cli; sys.argv = ['ckd-train'] + sys.argv[1:]; "
             "sys.exit(cli())")
     proc = subprocess.run([sys.executable, "-c", code, "--methods", "ce", "--seeds", "0", "--epochs", "1",
                            "--teacher-epochs", "1", "--impl", "reference", "--quiet", "--out", str(tmp_path)],
@@ -197,7 +198,7 @@ def test_torchrun_ddp_ring(tmp_path):
     ring; the table says which mode ran. (The losses' numbers under DDP are tested in tests/test_distributed.py.)"""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "ckd_ext.train", "--ddp", "--global-negatives", "ring", "--methods", "ckd,bickd", *TINY,
+               "-m", "ckd_ext.demos.classify", "--ddp", "--global-negatives", "ring", "--methods", "ckd,bickd", *TINY,
                "--out", str(out)]
     root = Path(__file__).resolve().parents[1]  # the ranks import this checkout's ckd_ext
     # A session of its own, so that a timeout kills the ranks too and not only the launcher.

@@ -1,4 +1,4 @@
-"""Tests of the token-level distillation demo (ckd_ext/train_lm.py): a tiny configuration end to end (seconds on 2
+"""Tests of the token-level distillation demo (ckd_ext/demos/lm.py): a tiny configuration end to end (seconds on 2
 CPU cores) and its argument errors. Needs the `lm` extra (tokenizers)."""
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("tokenizers", reason="the LM demo needs the lm extra: pip install 'ckd_ext[lm]'")
 
 import ckd_ext  # noqa: E402
-from ckd_ext import train_lm  # noqa: E402
+from ckd_ext.demos import lm  # noqa: E402
 
 TINY = ["--chars", "60000", "--vocab", "300", "--context", "16", "--val-tokens", "512", "--teacher-width", "32",
         "--teacher-layers", "1", "--student-width", "16", "--student-layers", "1", "--batch", "4",
@@ -17,12 +17,12 @@ TINY = ["--chars", "60000", "--vocab", "300", "--context", "16", "--val-tokens",
 
 @pytest.mark.skipif(not ckd_ext.is_available(), reason="the demo runs the fused-linear losses")
 def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
-    results = train_lm.main([*TINY, "--seeds", "0,1", "--out", str(tmp_path)])
+    results = lm.main([*TINY, "--seeds", "0,1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    for label in ("method", "val perplexity", "teacher", *train_lm.METHODS):
+    for label in ("method", "val perplexity", "teacher", *lm.METHODS):
         assert label in printed
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["methods"]) == list(train_lm.METHODS) == list(results["methods"])
+    assert list(saved["methods"]) == list(lm.METHODS) == list(results["methods"])
     vocab = 300
     for runs in saved["methods"].values():
         assert [r["seed"] for r in runs] == [0, 1]
@@ -44,6 +44,6 @@ def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
 ])
 def test_bad_arguments_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
-        train_lm.parse_args(argv)
+        lm.parse_args(argv)
     assert info.value.code == 2
     assert message in capsys.readouterr().err

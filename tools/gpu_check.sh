@@ -31,7 +31,7 @@ STEPS=(
 "sync_debug|20|96 calls (8 configurations x fp32/bf16 x mask/no mask x mean/sum/none), forward and backward, each under torch.cuda.set_sync_debug_mode(\"error\"); tiny shapes, ~5 s of start-up|\$PYTHON tools/gpu_check.py ops --check sync --dtypes float32,bfloat16"
 "cuda_graph|20|8 captures (CKD student / teacher anchor, BicKD, KD x fp32/bf16, masked mean): capture, replay on new inputs, eager comparison; tiny shapes|\$PYTHON tools/gpu_check.py ops --check graph --dtypes float32,bfloat16"
 "peaks|15|one 8192^3 bf16 GEMM and a 1 GiB copy, 13 runs each: < 1 s of GPU time + start-up|\$PYTHON tools/gpu_check.py peaks --json \$OUT/peaks.json"
-"ddp_nccl|5+|the distributed losses on NCCL, when the machine has 2 GPUs: torchrun --nproc-per-node 2 -m ckd_ext.train --ddp --device cuda, CKD and BicKD, one epoch of the digits demo, with --global-negatives gather and ring (~20 s each: start-up, the teacher, two students); with one GPU it records that NCCL needs two and passes, with none it fails like every GPU step|ddp_step"
+"ddp_nccl|5+|the distributed losses on NCCL, when the machine has 2 GPUs: torchrun --nproc-per-node 2 -m ckd_ext.demos.classify --ddp --device cuda, CKD and BicKD, one epoch of the digits demo, with --global-negatives gather and ring (~20 s each: start-up, the teacher, two students); with one GPU it records that NCCL needs two and passes, with none it fails like every GPU step|ddp_step"
 "bench|65+|benchmarks/run.py, shape group gpu-tokens, providers ckd_ext, eager (the reference under bf16 autocast), floor, mode full: 27 cases in one worker, 1 warm-up + 1 memory run + 2-5 timed calls (2 s cap) each; a case is cut at 20 s and everything left at the step's deadline is recorded as 'deadline'|bench_step bench gpu-tokens ckd_ext,eager,floor 20"
 "bench_lm|0+|benchmarks/run.py, shape group gpu-lm (16384 tokens, V = 128256, H = 2048 / 4096, bf16), providers fused_linear and ckd_ext (logits materialised, then the fused op), CKD and KD: 4 cases; gets the time the bench step left, cases cut at 20 s|bench_step bench_lm gpu-lm fused_linear,ckd_ext 20"
 "bench_compiled|0+|the compiled provider (torch.compile of the same autocast reference, inductor): ~20-40 s of compilation per (loss, shape); gets the time the earlier steps left (at least 0 s: with a fresh build it may get none), cases cut at 45 s, the rest recorded as 'deadline'|bench_step bench_compiled gpu-tokens compiled 45"
@@ -69,7 +69,7 @@ expand() {
     test_step) echo "\$PYTHON -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs (and at least one test passed)" ;;
     build_step) echo "\$PYTHON tools/gpu_check.py extension || TORCH_CUDA_ARCH_LIST=\$(\$PYTHON tools/gpu_check.py arch) CKD_EXT_CUDA=on CKD_EXT_EMULATED=0 MAX_JOBS=\$(nproc) \$PYTHON setup.py build_ext --inplace, then the extension check again" ;;
     sanitizer_step*) echo "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool ${1#sanitizer_step } --error-exitcode 1 \$PYTHON tools/gpu_check.py ops --check run --dtypes float32,bfloat16,float16" ;;
-    ddp_step) echo "for mode in gather ring: \$PYTHON -m torch.distributed.run --standalone --nproc-per-node 2 -m ckd_ext.train --ddp --device cuda --global-negatives \$mode --methods ckd,bickd --epochs 1 --teacher-epochs 1 --seeds 0 --quiet (needs 2 GPUs; NCCL checked in its output)" ;;
+    ddp_step) echo "for mode in gather ring: \$PYTHON -m torch.distributed.run --standalone --nproc-per-node 2 -m ckd_ext.demos.classify --ddp --device cuda --global-negatives \$mode --methods ckd,bickd --epochs 1 --teacher-epochs 1 --seeds 0 --quiet (needs 2 GPUs; NCCL checked in its output)" ;;
     bench_step*) set -- $1; echo "\$PYTHON benchmarks/run.py --device cuda --only shape=$3 --only mode=full --only provider=$4 --isolate batch --timeout $5 --deadline <step budget - 5> --warmup 1 --min-reps 2 --reps 5 --max-seconds 2 --no-plots --out \$OUT/$2" ;;
     *) echo "$1" ;;
   esac
@@ -115,7 +115,7 @@ ddp_step() {  # both global modes on 2 GPUs over NCCL (the same code path as glo
   if [ "$gpus" -eq 0 ]; then echo "torch sees no CUDA device"; return 1; fi
   if [ "$gpus" -lt 2 ]; then echo "skipped: $gpus GPU, NCCL across ranks needs 2"; return 0; fi
   for mode in gather ring; do
-    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m ckd_ext.train --ddp --device cuda \
+    "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 -m ckd_ext.demos.classify --ddp --device cuda \
       --global-negatives "$mode" --methods ckd,bickd --epochs 1 --teacher-epochs 1 --seeds 0 --quiet \
       --out "$OUT/ddp_$mode" > "$OUT/ddp_$mode.txt" 2>&1 || { tail -n 20 "$OUT/ddp_$mode.txt"; return 1; }
     grep -q "(nccl)" "$OUT/ddp_$mode.txt" || { echo "the $mode run did not use NCCL"; return 1; }

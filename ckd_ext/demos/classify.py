@@ -1,9 +1,9 @@
 """Distillation demo: train a teacher, then distil students with CE, KD, CKD and BicKD.
 
-    python -m ckd_ext.train                        # digits (bundled with scikit-learn), all methods, 3 seeds
-    python -m ckd_ext.train --impl reference       # the pure-PyTorch losses instead of the fused ops
-    python -m ckd_ext.train --dataset cifar100 --data-dir ~/data --teacher resnet32x4.pt
-    torchrun --nproc-per-node 2 -m ckd_ext.train --ddp --global-negatives ring   # DDP, each rank a shard
+    python -m ckd_ext.demos.classify                        # digits (bundled with scikit-learn), all methods, 3 seeds
+    python -m ckd_ext.demos.classify --impl reference       # the pure-PyTorch losses instead of the fused ops
+    python -m ckd_ext.demos.classify --dataset cifar100 --data-dir ~/data --teacher resnet32x4.pt
+    torchrun --nproc-per-node 2 -m ckd_ext.demos.classify --ddp --global-negatives ring   # DDP, each rank a shard
 
 Every method's objective is ``ce_weight * CE(student, y)`` plus its weighted distillation terms
 (``kd``, ``ckd``, ``bickd`` or a ``+`` combination such as ``kd+bickd``; ``ce`` is the student alone).
@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import _extension
+from .. import _extension
+from .cli import Help, Threads, count, count0, positive, weight
 from .models import build_model
 
 DISTILL_TERMS = ("kd", "ckd", "bickd")
@@ -55,35 +56,8 @@ DATASETS = {
 
 
 # ------------------------------------------------------------------------------------------ arguments
-def _number(kind, low, strict, what):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-    return parse
-
-
-weight = _number(float, 0.0, False, "a weight >= 0")
-positive = _number(float, 0.0, True, "a number > 0")
-count = _number(int, 1, False, "an integer >= 1")
-count0 = _number(int, 0, False, "an integer >= 0")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where they depend on --dataset (None) or are flags (False)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckd-train", description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p = argparse.ArgumentParser(prog="ckd-train", description=__doc__.split("\n\n")[0], formatter_class=Help)
     g = p.add_argument_group("run")
     g.add_argument("--methods", default=DEFAULT_METHODS,
                    help="comma list of ce, kd, ckd, bickd or '+' combinations of the distillation terms")
@@ -197,7 +171,7 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
         p.error(f"--global-negatives {a.global_negatives} needs --ddp (the batch of one process is already global)")
     if a.ddp and not all(os.environ.get(v) for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
         p.error("--ddp needs the environment torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): run "
-                "torchrun --nproc-per-node N -m ckd_ext.train --ddp ...")
+                "torchrun --nproc-per-node N -m ckd_ext.demos.classify --ddp ...")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif a.device == "cuda" and not torch.cuda.is_available():
@@ -405,20 +379,6 @@ def save_teacher(teacher, arch: str, path: str) -> None:
     torch.save(dict(arch=arch, state_dict=teacher.state_dict()), path)
 
 
-class _Threads:
-    """torch.set_num_threads(n) for the duration of a run (n = 0: unchanged), then restored."""
-
-    def __init__(self, n):
-        self.n, self.saved = n, torch.get_num_threads()
-
-    def __enter__(self):
-        if self.n:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.saved)
-
-
 @contextlib.contextmanager
 def _process_group(a: argparse.Namespace):
     """With --ddp: the default process group (from torchrun's environment) for the run, and --quiet on every rank
@@ -481,7 +441,7 @@ def session(argv=None):
     except ImportError as e:
         parser.error(f"--impl {a.impl}: {e}")
     cfg = _config(Fit, a)
-    with _Threads(a.threads), _process_group(a):
+    with Threads(a.threads), _process_group(a):
         try:
             train, test, data_desc = load_data(a.dataset, a.device, a.batch_size, a.data_dir, a.workers)
         except ValueError as e:

@@ -1,7 +1,7 @@
 """Token-level distillation demo: a small causal teacher LM and a smaller student, distilled through the fused-linear
 losses (hidden states and LM heads in, no logits held by the loss).
 
-    ckd-train-lm                                   # = python -m ckd_ext.train_lm: methods ce, kd, kd+ckd; seeds 0,1
+    ckd-train-lm                                   # = python -m ckd_ext.demos.lm: methods ce, kd, kd+ckd; seeds 0,1
     ckd-train-lm --methods ce,kd --seeds 0,1,2 --out runs/lm
 
 Data: the Python standard library's own source files (on every machine with Python, nothing is downloaded), split
@@ -31,16 +31,16 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._extension import require_extension
-from .fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
+from .._extension import require_extension
+from ..fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
 from .models import CausalLM
-from .train import _Help, _Threads, count, positive, weight
+from .cli import Help, Threads, count, positive, weight
 
 METHODS = ("ce", "kd", "kd+ckd")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckd-train-lm", description=__doc__.split("\n\n")[0], formatter_class=_Help)
+    p = argparse.ArgumentParser(prog="ckd-train-lm", description=__doc__.split("\n\n")[0], formatter_class=Help)
     g = p.add_argument_group("run")
     g.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     g.add_argument("--seeds", default="0,1", help="comma list of student seeds")
@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     require_extension()  # the fused-linear losses need the compiled ops; fail before any training
     log = (lambda *_: None) if a.quiet else (lambda msg: print(msg, flush=True))
-    with _Threads(a.threads):
+    with Threads(a.threads):
         train_text, val_text = stdlib_text(a.chars)
         tokenizer = train_tokenizer(train_text, a.vocab)
         vocab = tokenizer.get_vocab_size()

@@ -1,10 +1,10 @@
-"""Small teacher/student networks for the distillation demo (``python -m ckd_ext.train``).
+"""Small teacher/student networks for the distillation demo (``python -m ckd_ext.demos.classify``).
 
 * Digits (scikit-learn's 8 x 8 handwritten digits, 10 classes):
   ``digits_teacher`` is a small CNN (~0.1 M parameters); ``digits_student`` is a deliberately narrow MLP
   (a 10-unit bottleneck, ~760 parameters), so the teacher is clearly better than the student trained
   alone and there is a gap for distillation to close.
-* Language modelling (``python -m ckd_ext.train_lm``): ``CausalLM``, a small pre-norm causal Transformer whose
+* Language modelling (``python -m ckd_ext.demos.lm``): ``CausalLM``, a small pre-norm causal Transformer whose
   forward returns the last hidden states; its ``head`` (``nn.Linear(width, vocab, bias=False)``) is applied by the
   loss (the fused-linear losses take the hidden states and ``head.weight``).
 * CIFAR-100: ``resnet32x4`` -> ``resnet8x4``, the standard pair of the CRD / mdistiller benchmarks (CIFAR

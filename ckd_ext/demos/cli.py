@@ -1,0 +1,49 @@
+"""Command-line pieces both demos share: argparse types for the numbers they take, the help formatter, and the
+thread-count context."""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+
+def _number(kind, low, strict, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+weight = _number(float, 0.0, False, "a weight >= 0")
+positive = _number(float, 0.0, True, "a number > 0")
+count = _number(int, 1, False, "an integer >= 1")
+count0 = _number(int, 0, False, "an integer >= 0")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where they depend on --dataset (None) or are flags (False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Threads:
+    """torch.set_num_threads(n) for the duration of a run (n = 0: unchanged), then restored."""
+
+    def __init__(self, n):
+        self.n, self.saved = n, torch.get_num_threads()
+
+    def __enter__(self):
+        if self.n:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.saved)
