@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 import torch.distributed as dist

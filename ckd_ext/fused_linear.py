@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _validation, distributed
 from ._extension import require_extension
+from .settings import workspace_bytes
 from .ops import _once_differentiable, _output, ckd_loss
 
 __all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
@@ -47,7 +48,6 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.compiler.assume_constant_result
 def _workspace_bytes(device: str) -> int:
     # A constant for torch.compile (which cannot trace the pybind11 call): a graph is specialised to the budget.
-    from . import workspace_bytes  # the package's, per device (at call time: the package imports this module)
     return workspace_bytes(device)
 
 
