@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import EPS, _compute_dtype, _scatter_rows
+from .rows import EPS, accumulation_dtype, scatter_rows
 
 MODES = (False, True, "ring")
 STRIP_BYTES = 64 << 20  # similarity strip budget of the ring's GEMMs, as the fused ops' default workspace
@@ -261,7 +261,14 @@ class RingLSE(torch.autograd.Function):
     (max, sum of exp) over it strip by strip, while the block moves on to the next rank. Backward: the blocks pass
     again, each with the gradient of its rows accumulated by the ranks it visited (the softmax weights recomputed
     from the saved lse); after `world` hops that gradient is back at the block's owner. A rank holds its own rows
-    and two blocks (forward) or two (block, gradient) pairs (backward), never the global batch."""
+    and two blocks (forward) or two (block, gradient) pairs (backward), never the global batch.
+
+    This is ATen, not the fused kernels, because the custom ops end at a loss: a ring step needs a partial result
+    (each anchor's running max and sum of exp over one visiting block, own columns excluded at an offset) and a
+    backward against an lse that only exists after the last block. Running the strip engine per ring block takes
+    two ops the engine's tiles already compute internally: block_lse(anchors, block, tau, diagonal_offset) ->
+    (max, sum) and block_backward(anchors, block, lse, weight, tau, diagonal_offset) -> (grad_anchors, grad_block),
+    with the CKD positives and BicKD's softmax rows kept in Python around them."""
 
     @staticmethod
     def forward(ctx, anchors, candidates, tau, layout, group):
@@ -349,7 +356,7 @@ def _valid(prepared):
 
 def _row_share(terms: Tensor, layout: Layout, reduction: str) -> Tensor:
     """world * this rank's anchors' share of the global sum or mean of the row terms (the scaling convention)."""
-    accumulate = torch.float64 if terms.dtype == torch.float64 else torch.float32
+    accumulate = accumulation_dtype(terms.dtype)
     total = terms.to(accumulate).sum() * layout.world
     if reduction == "mean":
         total = total / max(layout.total, 1)
@@ -367,10 +374,18 @@ def _no_autocast(device: torch.device):
         yield
 
 
-def ckd_loss(local_loss, prepared, *, tau, anchor, reduction, global_batch, group):
-    """Global-batch CKD; `local_loss` is the single-process ckd_loss the all-gather mode runs on the global batch.
-    Returns the scalar loss, or per-row terms (...) of this rank's rows for "none", in local_loss's output dtype
-    (all-gather) or the accumulation dtype (ring), for the caller to convert."""
+def run(local_loss, prepared, *, reduction, global_batch, group, **hyper):
+    """The global-batch loss (`global_batch` True or "ring") whose single-process form is `local_loss`: a fused or
+    reference `ckd_loss` / `bickd_loss`, which the all-gather mode runs on the gathered batch (so each
+    implementation stays its own oracle across ranks); `hyper` are its remaining keywords. Returns what
+    `local_loss` returns for this rank's rows, in local_loss's output dtype (all-gather) or the accumulation dtype
+    (ring), for the caller to convert."""
+    loss = _GLOBAL_LOSSES[local_loss.__name__]
+    return loss(local_loss, prepared, reduction=reduction, global_batch=global_batch, group=group, **hyper)
+
+
+def _global_ckd(local_loss, prepared, *, tau, anchor, reduction, global_batch, group):
+    """Global-batch CKD: per-row terms (...) of this rank's rows for "none", else the scalar loss."""
     student, teacher = _valid(prepared)
     layout = gather_layout(student.shape[0], student.device, group)
     if global_batch is True:
@@ -381,21 +396,21 @@ def ckd_loss(local_loss, prepared, *, tau, anchor, reduction, global_batch, grou
         terms = terms[start:start + student.shape[0]]
     else:
         with _no_autocast(student.device):
-            dtype = _compute_dtype(prepared.student.dtype)
+            dtype = accumulation_dtype(prepared.student.dtype)
             u = F.normalize(teacher.to(dtype), dim=1, eps=EPS)
             v = F.normalize(student.to(dtype), dim=1, eps=EPS)
             positives = (u * v).sum(dim=1) / tau
             lse = ring_lse(u if anchor == "teacher" else v, v, tau, layout, group)
             terms = _softplus_contrast(lse, positives)
     if reduction == "none":
-        return _scatter_rows(terms, prepared)
+        return scatter_rows(terms, prepared)
     return _row_share(terms, layout, reduction)
 
 
-def bickd_loss(local_loss, prepared, *, temperature, tau, w_sample, w_class, symmetric, reduction, global_batch,
-               group):
-    """Global-batch BicKD; returns the scalar loss, or (per-row sample terms (...) of this rank's rows, the global
-    class terms (C,)) for "none"; dtypes as ckd_loss's."""
+def _global_bickd(local_loss, prepared, *, temperature, tau, w_sample, w_class, symmetric, reduction, global_batch,
+                  group):
+    """Global-batch BicKD: (per-row sample terms (...) of this rank's rows, the global class terms (C,)) for "none",
+    else the scalar loss."""
     student, teacher = _valid(prepared)
     layout = gather_layout(student.shape[0], student.device, group)
     if global_batch is True:
@@ -408,10 +423,10 @@ def bickd_loss(local_loss, prepared, *, temperature, tau, w_sample, w_class, sym
     else:
         with _no_autocast(student.device):
             sample_terms, class_terms = _ring_bickd(student, teacher, layout, group, temperature, tau, w_sample,
-                                                    w_class, symmetric, _compute_dtype(prepared.student.dtype))
+                                                    w_class, symmetric, accumulation_dtype(prepared.student.dtype))
     if reduction == "none":
-        return _scatter_rows(sample_terms, prepared), class_terms
-    accumulate = torch.float64 if class_terms.dtype == torch.float64 else torch.float32
+        return scatter_rows(sample_terms, prepared), class_terms
+    accumulate = accumulation_dtype(class_terms.dtype)
     class_side = class_terms.to(accumulate).sum()
     if reduction == "mean":
         class_side = class_side / class_terms.shape[0]
@@ -459,3 +474,6 @@ def _ring_bickd(student, teacher, layout, group, temperature, tau, w_sample, w_c
                                                symmetric)
     class_terms = GatherRows.apply(own_terms[:, None], class_layout, group)
     return sample_terms, class_terms[class_layout.padding_mask(p.device), 0]
+
+
+_GLOBAL_LOSSES = {"ckd_loss": _global_ckd, "bickd_loss": _global_bickd}

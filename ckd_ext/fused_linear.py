@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import _validation, distributed
 from ._extension import require_extension
+from .rows import accumulation_dtype
 from .settings import workspace_bytes
 from .ops import _once_differentiable, _output, ckd_loss
 
@@ -39,10 +40,6 @@ GRAM_DTYPE = torch.float64
 # error of 6e-8 of |h| |w| already). Where the float64 rounding of G exceeds it (Cholesky fails), an
 # eigendecomposition with the same threshold takes over.
 REGULARISATION = 1e-12
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.compiler.assume_constant_result
@@ -131,7 +128,7 @@ class _GramProjection(torch.autograd.Function):
         student_width = student_weight.shape[1] + (student_bias is not None)
         coefficients, basis = _orthonormal_coordinates(blocks, student_width)  # row k: B's column k in the basis
         student_coefficients = coefficients[:student_width]
-        dtype = _accumulation_dtype(student_hidden.dtype)
+        dtype = accumulation_dtype(student_hidden.dtype)
         student_rows = _project(student_hidden, student_coefficients, student_bias is not None, dtype)
         teacher_rows = _project(teacher_hidden, coefficients[student_width:], teacher_bias is not None, dtype)
         ctx.mark_non_differentiable(teacher_rows)
@@ -225,7 +222,7 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
     = "terms"), their sum ("sum") or None (None); `grads` (hidden, weight, bias) of sum_i row_weights_i * term_i in the
     accumulation dtype, or None when `row_weights` is None (a scalar tensor, or one weight per token)."""
     hs, ws, bs, ht, wt, bt = inputs
-    dtype = _accumulation_dtype(hs.dtype)
+    dtype = accumulation_dtype(hs.dtype)
     ws_acc, bs_acc = ws.to(dtype), None if bs is None else bs.to(dtype)
     wt_acc, bt_acc = wt.to(dtype), None if bt is None else bt.to(dtype)
     tokens, vocab = hs.shape[0], ws.shape[0]
@@ -284,7 +281,7 @@ class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, valid, labels, temperature, ce_weight, reduction, compute_grad):
         inputs = (hs, ws, bs, ht, wt, bt)
-        dtype = _accumulation_dtype(hs.dtype)
+        dtype = accumulation_dtype(hs.dtype)
         ctx.reduction, ctx.temperature, ctx.ce_weight = reduction, temperature, ce_weight
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
         if reduction == "none":
@@ -307,7 +304,7 @@ class _FusedLinearKD(torch.autograd.Function):
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, valid, labels = ctx.saved_tensors
             _, grads = _kd_pass((hs, ws, bs, ht, wt, bt), valid, labels, ctx.temperature, ctx.ce_weight, None,
-                                grad_loss.to(_accumulation_dtype(hs.dtype)))
+                                grad_loss.to(accumulation_dtype(hs.dtype)))
             out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         else:
             out = [None if g is None else (g * grad_loss).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
@@ -316,14 +313,16 @@ class _FusedLinearKD(torch.autograd.Function):
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                          teacher_bias=None, temperature=1.0, mask=None, labels=None, ce_weight=0.0, ignore_index=-100,
-                         reduction="mean"):
+                         reduction="mean", global_batch=False, group=None):
     """``kd_loss`` on the logits ``hidden @ weight.T + bias`` of both models, plus ``ce_weight * cross_entropy(student
     logits, labels)``, without the N x V logits. A token takes part (in both terms) when its mask is True and its label
-    (if labels are given) is not ``ignore_index``; "mean" divides the sum over those tokens by their number."""
+    (if labels are given) is not ``ignore_index``; "mean" divides the sum over those tokens by their number.
+    `global_batch` and `group` are checked and otherwise ignored, as by ``kd_loss``: both terms are row-local."""
     fn = "fused_linear_kd_loss"
     p = _validation.prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
                                             student_bias, teacher_bias, temperature, mask, labels, ce_weight,
                                             ignore_index, reduction)
+    distributed.check_arguments(fn, global_batch, group)
     require_extension()
     valid = _valid_tokens(p.mask, p.labels, ignore_index)
     student = (p.student_hidden, p.student_weight, p.student_bias)

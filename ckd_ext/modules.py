@@ -5,7 +5,8 @@ from . import fused_linear, ops
 
 
 class _Distributed(nn.Module):
-    """global_batch and group (docs/distributed.md), kept as given and checked at call time like the rest."""
+    """global_batch and group (docs/distributed.md), which every loss takes (the row-local KD losses check and
+    otherwise ignore them), kept as given and checked at call time like the rest."""
 
     def __init__(self, global_batch, group):
         super().__init__()
@@ -61,13 +62,12 @@ class BicKDLoss(_Distributed):
                 + self._distributed_repr())
 
 
-class FusedLinearCKDLoss(nn.Module):
+class FusedLinearCKDLoss(_Distributed):
     """CKD on the logits of two linear heads, from hidden states and head weights (``fused_linear_ckd_loss``)."""
 
     def __init__(self, *, tau=1.0, anchor="student", reduction="mean", global_batch=False, group=None):
-        super().__init__()
+        super().__init__(global_batch, group)
         self.tau, self.anchor, self.reduction = tau, anchor, reduction
-        self.global_batch, self.group = global_batch, group
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                 teacher_bias=None, mask=None):
@@ -77,15 +77,15 @@ class FusedLinearCKDLoss(nn.Module):
             global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
-        return (f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}, "
-                f"global_batch={self.global_batch!r}")
+        return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}" + self._distributed_repr()
 
 
-class FusedLinearKDLoss(nn.Module):
+class FusedLinearKDLoss(_Distributed):
     """KD (+ ce_weight * cross-entropy) on the logits of two linear heads (``fused_linear_kd_loss``)."""
 
-    def __init__(self, *, temperature=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean"):
-        super().__init__()
+    def __init__(self, *, temperature=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean", global_batch=False,
+                 group=None):
+        super().__init__(global_batch, group)
         self.temperature, self.ce_weight, self.ignore_index = temperature, ce_weight, ignore_index
         self.reduction = reduction
 
@@ -94,8 +94,9 @@ class FusedLinearKDLoss(nn.Module):
         return fused_linear.fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, temperature=self.temperature, mask=mask, labels=labels,
-            ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction)
+            ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
+            global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}")
+                f"reduction={self.reduction!r}" + self._distributed_repr())

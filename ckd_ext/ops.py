@@ -15,6 +15,7 @@ import torch
 
 from . import _validation, distributed
 from ._extension import is_available, require_extension
+from .rows import accumulation_dtype
 
 DOUBLE_BACKWARD = ("double backward through ckd_ext losses is not supported; use ckd_ext.reference (plain "
                    "PyTorch) for higher-order gradients")
@@ -54,8 +55,8 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
     distributed.check_arguments("ckd_loss", global_batch, group)
     if global_batch is not False:
-        return _output(distributed.ckd_loss(ckd_loss, p, tau=tau, anchor=anchor, reduction=reduction,
-                                            global_batch=global_batch, group=group), student)
+        return _output(distributed.run(ckd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
+                                       tau=tau, anchor=anchor), student)
     loss, _ = _forward(CKDFunction, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
                        _grad_needed(p.student))
     loss = _output(loss, student)
@@ -83,9 +84,9 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
                                   mask, reduction)
     distributed.check_arguments("bickd_loss", global_batch, group)
     if global_batch is not False:
-        out = distributed.bickd_loss(bickd_loss, p, temperature=temperature, tau=tau, w_sample=w_sample,
-                                     w_class=w_class, symmetric=symmetric, reduction=reduction,
-                                     global_batch=global_batch, group=group)
+        out = distributed.run(bickd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
+                              temperature=temperature, tau=tau, w_sample=w_sample, w_class=w_class,
+                              symmetric=symmetric)
         return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
     loss, class_terms, _ = _forward(
         BicKDFunction, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
@@ -99,12 +100,8 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
 
 # --- torch.library registrations -------------------------------------------------------------------
 
-def _loss_dtype(student):
-    return torch.float64 if student.dtype == torch.float64 else torch.float32
-
-
 def _forward_fake(student, reduction, compute_grad):
-    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(student))
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=accumulation_dtype(student.dtype))
     grad = torch.empty_like(student) if compute_grad and reduction != "none" else student.new_empty((0,))
     return loss, grad
 
@@ -120,7 +117,7 @@ def _kd_forward_fake(student, teacher, mask, temperature, reduction, compute_gra
 def _bickd_forward_fake(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction,
                         compute_grad):
     loss, grad = _forward_fake(student, reduction, compute_grad)
-    class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,), dtype=_loss_dtype(student))
+    class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,), dtype=accumulation_dtype(student.dtype))
     return loss, class_terms, grad
 
 
@@ -228,7 +225,7 @@ def _bickd_backward(ctx, grad_loss, grad_class, _grad_of_grad):
     if grad is None and (grad_loss is not None or grad_class is not None):
         student, teacher, mask = ctx.saved_tensors[:3]
         # An output that was not used (reduction="none": the per-sample or the per-class terms) contributes 0.
-        dtype = _loss_dtype(student)
+        dtype = accumulation_dtype(student.dtype)
         if grad_loss is None:
             grad_loss = student.new_zeros(ctx.loss_shape, dtype=dtype)
         if grad_class is None:

@@ -23,27 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from ._validation import Prepared, prepare_bickd, prepare_ckd, prepare_kd
+from .rows import EPS, accumulation_dtype, scatter_rows
 
 __all__ = ["kd_loss", "ckd_loss", "bickd_loss"]
-
-EPS = 1e-12  # lower clamp of every L2 norm, as in F.normalize
-
-
-def _distributed():
-    """ckd_ext.distributed, imported on first use: it imports this module's helpers."""
-    from . import distributed
-    return distributed
 
 
 # --------------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(student_dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 students (gradcheck), float32 accumulation for everything else."""
-    return torch.float64 if student_dtype == torch.float64 else torch.float32
 
 
 def _valid_rows(prepared: Prepared) -> Tuple[Tensor, Tensor]:
@@ -52,7 +41,7 @@ def _valid_rows(prepared: Prepared) -> Tuple[Tensor, Tensor]:
     Dropping the masked rows up front is what makes them take no part at all; indexing keeps the
     student in the autograd graph, so masked rows simply receive a zero gradient.
     """
-    dtype = _compute_dtype(prepared.student.dtype)
+    dtype = accumulation_dtype(prepared.student.dtype)
     student = prepared.student.to(dtype)
     teacher = prepared.teacher.to(dtype)
     if prepared.mask is not None:
@@ -68,19 +57,10 @@ def _reduce(terms: Tensor, reduction: str) -> Tensor:
     return total / max(terms.shape[0], 1)
 
 
-def _scatter_rows(row_terms: Tensor, prepared: Prepared) -> Tensor:
-    """Per-valid-row terms (n,) -> per-row terms of the input's leading shape, 0 for masked rows."""
-    if prepared.mask is None:
-        return row_terms.reshape(prepared.lead_shape)
-    all_rows = row_terms.new_zeros(prepared.mask.shape[0])
-    all_rows[prepared.mask] = row_terms
-    return all_rows.reshape(prepared.lead_shape)
-
-
 def _finish_rows(row_terms: Tensor, prepared: Prepared, reduction: str) -> Tensor:
     """Apply ``reduction`` to per-valid-row terms and return in the student's dtype."""
     if reduction == "none":
-        out = _scatter_rows(row_terms, prepared)
+        out = scatter_rows(row_terms, prepared)
     else:
         out = _reduce(row_terms, reduction)
     return out.to(prepared.student.dtype)
@@ -131,7 +111,7 @@ def kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0,
     ``global_batch`` and ``group`` are checked and otherwise ignored (KD is row-separable).
     """
     prepared = prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
-    _distributed().check_arguments("kd_loss", global_batch, group)
+    distributed.check_arguments("kd_loss", global_batch, group)
     student_rows, teacher_rows = _valid_rows(prepared)
     return _finish_rows(_kd_terms(student_rows, teacher_rows, temperature), prepared, reduction)
 
@@ -169,11 +149,10 @@ def ckd_loss(student: Tensor, teacher: Tensor, *, tau: float = 1.0, anchor: str 
     ``"ring"``: the rows of every rank of ``group`` (docs/distributed.md).
     """
     prepared = prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
-    distributed = _distributed()
     distributed.check_arguments("ckd_loss", global_batch, group)
     if global_batch is not False:
-        return distributed.ckd_loss(ckd_loss, prepared, tau=tau, anchor=anchor, reduction=reduction,
-                                    global_batch=global_batch, group=group).to(prepared.student.dtype)
+        return distributed.run(ckd_loss, prepared, reduction=reduction, global_batch=global_batch, group=group,
+                               tau=tau, anchor=anchor).to(prepared.student.dtype)
     student_rows, teacher_rows = _valid_rows(prepared)
     return _finish_rows(_ckd_terms(student_rows, teacher_rows, tau, anchor), prepared, reduction)
 
@@ -222,12 +201,11 @@ def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, ta
     """
     prepared = prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
                              symmetric, mask, reduction)
-    distributed = _distributed()
     distributed.check_arguments("bickd_loss", global_batch, group)
     if global_batch is not False:
-        out = distributed.bickd_loss(bickd_loss, prepared, temperature=temperature, tau=tau, w_sample=w_sample,
-                                     w_class=w_class, symmetric=symmetric, reduction=reduction,
-                                     global_batch=global_batch, group=group)
+        out = distributed.run(bickd_loss, prepared, reduction=reduction, global_batch=global_batch, group=group,
+                              temperature=temperature, tau=tau, w_sample=w_sample, w_class=w_class,
+                              symmetric=symmetric)
         dtype = prepared.student.dtype
         return tuple(o.to(dtype) for o in out) if reduction == "none" else out.to(dtype)
     student_rows, teacher_rows = _valid_rows(prepared)
@@ -237,5 +215,5 @@ def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, ta
     class_terms = w_class * _bickd_class_terms(p, q, tau, symmetric)
     out_dtype = prepared.student.dtype
     if reduction == "none":
-        return _scatter_rows(sample_terms, prepared).to(out_dtype), class_terms.to(out_dtype)
+        return scatter_rows(sample_terms, prepared).to(out_dtype), class_terms.to(out_dtype)
     return (_reduce(sample_terms, reduction) + _reduce(class_terms, reduction)).to(out_dtype)

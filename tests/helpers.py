@@ -4,6 +4,8 @@ from typing import NamedTuple
 
 import torch
 
+from ckd_ext.rows import EPS, accumulation_dtype
+
 # Every loss configuration the suite runs: (loss name, keyword arguments). Non-default hyperparameters
 # so that a forgotten scale (tau, temperature, weights) cannot cancel out.
 CONFIGS = {
@@ -189,13 +191,7 @@ SUBNORMAL_SPACING = {torch.float64: 2.0 ** -1074, torch.float32: 2.0 ** -149, to
                      torch.bfloat16: 2.0 ** -133}
 UNDERFLOW = {torch.float32: 2e-38, torch.float64: 1e-300}
 SUM_LAMBDA = 6.0
-NORM_EPS = 1e-12  # the clamp of every L2 norm (docs/math.md section 1)
 U64 = UNIT_ROUNDOFF[torch.float64]
-
-
-def compute_dtype(student_dtype):
-    """The accumulation dtype of the fused ops (and of the reference) for a student dtype."""
-    return torch.float64 if student_dtype == torch.float64 else torch.float32
 
 
 def compute_for_unit(unit):
@@ -319,9 +315,9 @@ def _ckd_bounds(s, t, tau, anchor, w, u):
       clamped), D = sum_i |coefficient_ij| |operand_i|. A flushed pi (< UNDERFLOW) adds up to n UNDERFLOW w / tau.
     """
     n, C = s.shape
-    rs = s.norm(dim=1).clamp_min(NORM_EPS)
-    rt = t.norm(dim=1).clamp_min(NORM_EPS)
-    clamped = (s.norm(dim=1) < NORM_EPS)[:, None]
+    rs = s.norm(dim=1).clamp_min(EPS)
+    rt = t.norm(dim=1).clamp_min(EPS)
+    clamped = (s.norm(dim=1) < EPS)[:, None]
     v, uu = s / rs[:, None], t / rt[:, None]
     if anchor == "teacher":
         z = uu @ v.T / tau
@@ -354,7 +350,7 @@ def _ckd_bounds(s, t, tau, anchor, w, u):
             sym.diagonal().zero_()
             sym = sym + sym.T  # (w_k pi_kj + w_j pi_jk) / tau for j != k
             d = sym @ v.abs() + diag[:, None] * uu.abs()
-        r = torch.where(clamped, d / NORM_EPS, (d + (d * v.abs()).sum(dim=1, keepdim=True) * v.abs()) / rs[:, None])
+        r = torch.where(clamped, d / EPS, (d + (d * v.abs()).sum(dim=1, keepdim=True) * v.abs()) / rs[:, None])
         eps_g = eps_pi + unit * (acc(n) + 2 * acc(C) + 8)
         flush = n * UNDERFLOW[compute_for_unit(unit)] * w.abs().max() / tau / rs[:, None]
         out.append((term, eps_g * r + flush))
@@ -415,14 +411,14 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
     x, y = s / temperature, t / temperature
     a = max(x.abs().max().item(), y.abs().max().item())
     P, Q = torch.softmax(x, dim=1), torch.softmax(y, dim=1)
-    p = P / P.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    q = Q / Q.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    row_norm = P.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    p = P / P.norm(dim=1, keepdim=True).clamp_min(EPS)
+    q = Q / Q.norm(dim=1, keepdim=True).clamp_min(EPS)
+    row_norm = P.norm(dim=1, keepdim=True).clamp_min(EPS)
     col_norm_raw = P.norm(dim=0, keepdim=True)
-    col_clamped = col_norm_raw < NORM_EPS
-    col_norm = col_norm_raw.clamp_min(NORM_EPS)
+    col_clamped = col_norm_raw < EPS
+    col_norm = col_norm_raw.clamp_min(EPS)
     pbar = P / col_norm
-    qbar = Q / Q.norm(dim=0, keepdim=True).clamp_min(NORM_EPS)
+    qbar = Q / Q.norm(dim=0, keepdim=True).clamp_min(EPS)
     za = p @ q.T / tau
     zg = pbar.T @ qbar / tau
     ws = (ws.expand(n) if ws.dim() == 0 else ws) * (w_sample != 0)
@@ -432,7 +428,7 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
 
     def abs_backward(dp, dpbar):  # Ds from the magnitudes of dL/dp and dL/dpbar (section 5.3, see above)
         dP = (dp + (dp * p).sum(dim=1, keepdim=True) * p) / row_norm
-        dP = dP + torch.where(col_clamped, dpbar / NORM_EPS,
+        dP = dP + torch.where(col_clamped, dpbar / EPS,
                               (dpbar + (dpbar * pbar).sum(dim=0, keepdim=True) * pbar) / col_norm)
         return P * (dP + (P * dP).sum(dim=1, keepdim=True)) / temperature
 
@@ -462,7 +458,7 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
 
 def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper):
     """error_bounds without the underflow floor."""
-    cdtype = compute_dtype(student.dtype)
+    cdtype = accumulation_dtype(student.dtype)
     u = UNIT_ROUNDOFF[cdtype]
     s_all = student.detach().cpu().double().reshape(-1, student.shape[-1])
     t_all = teacher.detach().cpu().double().reshape(-1, student.shape[-1])
@@ -543,7 +539,7 @@ def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstrea
     rows, C = student.reshape(-1, student.shape[-1]).shape
     valid = torch.ones(rows, dtype=torch.bool) if mask is None else mask.cpu().reshape(-1)
     ops = rows + C + 8
-    spacing = (SUBNORMAL_SPACING[compute_dtype(student.dtype)] * ops, SUBNORMAL_SPACING[torch.float64] * ops)
+    spacing = (SUBNORMAL_SPACING[accumulation_dtype(student.dtype)] * ops, SUBNORMAL_SPACING[torch.float64] * ops)
     any_valid = float(bool(valid.any()))
 
     def floored(bound, computed):

@@ -324,6 +324,9 @@ SHARED_CHECKS = [  # (overrides, exception, message): the checks the fused-linea
     (dict(mask=torch.ones(35, dtype=torch.bool)), ValueError,
      r"mask must have the shape of student_hidden without its last dimension \(5, 7\), got \(35,\)"),
     (dict(mask=torch.ones(5, 7)), TypeError, "mask must have dtype torch.bool, got torch.float32"),
+    (dict(global_batch="gather"), ValueError, "global_batch must be False, True or 'ring', got 'gather'"),
+    (dict(global_batch=True), RuntimeError, "global_batch=True needs an initialised torch.distributed process group"),
+    (dict(group="world"), TypeError, "group must be a torch.distributed.ProcessGroup or None, got str"),
 ]
 
 

@@ -1,0 +1,22 @@
+"""Row rules every implementation of the losses shares (docs/math.md section 1): the norm clamp, the accumulation
+dtype, and how per-valid-row terms return to the input's leading shape."""
+import torch
+from torch import Tensor
+
+EPS = 1e-12  # lower clamp of every L2 norm, as in F.normalize
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the losses accumulate in, and the dtype of the ops' raw loss: float64 for float64 inputs (gradcheck),
+    float32 for everything else (16-bit inputs are converted on load)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def scatter_rows(row_terms: Tensor, prepared) -> Tensor:
+    """Per-valid-row terms (n,) -> per-row terms of the input's leading shape, 0 for masked rows; `prepared` is the
+    loss's validated inputs (ckd_ext._validation.Prepared)."""
+    if prepared.mask is None:
+        return row_terms.reshape(prepared.lead_shape)
+    all_rows = row_terms.new_zeros(prepared.mask.shape[0])
+    all_rows[prepared.mask] = row_terms
+    return all_rows.reshape(prepared.lead_shape)
