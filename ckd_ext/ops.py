@@ -261,6 +261,9 @@ def _function(name: str, op: str, doc: str) -> type:
         setup_context(ctx, args, output)
         return output
 
+    # Built here, beside the setup and backward the registered autograd uses, and published by ckd_ext.autograd:
+    # __module__ names that public home, so that repr, help() and pickling by reference (which looks the class up
+    # as ckd_ext.autograd.<name>) point users where they import it from.
     return type(name, (torch.autograd.Function,), {
         "__doc__": doc, "__module__": "ckd_ext.autograd", "forward": staticmethod(forward),
         "backward": staticmethod(backward)})
