@@ -17,7 +17,7 @@ rates divide this by a measured time, so providers compare on the same numerator
 
 The per-implementation models (`fused_before`, `fused_after`, `eager`) describe one forward + backward with a
 16-bit student, which ckd_ext runs as a forward without the gradient and a backward that recomputes
-(ckd_ext/ops.py, `_grad_needed`): the forward's similarity GEMMs are paid twice.
+(ckd_ext/losses.py, `_grad_needed`): the forward's similarity GEMMs are paid twice.
 """
 from __future__ import annotations
 
@@ -284,7 +284,7 @@ def fused_after(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str 
     """(forward, backward) calls as the landed code issues them: GEMMs, their FLOPs and the kernel launches come from
     the extension's strip plan (`ckd_ext._C.strip_plan`, csrc/orchestration/plan.h), the plan the op follows and
     tests/test_strip_plans.py checks against what calls issue. A 16-bit student's forward computes no gradient and
-    its backward recomputes (ckd_ext/ops.py, `_grad_needed`). Bytes stay this module's model (`_contrastive_after`).
+    its backward recomputes (ckd_ext/losses.py, `_grad_needed`). Bytes stay this module's model (`_contrastive_after`).
     CKD's 16-bit GEMMs run on tensor cores; BicKD's are fp32 (docs/cuda.md, "GEMM policy")."""
     b = dtype_bytes(dtype)
     if loss == "kd":

@@ -14,11 +14,11 @@
     ckd_ext.demos                               the ckd-train and ckd-train-lm demos (not the library's API)
 """
 from . import autograd, reference  # noqa: F401
-from ._extension import is_available, require_extension  # noqa: F401  (require_extension: the raw _C, for tests and tools)
+from ._extension import is_available, require_extension  # noqa: F401  (require_extension: _C, for tools)
 from ._version import __version__  # noqa: F401
 from .fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
 from .modules import BicKDLoss, CKDLoss, FusedLinearCKDLoss, FusedLinearKDLoss, KDLoss
-from .ops import bickd_loss, ckd_loss, kd_loss
+from .losses import bickd_loss, ckd_loss, kd_loss
 from .settings import available_cpu_isas, cpu_isa, set_cpu_isa, set_workspace_bytes, workspace_bytes
 
 __all__ = [

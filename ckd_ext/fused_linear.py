@@ -24,7 +24,8 @@ from . import _validation, distributed
 from ._extension import require_extension
 from .rows import accumulation_dtype
 from .settings import workspace_bytes
-from .ops import _once_differentiable, _output, ckd_loss
+from .custom_ops import _once_differentiable
+from .losses import _output, ckd_loss
 
 __all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
 

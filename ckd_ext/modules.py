@@ -1,7 +1,7 @@
 """nn.Module wrappers of the fused losses: hyperparameters at construction, tensors at call time."""
 from torch import nn
 
-from . import fused_linear, ops
+from . import fused_linear, losses
 
 
 class _Distributed(nn.Module):
@@ -22,7 +22,7 @@ class CKDLoss(_Distributed):
         self.tau, self.anchor, self.reduction = tau, anchor, reduction
 
     def forward(self, student, teacher, mask=None):
-        return ops.ckd_loss(student, teacher, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction,
+        return losses.ckd_loss(student, teacher, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction,
                             global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
@@ -35,7 +35,7 @@ class KDLoss(_Distributed):
         self.temperature, self.reduction = temperature, reduction
 
     def forward(self, student, teacher, mask=None):
-        return ops.kd_loss(student, teacher, temperature=self.temperature, mask=mask, reduction=self.reduction,
+        return losses.kd_loss(student, teacher, temperature=self.temperature, mask=mask, reduction=self.reduction,
                            global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
@@ -50,7 +50,7 @@ class BicKDLoss(_Distributed):
         self.w_sample, self.w_class, self.symmetric, self.reduction = w_sample, w_class, symmetric, reduction
 
     def forward(self, student, teacher, mask=None):
-        return ops.bickd_loss(
+        return losses.bickd_loss(
             student, teacher, temperature=self.temperature, tau=self.tau, w_sample=self.w_sample,
             w_class=self.w_class, symmetric=self.symmetric, mask=mask, reduction=self.reduction,
             global_batch=self.global_batch, group=self.group,

@@ -3,7 +3,7 @@
     with ckd_ext.testing.emulated_cuda():
         ckd_ext.ckd_loss(student_cpu, teacher_cpu)   # runs the CUDA kernels, under the CPU emulator
 
-The emulated CUDA backend is the CUDA kernels compiled for the host against the CPU emulator (csrc/device): every
+The emulated CUDA backend is the CUDA kernels compiled for the host against the CPU emulator (csrc/cuda_emulator): every
 CUDA thread an OS thread, about a thousand times slower than the CPU kernels, so use small shapes. Built only
 with CKD_EXT_EMULATED=1. The switch is process-wide (autograd may run backward on another thread) and not meant
 for concurrent use.

@@ -1,0 +1,94 @@
+"""The fused losses: thin wrappers over the custom ops `torch.ops.ckd_ext.*` (schemas in csrc/schemas.cpp), with
+their fake (meta) implementations and autograd registered below through torch.library, next to the ops they
+serve.
+
+Each forward op can return the student gradient along with the loss (for "mean" and "sum", when the
+student requires grad): the loss is nearly always the last node of the graph, so computing the gradient
+while the similarity strips are in cache saves recomputing them, and backward only scales it. For
+"none" the upstream weights are only known in backward, which then recomputes; so do 16-bit students (below).
+
+The ops return the loss in float32 (float64 for float64 students), as they accumulate it; it is rounded to the
+student's dtype here, except under torch.autocast, where the losses behave like torch's own losses on autocast's
+float32 list (cross_entropy, kl_div): the loss stays float32, the 16-bit inputs are read as they are (no copy).
+"""
+import torch
+
+from . import _validation, distributed
+from ._extension import require_extension
+from .autograd import BicKDFunction, CKDFunction, KDFunction
+
+def _grad_needed(student: torch.Tensor) -> bool:
+    """Whether the forward computes the gradient: for float32 and float64 students. A 16-bit gradient computed for
+    an upstream gradient of 1 would be rounded twice once backward scales it: in float16 its small entries (below
+    2^-24) are already 0 when GradScaler's 2^16 arrives, and in bfloat16 (float32's range, no underflow) a quarter
+    of the entries end one ulp off for an upstream gradient that is not a power of two. Recomputed in backward, the
+    gradient is rounded once, after the upstream scale (measured: 1.3-1.8x the forward + backward time, no saved
+    bytes beyond the inputs; keeping a float32 gradient instead would save 2x a 16-bit input)."""
+    return torch.is_grad_enabled() and student.requires_grad and student.dtype not in (torch.float16, torch.bfloat16)
+
+
+def _output(loss: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    if loss.dtype == student.dtype:  # float32 and float64 students: nothing to decide (and no autocast query)
+        return loss
+    return loss if torch.is_autocast_enabled(student.device.type) else loss.to(student.dtype)
+
+
+def _forward(function, op: str, *args):
+    """A forward op with autograd: in eager mode through its autograd.Function (ckd_ext.autograd; less per-call cost
+    than the op's registered autograd, docs/benchmarks.md "Per-call overhead"), when traced through the op itself,
+    which torch.compile and opcheck know by its schema, fake kernel and registered autograd."""
+    require_extension()
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.ckd_ext, op)(*args)
+    return function.apply(*args)
+
+
+def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reduction="mean", global_batch=False,
+             group=None):
+    """CKD loss (docs/math.md). `student`, `teacher`: logits (..., C); `mask`: bool (...), False rows take
+    no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none". `global_batch` True or
+    "ring": negatives from the rows of every rank of `group` (docs/distributed.md)."""
+    p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+    distributed.check_arguments("ckd_loss", global_batch, group)
+    if global_batch is not False:
+        return _output(distributed.run(ckd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
+                                       tau=tau, anchor=anchor), student)
+    loss, _ = _forward(CKDFunction, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
+                       _grad_needed(p.student))
+    loss = _output(loss, student)
+    return loss.reshape(p.lead_shape) if reduction == "none" else loss
+
+
+def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean", global_batch=False, group=None):
+    """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md). `global_batch` and `group`
+    are checked and otherwise ignored: KD is row-separable, each rank's rows need nothing from the others."""
+    p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    distributed.check_arguments("kd_loss", global_batch, group)
+    loss, _ = _forward(KDFunction, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
+                       _grad_needed(p.student))
+    loss = _output(loss, student)
+    return loss.reshape(p.lead_shape) if reduction == "none" else loss
+
+
+def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_class=1.0, symmetric=False,
+               mask=None, reduction="mean", global_batch=False, group=None):
+    """BicKD loss (this project's definition, docs/math.md). reduction="none" returns the pair
+    (per-sample terms (...), per-class terms (C,)), already weighted by w_sample and w_class. `global_batch` True
+    or "ring": sample-side candidates and column statistics from the rows of every rank of `group`
+    (docs/distributed.md)."""
+    p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class, symmetric,
+                                  mask, reduction)
+    distributed.check_arguments("bickd_loss", global_batch, group)
+    if global_batch is not False:
+        out = distributed.run(bickd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
+                              temperature=temperature, tau=tau, w_sample=w_sample, w_class=w_class,
+                              symmetric=symmetric)
+        return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
+    loss, class_terms, _ = _forward(
+        BicKDFunction, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
+        float(w_class), bool(symmetric), reduction, _grad_needed(p.student),
+    )
+    loss = _output(loss, student)
+    if reduction == "none":
+        return loss.reshape(p.lead_shape), _output(class_terms, student)
+    return loss
