@@ -3,7 +3,7 @@
 Environment switches:
   CKD_EXT_CUDA=auto|on|off   build the CUDA backend (auto: when nvcc and a CUDA build of torch are present)
   CKD_EXT_EMULATED=0|1       also build ckd_ext._emulated: the CUDA kernels compiled for the host, a backend
-                             that runs CPU tensors through the CUDA emulator (csrc/device/) inside
+                             that runs CPU tensors through the CUDA emulator (csrc/cuda_emulator/) inside
                              ckd_ext.testing.emulated_cuda(), for tests without a GPU
   MAX_JOBS=N                 parallel compile jobs (default 2, the size of our machines)
   TORCH_CUDA_ARCH_LIST       CUDA architectures (default: tools/build_config.py)

@@ -8,8 +8,8 @@
 #include <ATen/ATen.h>
 
 #include "losses.h"
-#include "orchestration/common.h"
-#include "orchestration/plan.h"
+#include "orchestration/op_call.h"
+#include "orchestration/plan_inputs.h"
 #include "orchestration/strips.h"
 #include "orchestration/workspace.h"
 
@@ -40,15 +40,9 @@ class BicKDPass {
         inv_temp_(static_cast<Acc>(1.0 / cfg.temperature)),
         inv_tau_(static_cast<Acc>(1.0 / cfg.tau)),
         symmetric_(cfg.symmetric) {
-    PlanInputs p;
-    p.rows = N_;
-    p.cols = C_;
-    p.operand_bytes = p.acc_bytes = sizeof(Acc);
-    p.operands_are_inputs = false;
-    p.grad_in_acc = in.student.scalar_type() == acc_type<Acc>();
-    p.want_grad = want_grad;
-    p.workspace = bickd_workspace_for(in.student, N_, C_, sizeof(Acc));
-    p.gpu = device_kind(in.student) != DeviceKind::Cpu;
+    const PlanInputs p = bickd_plan_inputs({N_, C_, in.student.scalar_type(), in.teacher.scalar_type(),
+                                            in.mask.defined(), device_kind(in.student), want_grad,
+                                            bickd_workspace_for(in.student, N_, C_, sizeof(Acc))});
     plan_ = plan_bickd(p, cfg.symmetric, cfg.w_sample != 0, cfg.w_class != 0);
     for (auto* side : {&s_, &t_}) {
       for (auto* t : {&side->row_max, &side->row_log_sum, &side->row_log_norm}) *t = at::empty({N_}, opts_);

@@ -6,8 +6,8 @@
 #include <limits>
 
 #include "losses.h"
-#include "orchestration/common.h"
-#include "orchestration/plan.h"
+#include "orchestration/op_call.h"
+#include "orchestration/plan_inputs.h"
 #include "orchestration/strips.h"
 #include "orchestration/workspace.h"
 
@@ -28,18 +28,10 @@ struct Ckd {
         inv_s(at::empty({N}, acc_options)),
         inv_t(at::empty({N}, acc_options)),
         grad(grad) {
-    PlanInputs p;
-    p.rows = N;
-    p.cols = C;
-    p.operand_bytes = at::elementSize(gemm.operand_dtype());
-    p.acc_bytes = sizeof(Acc);
-    p.operands_are_inputs = in.mask.defined() == false && in.student.scalar_type() == gemm.operand_dtype() &&
-                            in.teacher.scalar_type() == gemm.operand_dtype();
-    p.tensor_cores = gemm.tensor_cores();
-    p.gpu = device_kind(in.student) != DeviceKind::Cpu;
-    p.grad_in_acc = in.student.scalar_type() == acc_type<Acc>();
-    p.want_grad = want_grad;
-    p.workspace = workspace_for(in.student);
+    const PlanInputs p = ckd_plan_inputs({N, C, in.student.scalar_type(), in.teacher.scalar_type(),
+                                          in.mask.defined(), device_kind(in.student), want_grad,
+                                          workspace_for(in.student)},
+                                         gemm);
     plan = plan_ckd(p, student_anchor);
     operands_are_inputs = p.operands_are_inputs;
     k.row_inv_norms(as_matrix(in.student), inv_s.data_ptr<Acc>());

@@ -1,6 +1,6 @@
 // Vanilla KD (docs/math.md section 3): row-separable, one kernel per call.
 #include "losses.h"
-#include "orchestration/common.h"
+#include "orchestration/op_call.h"
 
 namespace ckd {
 namespace {

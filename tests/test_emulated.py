@@ -105,7 +105,7 @@ def test_bickd_gradient_at_large_logits(symmetric):
 def test_epilogue_over_split_rows():
     """CKD's teacher anchors in strips of 16 against 2100 candidates: the CUDA epilogue splits each strip row into 2
     column chunks (cuda_backend.h, epilogue_split), whose statistics a second kernel merges; masked anchors and
-    candidates included. (BicKD's class strips run the same two kernels; tests/emulator/test_ckd_kernels.cpp checks
+    candidates included. (BicKD's class strips run the same two kernels; csrc/cuda_emulator/tests/test_ckd_kernels.cpp checks
     3-chunk rows, element-wise rows and the loss-only path against the CPU kernels. ~1 min emulated: 8k blocks.)"""
     n, c = 2100, 6
     workspace = 2 * 16 * n * 4  # half of it holds a strip: 16 rows of n fp32 similarities

@@ -1,4 +1,4 @@
-"""Self-tests of the CUDA-on-CPU emulator (csrc/device), run through the ctest project in tests/emulator.
+"""Self-tests of the CUDA-on-CPU emulator (csrc/cuda_emulator), run through the ctest project in csrc/cuda_emulator/tests.
 
 Each configuration (plain, ThreadSanitizer, AddressSanitizer+UBSan) is configured and built in a cached
 directory under build/ and its ctest suite must pass: the correct kernels run clean and every planted bug
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_DIR = REPO / "tests" / "emulator"
+SOURCE_DIR = REPO / "csrc" / "cuda_emulator" / "tests"
 BUILD_ROOT = Path(os.environ.get("CKD_EMU_BUILD_DIR", REPO / "build" / "emulator-tests"))
 # Two jobs: the whole file (three builds and test runs) takes well under three minutes on two cores.
 JOBS = "2"

@@ -5,9 +5,12 @@ package build) and CMakeLists.txt (C++ work, compile_commands.json, ctest), so t
 
 Paths are relative to the repository root.
 """
+import hashlib
 import platform
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The CPU backend (with its kernels, cpu_kernels.h): in OPS_SOURCES for the baseline instruction set, and compiled
 # again, into the same library, once per entry of CPU_ISA_FLAGS below.
@@ -15,16 +18,17 @@ CPU_BACKEND_SOURCE = "csrc/backends/cpu/cpu_backend.cpp"
 
 # ckd_ext._C: the op library with the CPU backend (and the CUDA backend when built with CUDA).
 OPS_SOURCES = [
-    "csrc/ops.cpp", "csrc/ckd.cpp", "csrc/bickd.cpp", "csrc/kd.cpp",
-    "csrc/orchestration/common.cpp", "csrc/orchestration/gemm.cpp", "csrc/orchestration/plan.cpp",
-    "csrc/orchestration/workspace.cpp", "csrc/backends/select.cpp", "csrc/backends/cpu/cpu_isa.cpp",
+    "csrc/schemas.cpp", "csrc/python_module.cpp", "csrc/ckd.cpp", "csrc/bickd.cpp", "csrc/kd.cpp",
+    "csrc/orchestration/op_call.cpp", "csrc/orchestration/gemm.cpp", "csrc/orchestration/plan.cpp",
+    "csrc/orchestration/plan_inputs.cpp", "csrc/orchestration/workspace.cpp", "csrc/backends/select.cpp",
+    "csrc/backends/cpu/cpu_isa.cpp",
     CPU_BACKEND_SOURCE,
 ]
 CUDA_SOURCES = ["csrc/backends/cuda/cuda_backend.cu"]
 # ckd_ext._emulated (CKD_EXT_EMULATED=1): the CUDA kernels compiled by the host compiler with the CPU emulator's
 # runtime, a backend that _C runs CPU tensors through in tests (csrc/backends/backends.h says why it is a
 # separate module).
-EMULATED_SOURCES = ["csrc/backends/emulated/emulated_backend.cpp", "csrc/device/emulator.cpp"]
+EMULATED_SOURCES = ["csrc/backends/emulated/emulated_backend.cpp", "csrc/cuda_emulator/emulator.cpp"]
 INCLUDE_DIRS = ["csrc"]
 
 # -fno-trapping-math lets GCC if-convert the float compares in the CPU kernels' exp and max-shift loops and
@@ -37,6 +41,23 @@ INCLUDE_DIRS = ["csrc"]
 # so the vector width does not change a result either. Reproducible losses across machines, and one set of test
 # expectations, for what contraction would gain (the FMAs of fast_exp's polynomial; not measured).
 CXX_FLAGS = ["-O3", "-fvisibility=hidden", "-fno-trapping-math", "-fopenmp", "-ffp-contract=off"]
+
+# What _C and _emulated must agree on to share a backend (csrc/backends/backends.h: EmulatedBackendTable): the
+# kernel interface's headers. Their digest is compiled into both modules, so that a stale _emulated built from other
+# headers is refused at load instead of calling through a different vtable; nothing to bump by hand.
+KERNEL_INTERFACE_HEADERS = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "csrc" / "kernel_interface").glob("*.h"))]
+KERNEL_INTERFACE_HEADERS.append("csrc/backends/backends.h")
+
+
+def kernel_interface_digest() -> str:
+    digest = hashlib.sha256()
+    for header in KERNEL_INTERFACE_HEADERS:
+        digest.update((ROOT / header).read_bytes())
+    return "0x" + digest.hexdigest()[:15]  # 60 bits: a positive int64 literal
+
+
+ABI_FLAG = f"-DCKD_KERNEL_INTERFACE_DIGEST={kernel_interface_digest()}"
+CXX_FLAGS.append(ABI_FLAG)
 LINK_FLAGS = ["-fopenmp"]
 
 # The instruction sets CPU_BACKEND_SOURCE is compiled for besides the baseline (x86-64 only; elsewhere the baseline
@@ -58,7 +79,7 @@ if CPU_ISA_FLAGS:
 # c10::Half / c10::BFloat16 need it under nvcc.
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-std=c++20"]
 # The emulator runs every CUDA thread as an OS thread.
-EMULATED_CXX_FLAGS = ["-O2", "-pthread", "-fvisibility=hidden"]
+EMULATED_CXX_FLAGS = ["-O2", "-pthread", "-fvisibility=hidden", ABI_FLAG]
 EMULATED_LINK_FLAGS = ["-pthread"]
 # Ampere and Hopper, the GPUs the package is built for unless TORCH_CUDA_ARCH_LIST says otherwise, plus Hopper's PTX,
 # which the driver compiles for newer GPUs (sm_100, sm_120) that would otherwise find "no kernel image".
@@ -85,6 +106,7 @@ def write_cmake(path: Path) -> None:
         + _cmake_list("CKD_EMULATED_CXX_FLAGS", EMULATED_CXX_FLAGS)
         + _cmake_list("CKD_EMULATED_LINK_FLAGS", EMULATED_LINK_FLAGS)
         + f'set(CKD_DEFAULT_CUDA_ARCHS "{DEFAULT_CUDA_ARCHS}")\n'
+        + _cmake_list("CKD_KERNEL_INTERFACE_HEADERS", KERNEL_INTERFACE_HEADERS)
     )
 
 

@@ -4,6 +4,8 @@
 
 #include <atomic>
 
+#include "backends/emulated/abi.h"
+
 #if defined(CKD_WITH_CUDA)
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs cuSPARSE/cuBLAS headers
 #endif

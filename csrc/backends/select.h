@@ -1,9 +1,10 @@
-// Which kernel backend serves a tensor: the one place that knows devices (the orchestration above it is the same
-// for all of them).
+// Which kernel backend serves a tensor (the orchestration above it is the same for all of them); what follows from
+// the choice is in backends/device_kind.h.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include "backends/backends.h"
+#include "backends/device_kind.h"
 
 namespace ckd {
 
@@ -12,8 +13,7 @@ namespace ckd {
 template <typename Acc>
 KernelBackend<Acc>& backend_for(const at::Tensor& x);
 
-// Which of those backend_for picks for x: what the GEMM policy (orchestration/gemm.h) and the strip plans depend on.
-enum class DeviceKind { Cpu, Cuda, EmulatedCuda };
+// Which of those backend_for picks for x.
 DeviceKind device_kind(const at::Tensor& x);
 
 // Called once by ckd_ext's Python layer when ckd_ext._emulated is built (test builds only).

@@ -1,6 +1,6 @@
 // CPU emulator of the CUDA subset that ckd_ext's kernels use (see README.md in this folder).
 //
-// Include "device/device.h", never this file directly: device.h picks the real CUDA runtime under nvcc.
+// Include "cuda_emulator/device.h", never this file directly: device.h picks the real CUDA runtime under nvcc.
 // Link emulator.cpp (the runtime: thread pool, barrier, warp exchange, watchdog) into the program once.
 //
 // Model: every CUDA thread of a block runs as an OS thread (taken from a pool that is reused across blocks
@@ -32,7 +32,7 @@
 #pragma once
 
 #if defined(__CUDACC__)
-#error "csrc/device/emulator.h is the host-compiler emulator; include device/device.h instead"
+#error "csrc/cuda_emulator/emulator.h is the host-compiler emulator; include cuda_emulator/device.h instead"
 #endif
 
 #include <math.h>

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "kernels/types.h"
+#include "kernel_interface/types.h"
 
 #if defined(__CUDACC__)
 #define CKD_HOST_DEVICE __host__ __device__ __forceinline__

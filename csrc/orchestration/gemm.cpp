@@ -15,7 +15,7 @@ Gemm::Gemm(at::ScalarType input_dtype, at::ScalarType acc_dtype, DeviceKind kind
       tensor_cores_(false),
       emulated_(kind == DeviceKind::EmulatedCuda) {
   const bool sixteen_bit = input_dtype == at::kHalf || input_dtype == at::kBFloat16;
-  if (kind != DeviceKind::Cpu && sixteen_bit && acc_dtype == at::kFloat) {
+  if (runs_cuda_kernels(kind) && sixteen_bit && acc_dtype == at::kFloat) {
     operand_dtype_ = input_dtype;
     tensor_cores_ = true;
   }

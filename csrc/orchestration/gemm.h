@@ -17,6 +17,12 @@
 
 namespace ckd {
 
+// What a call on `input` elements accumulates in: fp64 for fp64 inputs (gradcheck), fp32 for everything else (16-bit
+// inputs converted on load); ckd_ext/rows.py's accumulation_dtype is the same rule.
+inline at::ScalarType accumulation_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 class Gemm {
  public:
   Gemm(at::ScalarType input_dtype, at::ScalarType acc_dtype, DeviceKind kind);
@@ -24,6 +30,7 @@ class Gemm {
   // The dtype GEMM operands are passed in: the inputs' own dtype where the backend multiplies 16-bit operands,
   // else the accumulation dtype (inputs of another dtype are converted first).
   at::ScalarType operand_dtype() const { return operand_dtype_; }
+  at::ScalarType acc_dtype() const { return acc_dtype_; }
   bool tensor_cores() const { return tensor_cores_; }
 
   // out (m x n, acc) = a (m x k) @ b (n x k)^T, both operands in operand_dtype().

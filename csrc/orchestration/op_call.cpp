@@ -1,4 +1,4 @@
-#include "orchestration/common.h"
+#include "orchestration/op_call.h"
 
 #include <algorithm>
 #include <cmath>

@@ -10,7 +10,8 @@
 #include <type_traits>
 
 #include "backends/select.h"
-#include "kernels/types.h"
+#include "kernel_interface/types.h"
+#include "orchestration/gemm.h"
 
 namespace ckd {
 
@@ -90,7 +91,7 @@ decltype(auto) run_op(const char* op, const at::Tensor& student, const at::Tenso
     const OpCall call{in, red, acc_options, count};
     return body(tag, call);
   };
-  if (in.student.scalar_type() == at::kDouble) return run(double{});
+  if (accumulation_type(in.student.scalar_type()) == at::kDouble) return run(double{});
   return run(float{});
 }
 

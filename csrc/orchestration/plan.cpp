@@ -79,7 +79,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
     first_pass_bytes = (plan.whole ? matrix_bytes : plan.strip * N * in.acc_bytes) +
                        (in.operands_are_inputs ? 0 : (plan.strip + plan.operand_block) * operand_row);
   } else {
-    const int64_t side = in.gpu ? 2048 : 1024;
+    const int64_t side = runs_cuda_kernels(in.device) ? 2048 : 1024;
     if (plan.whole) {
       plan.strip = balanced(N, side);
       if (!in.operands_are_inputs) plan.strip = balanced(N, std::min(plan.strip, rows_within(rest / 4, operand_row, N)));
@@ -91,7 +91,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
       // rows, 2.33 N^2 C multiply-adds in 2731-row tiles, 2.13 in 1024-row tiles) while 1024-wide GEMMs keep their
       // rate; past eight tile rows (0.56 of N^2 per pass) smaller tiles would only add GEMMs. A GPU keeps the
       // largest tiles: there the number of launches, not the FLOPs, is what more tiles cost.
-      if (!in.gpu) plan.strip = std::min(plan.strip, std::max(side, N / 8));
+      if (!runs_cuda_kernels(in.device)) plan.strip = std::min(plan.strip, std::max(side, N / 8));
       if (!in.operands_are_inputs) plan.strip = std::min(plan.strip, rows_within(W / 8, operand_row, N));
       plan.strip = balanced(N, plan.strip);
     }
@@ -221,13 +221,15 @@ BicKDSideWork bickd_side_work(const BicKDSide& side, int64_t count, int64_t dept
 // On a GPU a build is a memory-bound pass next to GEMMs of thousands of flops per element it writes; what more
 // GEMMs cost is their launches and partial last waves, ~1 ms on an fp32 GEMM of thousands of rows, about what
 // 2^30 elements take to write and read back at ~3.35 TB/s.
-double bickd_gemm_cost(bool gpu) { return gpu ? double(int64_t{1} << 30) : double(int64_t{1} << 12); }
+double bickd_gemm_cost(DeviceKind device) {
+  return runs_cuda_kernels(device) ? double(int64_t{1} << 30) : double(int64_t{1} << 12);
+}
 
 // The cheapest walk of one side within the workspace: Whole when both operand matrices fit beside a strip, else
 // every strip size (as a number of balanced strips) with the largest candidate blocks beside it.
 BicKDSide plan_bickd_side(int64_t count, int64_t depth, const PlanInputs& in, int64_t directions) {
   const int64_t W = in.workspace, acc = in.acc_bytes;
-  const double per_gemm = bickd_gemm_cost(in.gpu);
+  const double per_gemm = bickd_gemm_cost(in.device);
   BicKDSide best{BicKDOperands::Blocks, 1, 1};  // when nothing fits: one anchor against one candidate at a time
   double best_cost = std::numeric_limits<double>::infinity();
   auto consider = [&](const BicKDSide& side) {

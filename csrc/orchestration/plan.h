@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "backends/device_kind.h"
+
 namespace ckd {
 
 struct PlanInputs {
@@ -12,7 +14,7 @@ struct PlanInputs {
   int64_t acc_bytes = 4;
   bool operands_are_inputs = true;  // the inputs serve as operands as they are (no conversion, no masked row)
   bool tensor_cores = false;        // coefficient products are two GEMMs (gemm.h)
-  bool gpu = false;                 // CUDA or emulated CUDA: larger tiles
+  DeviceKind device = DeviceKind::Cpu;  // runs_cuda_kernels: larger tiles
   bool grad_in_acc = true;          // the student gradient's dtype is the accumulation dtype
   bool want_grad = true;
   int64_t workspace = 0;

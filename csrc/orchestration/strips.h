@@ -9,7 +9,7 @@
 
 #include <functional>
 
-#include "kernels/types.h"
+#include "kernel_interface/types.h"
 #include "orchestration/gemm.h"
 
 namespace ckd {

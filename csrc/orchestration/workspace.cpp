@@ -6,6 +6,8 @@
 #include <array>
 #include <atomic>
 
+#include "backends/select.h"
+
 #if defined(CKD_WITH_CUDA)
 #include <cuda_runtime_api.h>
 #endif
@@ -39,7 +41,7 @@ int64_t bickd_cpu_workspace(int64_t rows, int64_t cols, int64_t acc_bytes) {
 
 int64_t bickd_workspace_for(const at::Tensor& x, int64_t rows, int64_t cols, int64_t acc_bytes) {
   if (const int64_t set = g_setting.load(); set > 0) return set;
-  return x.is_cuda() ? default_workspace_for(x) : bickd_cpu_workspace(rows, cols, acc_bytes);
+  return has_device_memory(device_kind(x)) ? default_workspace_for(x) : bickd_cpu_workspace(rows, cols, acc_bytes);
 }
 
 int64_t cuda_workspace_from_free_memory(int64_t free_bytes) {
@@ -48,7 +50,7 @@ int64_t cuda_workspace_from_free_memory(int64_t free_bytes) {
 
 int64_t default_workspace_for(const at::Tensor& x) {
 #if defined(CKD_WITH_CUDA)
-  if (x.is_cuda()) {
+  if (has_device_memory(device_kind(x))) {
     const int index = x.device().index();
     TORCH_CHECK(index >= 0 && index < kMaxDevices, "ckd_ext: CUDA device index ", index, " out of range");
     int64_t bytes = g_cuda_default[index].load();

@@ -7,8 +7,8 @@
 #include <limits>
 #include <vector>
 
-#include "kernels/scalar_math.h"
-#include "kernels/types.h"
+#include "kernel_interface/scalar_math.h"
+#include "kernel_interface/types.h"
 
 // This header is compiled once per instruction set the CPU backend is built for (cpu_isa.h), with that set's
 // flags and CKD_CPU_ISA naming it; each compilation's kernels live in their own inline namespace, so that the

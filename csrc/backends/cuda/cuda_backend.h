@@ -13,12 +13,12 @@
 #include <c10/cuda/CUDAException.h>
 #endif
 
-#include "kernels/backend.h"
+#include "kernel_interface/backend.h"
 #include "backends/cuda/cuda_kernels.h"
 
 namespace ckd {
 
-// After every launch: c10's check (as csrc/device/README.md asks), which reports the error with torch's device-side
+// After every launch: c10's check (as csrc/cuda_emulator/README.md asks), which reports the error with torch's device-side
 // assertion context and the CUDA_LAUNCH_BLOCKING hint. The emulator runs launches synchronously and reports failures
 // itself.
 inline void check_launch() {
@@ -36,7 +36,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::row_inv_norms_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
+      launch_kernel(cuda::row_inv_norms_kernel<Acc, T>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0, stream_,
                     static_cast<const T*>(x.data), x.cols, inv_norm);
     });
     check_launch();
@@ -48,7 +48,7 @@ class CudaBackend final : public KernelBackend<Acc> {
       visit_dtype(b.dtype, [&](auto tb) {
         using TA = decltype(ta);
         using TB = decltype(tb);
-        launch_kernel(gpu::row_dots_kernel<Acc, TA, TB>, rows_grid(a.rows), dim3(gpu::kRowThreads), 0, stream_,
+        launch_kernel(cuda::row_dots_kernel<Acc, TA, TB>, rows_grid(a.rows), dim3(cuda::kRowThreads), 0, stream_,
                       static_cast<const TA*>(a.data), static_cast<const TB*>(b.data), a.cols, out);
       });
     });
@@ -59,7 +59,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::softmax_stats_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
+      launch_kernel(cuda::softmax_stats_kernel<Acc, T>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0, stream_,
                     static_cast<const T*>(x.data), x.cols, inv_temp, row_max, row_log_sum, row_log_norm);
     });
     check_launch();
@@ -72,7 +72,7 @@ class CudaBackend final : public KernelBackend<Acc> {
       visit_dtype(t.dtype, [&](auto tt) {
         using TS = decltype(ts);
         using TT = decltype(tt);
-        launch_kernel(gpu::kd_rows_kernel<Acc, TS, TT>, rows_grid(s.rows), dim3(gpu::kRowThreads), 0, stream_,
+        launch_kernel(cuda::kd_rows_kernel<Acc, TS, TT>, rows_grid(s.rows), dim3(cuda::kRowThreads), 0, stream_,
                       static_cast<const TS*>(s.data), static_cast<const TT*>(t.data), s.cols, temperature, valid,
                       loss, weight, static_cast<TS*>(grad));
       });
@@ -85,7 +85,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (rows * x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::load_rows_kernel<Acc, T>, element_grid(rows, x.cols), element_block(x.cols), 0, stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, valid, out);
+      launch_kernel(cuda::load_rows_kernel<Acc, T>, element_grid(rows, x.cols), element_block(x.cols), 0, stream_, static_cast<const T*>(x.data), x.cols, row0, rows, row_scale, valid, out);
     });
     check_launch();
   }
@@ -96,7 +96,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (rows * cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::exp_block_kernel<Acc, T>, element_grid(rows, cols), element_block(cols), 0, stream_,
+      launch_kernel(cuda::exp_block_kernel<Acc, T>, element_grid(rows, cols), element_block(cols), 0, stream_,
                     static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
                     row_rest, col_shift, valid, out);
     });
@@ -106,21 +106,21 @@ class CudaBackend final : public KernelBackend<Acc> {
   // Two launches (cuda_kernels.h, contrastive_epilogue_stats_kernel); plan.cpp counts them.
   void contrastive_epilogue(const EpilogueParams<Acc>& p) override {
     if (p.rows == 0) return;
-    const gpu::EpilogueSplit split = epilogue_split(p.rows, p.cols);
+    const cuda::EpilogueSplit split = epilogue_split(p.rows, p.cols);
     Scratch partials(split.floats() * static_cast<int64_t>(sizeof(Acc)), stream_, host_scratch_);
     Acc* partial_values = static_cast<Acc*>(partials.data());
-    launch_kernel(gpu::contrastive_epilogue_stats_kernel<Acc>, dim3(static_cast<unsigned>(p.rows),
-                  static_cast<unsigned>(split.chunks)), dim3(gpu::kRowThreads), 0, stream_, p, split, partial_values);
+    launch_kernel(cuda::contrastive_epilogue_stats_kernel<Acc>, dim3(static_cast<unsigned>(p.rows),
+                  static_cast<unsigned>(split.chunks)), dim3(cuda::kRowThreads), 0, stream_, p, split, partial_values);
     check_launch();
     const unsigned finishing_chunks = p.weight ? static_cast<unsigned>(split.chunks) : 1u;  // loss only: one per row
-    launch_kernel(gpu::contrastive_epilogue_finish_kernel<Acc>, dim3(static_cast<unsigned>(p.rows), finishing_chunks),
-                  dim3(gpu::kRowThreads), 0, stream_, p, split, static_cast<const Acc*>(partial_values));
+    launch_kernel(cuda::contrastive_epilogue_finish_kernel<Acc>, dim3(static_cast<unsigned>(p.rows), finishing_chunks),
+                  dim3(cuda::kRowThreads), 0, stream_, p, split, static_cast<const Acc*>(partial_values));
     check_launch();
   }
 
   void contrastive_coefficients(const EpilogueParams<Acc>& p, const Acc* lse) override {
     if (p.rows * p.cols == 0) return;
-    launch_kernel(gpu::contrastive_coefficients_kernel<Acc>, element_grid(p.rows, p.cols), element_block(p.cols), 0,
+    launch_kernel(cuda::contrastive_coefficients_kernel<Acc>, element_grid(p.rows, p.cols), element_block(p.cols), 0,
                   stream_, p, lse);
     check_launch();
   }
@@ -135,14 +135,14 @@ class CudaBackend final : public KernelBackend<Acc> {
                                   ") must lie wholly above the diagonal");
     }
     const int64_t blocks = t.rows + (diagonal ? 0 : (t.cols + 31) / 32);
-    launch_kernel(gpu::symmetric_tile_lse_kernel<Acc>, dim3(static_cast<unsigned>(blocks)), dim3(gpu::kColumnThreads),
+    launch_kernel(cuda::symmetric_tile_lse_kernel<Acc>, dim3(static_cast<unsigned>(blocks)), dim3(cuda::kColumnThreads),
                   0, stream_, t, row_max, row_sum);
     check_launch();
   }
 
   void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) override {
     if (t.rows * t.cols == 0) return;
-    launch_kernel(gpu::symmetric_tile_coefficients_kernel<Acc>, element_grid(t.rows, t.cols), element_block(t.cols),
+    launch_kernel(cuda::symmetric_tile_coefficients_kernel<Acc>, element_grid(t.rows, t.cols), element_block(t.cols),
                   0, stream_, t, lse, weight);
     check_launch();
   }
@@ -154,7 +154,7 @@ class CudaBackend final : public KernelBackend<Acc> {
       visit_dtype(extra_x.dtype, [&](auto te) {
         using T = decltype(tx);
         using TE = decltype(te);
-        launch_kernel(gpu::normalize_backward_kernel<Acc, T, TE>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0,
+        launch_kernel(cuda::normalize_backward_kernel<Acc, T, TE>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0,
                       stream_, d, static_cast<const T*>(x.data), x.cols, extra_coef,
                       static_cast<const TE*>(extra_x.data), valid, static_cast<T*>(grad));
       });
@@ -167,7 +167,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::column_log_norms_kernel<Acc, T>, columns_grid(x.cols), dim3(gpu::kColumnThreads), 0,
+      launch_kernel(cuda::column_log_norms_kernel<Acc, T>, columns_grid(x.cols), dim3(cuda::kColumnThreads), 0,
                     stream_, static_cast<const T*>(x.data), x.rows, x.cols, row_max, row_log_sum, inv_temp, valid,
                     log_norm);
     });
@@ -179,7 +179,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (x.cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::column_dots_kernel<Acc, T>, columns_grid(x.cols), dim3(gpu::kColumnThreads), 0, stream_, a,
+      launch_kernel(cuda::column_dots_kernel<Acc, T>, columns_grid(x.cols), dim3(cuda::kColumnThreads), 0, stream_, a,
                     static_cast<const T*>(x.data), x.rows, x.cols, row_max, row_log_sum, log_norm, inv_temp, valid,
                     out);
     });
@@ -192,7 +192,7 @@ class CudaBackend final : public KernelBackend<Acc> {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(gpu::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(gpu::kRowThreads), 0, stream_,
+      launch_kernel(cuda::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0, stream_,
                     static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, row_max, row_log_sum,
                     col_log_norm, col_projection, inv_temp, valid, static_cast<T*>(grad));
     });
@@ -202,33 +202,33 @@ class CudaBackend final : public KernelBackend<Acc> {
  private:
   static dim3 rows_grid(int64_t rows) { return dim3(static_cast<unsigned>(rows)); }
   static dim3 columns_grid(int64_t cols) {
-    return dim3(static_cast<unsigned>((cols + gpu::kColumnThreads - 1) / gpu::kColumnThreads));
+    return dim3(static_cast<unsigned>((cols + cuda::kColumnThreads - 1) / cuda::kColumnThreads));
   }
-  // Element kernels (gpu::for_elements): blocks of kElementThreads threads, as many columns wide as a row needs up
+  // Element kernels (cuda::for_elements): blocks of kElementThreads threads, as many columns wide as a row needs up
   // to all of them (32, 64, 128 or 256), the rest of the block on further rows, so that narrow rows keep the
   // block's threads busy. Up to 65535 block rows (CUDA's limit for grid.y); the kernels stride past them.
   static dim3 element_block(int64_t cols) {
     unsigned width = 32;
-    while (width < static_cast<unsigned>(gpu::kElementThreads) && width < cols) width *= 2;
-    return dim3(width, static_cast<unsigned>(gpu::kElementThreads) / width);
+    while (width < static_cast<unsigned>(cuda::kElementThreads) && width < cols) width *= 2;
+    return dim3(width, static_cast<unsigned>(cuda::kElementThreads) / width);
   }
   static dim3 element_grid(int64_t rows, int64_t cols) {
     const dim3 block = element_block(cols);
     const int64_t col_blocks = (cols + block.x - 1) / block.x;
     const int64_t row_blocks = (rows + block.y - 1) / block.y;
-    return dim3(static_cast<unsigned>(std::min<int64_t>(col_blocks, gpu::kMaxElementBlocks)),
+    return dim3(static_cast<unsigned>(std::min<int64_t>(col_blocks, cuda::kMaxElementBlocks)),
                 static_cast<unsigned>(std::min<int64_t>(row_blocks, 65535)));
   }
 
   // Chunks per strip row for the epilogue: enough blocks (rows x chunks) to fill the largest GPUs (kEpilogueBlocks)
   // when a strip has few rows, and at least kEpilogueChunkCols columns per chunk (8 elements per thread) so that a
   // block's fixed costs (the merge, its barriers) stay small; chunks are whole packs of 4 for vector loads.
-  static gpu::EpilogueSplit epilogue_split(int64_t rows, int64_t cols) {
-    const int64_t by_blocks = (gpu::kEpilogueBlocks + rows - 1) / rows;
-    const int64_t by_width = std::max<int64_t>(1, cols / gpu::kEpilogueChunkCols);
+  static cuda::EpilogueSplit epilogue_split(int64_t rows, int64_t cols) {
+    const int64_t by_blocks = (cuda::kEpilogueBlocks + rows - 1) / rows;
+    const int64_t by_width = std::max<int64_t>(1, cols / cuda::kEpilogueChunkCols);
     const int64_t wanted = std::min(by_blocks, by_width);
     const int64_t chunk_cols = ((cols + wanted - 1) / wanted + 3) / 4 * 4;
-    return gpu::EpilogueSplit{rows, (cols + chunk_cols - 1) / chunk_cols, chunk_cols};
+    return cuda::EpilogueSplit{rows, (cols + chunk_cols - 1) / chunk_cols, chunk_cols};
   }
 
   // A work buffer for the duration of one backend call. On the GPU it comes from torch's caching allocator on the

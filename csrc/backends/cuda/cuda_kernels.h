@@ -1,4 +1,4 @@
-// CUDA kernels of the KernelBackend interface (kernels/backend.h), written once against device/device.h: nvcc
+// CUDA kernels of the KernelBackend interface (kernels/backend.h), written once against cuda_emulator/device.h: nvcc
 // compiles them for the GPU, the host compiler runs them under the CPU emulator in tests. Torch-free;
 // inputs are converted to the accumulation type Acc on load; every reduction is a fixed tree inside one
 // block, or (the contrastive epilogue's split rows) blocks' partial results merged by a later kernel in a fixed
@@ -6,11 +6,11 @@
 #pragma once
 #include <cstdint>
 
-#include "device/device.h"
-#include "kernels/scalar_math.h"
-#include "kernels/types.h"
+#include "cuda_emulator/device.h"
+#include "kernel_interface/scalar_math.h"
+#include "kernel_interface/types.h"
 
-namespace ckd::gpu {
+namespace ckd::cuda {
 
 // One block per row for row reductions: 128 threads (4 warps) let up to 16 blocks share an SM (2048 threads), so
 // enough rows are in flight to hide memory latency at the widths we see (C from 100 to 150k), while a row of
@@ -643,4 +643,4 @@ __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, cons
   }, x + base, dp_row, dpbar_row, log_norms, projections);
 }
 
-}  // namespace ckd::gpu
+}  // namespace ckd::cuda

@@ -1,11 +1,12 @@
 // ckd_ext._emulated: the CUDA backend (cuda_backend.h, cuda_kernels.h) compiled by the host compiler against the
-// CPU emulator (device/emulator.h), handed to ckd_ext._C as an EmulatedBackendTable in a PyCapsule. Torch-free
+// CPU emulator (cuda_emulator/emulator.h), handed to ckd_ext._C as an EmulatedBackendTable in a PyCapsule. Torch-free
 // apart from pybind11; _C runs CPU tensors through it inside ckd_ext.testing.emulated_cuda().
 #include <pybind11/pybind11.h>
 
 #include "backends/backends.h"
 #include "backends/cuda/cuda_backend.h"
-#include "device/emulator.h"
+#include "backends/emulated/abi.h"
+#include "cuda_emulator/emulator.h"
 
 namespace {
 

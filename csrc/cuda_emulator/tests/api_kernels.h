@@ -2,7 +2,7 @@
 // Compiled by nvcc too (nvcc_compile_check.cu), so they only use what CUDA has.
 #pragma once
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 namespace ckd_api {
 

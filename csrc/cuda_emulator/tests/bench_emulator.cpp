@@ -5,7 +5,7 @@
 #include <cstdlib>
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 namespace {
 

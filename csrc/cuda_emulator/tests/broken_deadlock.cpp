@@ -2,7 +2,7 @@
 // watchdog must abort (the test sets CKD_EMU_WATCHDOG_SECONDS=1) and show where each thread is.
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void deadlock_kernel(int* out) {
   __shared__ int flag;

@@ -2,7 +2,7 @@
 // abort naming both barriers.
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void divergent_barrier_kernel(float* out) {
   __shared__ float staged[128];

@@ -2,7 +2,7 @@
 // sites (the lines marked as planted; CMakeLists.txt reads their numbers).
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void divergent_shuffle_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);

@@ -2,7 +2,7 @@
 // and the read. Runs "correctly" on the emulator; ThreadSanitizer must report the race with both lines.
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void missing_syncthreads_kernel(const float* in, float* out) {
   __shared__ float staged[64];

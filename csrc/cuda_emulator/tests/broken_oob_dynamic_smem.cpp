@@ -2,7 +2,7 @@
 // must report it (the emulator allocates exactly smem_bytes: a "heap-buffer-overflow").
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void oob_dynamic_smem_kernel(float* out) {
   CKD_DYNAMIC_SMEM(float, buf);

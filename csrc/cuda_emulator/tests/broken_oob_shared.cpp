@@ -4,7 +4,7 @@
 // bounds check, which knows the array type.)
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __device__ __forceinline__ void fill(float* scratch) {
   scratch[threadIdx.x] = 1.0f;  // [planted:A]

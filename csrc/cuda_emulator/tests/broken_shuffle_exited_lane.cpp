@@ -2,7 +2,7 @@
 // the lanes that have returned. The emulator must abort naming the shuffle and the lane read.
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void shuffle_exited_lane_kernel(const float* in, float* out) {
   if (threadIdx.x % 32 >= 16) return;

@@ -2,7 +2,7 @@
 // can ever complete. The emulator must abort naming both sites (at once, or through its deadlock detector).
 #include <vector>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 __global__ void warp_split_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);

@@ -1,4 +1,4 @@
-// A correct sample kernel in the style ckd_ext's kernels follow (csrc/device/README.md): per-row softmax
+// A correct sample kernel in the style ckd_ext's kernels follow (csrc/cuda_emulator/README.md): per-row softmax
 // statistics (max, log-sum-exp) and the row sum, one block per row, for float, c10::Half and c10::BFloat16
 // inputs with float accumulation. It compiles unchanged with nvcc (nvcc_compile_check.cu) and runs on the CPU
 // emulator (test_sample_kernels.cpp).
@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "device/device.h"
+#include "cuda_emulator/device.h"
 
 namespace ckd_sample {
 
