@@ -15,29 +15,25 @@ Counting rules
 plus one C x C x N GEMM each way; KD none. Bytes: the inputs read once, the gradient written once. Achieved
 rates divide this by a measured time, so providers compare on the same numerator.
 
-The per-implementation models (`fused_before`, `fused_after`, `eager`) describe one forward + backward with a
-16-bit student, which ckd_ext runs as a forward without the gradient and a backward that recomputes
-(ckd_ext/losses.py, `_grad_needed`): the forward's similarity GEMMs are paid twice.
+The per-implementation models (`fused_op`, `eager`) describe one forward + backward with a 16-bit student, which
+ckd_ext runs as a forward without the gradient and a backward that recomputes (ckd_ext/losses.py, `_grad_needed`): the
+forward's similarity GEMMs are paid twice. The fused op's earlier implementation (csrc/losses.cpp) is a frozen
+table in docs/cuda.md, not a model here.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from .cases import base_loss
 
-MIB = 1 << 20
 GIB = 1 << 30
-# The fused op's default workspace before issue 10 (csrc/losses.cpp).
-WORKSPACE_BEFORE = 64 * MIB
-# The workspace the "after" rows use: the CUDA default on an 80 GB device (an eighth of its free memory, at most 4 GiB;
-# csrc/orchestration/workspace.h).
-WORKSPACE_AFTER = 4 * GIB
+# The workspace the fused op's rows use: the CUDA default on an 80 GB device (an eighth of its free memory, at most
+# 4 GiB; csrc/orchestration/workspace.h).
+WORKSPACE = 4 * GIB
 ACC_BYTES = 4  # fp32 accumulation: similarities, coefficients, converted operands
-# Host cost of one kernel or cuBLAS launch through ATen, the figure of the issue's review; at millions of tiny
-# launches it, not the GPU, sets the time.
+# Host cost of one kernel or cuBLAS launch through ATen; at millions of tiny launches it, not the GPU, sets the time.
 LAUNCH_SECONDS = 10e-6
 
 
@@ -130,115 +126,9 @@ def peak_fraction(rate: Tuple[float, str], peak: Optional[DevicePeak]) -> Option
     return value / peak.tensor_tflops if unit == "TFLOPS" else value / (peak.hbm_tbs * 1e3)
 
 
-# ----------------------------------------------------------------------------------- the fused op before
-def _rows_within(nbytes: int, row_elems: int, total: int) -> int:
-    """csrc/losses.cpp rows_within<float>: rows of `row_elems` fp32 values within `nbytes`, in [1, total]."""
-    return max(1, min(total, nbytes // (max(row_elems, 1) * ACC_BYTES)))
-
-
+# ----------------------------------------------------------------------------------------------- the fused op
 def _blocks(total: int, size: int) -> List[int]:
     return [min(size, total - i) for i in range(0, total, size)]
-
-
-def _ckd_teacher_before(N, C, b, want_grad, budget) -> Work:
-    w = Work()
-    w.kernel(2 * N * C * b, 2 * N * ACC_BYTES, 2)                          # row_inv_norms of s and t
-    strip = min(_rows_within(budget // 2, N, N), _rows_within(budget // 4, C, N))
-    block = _rows_within(budget // 4, C, N)                                # 16-bit candidates: converted copies
-    for rows in _blocks(N, strip):
-        w.kernel(rows * C * b, rows * C * ACC_BYTES)                       # load_rows: anchors, normalised
-        for kb in _blocks(N, block):
-            w.kernel(kb * C * b, kb * C * ACC_BYTES)                       # load_rows: candidates
-            w.gemm(rows, kb, C, ACC_BYTES)
-        w.kernel(rows * N * ACC_BYTES, rows * N * ACC_BYTES)               # contrastive_epilogue
-        if want_grad:
-            w.gemm(N, C, rows, ACC_BYTES, accumulate=True)                 # dv += z^T anchors
-    if want_grad:
-        w.kernel(N * C * (ACC_BYTES + 2 * b), N * C * b)                   # normalize_backward
-    return w
-
-
-def _ckd_student_before(N, C, b, want_grad, budget) -> Work:
-    w = Work()
-    w.kernel(2 * N * C * b, 2 * N * ACC_BYTES, 2)                          # row_inv_norms
-    w.kernel(2 * N * C * b, N * ACC_BYTES)                                 # row_dots: the positives
-    square = int(math.sqrt(budget // 2 // ACC_BYTES))
-    tile = max(1, min(square, _rows_within(budget // 8, C, N), N))
-    blocks = _blocks(N, tile)
-    single = len(blocks) == 1
-
-    def tiles(grad_pass: bool):
-        for i, ri in enumerate(blocks):
-            if not (grad_pass and single):
-                w.kernel(ri * C * b, ri * C * ACC_BYTES)                   # load_rows v_i
-            for j in range(i, len(blocks)):
-                rj = blocks[j]
-                if grad_pass and single:
-                    pass                                                   # the tile is still in place
-                else:
-                    if j != i:
-                        w.kernel(rj * C * b, rj * C * ACC_BYTES)           # load_rows v_j
-                    w.gemm(ri, rj, C, ACC_BYTES)
-                if not grad_pass:
-                    w.kernel(ri * rj * ACC_BYTES, 0, 1 if j == i else 2)   # symmetric_tile_lse rows (+ columns)
-                else:
-                    w.kernel(ri * rj * ACC_BYTES, ri * rj * ACC_BYTES)     # symmetric_tile_coefficients
-                    w.gemm(ri, C, rj, ACC_BYTES, accumulate=True)          # dv_i += z v_j
-                    if j != i:
-                        w.gemm(rj, C, ri, ACC_BYTES, accumulate=True)      # dv_j += z^T v_i
-
-    tiles(False)
-    if want_grad:
-        tiles(True)
-        w.kernel(N * C * (ACC_BYTES + 2 * b), N * C * b)                   # normalize_backward
-    return w
-
-
-def _bickd_before(N, C, b, want_grad, budget) -> Work:
-    """BicKD with w_sample, w_class > 0, symmetric=False (the benchmark's defaults): student anchors only."""
-    w = Work()
-    w.kernel(2 * N * C * b, 6 * N * ACC_BYTES, 2)                          # softmax_stats of s and t
-    # sample side: anchors p_i, candidates q_k, rebuilt by exp_block for every block (twice with the gradient)
-    strip = min(_rows_within(budget // 2, N, N), _rows_within(budget // 4, C, N))
-    block = _rows_within(budget // 4, C, N)
-    cand_once = block >= N
-    if cand_once:
-        w.kernel(N * C * b, N * C * ACC_BYTES)
-    for rows in _blocks(N, strip):
-        w.kernel(rows * C * b, rows * C * ACC_BYTES)                       # exp_block: anchors
-        for kb in _blocks(N, block):
-            if not cand_once:
-                w.kernel(kb * C * b, kb * C * ACC_BYTES)                   # exp_block: candidates
-            w.gemm(rows, kb, C, ACC_BYTES)
-        w.kernel(rows * N * ACC_BYTES, rows * N * ACC_BYTES)               # contrastive_epilogue
-        if want_grad:
-            for kb in _blocks(N, block):
-                if not cand_once:
-                    w.kernel(kb * C * b, kb * C * ACC_BYTES)
-                w.gemm(rows, C, kb, ACC_BYTES, accumulate=True)            # dp_rows += z q
-    # class side: anchors pbar_c, candidates qbar_d (N x cols blocks)
-    w.kernel(2 * N * C * b, 2 * C * ACC_BYTES, 2)                          # column_log_norms
-    strip_c = min(_rows_within(budget // 2, C, C), _rows_within(budget // 4, N, C))
-    block_c = _rows_within(budget // 4, N, C)
-    cand_once = block_c >= C
-    if cand_once:
-        w.kernel(N * C * b, N * C * ACC_BYTES)
-    for cols in _blocks(C, strip_c):
-        w.kernel(N * cols * b, N * cols * ACC_BYTES)
-        for kb in _blocks(C, block_c):
-            if not cand_once:
-                w.kernel(N * kb * b, N * kb * ACC_BYTES)
-            w.gemm(cols, kb, N, ACC_BYTES)
-        w.kernel(cols * C * ACC_BYTES, cols * C * ACC_BYTES)
-        if want_grad:
-            for kb in _blocks(C, block_c):
-                if not cand_once:
-                    w.kernel(N * kb * b, N * kb * ACC_BYTES)
-                w.gemm(N, cols, kb, ACC_BYTES, accumulate=True)            # dpbar[:, c] += qbar z^T
-    if want_grad:
-        w.kernel(N * C * (ACC_BYTES + b), C * ACC_BYTES)                   # column_dots
-        w.kernel(N * C * (2 * ACC_BYTES + b), N * C * b)                   # bickd_backward_rows
-    return w
 
 
 def _kd(N, C, b, want_grad) -> Work:
@@ -247,22 +137,7 @@ def _kd(N, C, b, want_grad) -> Work:
     return w
 
 
-def fused_before(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student",
-                 budget: int = WORKSPACE_BEFORE) -> Tuple[Work, Work]:
-    """(forward, backward) calls of the fused op as csrc/losses.cpp issues them before issue 10, for a 16-bit
-    student (the forward computes no gradient, the backward recomputes): fp32 GEMMs on converted operands,
-    strips of `budget / C` rows."""
-    b = dtype_bytes(dtype)
-    if loss == "kd":
-        return _kd(N, C, b, False), _kd(N, C, b, True)
-    if loss == "bickd":
-        return _bickd_before(N, C, b, False, budget), _bickd_before(N, C, b, True, budget)
-    f = _ckd_student_before if anchor == "student" else _ckd_teacher_before
-    return f(N, C, b, False, budget), f(N, C, b, True, budget)
-
-
-# ------------------------------------------------------------------------------------ the fused op after
-def _contrastive_after(w: Work, anchors: int, cands: int, K: int, b: int, want_grad: bool, budget: int) -> None:
+def _contrastive_bytes(w: Work, anchors: int, cands: int, K: int, b: int, want_grad: bool, budget: int) -> None:
     """One contrastive side on tensor cores: strips of anchors sized by their fp32 output (anchors x cands
     within `budget`), 16-bit operands read as they are; with the gradient, one GEMM of the coefficient strip
     by the 16-bit candidates, and a recompute of the similarities per output block when the whole coefficient
@@ -279,12 +154,12 @@ def _contrastive_after(w: Work, anchors: int, cands: int, K: int, b: int, want_g
             w.gemm(rows, K, cands, b, accumulate=False)
 
 
-def fused_after(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student",
-                budget: int = WORKSPACE_AFTER) -> Tuple[Work, Work]:
-    """(forward, backward) calls as the landed code issues them: GEMMs, their FLOPs and the kernel launches come from
+def fused_op(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "student",
+             budget: int = WORKSPACE) -> Tuple[Work, Work]:
+    """(forward, backward) calls of the fused op: GEMMs, their FLOPs and the kernel launches come from
     the extension's strip plan (`ckd_ext._C.strip_plan`, csrc/orchestration/plan.h), the plan the op follows and
     tests/test_strip_plans.py checks against what calls issue. A 16-bit student's forward computes no gradient and
-    its backward recomputes (ckd_ext/losses.py, `_grad_needed`). Bytes stay this module's model (`_contrastive_after`).
+    its backward recomputes (ckd_ext/losses.py, `_grad_needed`). Bytes stay this module's model (`_contrastive_bytes`).
     CKD's 16-bit GEMMs run on tensor cores; BicKD's are fp32 (docs/cuda.md, "GEMM policy")."""
     b = dtype_bytes(dtype)
     if loss == "kd":
@@ -296,9 +171,9 @@ def fused_after(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str 
     for want_grad in (False, True):
         bytes_model = Work()
         bytes_model.kernel(2 * N * C * b, 4 * (N + C) * ACC_BYTES, 2)
-        _contrastive_after(bytes_model, N, N, C, b if loss != "bickd" else ACC_BYTES, want_grad, budget)
+        _contrastive_bytes(bytes_model, N, N, C, b if loss != "bickd" else ACC_BYTES, want_grad, budget)
         if loss == "bickd":
-            _contrastive_after(bytes_model, C, C, N, ACC_BYTES, want_grad, budget)
+            _contrastive_bytes(bytes_model, C, C, N, ACC_BYTES, want_grad, budget)
         if want_grad:
             bytes_model.kernel(N * C * (2 * b + ACC_BYTES), N * C * b)
         plan = ext.strip_plan(name, N, C, dtype, "cuda", budget, want_grad=want_grad)
@@ -357,11 +232,9 @@ def estimate_rows(shapes: Iterable[Tuple[int, int]] = GPU_SHAPES, dtype: str = "
     for N, C in shapes:
         for loss, anchor, title in VARIANTS:
             minimum = loss_work(loss, N, C, dtype)
-            before = sum(fused_before(loss, N, C, dtype, anchor), Work())
-            after = sum(fused_after(loss, N, C, dtype, anchor), Work())
+            fused = sum(fused_op(loss, N, C, dtype, anchor), Work())
             impls = [("minimum (floor)", minimum, peak.tensor_tflops),
-                     ("fused before (fp32 GEMMs, 64 MiB)", before, peak.fp32_tflops),
-                     ("fused after (strip plan, 4 GiB)", after,
+                     ("fused (strip plan, 4 GiB)", fused,
                       peak.fp32_tflops if loss == "bickd" else peak.tensor_tflops),
                      ("eager bf16", eager(loss, N, C, dtype, anchor), peak.tensor_tflops)]
             for name, w, rate in impls:
