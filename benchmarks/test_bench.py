@@ -5,7 +5,8 @@ Environment knobs (all optional):
     CKD_BENCH_SHAPES   comma list of shape names, groups or NxC (default: cifar100-b64,imagenet-b512;
                        "smoke" for the tiny CI shapes; groups: vision, tokens, scale, gpu-tokens, sweep)
     CKD_BENCH_DEVICE   cpu | cuda (default: cuda when available)
-    CKD_BENCH_PROVIDERS comma list (default: all four)
+    CKD_BENCH_PROVIDERS comma list (default: the four logit providers; the lm group's fused_linear needs hidden
+                       states and heads: python benchmarks/run.py --only shape=lm)
     CKD_BENCH_COMPILE_BACKEND  torch.compile backend of the `compiled` provider (default inductor)
     CKD_BENCH_THREADS  torch.set_num_threads (default: os.cpu_count())
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
-from benchmarks.cases import MODES, PROVIDERS as ALL_PROVIDERS, make_inputs, select_shapes  # noqa: E402
+from benchmarks.cases import LOGIT_PROVIDERS, MODES, make_inputs, select_shapes  # noqa: E402
 from benchmarks.measure import saved_bytes  # noqa: E402
 from benchmarks.providers import Floor, extension, loss_fn, mode_callables, provider_status  # noqa: E402
 
@@ -31,7 +32,7 @@ torch.set_num_threads(int(os.environ.get("CKD_BENCH_THREADS") or os.cpu_count() 
 
 _sel = [x.strip() for x in os.environ.get("CKD_BENCH_SHAPES", "cifar100-b64,imagenet-b512").split(",") if x.strip()]
 SHAPES = select_shapes(DEVICE, smoke=_sel == ["smoke"], only=None if _sel == ["smoke"] else {"shape": _sel})
-PROVIDERS = [p.strip() for p in os.environ.get("CKD_BENCH_PROVIDERS", ",".join(ALL_PROVIDERS)).split(",")
+PROVIDERS = [p.strip() for p in os.environ.get("CKD_BENCH_PROVIDERS", ",".join(LOGIT_PROVIDERS)).split(",")
              if p.strip()]
 
 _fn_cache = {}
