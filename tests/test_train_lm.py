@@ -38,7 +38,7 @@ def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "kd,bickd"], "--methods must list some of ce, kd, kd+ckd, got 'kd,bickd'"),
     (["--methods", ""], "--methods must list some of"),
-    (["--seeds", "a"], "--seeds must be a comma list of integers"),
+    (["--seeds", "a"], "--seeds expects a comma list of integers"),
     (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
     (["--kd-weight", "0"], "argument --kd-weight: expected a number > 0, got 0"),
 ])

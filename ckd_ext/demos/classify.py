@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import _extension
-from .cli import Help, Threads, count, count0, positive, weight
+from .cli import Help, Threads, count, count0, positive, seed_list, weight
 from .models import build_model
 
 DISTILL_TERMS = ("kd", "ckd", "bickd")
@@ -139,12 +139,7 @@ def parse_args(argv=None, parser=None) -> argparse.Namespace:
     if a.seed is not None:
         a.seeds = [a.seed]
     else:
-        try:
-            a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-        except ValueError:
-            p.error(f"--seeds expects a comma list of integers, got {a.seeds!r}")
-        if not a.seeds:
-            p.error("--seeds is empty")
+        a.seeds = seed_list(a.seeds, p)
     if a.workers is None:
         a.workers = min(4, os.cpu_count() or 1)
     for key, value in DATASETS[a.dataset].items():

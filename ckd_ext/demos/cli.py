@@ -26,6 +26,17 @@ count = _number(int, 1, False, "an integer >= 1")
 count0 = _number(int, 0, False, "an integer >= 0")
 
 
+def seed_list(text: str, parser: argparse.ArgumentParser) -> list:
+    """--seeds, a comma list of integers, as a list (a usage error through `parser` otherwise)."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds expects a comma list of integers, got {text!r}")
+    if not seeds:
+        parser.error("--seeds is empty")
+    return seeds
+
+
 class Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except where they depend on --dataset (None) or are flags (False)."""
 

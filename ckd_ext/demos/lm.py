@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .._extension import require_extension
 from ..fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
 from .models import CausalLM
-from .cli import Help, Threads, count, positive, weight
+from .cli import Help, Threads, count, positive, seed_list, weight
 
 METHODS = ("ce", "kd", "kd+ckd")
 
@@ -79,12 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [x for x in a.method_list if x not in METHODS]
     if not a.method_list or unknown:
         p.error(f"--methods must list some of {', '.join(METHODS)}, got {a.methods!r}")
-    try:
-        a.seed_list = [int(x) for x in a.seeds.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--seeds must be a comma list of integers, got {a.seeds!r}")
-    if not a.seed_list:
-        p.error("--seeds is empty")
+    a.seed_list = seed_list(a.seeds, p)
     return a
 
 
