@@ -165,6 +165,7 @@ setup(
         "lm": ["tokenizers"],
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        "transformers": ["transformers", "accelerate"],  # ckd_ext.integrations.transformers (Trainer: accelerate)
     },
     entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli", "ckd-train-lm = ckd_ext.train_lm:cli"]},
     zip_safe=False,
