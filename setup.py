@@ -166,6 +166,7 @@ setup(
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],
         "transformers": ["transformers", "accelerate"],  # ckd_ext.integrations.transformers (Trainer: accelerate)
+        "torchdistill": ["torchdistill"],  # ckd_ext.integrations.torchdistill
     },
     entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli", "ckd-train-lm = ckd_ext.train_lm:cli"]},
     zip_safe=False,
