@@ -114,3 +114,10 @@ def test_distillation_box_steps_equal_float64_training():
     for (name, p), q in zip(student.named_parameters(), student64.parameters()):
         assert torch.allclose(p.double(), q, rtol=1e-4, atol=1e-5 * q.abs().max().item()), name
     assert not torch.equal(student[0].weight, ex.mlp(32, seed=1)[0].weight)  # it trained
+
+
+def test_example_runs(capsys):
+    """examples/torchdistill_digits.py trains with the example config for an epoch through torchdistill's loop."""
+    assert example().main(["--epochs", "1", "--teacher-epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "10.0 * CKDLoss(.:output)" in out and "epoch 0: loss " in out
