@@ -167,6 +167,7 @@ setup(
         "bench": ["matplotlib", "pytest-benchmark"],
         "transformers": ["transformers", "accelerate"],  # ckd_ext.integrations.transformers (Trainer: accelerate)
         "torchdistill": ["torchdistill"],  # ckd_ext.integrations.torchdistill
+        "lightning": ["lightning"],  # ckd_ext.integrations.lightning
     },
     entry_points={"console_scripts": ["ckd-train = ckd_ext.train:cli", "ckd-train-lm = ckd_ext.train_lm:cli"]},
     zip_safe=False,
