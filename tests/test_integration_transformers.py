@@ -1,7 +1,8 @@
 """The Hugging Face integration equals the materialised-logits loss: tiny random LlamaForCausalLM teacher and student
 (nothing downloaded), the loss and every student parameter's gradient against float64 copies of both models, their
-own logits and ckd_ext.reference; real Trainer steps with gradient accumulation 2 equal one batch of twice the size.
-Cost: ~30 s on 2 cores (models of 2-3 layers, width 32-48, vocabulary 101)."""
+own logits and ckd_ext.reference; real Trainer steps with gradient accumulation 2, and with 2 data-parallel processes,
+equal one batch of twice the size. Cost: ~30 s of CPU on 2 cores (models of 2-3 layers, width 32-48, vocabulary
+101), half of it the data-parallel run's two interpreter starts."""
 import copy
 import math
 
@@ -242,6 +243,31 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
     with torch.no_grad():
         per_batch_means = sum(loss_fn(student, teacher, b).item() for b in batches) / 2
     assert abs(per_batch_means - big_losses[0]) > 1e-3 * big_losses[0]
+
+
+def test_trainer_data_parallel_equals_one_big_batch(tmp_path):
+    """Two gloo processes (torch.distributed.run, the Trainer's DDP) with batches of 2 each log the losses and reach
+    the parameters of one process with batches of 4: num_items_in_batch counts both ranks' tokens and the loss is
+    scaled by the number of processes, which DDP's gradient average undoes. Cost: ~35 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(tests / "hf_ddp_worker.py"), str(tmp_path)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    losses = json.loads((tmp_path / "losses.json").read_text())
+    state = torch.load(tmp_path / "student.pt")
+    big, big_losses, _ = train(tmp_path / "one", batch_size=4, accumulation=1)
+    assert len(losses) == 3
+    for a, b in zip(losses, big_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, big_losses)
+    for name, p in big.state_dict().items():
+        assert torch.allclose(state[name], p, rtol=1e-5, atol=1e-6), name
 
 
 @pytest.mark.parametrize("body", ["fp32", "bf16"])
