@@ -30,10 +30,12 @@ class OwnTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.distillation = distillation
-        self.loss_is_scaled_for_ga = True  # the loss below is divided by the Trainer's num_items_in_batch
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.distillation(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch)
+        # divided by the token count of all accumulated micro-batches when the Trainer passes it: not again by the
+        # number of accumulation steps
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             loss = loss * self.accelerator.num_processes  # the divisor counted every rank's tokens; DDP averages
         return (loss, {}) if return_outputs else loss

@@ -1,7 +1,6 @@
 """Lightning DDP with global_batch=True equals one process on the concatenated batch: examples/lightning_digits.py on 2
 CPU processes (gloo) logs the losses and reaches the student parameters of the same 3 SGD steps taken in float64 on
 one process with ckd_ext.reference on each global batch of 64. Cost: ~30 s (one 2-process Lightning run)."""
-import copy
 import importlib.util
 import json
 import os

@@ -250,7 +250,12 @@ class DistillationTrainer(transformers.Trainer):
 
     @property
     def loss_is_scaled_for_ga(self) -> Optional[bool]:
+        """Whether the last compute_loss divided by num_items_in_batch (the Trainer then skips its own division)."""
         return self._scaled_by_items
+
+    @loss_is_scaled_for_ga.setter
+    def loss_is_scaled_for_ga(self, value: Optional[bool]) -> None:  # the base class may assign it
+        self._scaled_by_items = value
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = self.distillation(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch)
