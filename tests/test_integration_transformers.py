@@ -127,6 +127,20 @@ def test_ce_equals_the_models_own_loss():
     assert abs(recombined.item() - total.item()) <= 1e-5 * total.item()
 
 
+def test_batch_without_targets_gives_zero():
+    """Every label -100: the loss is 0 with finite (zero) gradients, with and without num_items_in_batch = 0."""
+    student, teacher = llama(32, 2, seed=1), llama(48, 3, seed=2)
+    inputs = padded_batch([5, 3], seed=0)
+    inputs["labels"][:] = -100
+    loss_fn = CausalLMDistillationLoss(ce_weight=1.0, kd_weight=1.0, ckd_weight=1.0)
+    for items in (None, torch.tensor(0)):
+        student.zero_grad()
+        loss = loss_fn(student, teacher, inputs, num_items_in_batch=items)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert all(p.grad is None or (p.grad == 0).all() for p in student.parameters())
+
+
 def test_packed_sequences_do_not_predict_across_boundaries():
     """Packed rows (position_ids restarting at 0): the last token of one sequence predicts nothing, as if the
     sequences were separate rows."""

@@ -188,7 +188,8 @@ class CausalLMDistillationLoss:
         if num_items_in_batch is None:
             divisor = valid.sum().clamp_min(1)
         else:
-            divisor = torch.as_tensor(num_items_in_batch, device=hidden_student.device)
+            # a step whose micro-batches hold no target gives 0, not 0 / 0
+            divisor = torch.as_tensor(num_items_in_batch, device=hidden_student.device).clamp_min(1)
         with torch.autocast(hidden_student.device.type, enabled=False):
             hs, ws, bs = _wider(hidden_student * student_head.scale if student_head.scale != 1 else hidden_student,
                                 student_head.weight, student_head.bias)
