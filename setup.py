@@ -165,6 +165,9 @@ setup(
         "lm": ["tokenizers"],
         "cifar": ["torchvision"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        "transformers": ["transformers", "accelerate"],  # ckd_ext.integrations.transformers (Trainer: accelerate)
+        "torchdistill": ["torchdistill"],  # ckd_ext.integrations.torchdistill
+        "lightning": ["lightning"],  # ckd_ext.integrations.lightning
     },
     entry_points={"console_scripts": ["ckd-train = ckd_ext.demos.classify:cli", "ckd-train-lm = ckd_ext.demos.lm:cli"]},
     zip_safe=False,

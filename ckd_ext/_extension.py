@@ -3,11 +3,13 @@
 the backend ckd_ext.testing.emulated_cuda() switches to.
 
 `import ckd_ext` must work without them (ckd_ext.reference is pure PyTorch), so a missing or stale build is
-remembered here and reported, with the command that fixes it, when a fused op is called. This module is the one
+remembered here, warned about once at import (ExtensionUnavailableWarning) and raised, with the command that fixes
+it, when a fused op is called. This module is the one
 answer to "is the extension built, and how do I build it".
 """
 import importlib
 import os
+import sys
 import warnings
 
 import torch
@@ -37,7 +39,6 @@ def _load():
         # Loading it now would fail with an undefined-symbol error, or load against a different ABI.
         error = (f"ckd_ext was built against torch {info.TORCH_VERSION}, but torch {torch.__version__} is "
                  f"installed. Rebuild the extension against the installed torch: {REBUILD}")
-        warnings.warn(error, RuntimeWarning, stacklevel=3)
         return None, error, NOT_BUILT_EMULATED
     try:
         module = importlib.import_module("ckd_ext._C")
@@ -86,7 +87,30 @@ def _apply_cpu_isa_env(module) -> str:
     return ""
 
 
+class ExtensionUnavailableWarning(RuntimeWarning):
+    """Issued once, when ``import ckd_ext`` cannot load the compiled extension: the fused ops would raise later."""
+
+
+def _warn_at_importer(message: str, category) -> None:
+    """Warns with the location of the first frame outside this package and importlib: the user's import line,
+    whichever of the package's modules happened to import this one first."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame = sys._getframe(1)
+    while frame is not None and (frame.f_code.co_filename.startswith(package)
+                                 or frame.f_code.co_filename.startswith("<frozen importlib")):
+        frame = frame.f_back
+    if frame is None:
+        warnings.warn(message, category, stacklevel=2)
+        return
+    warnings.warn_explicit(message, category, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}))
+
+
 _module, _error, _emulated_error = _load()
+if _module is None:
+    # At import, not at the first loss call, which may come hours into a run; once, since a module runs once.
+    _warn_at_importer(f"{_error} `python -m ckd_ext.info` reports what is built.", ExtensionUnavailableWarning)
 
 
 def require_extension():

@@ -583,6 +583,12 @@ def check_unavailable(entry_id, result, **values):
     check("E-tau-range", error_of(result, "bad tau", ValueError), fn="ckd_loss", value="0")
 
 
+def check_import_warning(result):
+    """`import ckd_ext` warned once, with the error's text and where to look for what is built."""
+    assert result["warnings"] == [["ExtensionUnavailableWarning",
+                                   f"{result['reason']} `python -m ckd_ext.info` reports what is built."]]
+
+
 class _Table(ctypes.Structure):  # csrc/backends/backends.h: EmulatedBackendTable
     _fields_ = [("abi", ctypes.c_int64), ("float_backend", ctypes.c_void_p), ("double_backend", ctypes.c_void_p)]
 
@@ -1026,7 +1032,7 @@ def test_emulated_not_built(monkeypatch, extension_scenarios):
 def test_not_built(extension_scenarios):
     result = extension_scenarios["not-built"]
     check_unavailable("E-not-built", result)
-    assert result["warnings"] == []
+    check_import_warning(result)
 
 
 @documents("E-torch-mismatch")
@@ -1034,12 +1040,14 @@ def test_torch_mismatch(extension_scenarios):
     result = extension_scenarios["torch-mismatch"]
     values = dict(built=torch.__version__, installed="0.0.1-not-the-build-torch")
     check_unavailable("E-torch-mismatch", result, **values)
-    assert result["warnings"] == [["RuntimeWarning", result["reason"]]]
+    check_import_warning(result)
 
 
 @documents("E-load-failed")
 def test_load_failed(extension_scenarios):
-    check_unavailable("E-load-failed", extension_scenarios["load-failed"], reason="No module named 'ckd_ext._C'")
+    result = extension_scenarios["load-failed"]
+    check_unavailable("E-load-failed", result, reason="No module named 'ckd_ext._C'")
+    check_import_warning(result)
 
 
 @documents("E-emulated-abi")
@@ -1069,6 +1077,7 @@ def test_workspace_env(extension_scenarios):
     for call_name in ("ckd_loss", "kd_loss", "bickd_loss", "workspace_bytes"):
         check("E-workspace-env", error_of(result, call_name, RuntimeError), value="'abc'")
     assert result["calls"]["reference.ckd_loss"] is None
+    check_import_warning(result)
 
 
 @documents("E-cpu-isa-env")
@@ -1079,6 +1088,7 @@ def test_cpu_isa_env(extension_scenarios):
         check("E-cpu-isa-env", error_of(result, call_name, RuntimeError), value="'sse9'", allowed=", ".join(allowed),
               best=allowed[-1])
     assert result["calls"]["reference.ckd_loss"] is None
+    check_import_warning(result)
 
 
 @documents("R-emulated-not-installed")
