@@ -128,7 +128,7 @@ import importlib, warnings
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     import ckd_ext
-    import ckd_ext.ops, ckd_ext.fused_linear, ckd_ext.testing
+    import ckd_ext.losses, ckd_ext.fused_linear, ckd_ext.testing
     importlib.import_module("ckd_ext")
 ours = [w for w in caught if issubclass(w.category, ckd_ext._extension.ExtensionUnavailableWarning)]
 assert len(ours) == 1, [str(w.message) for w in caught]
