@@ -17,7 +17,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import testing
-from helpers import CONFIGS, check_against_oracle, pair, random_mask
+from inputs import CONFIGS, pair, random_mask
+from tolerances import check_against_oracle
 
 ALL = list(CONFIGS)
 
@@ -154,7 +155,7 @@ def test_recomputed_gradient_by_output_blocks(anchor, backend, dtype, masked, re
     """16-bit inputs whose N x N matrix does not fit: the first pass keeps each row's log-sum-exp and the gradient is
     computed by output blocks, their similarities recomputed against every operand block (the plan's "recompute"
     mode, orchestration/plan.h), with no fp32 N x C buffer. "none" recomputes it in backward with per-anchor
-    weights. The tolerance is the suite's (helpers.tolerance): recomputing a similarity rounds it as the first pass
+    weights. The tolerance is the suite's (tolerances.tolerance): recomputing a similarity rounds it as the first pass
     did, so the error model is that of the other modes."""
     backend_context = on_backend(backend)
     n, c = 40, 24

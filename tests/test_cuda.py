@@ -6,7 +6,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import CONFIGS, TOLERANCE, assert_matches, check_against_oracle, loss_and_grad, pair, random_mask
+from inputs import CONFIGS, loss_and_grad, pair, random_mask
+from tolerances import TOLERANCE, assert_matches, check_against_oracle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 ALL = list(CONFIGS)
@@ -16,8 +17,8 @@ CPU_VS_CUDA = 2 * TOLERANCE[torch.float32]
 
 
 def weighted_total_on_device(out, seed=0):
-    """helpers.weighted_total with the weights on the outputs' device: the same weights (same generator, same draws),
-    so results compare with helpers.loss_and_grad on the CPU. (helpers.weighted_total keeps its weights on the CPU,
+    """inputs.weighted_total with the weights on the outputs' device: the same weights (same generator, same draws),
+    so results compare with inputs.loss_and_grad on the CPU. (inputs.weighted_total keeps its weights on the CPU,
     which only works for 0-dimensional outputs: a CUDA "none" output times a CPU vector is a device error.)"""
     outs = out if isinstance(out, tuple) else (out,)
     generator = torch.Generator().manual_seed(seed + 11)
@@ -29,7 +30,7 @@ def weighted_total_on_device(out, seed=0):
 
 
 def cuda_loss_and_grad(config, student, teacher, mask=None, **extra):
-    """helpers.loss_and_grad on CUDA copies of CPU inputs; returns CPU tensors."""
+    """inputs.loss_and_grad on CUDA copies of CPU inputs; returns CPU tensors."""
     name, kwargs = CONFIGS[config]
     s = student.detach().cuda().requires_grad_()
     out = getattr(ckd_ext, f"{name}_loss")(s, teacher.cuda(), **kwargs, mask=None if mask is None else mask.cuda(),

@@ -6,8 +6,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import testing
-from helpers import (CONFIGS, assert_matches, bickd_large_logit_gradients, check_against_oracle, loss_and_grad, pair,
-                     random_mask)
+from inputs import CONFIGS, bickd_large_logit_gradients, loss_and_grad, pair, random_mask
+from tolerances import assert_matches, check_against_oracle
 
 pytestmark = pytest.mark.skipif(
     not testing.emulated_available(),

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ckd_ext
 from ckd_ext import reference
 from ckd_ext.testing import emulated_available, emulated_cuda
-from helpers import TOLERANCE, assert_matches, random_mask, weighted_total
+from inputs import random_mask, weighted_total
+from tolerances import TOLERANCE, assert_matches
 
 REDUCTIONS = ("mean", "sum", "none")
 

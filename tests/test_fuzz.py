@@ -3,7 +3,7 @@
 Each example draws a loss configuration (shape, dtypes, logit scale, special rows, mask, NaN or +-inf in masked rows,
 -inf teacher classes for KD, hyperparameters, reduction, upstream gradient, work-buffer budget), runs the fused op and the float64 reference
 on the same (already rounded) inputs, and checks the loss and the student gradient element by element against the
-tolerance model of tests/helpers.py (error_bounds, check_within), on every backend: the CPU kernels always, the
+tolerance model of tests/tolerances.py (error_bounds, check_within), on every backend: the CPU kernels always, the
 emulated CUDA backend on small draws, CUDA tensors where a GPU is present.
 
 Profiles (tests/conftest.py): "ci" (default; fixed seed, 300 examples per loss) and "thorough" (nightly:
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import ckd_ext
 from ckd_ext import reference, testing
-from helpers import Bound, check_within, error_bounds
+from tolerances import Bound, check_within, error_bounds
 
 LOSSES = ("kd", "ckd", "bickd")
 # First entries are what hypothesis shrinks towards: float32, no special rows, no mask, "mean".

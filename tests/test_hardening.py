@@ -11,7 +11,7 @@ import torch
 import ckd_ext
 from ckd_ext import reference as ref
 from ckd_ext import testing
-from helpers import CONFIGS, loss_and_grad, pair
+from inputs import CONFIGS, loss_and_grad, pair
 
 BACKENDS = ["cpu"] + (["emulated"] if testing.emulated_available() else [])
 
@@ -60,7 +60,7 @@ def test_kd_teacher_minus_inf_takes_no_part(name, dtype):
         loss, grad = loss_and_grad(ckd_ext, "kd", s.clone().requires_grad_(), t, reduction="none")
     loss64, grad64 = loss_and_grad(ref, "kd", s.double().requires_grad_(), t.double(), reduction="none")
     assert torch.isfinite(loss64).all() and torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    # One rounding of each output element to the 16-bit type, on top of float32 work: see helpers.TOLERANCE.
+    # One rounding of each output element to the 16-bit type, on top of float32 work: see tolerances.TOLERANCE.
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert relative(loss, loss64) < tol and relative(grad, grad64) < tol
 
@@ -126,7 +126,7 @@ def test_fp16_gradient_survives_loss_scaling(config):
     err = (student.grad.double() - s64.grad).abs()
     # fp16's unit roundoff is 4.9e-4: element-wise, the median error is within 2x of one rounding (elements that are
     # differences of nearly equal terms can be off by more relative to themselves, as in any float32 computation);
-    # against the largest element, helpers.TOLERANCE's fp16 bound.
+    # against the largest element, tolerances.TOLERANCE's fp16 bound.
     assert (err / s64.grad.abs())[nonzero].median().item() < 1e-3
     assert err.max().item() < 1e-3 * s64.grad.abs().max().item()
 

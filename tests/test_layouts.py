@@ -12,7 +12,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import CONFIGS, assert_matches, logits, random_mask, tolerance, weighted_total
+from inputs import CONFIGS, logits, random_mask, weighted_total
+from tolerances import assert_matches, tolerance
 
 ALL = list(CONFIGS)
 N, C = 12, 30

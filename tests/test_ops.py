@@ -5,8 +5,9 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import (CONFIGS, assert_matches, bickd_large_logit_gradients, check_against_oracle, logits, loss_and_grad,
-                     pair, random_mask, weighted_total)
+from inputs import (CONFIGS, bickd_large_logit_gradients, logits, loss_and_grad, pair, random_mask,
+                    weighted_total)
+from tolerances import assert_matches, check_against_oracle
 
 ALL = list(CONFIGS)
 BICKD = [c for c in ALL if CONFIGS[c][0] == "bickd"]

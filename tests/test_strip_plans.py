@@ -14,7 +14,7 @@ import torch
 
 import ckd_ext
 from ckd_ext import testing
-from helpers import pair, random_mask
+from inputs import pair, random_mask
 
 ext = ckd_ext.require_extension() if ckd_ext.is_available() else None
 pytestmark = pytest.mark.skipif(ext is None, reason="ckd_ext is not built")
