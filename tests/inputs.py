@@ -36,13 +36,14 @@ def random_mask(shape, seed=0, p=0.7):
 
 def weighted_total(out, seed=0):
     """A scalar from any loss output with distinct upstream weights per term, so that a "none" backward
-    that ignored its per-anchor weights would be caught. BicKD "none" returns (sample, class) terms."""
+    that ignored its per-anchor weights would be caught. BicKD "none" returns (sample, class) terms. The weights are
+    drawn on the CPU (the same on every backend) and applied on the outputs' device."""
     outs = out if isinstance(out, tuple) else (out,)
     generator = torch.Generator().manual_seed(seed + 11)
     total = 0
     for o in outs:
         w = torch.rand(o.shape, generator=generator, dtype=torch.float64) + 0.5
-        total = total + (o * w.to(o.dtype)).sum()
+        total = total + (o * w.to(device=o.device, dtype=o.dtype)).sum()
     return total
 
 
