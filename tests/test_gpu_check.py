@@ -131,9 +131,10 @@ def test_full_run_without_a_gpu_records_each_failure_and_exits_nonzero(tmp_path)
 
 
 def test_costs_reproduce_the_reviewed_launch_counts():
-    """The "before" model is the strip sizing of csrc/losses.cpp at 64 MiB: the issue's review counted, for one
-    gradient call at 16384 x 128256 bf16, 2.1 million GEMMs (16 x 16 x 128256) and 2.6 million other kernels for
-    CKD with student anchors, 263 thousand of each for teacher anchors and 2.5 million GEMMs for BicKD."""
+    """The "before" model (costs.fused_before, the strip sizing of csrc/losses.cpp at 64 MiB) reproduces the counts
+    a review made for one gradient call at 16384 x 128256 bf16: 2.1 million GEMMs (16 x 16 x 128256) and 2.6 million
+    other kernels for CKD with student anchors, 263 thousand of each for teacher anchors and 2.5 million GEMMs for
+    BicKD."""
     N, C = 16384, 128256
     _, student = costs.fused_before("ckd", N, C, "bfloat16", "student")
     _, teacher = costs.fused_before("ckd", N, C, "bfloat16", "teacher")
