@@ -1,4 +1,15 @@
-"""Hypothesis profiles for the property-based tests (tests/test_fuzz.py).
+"""Fixtures every test file shares, and the hypothesis profiles of the property-based tests (tests/test_fuzz.py).
+
+Fixtures (built on tests/switches.py):
+
+* `backend`: the test runs once per backend, "cpu", "emulated" and "cuda" (skipped, with the reason, where the
+  emulated backend is not built or no CUDA device exists), with the fused ops switched to it for the whole test; it
+  is a switches.Backend: `.name`, and `.device`, where the test's input tensors go. A test that only runs on some
+  backends says which: ``@pytest.mark.parametrize("backend", ["cpu", "emulated"], indirect=True)``.
+* `workspace`: a function; ``workspace(nbytes)`` sets the workspace budget for the rest of the test (None: the
+  device's default); the setting from before the test comes back afterwards.
+
+Hypothesis profiles:
 
 * "ci" (loaded by default): 300 examples per test, derandomized (a fixed seed: every run draws the same examples,
   so CI is reproducible and a failure is one rerun away), no example database (nothing carried between runs), no
@@ -8,7 +19,12 @@
 
 The option --hypothesis-profile comes from hypothesis' pytest plugin and overrides the default loaded here.
 """
+import contextlib
+
+import pytest
 from hypothesis import HealthCheck, settings
+
+from switches import BACKENDS, on_backend, workspace_budget
 
 _COMMON = dict(
     deadline=None,
@@ -19,3 +35,17 @@ _COMMON = dict(
 settings.register_profile("ci", max_examples=300, derandomize=True, database=None, **_COMMON)
 settings.register_profile("thorough", max_examples=3000, **_COMMON)
 settings.load_profile("ci")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The backend this run of the test uses (module docstring)."""
+    with on_backend(request.param) as chosen:
+        yield chosen
+
+
+@pytest.fixture
+def workspace():
+    """Sets the test's workspace budget when called; restores the previous setting after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda nbytes: stack.enter_context(workspace_budget(nbytes))

@@ -6,7 +6,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import assert_matches, pair, random_mask
+from inputs import pair, random_mask
+from tolerances import assert_matches
 
 pytestmark = pytest.mark.skipif(not ckd_ext.is_available(), reason="ckd_ext is not built")
 
@@ -42,7 +43,7 @@ def total(out):
 @pytest.mark.parametrize("reduction,compute_grad", [("mean", True), ("mean", False), ("sum", True), ("none", False)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_functions_match_the_oracle(name, reduction, compute_grad, masked):
-    # float32 against float64 on O(1) logits (N = 24, C = 40): the suite's float32 tolerance (helpers.tolerance).
+    # float32 against float64 on O(1) logits (N = 24, C = 40): the suite's float32 tolerance (tolerances.tolerance).
     student, teacher = pair(24, 40, seed=7, dtype=torch.float32)
     mask = random_mask(24, seed=2) if masked else None
     s = student.clone().requires_grad_()

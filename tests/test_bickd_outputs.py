@@ -6,7 +6,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import CONFIGS, assert_matches, pair, random_mask, tolerance
+from inputs import CONFIGS, pair, random_mask
+from tolerances import assert_matches, tolerance
 
 BICKD = [c for c in CONFIGS if CONFIGS[c][0] == "bickd"]
 

@@ -1,5 +1,5 @@
 """Chunked execution with partial last strips, tiles and blocks, against the float64 oracle: every configuration,
-on the CPU kernels in float32 and float64 and on the emulated CUDA kernels.
+on the CPU kernels in float32 and float64 and on the CUDA kernels (emulated; on a CUDA device where one exists).
 
 The sizes come from the strip plans (csrc/orchestration/plan.h, `_C.strip_plan`), which cut N rows into balanced
 blocks (sizes differing by at most one). With a budget B, CKD keeps the whole N x N matrix when N^2 * sizeof(acc)
@@ -10,35 +10,15 @@ cheapest of three operand modes within B: both normalised operand matrices whole
 of anchors, or candidate blocks rebuilt per strip (plan.h, BicKDOperands). The tests below assert the plan's sizes for their shapes, so a change to the plans cannot silently stop covering a case.
 KD works row by row and has no chunks (it is here because every configuration is).
 """
-import contextlib
-
 import pytest
 import torch
 
 import ckd_ext
-from ckd_ext import testing
-from helpers import CONFIGS, check_against_oracle, pair, random_mask
+from inputs import CONFIGS, pair, random_mask
+from switches import on_backend, skip_unless
+from tolerances import check_against_oracle
 
 ALL = list(CONFIGS)
-
-
-def with_workspace(nbytes, run):
-    saved = ckd_ext.require_extension().workspace_setting()
-    ckd_ext.set_workspace_bytes(nbytes)
-    try:
-        assert ckd_ext.workspace_bytes() == nbytes
-        return run()
-    finally:
-        ckd_ext.set_workspace_bytes(saved or None)
-
-
-def on_backend(backend):
-    """Where the checks run: the CPU kernels, or the CUDA kernels under the emulator (skipped if not built)."""
-    if backend == "emulated":
-        if not testing.emulated_available():
-            pytest.skip("the emulated CUDA backend is not built")
-        return testing.emulated_cuda()
-    return contextlib.nullcontext()
 
 
 def plan(loss, n, c, dtype, backend, workspace, masked=False):
@@ -63,30 +43,26 @@ def test_the_cpu_budget_splits_every_kind_of_chunk():
 @pytest.mark.parametrize("n", [151, 152])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cpu_partial_strips_and_tiles(config, n, dtype, reduction):
+def test_cpu_partial_strips_and_tiles(config, n, dtype, reduction, workspace):
     """16 KiB: partial last strips, tiles and blocks (module docstring). "mean" computes the gradient in the
     forward, "none" recomputes it in backward with per-anchor weights. N = 151 is masked (masked candidates are
     copied block by block, and masked rows sit inside partial tiles), N = 152 is not (candidates are views)."""
     student, teacher = pair(n, 32, seed=n)
     mask = random_mask(n, seed=n) if n == 151 else None
-    with_workspace(16 * 1024, lambda: check_against_oracle(config, student, teacher, dtype=dtype, mask=mask,
-                                                           reduction=reduction))
+    workspace(16 * 1024)
+    check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
 
 
-@pytest.mark.skipif(not testing.emulated_available(),
-                    reason="the emulated CUDA backend is not built (CKD_EXT_EMULATED=1 pip install --no-build-isolation -e .)")
+@skip_unless("emulated")
 @pytest.mark.parametrize("config", ALL)
-def test_emulated_partial_strips_and_tiles(config):
+def test_emulated_partial_strips_and_tiles(config, workspace):
     """4 KiB at N = 42: partial last strips, tiles and blocks in the CUDA kernels (module docstring). Masked, with
     per-anchor weights ("none"): the backward recomputes every strip with them."""
     student, teacher = pair(42, 32, seed=42)
     mask = random_mask(42, seed=42)
-
-    def run():
-        with testing.emulated_cuda():
-            check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction="none")
-
-    with_workspace(4 * 1024, run)
+    workspace(4 * 1024)
+    with on_backend("emulated"):
+        check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction="none")
 
 
 # BicKD's operand modes (test_strip_plans.BICKD_CASES): (N, C, workspace, sample side's, class side's).
@@ -94,99 +70,78 @@ BICKD_MODES = [(40, 24, 64 << 10, "whole", "whole"), (40, 24, 6 << 10, "candidat
                (40, 24, 3 << 10, "blocks", "blocks"), (40, 100, 38 << 10, "whole", "candidates")]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "emulated"])
 @pytest.mark.parametrize("config", ["bickd", "bickd_symmetric"])
-@pytest.mark.parametrize("n,c,workspace,sample,cls", BICKD_MODES)
-def test_bickd_operand_modes(backend, config, n, c, workspace, sample, cls):
+@pytest.mark.parametrize("n,c,budget,sample,cls", BICKD_MODES)
+def test_bickd_operand_modes(backend, workspace, config, n, c, budget, sample, cls):
     """Each of BicKD's operand modes on both sides, masked, with per-anchor weights ("none", recomputed in backward)
     and with the gradient in the forward ("mean")."""
-    backend_context = on_backend(backend)
-    p = plan("bickd", n, c, torch.float32, "emulated" if backend == "emulated" else "cpu", workspace)
+    p = plan("bickd", n, c, torch.float32, backend.name, budget)
     assert (p["sample_operands"], p["class_operands"]) == (sample, cls), p
     student, teacher = pair(n, c, seed=n + c)
     mask = random_mask(n, seed=7)
-
-    def run():
-        with backend_context:
-            for reduction in ("none", "mean"):
-                check_against_oracle(config, student, teacher, dtype=torch.float32, mask=mask, reduction=reduction)
-
-    with_workspace(workspace, run)
+    workspace(budget)
+    for reduction in ("none", "mean"):
+        check_against_oracle(config, student.to(backend.device), teacher.to(backend.device), dtype=torch.float32,
+                             mask=mask.to(backend.device), reduction=reduction)
 
 
 WHOLE_BUDGET = 13 << 10  # N = 40, C = 24: the 6400-byte matrix is whole, the output and operand blocks are not
 
 
 @pytest.mark.parametrize("anchor", ["student", "teacher"])
-@pytest.mark.parametrize("backend", ["cpu", "emulated"])
 @pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True)])
-def test_whole_matrix_by_output_blocks(anchor, backend, dtype, masked):
+def test_whole_matrix_by_output_blocks(anchor, backend, workspace, dtype, masked):
     """The whole-matrix gradient in several output blocks (16-bit gradients are not in acc, so they get an output
     buffer) and several operand blocks (converted or masked copies), on both backends: on the emulated one the 16-bit
     GEMMs take the inputs as operands and split the coefficients into high and low parts (orchestration/gemm.h)."""
-    backend_context = on_backend(backend)
     n, c = 40, 24
-    p = plan(f"ckd_{anchor}", n, c, dtype, backend, WHOLE_BUDGET, masked)
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, WHOLE_BUDGET, masked)
     assert p["whole"], p
     if dtype != torch.float32:
         assert p["output_block"] < n, p
-    if backend == "cpu" or masked:
+    if backend.name == "cpu" or masked:
         assert p["operand_block"] < n, p
     student, teacher = pair(n, c, seed=11)
-    mask = random_mask(n, seed=4) if masked else None
-    config = f"ckd_{anchor}"
-
-    def run():
-        with backend_context:
-            check_against_oracle(config, student, teacher, dtype=dtype, mask=mask)
-
-    with_workspace(WHOLE_BUDGET, run)
+    mask = random_mask(n, seed=4).to(backend.device) if masked else None
+    workspace(WHOLE_BUDGET)
+    check_against_oracle(f"ckd_{anchor}", student.to(backend.device), teacher.to(backend.device), dtype=dtype,
+                         mask=mask)
 
 
 RECOMPUTE_BUDGET = 6 << 10  # N = 40, C = 24: the 6400-byte matrix is not whole; several output and operand blocks
 
 
 @pytest.mark.parametrize("anchor", ["student", "teacher"])
-@pytest.mark.parametrize("backend", ["cpu", "emulated"])
 @pytest.mark.parametrize("dtype,masked,reduction", [(torch.bfloat16, False, "mean"), (torch.float16, True, "mean"),
                                                     (torch.bfloat16, True, "none")])
-def test_recomputed_gradient_by_output_blocks(anchor, backend, dtype, masked, reduction):
+def test_recomputed_gradient_by_output_blocks(anchor, backend, workspace, dtype, masked, reduction):
     """16-bit inputs whose N x N matrix does not fit: the first pass keeps each row's log-sum-exp and the gradient is
     computed by output blocks, their similarities recomputed against every operand block (the plan's "recompute"
     mode, orchestration/plan.h), with no fp32 N x C buffer. "none" recomputes it in backward with per-anchor
-    weights. The tolerance is the suite's (helpers.tolerance): recomputing a similarity rounds it as the first pass
+    weights. The tolerance is the suite's (tolerances.tolerance): recomputing a similarity rounds it as the first pass
     did, so the error model is that of the other modes."""
-    backend_context = on_backend(backend)
     n, c = 40, 24
-    p = plan(f"ckd_{anchor}", n, c, dtype, backend, RECOMPUTE_BUDGET, masked)
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, RECOMPUTE_BUDGET, masked)
     assert p["recompute"] and not p["whole"], p
     assert p["output_block"] < n, p
     assert p["transient_bytes"] <= RECOMPUTE_BUDGET, p
-    if backend == "cpu" or masked:
+    if backend.name == "cpu" or masked:
         assert p["gradient_block"] < n, p
     student, teacher = pair(n, c, seed=13)
-    mask = random_mask(n, seed=5) if masked else None
-    config = f"ckd_{anchor}"
-
-    def run():
-        with backend_context:
-            check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)
-
-    with_workspace(RECOMPUTE_BUDGET, run)
+    mask = random_mask(n, seed=5).to(backend.device) if masked else None
+    workspace(RECOMPUTE_BUDGET)
+    check_against_oracle(f"ckd_{anchor}", student.to(backend.device), teacher.to(backend.device), dtype=dtype,
+                         mask=mask, reduction=reduction)
 
 
-def test_workspace_none_returns_to_the_device_defaults():
+def test_workspace_none_returns_to_the_device_defaults(workspace):
     ext = ckd_ext.require_extension()
-    saved = ext.workspace_setting()
-    try:
-        ckd_ext.set_workspace_bytes(4096)
-        assert ckd_ext.workspace_bytes() == ckd_ext.workspace_bytes("cpu") == 4096
-        ckd_ext.set_workspace_bytes(None)
-        assert ext.workspace_setting() == 0
-        assert ckd_ext.workspace_bytes() == 64 << 20
-        # CUDA's default from free memory: an eighth, clamped to [1 GiB, 4 GiB].
-        assert ext.cuda_workspace_from_free_memory(80 << 30) == 4 << 30
-        assert ext.cuda_workspace_from_free_memory(16 << 30) == 2 << 30
-        assert ext.cuda_workspace_from_free_memory(2 << 30) == 1 << 30
-    finally:
-        ckd_ext.set_workspace_bytes(saved or None)
+    workspace(4096)
+    assert ckd_ext.workspace_bytes() == ckd_ext.workspace_bytes("cpu") == 4096
+    ckd_ext.set_workspace_bytes(None)
+    assert ext.workspace_setting() == 0
+    assert ckd_ext.workspace_bytes() == 64 << 20
+    # CUDA's default from free memory: an eighth, clamped to [1 GiB, 4 GiB].
+    assert ext.cuda_workspace_from_free_memory(80 << 30) == 4 << 30
+    assert ext.cuda_workspace_from_free_memory(16 << 30) == 2 << 30
+    assert ext.cuda_workspace_from_free_memory(2 << 30) == 1 << 30

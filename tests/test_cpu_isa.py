@@ -12,7 +12,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import _extension
-from helpers import check_against_oracle, loss_and_grad, pair, random_mask
+from inputs import loss_and_grad, pair, random_mask
+from tolerances import check_against_oracle
 
 pytestmark = pytest.mark.skipif(not ckd_ext.is_available(), reason=_extension.unavailable_reason())
 
@@ -40,7 +41,7 @@ def test_every_isa_matches_oracle(use_isa, isa, config, dtype):
     use_isa(isa)
     assert ckd_ext.cpu_isa() == isa
     student, teacher = pair(*SHAPE, seed=17)
-    # The suite's tolerances (helpers.TOLERANCE), whose float32 accumulation bounds hold for any instruction set.
+    # The suite's tolerances (tolerances.TOLERANCE), whose float32 accumulation bounds hold for any instruction set.
     check_against_oracle(config, student, teacher, dtype=dtype)
 
 

@@ -6,35 +6,24 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import CONFIGS, TOLERANCE, assert_matches, check_against_oracle, loss_and_grad, pair, random_mask
+from inputs import CONFIGS, loss_and_grad, pair, random_mask, weighted_total
+from switches import skip_unless
+from tolerances import TOLERANCE, assert_matches, check_against_oracle
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+pytestmark = skip_unless("cuda")
 ALL = list(CONFIGS)
 # CPU and CUDA results are each within TOLERANCE[float32] of the oracle (relative to the largest magnitude), so
 # within twice that of each other.
 CPU_VS_CUDA = 2 * TOLERANCE[torch.float32]
 
 
-def weighted_total_on_device(out, seed=0):
-    """helpers.weighted_total with the weights on the outputs' device: the same weights (same generator, same draws),
-    so results compare with helpers.loss_and_grad on the CPU. (helpers.weighted_total keeps its weights on the CPU,
-    which only works for 0-dimensional outputs: a CUDA "none" output times a CPU vector is a device error.)"""
-    outs = out if isinstance(out, tuple) else (out,)
-    generator = torch.Generator().manual_seed(seed + 11)
-    total = 0
-    for o in outs:
-        w = torch.rand(o.shape, generator=generator, dtype=torch.float64) + 0.5
-        total = total + (o * w.to(device=o.device, dtype=o.dtype)).sum()
-    return total
-
-
 def cuda_loss_and_grad(config, student, teacher, mask=None, **extra):
-    """helpers.loss_and_grad on CUDA copies of CPU inputs; returns CPU tensors."""
+    """inputs.loss_and_grad on CUDA copies of CPU inputs; returns CPU tensors."""
     name, kwargs = CONFIGS[config]
     s = student.detach().cuda().requires_grad_()
     out = getattr(ckd_ext, f"{name}_loss")(s, teacher.cuda(), **kwargs, mask=None if mask is None else mask.cuda(),
                                           **extra)
-    (grad,) = torch.autograd.grad(weighted_total_on_device(out), s)
+    (grad,) = torch.autograd.grad(weighted_total(out), s)
     detached = tuple(o.detach().cpu() for o in out) if isinstance(out, tuple) else out.detach().cpu()
     return detached, grad.cpu()
 
@@ -61,15 +50,6 @@ def tf32(request):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def with_workspace(nbytes, run):
-    saved = ckd_ext.require_extension().workspace_setting()
-    ckd_ext.set_workspace_bytes(nbytes)
-    try:
-        return run()
-    finally:
-        ckd_ext.set_workspace_bytes(saved or None)
-
-
 @pytest.mark.parametrize("config", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("n,c", [(1, 5), (67, 100), (257, 1000), (64, 4099)])
@@ -91,7 +71,7 @@ def test_masks_and_reductions(config, reduction):
                          ids=["151-16KiB", "152-16KiB", "42-4KiB", "40-13KiB"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_small_workspace_strips_and_tiles(config, n, nbytes, dtype, reduction, tf32):
+def test_small_workspace_strips_and_tiles(config, n, nbytes, dtype, reduction, tf32, workspace):
     """Several strips, tiles and operand blocks, each kind ending in a partial one (tests/test_chunking.py asserts
     the plans' sizes for these shapes: at 16 and 4 KiB the strips and tiles; at 13 KiB, N = 40, the whole 40 x 40
     matrix with the gradient in several output blocks), masked (operands copied) and with TF32 on and off."""
@@ -100,8 +80,8 @@ def test_small_workspace_strips_and_tiles(config, n, nbytes, dtype, reduction, t
     student, teacher = pair(n, 32, seed=n + 1)
     mask = random_mask(n, seed=n) if n != 40 else None
     tol = TOLERANCE[torch.float16] if tf32 else None
-    with_workspace(nbytes, lambda: check_cuda_against_oracle(config, student, teacher, dtype, mask=mask, tol=tol,
-                                                             reduction=reduction))
+    workspace(nbytes)
+    check_cuda_against_oracle(config, student, teacher, dtype, mask=mask, tol=tol, reduction=reduction)
 
 
 @pytest.mark.parametrize("config", ALL)
@@ -188,7 +168,7 @@ def test_uses_the_current_stream(config, reduction):
         s = s_base * 1.0
         t = t_base * 1.0
         out = getattr(ckd_ext, f"{name}_loss")(s, t, **kwargs, reduction=reduction)
-        (grad,) = torch.autograd.grad(weighted_total_on_device(out), s_base)
+        (grad,) = torch.autograd.grad(weighted_total(out), s_base)
     stream.synchronize()
     outs = out if isinstance(out, tuple) else (out,)
     cpu_outs = loss_cpu if isinstance(loss_cpu, tuple) else (loss_cpu,)

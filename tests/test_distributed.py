@@ -9,7 +9,7 @@ gradients are averaged over ranks (what DDP's all-reduce does); these, the mean 
 "none" terms and the gradient of each rank's logits are compared with the single-process values.
 
 Tolerances, relative to the largest magnitude of the expected tensor: float64 1e-10 (only summation order differs:
-the ring merges its log-sum-exp block by block); float32 1e-5 (as tests/helpers.py's TOLERANCE: float32
+the ring merges its log-sum-exp block by block); float32 1e-5 (as tests/tolerances.py's TOLERANCE: float32
 accumulation over a few dozen terms, inputs of scale 3).
 """
 import os

@@ -5,21 +5,18 @@ import pytest
 import torch
 
 import ckd_ext
-from ckd_ext import testing
-from helpers import (CONFIGS, assert_matches, bickd_large_logit_gradients, check_against_oracle, loss_and_grad, pair,
-                     random_mask)
+from inputs import CONFIGS, bickd_large_logit_gradients, loss_and_grad, pair, random_mask
+from switches import on_backend, skip_unless
+from tolerances import assert_matches, check_against_oracle
 
-pytestmark = pytest.mark.skipif(
-    not testing.emulated_available(),
-    reason="the emulated CUDA backend is not built (CKD_EXT_EMULATED=1 pip install --no-build-isolation -e .)",
-)
+pytestmark = skip_unless("emulated")
 ALL = list(CONFIGS)
 
 
 @pytest.fixture(autouse=True)
-def emulated_cuda():
+def emulated_backend():
     """Every test here runs the fused ops through the emulated CUDA backend."""
-    with testing.emulated_cuda():
+    with on_backend("emulated"):
         yield
 
 
@@ -79,42 +76,33 @@ def test_no_valid_row(config):
 
 @pytest.mark.parametrize("config", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_strips_and_blocks(config, dtype):
+def test_chunked_strips_and_blocks(config, dtype, workspace):
     """A tiny workspace makes the emulated kernels run over many strips and converted candidate blocks."""
-    saved = ckd_ext.workspace_bytes()
-    ckd_ext.set_workspace_bytes(4 * 1024)
-    try:
-        student, teacher = pair(40, 30, seed=5)
-        check_against_oracle(config, student, teacher, dtype=dtype,
-                             mask=random_mask(40, seed=5))
-    finally:
-        ckd_ext.set_workspace_bytes(saved)
+    workspace(4 * 1024)
+    student, teacher = pair(40, 30, seed=5)
+    check_against_oracle(config, student, teacher, dtype=dtype, mask=random_mask(40, seed=5))
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_bickd_gradient_at_large_logits(symmetric):
-    """The CUDA kernels keep each row's softmax statistics as (max, log of the max-shifted sum) too: at softmax
-    arguments of ~5e3 one float32 LSE per row made gradient errors of 1.1e-3 / 3.3e-4 (symmetric False / True) of
-    the largest element here (as test_ops' test_bickd_gradient_at_large_logits_sees_no_lse_rounding finds for the CPU
-    kernels); now 1.3e-7 at most."""
+    """At softmax arguments of ~5e3 the CUDA kernels' gradient is within 2e-5 of the largest element (1.3e-7 at
+    most here): they keep each row's softmax statistics as (max, log of the max-shifted sum) too, where one float32
+    LSE per row makes gradient errors of 1.1e-3 / 3.3e-4 (symmetric False / True) of the largest element here (as
+    test_ops' test_bickd_gradient_at_large_logits_sees_no_lse_rounding finds for the CPU kernels)."""
     grad, grad64 = bickd_large_logit_gradients((40, 120), 29, symmetric, "none")
     assert_matches(grad, grad64, torch.float32, "grad", tol=2e-5)
 
 
 
-def test_epilogue_over_split_rows():
+def test_epilogue_over_split_rows(workspace):
     """CKD's teacher anchors in strips of 16 against 2100 candidates: the CUDA epilogue splits each strip row into 2
     column chunks (cuda_backend.h, epilogue_split), whose statistics a second kernel merges; masked anchors and
     candidates included. (BicKD's class strips run the same two kernels; csrc/cuda_emulator/tests/test_ckd_kernels.cpp checks
     3-chunk rows, element-wise rows and the loss-only path against the CPU kernels. ~1 min emulated: 8k blocks.)"""
     n, c = 2100, 6
-    workspace = 2 * 16 * n * 4  # half of it holds a strip: 16 rows of n fp32 similarities
-    plan = ckd_ext.require_extension().strip_plan("ckd_teacher", n, c, "float32", "emulated", workspace, masked=True)
+    budget = 2 * 16 * n * 4  # half of it holds a strip: 16 rows of n fp32 similarities
+    plan = ckd_ext.require_extension().strip_plan("ckd_teacher", n, c, "float32", "emulated", budget, masked=True)
     assert plan["strip"] == 16 and not plan["whole"], plan
-    saved = ckd_ext.workspace_bytes()
-    ckd_ext.set_workspace_bytes(workspace)
-    try:
-        student, teacher = pair(n, c, seed=11)
-        check_against_oracle("ckd_teacher", student, teacher, dtype=torch.float32, mask=random_mask(n, seed=11))
-    finally:
-        ckd_ext.set_workspace_bytes(saved)
+    workspace(budget)
+    student, teacher = pair(n, c, seed=11)
+    check_against_oracle("ckd_teacher", student, teacher, dtype=torch.float32, mask=random_mask(n, seed=11))

@@ -8,6 +8,7 @@ and the code cannot drift apart: a changed message fails its entry's test."""
 import builtins
 import contextlib
 import ctypes
+import functools
 import json
 import re
 import subprocess
@@ -22,6 +23,7 @@ import ckd_ext
 from ckd_ext import _extension, reference
 from ckd_ext.demos import classify
 from ckd_ext.testing import emulated_cuda
+from switches import on_backend, skip_unless
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
@@ -382,18 +384,12 @@ test_ignore_index_type = fused_linear_test(
     (FL_KD, dict(ignore_index=True), dict(type="bool")))
 
 
-@pytest.fixture
-def restore_workspace():
-    saved = ckd_ext.require_extension().workspace_setting()
-    yield
-    ckd_ext.set_workspace_bytes(saved or None)
-
-
 @documents("E-workspace-type")
 @pytest.mark.parametrize("value, error, form", [
     ([1], TypeError, 1), (2 ** 70, TypeError, 0), ("abc", ValueError, None), (float("nan"), ValueError, None),
     (float("inf"), OverflowError, None)])
-def test_workspace_type(value, error, form, restore_workspace):
+@pytest.mark.usefixtures("workspace")  # restores the budget these calls set
+def test_workspace_type(value, error, form):
     with pytest.raises(error) as info:
         ckd_ext.set_workspace_bytes(value)
     if form is not None:  # int()'s ValueError / OverflowError are Python's messages, not documented verbatim
@@ -405,7 +401,8 @@ def test_workspace_type(value, error, form, restore_workspace):
 
 @documents("E-workspace-size")
 @pytest.mark.parametrize("value, shown", [(0, "0"), (-5, "-5"), (0.5, "0")])
-def test_workspace_size(value, shown, restore_workspace):
+@pytest.mark.usefixtures("workspace")
+def test_workspace_size(value, shown):
     expect("E-workspace-size", lambda: ckd_ext.set_workspace_bytes(value), nbytes=shown)
 
 
@@ -865,8 +862,9 @@ def test_raw_emulated_capsule():
 # Not errors: non-finite values
 # --------------------------------------------------------------------------------------------------
 
-FUSED, REFERENCE = (ckd_ext, contextlib.nullcontext), (reference, contextlib.nullcontext)
-EMULATED = (ckd_ext, emulated_cuda)  # the CUDA kernels under the CPU emulator: ~0.3 s a call, so a few cases only
+FUSED, REFERENCE = (ckd_ext, functools.partial(on_backend, "cpu")), (reference, contextlib.nullcontext)
+# The CUDA kernels under the CPU emulator: ~0.3 s a call, so a few cases only.
+EMULATED = (ckd_ext, functools.partial(on_backend, "emulated"))
 INF, NAN = float("inf"), float("nan")
 CONFIG = {"kd_loss": dict(temperature=2.0), "ckd_loss": dict(tau=0.5), "bickd_loss": dict(temperature=2.0, tau=0.2)}
 
@@ -874,7 +872,7 @@ CONFIG = {"kd_loss": dict(temperature=2.0), "ckd_loss": dict(tau=0.5), "bickd_lo
 def backends(full, emulated):
     """Params (impl, *case): every case of `full` on the fused CPU ops and the reference, the cases of `emulated`
     on the emulated CUDA backend too (where it is built)."""
-    skip = pytest.mark.skipif(not _extension.emulated_available(), reason="the emulated backend is not built")
+    skip = skip_unless("emulated")
     params = []
     for case in full:
         case = case if isinstance(case, tuple) else (case,)

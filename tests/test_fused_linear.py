@@ -12,17 +12,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ckd_ext
 from ckd_ext import reference
-from ckd_ext.testing import emulated_available, emulated_cuda
-from helpers import TOLERANCE, assert_matches, random_mask, weighted_total
+from inputs import random_mask, weighted_total
+from switches import on_backend, skip_unless
+from tolerances import TOLERANCE, assert_matches
 
 REDUCTIONS = ("mean", "sum", "none")
-
-
-@pytest.fixture
-def restore_workspace():
-    previous = ckd_ext.workspace_bytes()
-    yield
-    ckd_ext.set_workspace_bytes(previous)
 
 
 def heads(tokens=(5, 7), vocab=40, student_width=6, teacher_width=9, dtype=torch.float64, seed=0, bias=True,
@@ -163,11 +157,11 @@ def test_kd_labels_without_ce_weight_only_select_tokens():
     compare(*kd_fns(labels=labels, ignore_index=-1), student, teacher, torch.float32)
 
 
-def test_kd_chunks_of_one_token_agree(restore_workspace):
+def test_kd_chunks_of_one_token_agree(workspace):
     """A workspace that holds one row per chunk: every chunk boundary is crossed, the result is the same."""
     student, teacher = heads(dtype=torch.float64, seed=4)
     labels = token_labels((5, 7), 40, seed=4)
-    ckd_ext.set_workspace_bytes(1)
+    workspace(1)
     compare(*kd_fns(labels=labels, ce_weight=0.5, mask=random_mask((5, 7), seed=4)), student, teacher, torch.float64)
     compare(*ckd_fns(mask=random_mask((5, 7), seed=4)), student, teacher, torch.float64,
             tol=1e-8)  # see test_ckd_float64
@@ -381,14 +375,14 @@ def test_torch_compile_fullgraph(loss):
         torch.testing.assert_close(a, e)
 
 
-@pytest.mark.skipif(not emulated_available(), reason="the emulated CUDA backend is not built")
+@skip_unless("emulated")
 @pytest.mark.parametrize("loss", ("ckd", "kd"))
 def test_emulated_backend(loss):
     """The same orchestration over the CUDA kernels (under the CPU emulator): a tiny shape, float32 tolerance."""
     student, teacher = heads(tokens=(6,), vocab=16, student_width=3, teacher_width=4, dtype=torch.float32, seed=17)
     mask = random_mask((6,), seed=17)
     fns = ckd_fns(mask=mask) if loss == "ckd" else kd_fns(mask=mask, labels=token_labels((6,), 16), ce_weight=0.5)
-    with emulated_cuda():
+    with on_backend("emulated"):
         compare(*fns, student, teacher, torch.float32)
 
 
@@ -421,11 +415,11 @@ def _largest_tensor(run):
 
 
 @pytest.mark.parametrize("loss", ("ckd", "kd"))
-def test_nothing_n_by_v_or_n_by_n_is_allocated(loss, restore_workspace):
+def test_nothing_n_by_v_or_n_by_n_is_allocated(loss, workspace):
     """Forward and backward at a shape where N x V (4M elements) and N x N (1M) dwarf the inputs (the largest, the
     teacher head, 98k): no tensor of even 1/8 of N x N appears. The same probe sees the N x V tensor of materialised
     logits, so this test can fail. (The ops' own work buffers are bounded by the workspace, 1 MiB here.)"""
-    ckd_ext.set_workspace_bytes(1 << 20)
+    workspace(1 << 20)
     student, teacher = heads(dtype=torch.float32, seed=18, bias=True, **MEMORY_SHAPE)
     tokens, vocab = MEMORY_SHAPE["tokens"][0], MEMORY_SHAPE["vocab"]
     labels = token_labels((tokens,), vocab, seed=18)

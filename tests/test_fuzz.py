@@ -3,7 +3,7 @@
 Each example draws a loss configuration (shape, dtypes, logit scale, special rows, mask, NaN or +-inf in masked rows,
 -inf teacher classes for KD, hyperparameters, reduction, upstream gradient, work-buffer budget), runs the fused op and the float64 reference
 on the same (already rounded) inputs, and checks the loss and the student gradient element by element against the
-tolerance model of tests/helpers.py (error_bounds, check_within), on every backend: the CPU kernels always, the
+tolerance model of tests/tolerances.py (error_bounds, check_within), on every backend: the CPU kernels always, the
 emulated CUDA backend on small draws, CUDA tensors where a GPU is present.
 
 Profiles (tests/conftest.py): "ci" (default; fixed seed, 300 examples per loss) and "thorough" (nightly:
@@ -12,7 +12,6 @@ Profiles (tests/conftest.py): "ci" (default; fixed seed, 300 examples per loss) 
     from test_fuzz import Case, run_case        # from tests/
     run_case(Case(...))                         # raises the same assertion
 """
-import contextlib
 import dataclasses
 import math
 
@@ -23,8 +22,9 @@ from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
 import ckd_ext
-from ckd_ext import reference, testing
-from helpers import Bound, check_within, error_bounds
+from ckd_ext import reference
+from switches import on_backend, skip_unless, workspace_budget
+from tolerances import Bound, check_within, error_bounds
 
 LOSSES = ("kd", "ckd", "bickd")
 # First entries are what hypothesis shrinks towards: float32, no special rows, no mask, "mean".
@@ -226,19 +226,13 @@ def run_case(case, device="cpu"):
     in_hypothesis = currently_in_test_context()  # run_case also replays a Case outside hypothesis
     if in_hypothesis:
         note(f"student {tuple(s.shape)} {s.dtype}, scale 10^{case.log_scale:.3g}, kwargs {case.kwargs}")
-    dev = "cpu" if device == "emulated" else device
-    s_dev = s.to(dev).requires_grad_()
-    t_dev, m_dev = t.to(dev), None if mask is None else mask.to(dev)
-    saved_workspace = ckd_ext.workspace_bytes()
-    try:
-        if case.workspace_splits:
-            ckd_ext.set_workspace_bytes(workspace_bytes(case))
-        with testing.emulated_cuda() if device == "emulated" else contextlib.nullcontext():
-            outputs = _outputs(ckd_ext, case, s_dev, t_dev, m_dev)
-            upstream = upstream_gradients(case, outputs)
-            grad = _grad(outputs, s_dev, upstream)
-    finally:
-        ckd_ext.set_workspace_bytes(saved_workspace)
+    budget = workspace_bytes(case) if case.workspace_splits else None  # None: the device's default
+    with on_backend(device) as backend, workspace_budget(budget):
+        s_dev = s.to(backend.device).requires_grad_()
+        t_dev, m_dev = t.to(backend.device), None if mask is None else mask.to(backend.device)
+        outputs = _outputs(ckd_ext, case, s_dev, t_dev, m_dev)
+        upstream = upstream_gradients(case, outputs)
+        grad = _grad(outputs, s_dev, upstream)
 
     s64 = s.double().requires_grad_()
     expected = _outputs(reference, case, s64, t.double(), mask)
@@ -310,8 +304,7 @@ def test_bickd_cpu(case):
     run_case(case)
 
 
-@pytest.mark.skipif(not testing.emulated_available(),
-                    reason="the emulated CUDA backend is not built (CKD_EXT_EMULATED=1 pip install --no-build-isolation -e .)")
+@skip_unless("emulated")
 @settings(max_examples=max(30, _EXAMPLES // 3))
 @given(data=st.data())
 def test_emulated(data):
@@ -322,7 +315,7 @@ def test_emulated(data):
     run_case(case, device="emulated")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@skip_unless("cuda")
 @pytest.mark.parametrize("loss", LOSSES)
 @given(data=st.data())
 def test_cuda(loss, data):

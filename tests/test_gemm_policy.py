@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import ckd_ext
-from ckd_ext import reference, testing
+from ckd_ext import reference
+from switches import on_backend, skip_unless
 
-pytestmark = pytest.mark.skipif(not testing.emulated_available(), reason="the emulated CUDA backend is not built")
+pytestmark = skip_unless("emulated")
 ext = ckd_ext.require_extension() if ckd_ext.is_available() else None
 SPLIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -16, torch.float16: 2.0 ** -21}
 U32 = 2.0 ** -24
@@ -40,13 +41,9 @@ def test_coefficient_products_keep_the_split_precision(dtype):
     assert ((coarse - exact).abs() > bound).any()
 
 
-def _gradients(student, teacher, anchor, upstream, emulated):
-    def run():
+def _gradients(student, teacher, anchor, upstream, backend):
+    with on_backend(backend):
         return torch.ops.ckd_ext.ckd_backward(torch.tensor(upstream), student, teacher, None, 0.5, anchor, "sum")
-    if emulated:
-        with testing.emulated_cuda():
-            return run()
-    return run()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -69,14 +66,14 @@ def test_ckd_gradients_within_the_inputs_own_rounding(dtype, anchor, scale, near
     g_exact_inputs = oracle(s64, t64)
     # An upstream power of two that puts the gradient near 2^14, clear of fp16's subnormals (what GradScaler does).
     upstream = 2.0 ** round(torch.log2(2.0 ** 14 / g_rounded.abs().max()).item())
-    g = _gradients(s16, t16, anchor, upstream, emulated=True).double() / upstream
+    g = _gradients(s16, t16, anchor, upstream, "emulated").double() / upstream
     largest = g_rounded.abs().max()
     error = (g - g_rounded).abs().max() / largest
     input_rounding = (g_exact_inputs - g_rounded).abs().max() / largest
     assert error <= 2 * input_rounding, (error.item(), input_rounding.item())
     # And no worse than the CPU path, whose coefficients stay fp32 (both are dominated by the gradient's final
     # rounding to 16 bits: within 10 % of each other, plus a quarter of a unit roundoff).
-    g_cpu = _gradients(s16, t16, anchor, upstream, emulated=False).double() / upstream
+    g_cpu = _gradients(s16, t16, anchor, upstream, "cpu").double() / upstream
     error_cpu = (g_cpu - g_rounded).abs().max() / largest
     u16 = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
     assert error <= 1.1 * error_cpu + u16 / 4, (error.item(), error_cpu.item())

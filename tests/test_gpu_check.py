@@ -73,7 +73,7 @@ def gpu_check_ops_available() -> bool:
 
 
 def test_sync_cases_cover_every_configuration_reduction_and_mask():
-    from helpers import CONFIGS
+    from inputs import CONFIGS
     cases = gpu_check.op_cases("sync", ["float32", "bfloat16"])
     assert {(c.config, c.dtype, c.masked, c.reduction) for c in cases} == {
         (cfg, dt, m, r) for cfg in CONFIGS for dt in ("float32", "bfloat16") for m in (False, True)

@@ -1,43 +1,33 @@
-"""Regression tests for defects a hostile test campaign found: each failed before its fix.
-
-Masked rows holding NaN / Inf, -inf logits, fp16 gradients under loss scaling, double backward, torch.compile with
-dynamic shapes and symbolic hyperparameters, KD accuracy near convergence, hyperparameters outside float32's range,
-and the loss dtype under autocast."""
-import contextlib
-
+"""Hostile inputs and settings the fused ops must handle as the reference does, on every backend where the case is
+not backend-specific: masked rows holding NaN / Inf, -inf logits, fp16 gradients under loss scaling, double backward,
+torch.compile with dynamic shapes and symbolic hyperparameters, KD accuracy near convergence, hyperparameters outside
+float32's range, and the loss dtype under autocast."""
 import pytest
 import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from ckd_ext import testing
-from helpers import CONFIGS, loss_and_grad, pair
-
-BACKENDS = ["cpu"] + (["emulated"] if testing.emulated_available() else [])
-
-
-def backend(name):
-    return testing.emulated_cuda() if name == "emulated" else contextlib.nullcontext()
+from inputs import CONFIGS, loss_and_grad, pair
 
 
 def relative(actual, expected):
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
+    """Max error of `actual` (on any device) against the float64 CPU `expected`, relative to its largest element."""
+    return ((actual.detach().cpu().double() - expected).abs().max() / expected.abs().max()).item()
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("side", ["student", "teacher"])
-def test_masked_rows_take_no_part_whatever_they_hold(name, config, garbage, side):
-    """A masked row full of garbage must change nothing: not the loss, not a single gradient element (before: the
-    CKD gradient of every valid row was NaN, the loss finite)."""
+def test_masked_rows_take_no_part_whatever_they_hold(backend, config, garbage, side):
+    """A masked row full of garbage changes nothing: not the loss, not a single gradient element (a NaN there must
+    not reach the CKD gradient of the valid rows)."""
     student, teacher = pair(9, 7, seed=3, dtype=torch.float32)
-    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    student, teacher = student.detach().to(backend.device).requires_grad_(), teacher.to(backend.device)
+    mask = torch.tensor([1, 1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool, device=backend.device)
     s, t = student.detach().clone(), teacher.clone()
     (s if side == "student" else t)[mask.logical_not()] = garbage
-    with backend(name):
-        loss, grad = loss_and_grad(ckd_ext, config, s.requires_grad_(), t, mask=mask)
-        clean_loss, clean_grad = loss_and_grad(ckd_ext, config, student, teacher, mask=mask)
+    loss, grad = loss_and_grad(ckd_ext, config, s.requires_grad_(), t, mask=mask)
+    clean_loss, clean_grad = loss_and_grad(ckd_ext, config, student, teacher, mask=mask)
     assert torch.isfinite(grad).all()
     # Masked rows are not read at all, so the result is bitwise the one with clean rows there.
     assert torch.equal(grad, clean_grad)
@@ -46,50 +36,47 @@ def test_masked_rows_take_no_part_whatever_they_hold(name, config, garbage, side
         assert torch.equal(part, clean)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kd_teacher_minus_inf_takes_no_part(name, dtype):
+def test_kd_teacher_minus_inf_takes_no_part(backend, dtype):
     """Teachers mask vocabulary entries with -inf: that class takes no part (0 log 0 = 0), also where the student is
-    -inf at the same class (before: NaN)."""
+    -inf at the same class (no NaN from -inf - -inf)."""
     g = torch.Generator().manual_seed(5)
     s, t = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
     t[:, 0] = -float("inf")
     t[2, 4] = s[2, 4] = -float("inf")
     s, t = s.to(dtype), t.to(dtype)
-    with backend(name):
-        loss, grad = loss_and_grad(ckd_ext, "kd", s.clone().requires_grad_(), t, reduction="none")
+    loss, grad = loss_and_grad(ckd_ext, "kd", s.to(backend.device, copy=True).requires_grad_(),
+                               t.to(backend.device), reduction="none")
     loss64, grad64 = loss_and_grad(ref, "kd", s.double().requires_grad_(), t.double(), reduction="none")
     assert torch.isfinite(loss64).all() and torch.isfinite(loss).all() and torch.isfinite(grad).all()
-    # One rounding of each output element to the 16-bit type, on top of float32 work: see helpers.TOLERANCE.
+    # One rounding of each output element to the 16-bit type, on top of float32 work: see tolerances.TOLERANCE.
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     assert relative(loss, loss64) < tol and relative(grad, grad64) < tol
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_kd_student_minus_inf_alone_is_an_infinite_kl_with_a_finite_gradient(name):
+def test_kd_student_minus_inf_alone_is_an_infinite_kl_with_a_finite_gradient(backend):
     """Where the teacher has mass and the student's logit is -inf, KL(q || p) is infinite: the loss is +inf (as the
     reference's), its gradient T (p - q) finite."""
     g = torch.Generator().manual_seed(6)
     s, t = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
     s[1, 3] = -float("inf")
-    with backend(name):
-        loss, grad = loss_and_grad(ckd_ext, "kd", s.clone().requires_grad_(), t, reduction="none")
+    loss, grad = loss_and_grad(ckd_ext, "kd", s.to(backend.device, copy=True).requires_grad_(),
+                               t.to(backend.device), reduction="none")
+    loss = loss.cpu()
     loss64, grad64 = loss_and_grad(ref, "kd", s.double().requires_grad_(), t.double(), reduction="none")
     assert loss[1] == float("inf") and loss64[1] == float("inf")
     assert torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(grad).all()
     assert relative(grad, grad64) < 1e-5
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("config", ["bickd", "bickd_symmetric"])
-def test_bickd_minus_inf_logits_are_zero_probabilities(name, config):
+def test_bickd_minus_inf_logits_are_zero_probabilities(backend, config):
     """BicKD works on probabilities: a -inf logit is a probability of 0, nothing undefined."""
     student, teacher = pair(8, 9, seed=7, dtype=torch.float32)
     s, t = student.detach().clone(), teacher.clone()
     s[:, 2] = -float("inf")
     t[3, 5] = t[:, 8] = -float("inf")
-    with backend(name):
-        loss, grad = loss_and_grad(ckd_ext, config, s.requires_grad_(), t)
+    loss, grad = loss_and_grad(ckd_ext, config, s.to(backend.device).requires_grad_(), t.to(backend.device))
     loss64, grad64 = loss_and_grad(ref, config, s.detach().double().requires_grad_(), t.double())
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert relative(loss, loss64) < 1e-5 and relative(grad, grad64) < 1e-5
@@ -108,9 +95,9 @@ def test_ckd_infinite_logit_in_a_valid_row_is_a_documented_nan(anchor):
 
 @pytest.mark.parametrize("config", ["kd", "ckd_student", "ckd_teacher", "bickd"])
 def test_fp16_gradient_survives_loss_scaling(config):
-    """GradScaler multiplies the loss by 2^15..2^16. The fp16 gradient must be rounded once, after that scale
-    (before: the forward rounded the gradient for an upstream gradient of 1 to fp16, so entries below 2^-24 were 0
-    before the scale: 2-10 % exact zeros and median relative errors of 2e-2 to 9e-2 at 8192 x 256)."""
+    """GradScaler multiplies the loss by 2^15..2^16: the fp16 gradient is rounded once, after that scale. (Rounding
+    the gradient for an upstream gradient of 1 to fp16 in the forward would flush entries below 2^-24 to 0 before
+    the scale: 2-10 % exact zeros and median relative errors of 2e-2 to 9e-2 at 8192 x 256.)"""
     name, kwargs = CONFIGS[config]
     scale = 32768.0
     g = torch.Generator().manual_seed(9)
@@ -126,7 +113,7 @@ def test_fp16_gradient_survives_loss_scaling(config):
     err = (student.grad.double() - s64.grad).abs()
     # fp16's unit roundoff is 4.9e-4: element-wise, the median error is within 2x of one rounding (elements that are
     # differences of nearly equal terms can be off by more relative to themselves, as in any float32 computation);
-    # against the largest element, helpers.TOLERANCE's fp16 bound.
+    # against the largest element, tolerances.TOLERANCE's fp16 bound.
     assert (err / s64.grad.abs())[nonzero].median().item() < 1e-3
     assert err.max().item() < 1e-3 * s64.grad.abs().max().item()
 
@@ -161,15 +148,14 @@ def test_real_gradscaler_step_with_fp16_logits():
     assert relative(grad, w64.grad) < 2e-3
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-def test_loss_is_float32_under_autocast(name):
+def test_loss_is_float32_under_autocast(backend):
     """Like torch's cross_entropy / kl_div under autocast: a float32 loss from 16-bit logits (not rounded to 16 bits),
     equal to the float32 value the op accumulates; outside autocast, the student's dtype."""
     student, teacher = pair(6, 10, seed=11, dtype=torch.bfloat16)
-    with backend(name):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            inside = {n: getattr(ckd_ext, f"{n}_loss")(student, teacher) for n in ("kd", "ckd", "bickd")}
-        outside = {n: getattr(ckd_ext, f"{n}_loss")(student, teacher) for n in ("kd", "ckd", "bickd")}
+    on_device = student.detach().to(backend.device).requires_grad_(), teacher.to(backend.device)
+    with torch.autocast(backend.device.type, dtype=torch.bfloat16):
+        inside = {n: getattr(ckd_ext, f"{n}_loss")(*on_device) for n in ("kd", "ckd", "bickd")}
+    outside = {n: getattr(ckd_ext, f"{n}_loss")(*on_device) for n in ("kd", "ckd", "bickd")}
     for n in inside:
         assert inside[n].dtype == torch.float32 and outside[n].dtype == torch.bfloat16
         assert outside[n] == inside[n].to(torch.bfloat16)
@@ -207,7 +193,7 @@ class CKDWithAttributes(torch.nn.Module):
 @pytest.mark.parametrize("which", ["defaults", "module attributes"])
 def test_compile_fullgraph_dynamic(which):
     """torch.compile(fullgraph=True, dynamic=True) traces the validation of defaults and of float attributes,
-    which dynamo turns into symbolic floats (before: math.isfinite on a SymFloat broke the graph)."""
+    which dynamo turns into symbolic floats (math.isfinite on a SymFloat would break the graph)."""
     fn = CKDWithAttributes() if which == "module attributes" else (
         lambda s, t: ckd_ext.ckd_loss(s, t) + ckd_ext.kd_loss(s, t) + ckd_ext.bickd_loss(s, t))
     compiled = torch.compile(fn, fullgraph=True, dynamic=True)
@@ -218,9 +204,8 @@ def test_compile_fullgraph_dynamic(which):
         torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("n,c,noise", [(1, 4, 1e-2), (32, 100, 1e-2), (16, 500, 1e-3), (8, 50, 1e-4)])
-def test_kd_value_near_convergence(name, n, c, noise):
+def test_kd_value_near_convergence(backend, n, c, noise):
     """Near convergence KL is a tiny difference of large terms in the textbook formula (the fp32 reference is off by
     5e-2 to 5e2 relative here); the fused value must be as accurate as its float32 inputs allow: rounding s and t
     gives ~6e-8 relative error in each log-ratio, ~1.2e-7 in their squares, and the sums over C classes add a few
@@ -228,8 +213,7 @@ def test_kd_value_near_convergence(name, n, c, noise):
     g = torch.Generator().manual_seed(n + c)
     t = torch.randn(n, c, generator=g) * 3
     s = t + noise * torch.randn(n, c, generator=g)
-    with backend(name):
-        loss = ckd_ext.kd_loss(s, t, reduction="none")
+    loss = ckd_ext.kd_loss(s.to(backend.device), t.to(backend.device), reduction="none").cpu()
     expected = ref.kd_loss(s.double(), t.double(), reduction="none")
     assert ((loss.double() - expected).abs() / expected).max().item() < 1e-5
 
@@ -246,12 +230,11 @@ def test_hyperparameters_outside_float32_range_are_rejected(fn, argument, value,
         getattr(module, fn)(s, s, **{argument: value})
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("config", ["ckd_student", "ckd_teacher", "bickd"])
-def test_dominant_positive_keeps_relative_accuracy(name, config):
-    """A converged student at a small tau: every term is tiny (1e-10 to 1e-2) and should be as accurate relative to
-    itself as its float32 inputs allow (~1e-5 with the sums of C terms). Found by the fuzzer: a 6e-10 term came back
-    as 0 while the kernels computed LSE - z_ii; they now compute softplus(LSE_neg - z_ii)."""
+def test_dominant_positive_keeps_relative_accuracy(backend, config):
+    """A converged student at a small tau: every term is tiny (1e-10 to 1e-2) and is as accurate relative to itself
+    as its float32 inputs allow (~1e-5 with the sums of C terms), which takes softplus(LSE_neg - z_ii): LSE - z_ii
+    returns a 6e-10 term as 0."""
     loss, kwargs = CONFIGS[config]
     g = torch.Generator().manual_seed(0)
     if loss == "bickd":  # peaked probabilities: logits of scale 10 at T = 1 (a term of 9.08e-5 came back 9.155e-5)
@@ -261,29 +244,27 @@ def test_dominant_positive_keeps_relative_accuracy(name, config):
         kwargs = dict(kwargs, tau=0.05)
         t = torch.randn(4, 8, generator=g)
     s = t.clone()
-    with backend(name):
-        out = getattr(ckd_ext, f"{loss}_loss")(s, t, reduction="none", **kwargs)
+    out = getattr(ckd_ext, f"{loss}_loss")(s.to(backend.device), t.to(backend.device), reduction="none", **kwargs)
     expected = getattr(ref, f"{loss}_loss")(s.double(), t.double(), reduction="none", **kwargs)
     for actual, exact in zip(out if isinstance(out, tuple) else (out,),
                              expected if isinstance(expected, tuple) else (expected,)):
-        assert ((actual.double() - exact).abs() <= 1e-4 * exact.abs() + 1e-30).all()
+        assert ((actual.cpu().double() - exact).abs() <= 1e-4 * exact.abs() + 1e-30).all()
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype,temperature", [(torch.float32, 1e-9), (torch.float32, 1e-3), (torch.float64, 1e-25)])
-def test_kd_at_tiny_temperatures(name, dtype, temperature):
-    """Temperatures down to 1e-38 are accepted; at 1e-9 the log-sum-exps are ~1e9, and log p rebuilt from their
-    parts (lse_t + shift + gap) rounded to an absolute error of tens: the loss came out 6e9 instead of 1.6e-9
-    (found by the errors audit). log p comes from lse_s itself now: as accurate as the float32 reference."""
+def test_kd_at_tiny_temperatures(backend, dtype, temperature):
+    """Temperatures down to 1e-38 are accepted, and the loss and gradient are as accurate as the float32 reference's
+    even at 1e-9, where the log-sum-exps are ~1e9: log p comes from lse_s itself (rebuilt from its parts, lse_t +
+    shift + gap, it rounds to an absolute error of tens, and the loss comes out 6e9 instead of 1.6e-9)."""
     g = torch.Generator().manual_seed(13)
     s, t = torch.randn(4, 3, generator=g, dtype=dtype), torch.randn(4, 3, generator=g, dtype=dtype)
     def kd(module, student, teacher):
         loss = module.kd_loss(student, teacher, temperature=temperature, reduction="none")
-        (grad,) = torch.autograd.grad((loss * torch.arange(1.0, 5.0, dtype=loss.dtype)).sum(), student)
-        return loss.detach(), grad
+        weights = torch.arange(1.0, 5.0, dtype=loss.dtype, device=loss.device)
+        (grad,) = torch.autograd.grad((loss * weights).sum(), student)
+        return loss.detach().cpu(), grad
 
-    with backend(name):
-        loss, grad = kd(ckd_ext, s.clone().requires_grad_(), t)
+    loss, grad = kd(ckd_ext, s.to(backend.device, copy=True).requires_grad_(), t.to(backend.device))
     loss64, grad64 = kd(ref, s.double().requires_grad_(), t.double())
     # Softmax arguments of |x| / T ~ 1e9 carry float32 rounding of ~1e9 * 6e-8 = 60 absolute; the KL, a difference of
     # such arguments times T^2, keeps ~6e-8 relative; 1e-5 leaves room for the sums.

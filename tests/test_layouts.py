@@ -12,7 +12,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import CONFIGS, assert_matches, logits, random_mask, tolerance, weighted_total
+from inputs import CONFIGS, logits, random_mask, weighted_total
+from tolerances import assert_matches, tolerance
 
 ALL = list(CONFIGS)
 N, C = 12, 30
@@ -117,15 +118,7 @@ def test_layouts_against_oracle(config, layout):
 BIG = (200, 128)
 
 
-@pytest.fixture(params=[None, 64 * 1024], ids=["default_workspace", "64KiB"])
-def workspace(request):
-    saved = ckd_ext.require_extension().workspace_setting()
-    if request.param is not None:
-        ckd_ext.set_workspace_bytes(request.param)
-    try:
-        yield
-    finally:
-        ckd_ext.set_workspace_bytes(saved or None)
+BUDGETS = pytest.mark.parametrize("budget", [None, 64 * 1024], ids=["default_workspace", "64KiB"])
 
 
 def fused(config, seed, reduction, shape=BIG, mask=True):
@@ -149,9 +142,11 @@ def assert_oracle(result, expected, what):
 
 
 @pytest.mark.parametrize("config,reduction", [(config, ("mean", "none")[i % 2]) for i, config in enumerate(ALL)])
-def test_repeated_calls_and_1_vs_2_threads_are_bitwise_identical(workspace, config, reduction):
+@BUDGETS
+def test_repeated_calls_and_1_vs_2_threads_are_bitwise_identical(workspace, budget, config, reduction):
     """"mean" (gradient computed in the forward) for half the configurations, "none" (recomputed in backward with
     per-anchor weights) for the other half."""
+    workspace(budget)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -176,17 +171,16 @@ def test_repeated_calls_and_1_vs_2_threads_are_bitwise_identical(workspace, conf
     # bitwise; the GEMM's order can only move results by a few float32 roundings of the largest term.
     "bickd",
 ])
-def test_1_vs_2_threads_with_thin_tiles(config):
-    threads, saved = torch.get_num_threads(), ckd_ext.require_extension().workspace_setting()
+def test_1_vs_2_threads_with_thin_tiles(config, workspace):
+    threads = torch.get_num_threads()
+    workspace(16 * 1024)
     try:
-        ckd_ext.set_workspace_bytes(16 * 1024)
         torch.set_num_threads(2)
         two = fused(config, 52, "mean", shape=(40, 96), mask=False)
         torch.set_num_threads(1)
         one = fused(config, 52, "mean", shape=(40, 96), mask=False)
     finally:
         torch.set_num_threads(threads)
-        ckd_ext.set_workspace_bytes(saved or None)
     assert_oracle(one, oracle(config, 52, "mean", shape=(40, 96), mask=False), config)
     assert_oracle(two, oracle(config, 52, "mean", shape=(40, 96), mask=False), config)
     if config == "bickd":
@@ -198,9 +192,11 @@ def test_1_vs_2_threads_with_thin_tiles(config):
     assert torch.equal(one[1], two[1]), "gradient differs between 1 and 2 threads"
 
 
-def test_concurrent_python_threads_equal_sequential(workspace):
+@BUDGETS
+def test_concurrent_python_threads_equal_sequential(workspace, budget):
     """4 Python threads, each computing every configuration on its own inputs (2 rounds), give bitwise what one
     thread computes sequentially: no work buffer or statistic is shared between concurrent calls."""
+    workspace(budget)
     seeds = (60, 61, 62, 63)
     jobs = [(config, seed, ("mean", "none")[(i + seed) % 2]) for seed in seeds for i, config in enumerate(ALL)]
     sequential = {job: fused(*job) for job in jobs}

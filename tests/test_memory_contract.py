@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ckd_ext
-from helpers import CONFIGS, pair
+from inputs import CONFIGS, pair
 
 CASES = [("ckd_student", 4096, 64), ("ckd_teacher", 4096, 64), ("kd", 4096, 64),
          ("bickd", 64, 4096), ("bickd_symmetric", 64, 4096)]

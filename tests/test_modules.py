@@ -8,7 +8,8 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import assert_matches, pair, random_mask, tolerance, weighted_total
+from inputs import pair, random_mask, weighted_total
+from tolerances import assert_matches, tolerance
 
 # (module class, function name, hyperparameters): none of them the default, so a module that forgot to pass
 # one on would compute another loss.
@@ -57,7 +58,7 @@ def test_module_equals_function_and_oracle(name, reduction, masked):
     assert_bitwise(mod_out, fn_out, f"{name} loss")
     assert_bitwise(mod_grad, fn_grad, f"{name} grad")
 
-    # And both are the float64 oracle's numbers (same rounded inputs), float32 tolerance (helpers.TOLERANCE).
+    # And both are the float64 oracle's numbers (same rounded inputs), float32 tolerance (tolerances.TOLERANCE).
     s64 = student.detach().double().requires_grad_()
     ref_out, ref_grad = output_and_grad(getattr(ref, fn_name), s64, teacher.double(), **hyper, mask=mask,
                                         reduction=reduction)

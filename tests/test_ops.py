@@ -5,8 +5,9 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
-from helpers import (CONFIGS, assert_matches, bickd_large_logit_gradients, check_against_oracle, logits, loss_and_grad,
-                     pair, random_mask, weighted_total)
+from inputs import (CONFIGS, bickd_large_logit_gradients, logits, loss_and_grad, pair, random_mask,
+                    weighted_total)
+from tolerances import assert_matches, check_against_oracle
 
 ALL = list(CONFIGS)
 BICKD = [c for c in ALL if CONFIGS[c][0] == "bickd"]
@@ -55,11 +56,12 @@ def test_teacher_of_another_dtype(config, student_dtype, teacher_dtype):
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_bickd_per_term_gradient_at_large_logits(symmetric):
-    """Softmax arguments near 5e3 (logit scale 1000, T = 0.5) with per-term upstream weights. A float32
-    log-sum-exp there is off by up to 2.4e-4, a factor common to the row's probabilities: multiplied by <P, dP> in
-    the backward it gave errors of 7e-2 here; kept, in the forward, 1.7e-4. The kernels now keep each row's
-    statistics as (max, log of the max-shifted sum), so what remains is the elements' own float32 rounding, as in
-    the float32 reference (1.2e-5 and 7.1e-5 of the largest element here): 3.4e-5 at most."""
+    """At softmax arguments near 5e3 (logit scale 1000, T = 0.5), with per-term upstream weights, the gradient is
+    within 1e-4 of the largest element (3.4e-5 at most): the elements' own float32 rounding, as in the float32
+    reference (1.2e-5 and 7.1e-5 of the largest element here). That takes each row's statistics kept as (max, log of
+    the max-shifted sum): a float32 log-sum-exp there is off by up to 2.4e-4, a factor common to the row's
+    probabilities, which multiplied by <P, dP> in the backward makes errors of 7e-2 here (1.7e-4 if the forward
+    keeps it)."""
     grad, grad64 = bickd_large_logit_gradients((48, 64), 12, symmetric, "none")
     assert_matches(grad, grad64, torch.float32, "grad", tol=1e-4)
 
@@ -69,7 +71,7 @@ def test_bickd_per_term_gradient_at_large_logits(symmetric):
 def test_bickd_gradient_at_large_logits_sees_no_lse_rounding(symmetric, reduction):
     """The forward's probabilities at softmax arguments of ~5e3 carry no log-sum-exp rounding: with one float32
     LSE per row (rounded by up to 2.4e-4, a factor common to the row's p, pbar and P) the losses, dp and dpbar of
-    this batch made gradient errors of 1.1e-3 / 3.3e-4 ("none", symmetric False / True) and 4.3e-5 / 1.3e-4
+    this batch make gradient errors of 1.1e-3 / 3.3e-4 ("none", symmetric False / True) and 4.3e-5 / 1.3e-4
     ("mean") of the largest element, where the float32 reference has 4e-6 at most. With (row max, log of the
     max-shifted sum) they are 5e-6 at most: the float32 tolerance's 1e-5 times 2."""
     grad, grad64 = bickd_large_logit_gradients((40, 120), 29, symmetric, reduction)
@@ -108,19 +110,13 @@ def test_no_valid_row_is_zero_not_nan(config, reduction, rows):
 
 
 # --- chunked execution -----------------------------------------------------------------------------
-@pytest.fixture
-def tiny_workspace():
-    """A budget so small that every strip holds a few rows and 16-bit candidates come in several blocks."""
-    saved = ckd_ext.workspace_bytes()
-    ckd_ext.set_workspace_bytes(16 * 1024)
-    yield
-    ckd_ext.set_workspace_bytes(saved)
-
-
 @pytest.mark.parametrize("config", ALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_chunked_strips_and_blocks(tiny_workspace, config, dtype, reduction):
+def test_chunked_strips_and_blocks(workspace, config, dtype, reduction):
+    """The oracle's results under a budget so small (16 KiB) that every strip holds a few rows and 16-bit candidates
+    come in several blocks."""
+    workspace(16 * 1024)
     student, teacher = pair(150, 130, seed=8)
     mask = random_mask(150, seed=8)
     check_against_oracle(config, student, teacher, dtype=dtype, mask=mask, reduction=reduction)

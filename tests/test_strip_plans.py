@@ -4,8 +4,8 @@ Two kinds of test. At small shapes, the plan's counts equal what a call issues: 
 (`_C.gemm_calls`) on the CPU and emulated backends, kernel launches counted by the CUDA emulator
 (`_emulated.launch_count`), across the plan's modes (whole coefficient matrix or strips / tiles; inputs as
 operands or converted / masked copies; fp32 or 16-bit). At the GPU shapes, which cannot run here, the plan itself is
-held to the GPU issue's bounds: a few hundred GEMMs and launches per call, every GEMM at least 512 x 512, work
-buffers within the workspace.
+held to the GPU targets: a few hundred GEMMs and launches per call, every GEMM at least 512 x 512, work buffers
+within the workspace.
 """
 import math
 
@@ -14,7 +14,7 @@ import torch
 
 import ckd_ext
 from ckd_ext import testing
-from helpers import pair, random_mask
+from inputs import pair, random_mask
 
 ext = ckd_ext.require_extension() if ckd_ext.is_available() else None
 pytestmark = pytest.mark.skipif(ext is None, reason="ckd_ext is not built")
@@ -24,54 +24,38 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
                torch.float64: "float64"}
 
 
-def with_workspace(nbytes, run):
-    saved = ext.workspace_setting()
-    ckd_ext.set_workspace_bytes(nbytes)
-    try:
-        return run()
-    finally:
-        ckd_ext.set_workspace_bytes(saved or None)
-
-
-def assert_issues_the_plan(op, backend, workspace, plan):
-    """One call of `op` (a forward computing loss and gradient) under `workspace` on `backend` issues the plan's
-    GEMMs and, under the emulator, its kernel launches."""
-    emulated = backend == "emulated"
-
-    def run():
-        gemms, launches = ext.gemm_calls(), testing.emulated_launch_count() if emulated else 0
-        if emulated:
-            with testing.emulated_cuda():
-                op()
-        else:
-            op()
-        return ext.gemm_calls() - gemms, (testing.emulated_launch_count() - launches) if emulated else None
-
-    gemms, launches = with_workspace(workspace, run)
-    assert gemms == plan["gemms"], plan
-    if launches is not None:
-        assert launches == plan["launches"], plan
+def assert_issues_the_plan(op, backend, plan):
+    """One call of `op` (a forward computing loss and gradient) on `backend`, under the test's workspace, issues the
+    plan's GEMMs and, under the emulator, its kernel launches."""
+    emulated = backend.name == "emulated"
+    gemms, launches = ext.gemm_calls(), testing.emulated_launch_count() if emulated else 0
+    op()
+    assert ext.gemm_calls() - gemms == plan["gemms"], plan
+    if emulated:
+        assert testing.emulated_launch_count() - launches == plan["launches"], plan
 
 
 CASES = [  # (N, C, workspace): whole matrix at 64 KiB and 16 KiB (several operand blocks for fp32 copies), strips
     (40, 24, 64 << 10), (40, 24, 16 << 10), (40, 24, 4 << 10), (37, 20, 3 << 10)]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "emulated"])
+# Kernel launches are counted by the emulator; on a CUDA device the same orchestration issues the emulated plan's.
+ON_CPU_AND_EMULATED = pytest.mark.parametrize("backend", ["cpu", "emulated"], indirect=True)
+
+
+@ON_CPU_AND_EMULATED
 @pytest.mark.parametrize("anchor", ["student", "teacher"])
 @pytest.mark.parametrize("dtype,masked", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
                                           (torch.float16, True), (torch.float64, False)])
-@pytest.mark.parametrize("n,c,workspace", CASES)
-def test_ckd_plan_counts_what_a_call_issues(backend, anchor, dtype, masked, n, c, workspace):
-    if backend == "emulated" and not testing.emulated_available():
-        pytest.skip("the emulated CUDA backend is not built")
+@pytest.mark.parametrize("n,c,budget", CASES)
+def test_ckd_plan_counts_what_a_call_issues(backend, workspace, anchor, dtype, masked, n, c, budget):
     student, teacher = pair(n, c, seed=n + c, dtype=dtype)
     mask = random_mask((n,), seed=3) if masked else None
-    plan = ext.strip_plan(f"ckd_{anchor}", n, c, DTYPE_NAMES[dtype], backend, workspace, masked=masked)
+    plan = ext.strip_plan(f"ckd_{anchor}", n, c, DTYPE_NAMES[dtype], backend.name, budget, masked=masked)
+    workspace(budget)
 
     assert_issues_the_plan(
-        lambda: torch.ops.ckd_ext.ckd_forward(student, teacher, mask, 0.5, anchor, "mean", True), backend, workspace,
-        plan)
+        lambda: torch.ops.ckd_ext.ckd_forward(student, teacher, mask, 0.5, anchor, "mean", True), backend, plan)
 
 
 # (N, C, workspace, sample side's operands, class side's operands) at N = 40, C = 24, where each side's fp32 operand
@@ -82,22 +66,21 @@ BICKD_CASES = [(40, 24, 64 << 10, "whole", "whole"), (40, 24, 6 << 10, "candidat
                (40, 24, 3 << 10, "blocks", "blocks"), (40, 100, 38 << 10, "whole", "candidates")]
 
 
-@pytest.mark.parametrize("backend", ["cpu", "emulated"])
+@ON_CPU_AND_EMULATED
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("want_grad", [True, False])
-@pytest.mark.parametrize("n,c,workspace,sample,cls", BICKD_CASES)
-def test_bickd_plan_counts_what_a_call_issues(backend, symmetric, want_grad, n, c, workspace, sample, cls):
-    if backend == "emulated" and not testing.emulated_available():
-        pytest.skip("the emulated CUDA backend is not built")
+@pytest.mark.parametrize("n,c,budget,sample,cls", BICKD_CASES)
+def test_bickd_plan_counts_what_a_call_issues(backend, workspace, symmetric, want_grad, n, c, budget, sample, cls):
     student, teacher = pair(n, c, seed=5, dtype=torch.float32)
-    plan = ext.strip_plan("bickd", n, c, "float32", backend, workspace, want_grad=want_grad, symmetric=symmetric)
+    plan = ext.strip_plan("bickd", n, c, "float32", backend.name, budget, want_grad=want_grad, symmetric=symmetric)
     assert (plan["sample_operands"], plan["class_operands"]) == (sample, cls), plan
-    assert plan["work_bytes"] <= workspace, plan
+    assert plan["work_bytes"] <= budget, plan
+    workspace(budget)
 
     assert_issues_the_plan(
         lambda: torch.ops.ckd_ext.bickd_forward(student, teacher, None, 4.0, 0.1, 1.0, 1.0, symmetric, "mean",
                                                 want_grad),
-        backend, workspace, plan)
+        backend, plan)
 
 
 # The GPU benchmark shapes (bf16 token batches) with the CUDA default workspace of an 80 GiB device (4 GiB) and the
@@ -145,8 +128,9 @@ def test_whole_matrix_at_the_token_shapes(n, c):
 
 
 def test_cpu_plan_before_and_after_at_a_32k_vocabulary():
-    """The CPU shape that exposed `workspace / C` sizing (2048 x 32000 fp32, 64 MiB): 2080 GEMM calls for student
-    anchors and 272 for teacher anchors before; the whole 16 MiB matrix now fits, so a handful."""
+    """2048 x 32000 fp32 under 64 MiB keeps the whole 16 MiB matrix: a handful of GEMMs, none thinner than 1024.
+    (Strips sized by `workspace / C` would issue 2080 GEMM calls for student anchors and 272 for teacher anchors
+    at this shape.)"""
     for anchor in ("student", "teacher"):
         plan = ext.strip_plan(f"ckd_{anchor}", 2048, 32000, "float32", "cpu", 64 << 20)
         assert plan["whole"] and plan["gemms"] <= 4, plan
@@ -203,8 +187,8 @@ def test_bickd_plan_at_one_gib_on_the_largest_shape(symmetric):
 
 
 def test_bickd_plan_before_and_after_at_the_largest_gpu_shape():
-    """16384 x 128256 at 4 GiB issued 624 GEMMs with strips sized by `workspace / C` (and the class side's candidate
-    blocks rebuilt for every strip and pass)."""
+    """16384 x 128256 under 4 GiB issues a few hundred GEMMs at most. (Strips sized by `workspace / C`, with the
+    class side's candidate blocks rebuilt for every strip and pass, would issue 624.)"""
     plan = ext.strip_plan("bickd", 16384, 128256, "bfloat16", "cuda", 4 * GiB)
     assert plan["gemms"] <= FEW_HUNDRED, plan
 

@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))  # helpers.CONFIGS: the configurations that reach every op variant
+sys.path.insert(1, str(ROOT / "tests"))  # inputs.CONFIGS: the configurations that reach every op variant
 
 
 def _torch():
@@ -143,7 +143,7 @@ class Case:
 
     def total(self, s, t, mask, weights):
         import ckd_ext
-        from helpers import CONFIGS
+        from inputs import CONFIGS
         name, kwargs = CONFIGS[self.config]
         out = getattr(ckd_ext, f"{name}_loss")(s, t, **kwargs, mask=mask, reduction=self.reduction)
         outs = out if isinstance(out, tuple) else (out,)
@@ -157,7 +157,7 @@ def op_cases(check: str, dtypes: Sequence[str]) -> List[Case]:
     16-bit students recompute it in the backward op), mask and reduction, so that all six ops and each of their
     branches run. graph: one masked "mean" case per loss and anchor in each dtype (the mask is what used to sync).
     run (the sanitizers): every configuration once per dtype, a packed and an unpacked width, masked "none"."""
-    from helpers import CONFIGS
+    from inputs import CONFIGS
     if check == "sync":
         return [Case(cfg, dt, m, r) for cfg, dt, m, r in
                 itertools.product(CONFIGS, dtypes, (False, True), ("mean", "sum", "none"))]

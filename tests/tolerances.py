@@ -1,24 +1,12 @@
-"""Shared test inputs and comparisons for the fused ops on every backend (CPU, emulated CUDA, CUDA)."""
+"""How far a fused result may be from the float64 oracle: the fixed-case tests' normwise tolerances (TOLERANCE,
+assert_matches, check_against_oracle) and the fuzzer's element-wise tolerance model (error_bounds, check_within)."""
 import math
 from typing import NamedTuple
 
 import torch
 
 from ckd_ext.rows import EPS, accumulation_dtype
-
-# Every loss configuration the suite runs: (loss name, keyword arguments). Non-default hyperparameters
-# so that a forgotten scale (tau, temperature, weights) cannot cancel out.
-CONFIGS = {
-    "kd": ("kd", {"temperature": 2.0}),
-    "ckd_student": ("ckd", {"tau": 0.5, "anchor": "student"}),
-    "ckd_teacher": ("ckd", {"tau": 0.5, "anchor": "teacher"}),
-    "ckd_default": ("ckd", {}),
-    "bickd": ("bickd", {"temperature": 2.0, "tau": 0.2, "w_sample": 1.0, "w_class": 0.5}),
-    "bickd_symmetric": ("bickd", {"temperature": 3.0, "tau": 0.3, "w_sample": 0.7, "w_class": 1.3,
-                                  "symmetric": True}),
-    "bickd_class_only": ("bickd", {"w_sample": 0.0, "w_class": 2.0}),
-    "bickd_sample_only": ("bickd", {"w_sample": 1.5, "w_class": 0.0, "tau": 0.5, "temperature": 1.0}),
-}
+from inputs import CONFIGS, loss_and_grad
 
 # Tolerances of the fixed-case tests (test_ops, test_emulated, test_cuda) against the float64 oracle run on the
 # same (already rounded) inputs, relative to the largest magnitude of the expected tensor. They are the coarse,
@@ -36,60 +24,6 @@ CONFIGS = {
 # gradient (a difference of such terms through the softmax backward) can lose another factor of ~10 to
 # cancellation. float32 results at that scale get 20x the tolerance (2e-4); at scale 10 the 1e-5 holds.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-
-
-def logits(*shape, scale=3.0, dtype=torch.float64, seed=0, requires_grad=False):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
-    return x.to(dtype).requires_grad_(requires_grad)
-
-
-def pair(*shape, scale=3.0, dtype=torch.float64, seed=0):
-    """A student (requires grad) and a teacher of the same shape."""
-    return (logits(*shape, scale=scale, dtype=dtype, seed=seed, requires_grad=True),
-            logits(*shape, scale=scale, dtype=dtype, seed=seed + 1000))
-
-
-def random_mask(shape, seed=0, p=0.7):
-    generator = torch.Generator().manual_seed(seed + 7)
-    return torch.rand(shape, generator=generator) < p
-
-
-def weighted_total(out, seed=0):
-    """A scalar from any loss output with distinct upstream weights per term, so that a "none" backward
-    that ignored its per-anchor weights would be caught. BicKD "none" returns (sample, class) terms."""
-    outs = out if isinstance(out, tuple) else (out,)
-    generator = torch.Generator().manual_seed(seed + 11)
-    total = 0
-    for o in outs:
-        w = torch.rand(o.shape, generator=generator, dtype=torch.float64) + 0.5
-        total = total + (o * w.to(o.dtype)).sum()
-    return total
-
-
-def loss_and_grad(module, config, student, teacher, **extra):
-    """(loss output detached, d weighted_total / d student) for `module` in {ckd_ext, ckd_ext.reference}."""
-    name, kwargs = CONFIGS[config]
-    fn = getattr(module, f"{name}_loss")
-    out = fn(student, teacher, **kwargs, **extra)
-    (grad,) = torch.autograd.grad(weighted_total(out), student)
-    detached = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
-    return detached, grad
-
-
-def bickd_large_logit_gradients(shape, seed, symmetric, reduction):
-    """(fused float32, float64 oracle) student gradients of BicKD at logit scale 1000 and T = 0.5 (softmax arguments
-    up to ~5e3), under weighted_total's distinct per-term upstream weights."""
-    import ckd_ext
-    from ckd_ext import reference as ref
-
-    student, teacher = pair(*shape, scale=1000.0, seed=seed, dtype=torch.float32)
-    kwargs = {"temperature": 0.5, "tau": 0.1, "symmetric": symmetric, "reduction": reduction}
-    s = student.detach().requires_grad_()
-    (grad,) = torch.autograd.grad(weighted_total(ckd_ext.bickd_loss(s, teacher, **kwargs)), s)
-    s64 = student.detach().double().requires_grad_()
-    (grad64,) = torch.autograd.grad(weighted_total(ref.bickd_loss(s64, teacher.double(), **kwargs)), s64)
-    return grad, grad64
 
 
 def tolerance(dtype, scale=1.0):
@@ -141,6 +75,7 @@ def check_against_oracle(config, student, teacher, dtype=None, scale=1.0, module
         grad64, grad = torch.zeros_like(grad64), torch.zeros_like(grad)
     return (assert_matches(loss, loss64, dtype, f"{config} loss", tol),
             assert_matches(grad, grad64, dtype, f"{config} grad", tol))
+
 
 
 # ===================================================================================================================
