@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import struct
+import zlib
 from typing import Optional
 
 import torch
@@ -182,10 +184,76 @@ class Layout:
         return torch.cat([index < count for count in self.counts])
 
 
-def gather_layout(rows: int, device, group) -> Layout:
-    """The layout of every rank's `rows` valid rows (one all-gather of an int64 per rank)."""
-    counts = _all_gather(torch.tensor([rows], dtype=torch.int64, device=device), group)
-    return Layout(tuple(int(c) for c in counts.tolist()), dist.get_rank(group))
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """What every rank's call must agree on: the loss (`fn`) and (argument, value) pairs, values being bools, ints,
+    floats, strings or dtypes. A rank that disagrees would send rows of another width or dtype (gloo aborts the
+    process), take another communication path (the other ranks wait until the process group's timeout) or silently
+    compute another loss."""
+    fn: str
+    fields: tuple
+
+
+SIGNATURE_SLOTS = 14  # int64 slots of one rank's signature: the row count, the loss and up to 12 arguments
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STRINGS = ("True", "ring", "student", "teacher", "mean", "sum", "none")
+
+
+def _encode(value) -> int:
+    if isinstance(value, torch.dtype):
+        return _DTYPES.index(value)
+    if isinstance(value, str):
+        return _STRINGS.index(value) if value in _STRINGS else zlib.crc32(value.encode())
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return int(value)
+
+
+def _decode(code: int, like):
+    """The value `code` encodes, read as the type of this rank's own value `like`."""
+    if isinstance(like, torch.dtype):
+        return _DTYPES[code] if 0 <= code < len(_DTYPES) else f"dtype #{code}"
+    if isinstance(like, str):
+        return _STRINGS[code] if 0 <= code < len(_STRINGS) else like if code == _encode(like) else "another string"
+    if isinstance(like, float):
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    if isinstance(like, bool):
+        return bool(code)
+    return code
+
+
+def _ranks_text(ranks) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def _check_signatures(signature: Signature, table: list) -> None:
+    """Raises the same ValueError on every rank (each holds every rank's signature) at the first slot that differs."""
+    names = [("the loss called", signature.fn)] + list(signature.fields)
+    for slot, (name, value) in enumerate(names, start=1):
+        codes = [row[slot] for row in table]
+        if len(set(codes)) == 1:
+            continue
+        by_value = {}
+        for rank, code in enumerate(codes):
+            by_value.setdefault(code, []).append(rank)
+        got = "; ".join(f"{_decode(code, value)!r} on {_ranks_text(ranks)}" for code, ranks in by_value.items())
+        raise ValueError(f"{signature.fn}: {name} must be the same on every rank of the process group (the global "
+                         f"batch is one loss over all ranks), got {got}")
+
+
+def gather_layout(rows: int, device, group, signature: Optional[Signature] = None) -> Layout:
+    """The layout of every rank's `rows` valid rows: one all-gather of SIGNATURE_SLOTS int64 per rank, the row count
+    and the call's signature, which every rank checks against every other's before any rows are sent."""
+    slots = [rows]
+    if signature is not None:
+        if len(signature.fields) + 2 > SIGNATURE_SLOTS:
+            raise AssertionError("a signature longer than SIGNATURE_SLOTS")
+        slots += [_encode(signature.fn)] + [_encode(value) for _, value in signature.fields]
+    slots += [0] * (SIGNATURE_SLOTS - len(slots))
+    table = _all_gather(torch.tensor([slots], dtype=torch.int64, device=device), group).tolist()
+    if signature is not None:
+        _check_signatures(signature, table)
+    return Layout(tuple(int(row[0]) for row in table), dist.get_rank(group))
 
 
 def _pad_rows(rows: Tensor, block: int) -> Tensor:
@@ -373,7 +441,11 @@ def ckd_loss(local_loss, prepared, *, tau, anchor, reduction, global_batch, grou
     Returns the scalar loss, or per-row terms (...) of this rank's rows for "none", in local_loss's output dtype
     (all-gather) or the accumulation dtype (ring), for the caller to convert."""
     student, teacher = _valid(prepared)
-    layout = gather_layout(student.shape[0], student.device, group)
+    signature = Signature("ckd_loss", (
+        ("global_batch", str(global_batch)), ("student's dtype", prepared.student.dtype),
+        ("teacher's dtype", prepared.teacher.dtype), ("the number of classes C", prepared.student.shape[1]),
+        ("anchor", anchor), ("tau", float(tau)), ("reduction", reduction)))
+    layout = gather_layout(student.shape[0], student.device, group, signature)
     if global_batch is True:
         everyone = GatherRows.apply(student, layout, group)
         terms = local_loss(everyone, gather_rows(teacher, layout, group), tau=tau, anchor=anchor,
@@ -398,7 +470,12 @@ def bickd_loss(local_loss, prepared, *, temperature, tau, w_sample, w_class, sym
     """Global-batch BicKD; returns the scalar loss, or (per-row sample terms (...) of this rank's rows, the global
     class terms (C,)) for "none"; dtypes as ckd_loss's."""
     student, teacher = _valid(prepared)
-    layout = gather_layout(student.shape[0], student.device, group)
+    signature = Signature("bickd_loss", (
+        ("global_batch", str(global_batch)), ("student's dtype", prepared.student.dtype),
+        ("teacher's dtype", prepared.teacher.dtype), ("the number of classes C", prepared.student.shape[1]),
+        ("temperature", float(temperature)), ("tau", float(tau)), ("w_sample", float(w_sample)),
+        ("w_class", float(w_class)), ("symmetric", bool(symmetric)), ("reduction", reduction)))
+    layout = gather_layout(student.shape[0], student.device, group, signature)
     if global_batch is True:
         everyone = GatherRows.apply(student, layout, group)
         sample_terms, class_terms = local_loss(
