@@ -15,6 +15,7 @@ and call ``ckd_loss`` / ``kd_loss``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -294,6 +295,12 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
     fn = "fused_linear_ckd_loss"
     inputs = _autocast_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias)
+    with _without_autocast(inputs[0]):
+        loss = _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group)
+    return _output(loss, inputs[0])  # outside: under autocast the loss stays float32
+
+
+def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group):
     p = _validation.prepare_fused_linear_ckd(fn, *inputs, tau, anchor, mask, reduction)
     distributed.check_arguments(fn, global_batch, group)
     require_extension()  # the workspace budget that sizes the strips is the extension's
@@ -314,15 +321,15 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
             ("reduction", reduction)))
         loss = _global_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, reduction, global_batch, group,
                            signature, dtype)
-        return _output(loss, inputs[0]) if reduction != "none" else _output(loss, inputs[0]).reshape(p.lead_shape)
+        return loss if reduction != "none" else loss.reshape(p.lead_shape)
     terms = _local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype)
     if reduction == "none":
-        return _output(terms, inputs[0]).reshape(p.lead_shape)
+        return terms.reshape(p.lead_shape)
     loss = terms.sum()
     if reduction == "mean":
         count = terms.new_tensor(terms.shape[0]) if p.mask is None else p.mask.sum().to(dtype)
         loss = loss / count.clamp_min(1)  # a device tensor: no host synchronisation
-    return _output(loss, inputs[0])
+    return loss
 
 
 def _head_magnitude(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -333,6 +340,16 @@ def _head_magnitude(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     # amax skips NaN on some backends; a NaN anywhere must reach the loss
     nan = torch.isnan(weight.detach()).any() | (torch.isnan(bias.detach()).any() if bias is not None else False)
     return torch.where(nan, torch.full_like(magnitude, float("nan")), magnitude)
+
+
+@contextlib.contextmanager
+def _without_autocast(first):
+    """The losses' own products run in the dtypes chosen here (the inputs were already cast), not autocast's."""
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        yield
+        return
+    with torch.autocast(first.device.type, enabled=False):
+        yield
 
 
 def _autocast_inputs(*tensors):
@@ -361,7 +378,8 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Ten
 def _cross_entropy(logits: Tensor, labels: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Per-row cross-entropy and its logit gradient, 0 on invalid rows (whose logits may be garbage)."""
     lse = torch.logsumexp(logits, dim=1, keepdim=True)
-    target = labels.clamp_min(0).unsqueeze(1)  # ignored rows' labels (ignore_index < 0) are not valid indices
+    # invalid rows' labels (ignore_index, anything under a False mask) need not be classes
+    target = labels.unsqueeze(1) if valid is None else torch.where(valid, labels, 0).unsqueeze(1)
     terms = (lse - logits.gather(1, target)).squeeze(1)
     grad = torch.exp(logits - lse).scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
     if valid is not None:
@@ -472,6 +490,16 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     logits, labels)``, without the N x V logits. A token takes part (in both terms) when its mask is True and its label
     (if labels are given) is not ``ignore_index``; "mean" divides the sum over those tokens by their number."""
     fn = "fused_linear_kd_loss"
+    student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias = _autocast_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+    with _without_autocast(student_hidden):
+        loss = _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                teacher_bias, temperature, mask, labels, ce_weight, ignore_index, reduction)
+    return _output(loss, student_hidden)  # outside: under autocast the loss stays float32
+
+
+def _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                     temperature, mask, labels, ce_weight, ignore_index, reduction):
     p = _validation.prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
                                             student_bias, teacher_bias, temperature, mask, labels, ce_weight,
                                             ignore_index, reduction)
@@ -481,5 +509,4 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
     loss = _FusedLinearKD.apply(*student, p.teacher_hidden, p.teacher_weight, p.teacher_bias, valid, p.labels,
                                 float(temperature), float(ce_weight), reduction, compute_grad)
-    loss = _output(loss, student_hidden)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
