@@ -56,7 +56,7 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     if global_batch is not False:
         return _output(distributed.ckd_loss(ckd_loss, p, tau=tau, anchor=anchor, reduction=reduction,
                                             global_batch=global_batch, group=group), student)
-    loss, _ = _forward(CKDFunction, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
+    loss, _ = _forward(_CKD_LOSS, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
                        _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
@@ -67,7 +67,7 @@ def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean", g
     are checked and otherwise ignored: KD is row-separable, each rank's rows need nothing from the others."""
     p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
     distributed.check_arguments("kd_loss", global_batch, group)
-    loss, _ = _forward(KDFunction, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
+    loss, _ = _forward(_KD_LOSS, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
                        _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
@@ -88,7 +88,7 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
                                      global_batch=global_batch, group=group)
         return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
     loss, class_terms, _ = _forward(
-        BicKDFunction, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
+        _BICKD_LOSS, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
         float(w_class), bool(symmetric), reduction, _grad_needed(p.student),
     )
     loss = _output(loss, student)
@@ -156,17 +156,20 @@ def _is_eager(t: torch.Tensor) -> bool:
 def _scaled_precomputed(ctx, grad_loss):
     """The gradient kept from forward times grad_loss, or None where backward has to recompute it.
 
-    None too for an upstream gradient of None (the loss unused: it contributes nothing). The first backward
-    scales it in place: the op made it and nothing else holds it, so memory holds one gradient
-    where `grad * grad_loss` held two. It is then scaled and no longer the gradient for an upstream 1, so a
-    second backward (retain_graph=True) recomputes. The scaling goes through `.data`, which shares the storage but
-    not the version counter: the saved tensor still unpacks on that second backward. When traced (torch.compile,
-    opcheck's AOT checks) the product stays out of place: the compiler owns buffer reuse, functionalisation
-    rejects the mutation of a saved tensor, and a traced graph must not depend on how many backwards ran."""
+    None too for an upstream gradient of None (the loss unused: it contributes nothing). Where the gradient output
+    went nowhere (the public losses drop it: `ctx.gradient_private`), the first backward scales it in place: the op
+    made it and nothing else holds it, so memory holds one gradient where `grad * grad_loss` held two. It is then
+    scaled and no longer the gradient for an upstream 1, so a second backward (retain_graph=True) recomputes. The
+    scaling goes through `.data`, which shares the storage but not the version counter: the saved tensor still
+    unpacks on that second backward. Where the caller holds the gradient output (ckd_ext.autograd's Functions, the
+    ops' registered autograd), the product is a new tensor: a tensor handed out must never change afterwards. When
+    traced (torch.compile, opcheck's AOT checks) it stays out of place too: the compiler owns buffer reuse,
+    functionalisation rejects the mutation of a saved tensor, and a traced graph must not depend on how many
+    backwards ran."""
     if not ctx.precomputed or grad_loss is None:
         return None
     grad = ctx.saved_tensors[3]
-    if not _is_eager(grad):
+    if not (_is_eager(grad) and getattr(ctx, "gradient_private", False)):
         return grad * grad_loss
     ctx.precomputed = False
     return grad.data.mul_(grad_loss)
@@ -247,11 +250,12 @@ AUTOGRAD = {
 }
 
 
-def _function(name: str, op: str, doc: str) -> type:
+def _function(name: str, op: str, doc: str, gradient_private: bool = False) -> type:
     """An autograd.Function over `op` with the op's own setup and backward (ckd_ext.autograd). Its forward calls the
     op below the Autograd dispatch key, where the op's registered autograd (a second autograd.Function in Python,
     torch._library.autograd) would otherwise run again; it takes ctx itself (no setup_context), which spares
-    apply() binding the arguments to a signature on every call."""
+    apply() binding the arguments to a signature on every call. `gradient_private`: the caller drops the gradient
+    output, so backward may scale it in place (`_scaled_precomputed`)."""
     setup_context, backward = AUTOGRAD[op]
 
     def forward(ctx, *args):
@@ -261,6 +265,7 @@ def _function(name: str, op: str, doc: str) -> type:
             with torch._C._AutoDispatchBelowAutograd():
                 output = getattr(torch.ops.ckd_ext, op)(*args)
         ctx.mark_non_differentiable(output[-1])
+        ctx.gradient_private = gradient_private
         setup_context(ctx, args, output)
         return output
 
@@ -281,6 +286,10 @@ BicKDFunction = _function(
     "BicKDFunction", "bickd_forward",
     "apply(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction, compute_grad) -> "
     "(loss, class_terms, grad): torch.ops.ckd_ext.bickd_forward with its autograd.")
+# What the public losses call: the same Functions, for callers that drop the gradient output.
+_CKD_LOSS = _function("CKDFunction", "ckd_forward", CKDFunction.__doc__, gradient_private=True)
+_KD_LOSS = _function("KDFunction", "kd_forward", KDFunction.__doc__, gradient_private=True)
+_BICKD_LOSS = _function("BicKDFunction", "bickd_forward", BicKDFunction.__doc__, gradient_private=True)
 
 
 def _register():
