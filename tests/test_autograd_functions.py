@@ -89,7 +89,7 @@ def test_gradient_output_never_changes_after_backward(name):
     gradient is the right one (3x, then 3x again accumulated)."""
     from ckd_ext.autograd import BicKDFunction, CKDFunction, KDFunction
     student, teacher = pair(12, 16, seed=4, dtype=torch.float32)
-    s = student.clone().requires_grad_()
+    s = student.detach().clone().requires_grad_()
     if name == "ckd":
         loss, grad = CKDFunction.apply(s, teacher, None, 0.5, "student", "mean", True)
     elif name == "kd":
@@ -109,9 +109,9 @@ def test_public_loss_gradients_are_right_on_every_backward():
     """Invariant: through the public loss (which scales its private gradient in place), a first backward with an
     upstream 3 and a retained second one each add 3x the unit gradient."""
     student, teacher = pair(12, 16, seed=5, dtype=torch.float32)
-    unit = student.clone().requires_grad_()
+    unit = student.detach().clone().requires_grad_()
     ckd_ext.ckd_loss(unit, teacher).backward()
-    s = student.clone().requires_grad_()
+    s = student.detach().clone().requires_grad_()
     loss = ckd_ext.ckd_loss(s, teacher)
     (3 * loss).backward(retain_graph=True)
     first = s.grad.clone()
