@@ -213,8 +213,10 @@ def _decode(code: int, like):
     """The value `code` encodes, read as the type of this rank's own value `like`."""
     if isinstance(like, torch.dtype):
         return _DTYPES[code] if 0 <= code < len(_DTYPES) else f"dtype #{code}"
-    if isinstance(like, str):
-        return _STRINGS[code] if 0 <= code < len(_STRINGS) else like if code == _encode(like) else "another string"
+    if isinstance(like, str):  # global_batch travels as "True" / "ring"
+        if 0 <= code < len(_STRINGS):
+            return True if _STRINGS[code] == "True" else _STRINGS[code]
+        return like if code == _encode(like) else "another string"
     if isinstance(like, float):
         return struct.unpack("<d", struct.pack("<q", code))[0]
     if isinstance(like, bool):

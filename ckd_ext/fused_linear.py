@@ -333,13 +333,9 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
 
 
 def _head_magnitude(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The largest |entry| of [W | b] (NaN if any is NaN), as the base of the head's power-of-two scale."""
-    magnitude = weight.detach().abs().amax() if weight.numel() else weight.new_zeros(())
-    if bias is not None:
-        magnitude = torch.maximum(magnitude, bias.detach().abs().amax())
-    # amax skips NaN on some backends; a NaN anywhere must reach the loss
-    nan = torch.isnan(weight.detach()).any() | (torch.isnan(bias.detach()).any() if bias is not None else False)
-    return torch.where(nan, torch.full_like(magnitude, float("nan")), magnitude)
+    """The largest |entry| of [W | b] (NaN if any is NaN: amax propagates it), the base of the head's scale."""
+    magnitude = weight.detach().abs().amax()
+    return magnitude if bias is None else torch.maximum(magnitude, bias.detach().abs().amax())
 
 
 @contextlib.contextmanager
