@@ -287,8 +287,8 @@ def mismatched_rank(world, rank, case):
 
 def fused_linear_module_case(world, rank, mode):
     """FusedLinearCKDLoss against fused_linear_ckd_loss with a global batch over a group of one rank (each rank its
-    own), non-default tau, anchor and reduction, masked: bit for bit equal; and different from the same call over the
-    default group (so a module that dropped `group`, `global_batch` or `mask` would not be equal)."""
+    own) and over the default group, non-default tau, anchor and reduction, masked: bit for bit equal; and the calls
+    that a module dropping `group`, `mask` or `global_batch` would make give other numbers."""
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group, in the same order
     generator = torch.Generator().manual_seed(11 + rank)
     hs, ws = torch.randn(9, 4, generator=generator), torch.randn(20, 4, generator=torch.Generator().manual_seed(3))
@@ -301,8 +301,11 @@ def fused_linear_module_case(world, rank, mode):
     whole_world = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, mask=mask, global_batch=mode, **kwargs)
     unmasked = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, global_batch=mode, group=groups[rank], **kwargs)
     local = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, mask=mask, **kwargs)
+    module_world = ckd_ext.FusedLinearCKDLoss(global_batch=mode, **kwargs)(hs, ws, ht, wt, mask=mask)
     result = torch.tensor([float(torch.equal(got, want)), float(not torch.equal(want, whole_world)),
-                           float(not torch.equal(want, unmasked)), float(torch.allclose(want, local, rtol=1e-5))])
+                           float(not torch.equal(want, unmasked)), float(torch.allclose(want, local, rtol=1e-5)),
+                           float(torch.equal(module_world, whole_world)),
+                           float(not torch.allclose(whole_world, local, rtol=1e-3))])
     dist.all_reduce(result, op=dist.ReduceOp.MIN)
     return result.tolist()
 
@@ -458,10 +461,10 @@ def test_a_mismatched_rank_raises_the_same_error_on_every_rank(group_results, ca
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_linear_module_matches_its_function_with_a_group(group_results, mode):
     """Invariant: FusedLinearCKDLoss passes global_batch, group and mask through: bit for bit its function's number
-    over a one-rank group each, which differs from the default group's and from the unmasked one (and, over one rank,
-    equals the local loss)."""
+    over a one-rank group each (which differs from the default group's and from the unmasked one, and equals the local
+    loss) and over the default group (which differs from the local loss)."""
     world, results = group_results
-    assert results[f"fused-linear-module-{mode}"] == [1.0, 1.0, 1.0, 1.0]
+    assert results[f"fused-linear-module-{mode}"] == [1.0] * 6
 
 
 @pytest.mark.parametrize("loss", ("ckd_student", "ckd_teacher", "bickd_symmetric"))
