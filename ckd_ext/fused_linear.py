@@ -163,11 +163,6 @@ def _clamped_norm(squared: Tensor, eps: Tensor) -> Tensor:
     return torch.where(torch.isnan(squared), squared, norm)
 
 
-@torch.compiler.assume_constant_result
-def _strip_budget(device: str) -> int:
-    return _workspace_bytes(device)
-
-
 def _strip_logits(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, start: int,
                   stop: int) -> Tensor:
     """<a_i, b_j> / tau for the anchors start..stop; -inf where j == i or j is not valid."""
@@ -185,7 +180,7 @@ class _StripLSE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, anchors, candidates, valid, tau):
         rows = anchors.shape[0]
-        step = max(1, _strip_budget(str(anchors.device)) // max(1, 4 * rows * anchors.element_size()))
+        step = max(1, _workspace_bytes(str(anchors.device)) // max(1, 4 * rows * anchors.element_size()))
         lse = anchors.new_empty(rows)
         for start in range(0, rows, step):
             stop = min(start + step, rows)
