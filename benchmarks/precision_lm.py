@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Precision of the fused-linear losses against the float64 oracle on materialised logits, next to the logit route
 (materialise the logits in the input dtype with F.linear, then ckd_ext.ckd_loss / kd_loss), for random heads and for
-student heads with nearly collinear columns (condition number `cond`, the Gram's cond^2).
+student heads with nearly collinear columns (condition number `cond`).
 
     python benchmarks/precision_lm.py            # prints a markdown table (the one in docs/math.md, section 8.3)
 
@@ -72,7 +72,7 @@ def main() -> int:
         for dtype in (torch.float32, torch.bfloat16):
             for cond in (1, 1e2, 1e4, 1e6):
                 if name == "kd" and cond > 1e2:
-                    continue  # row-separable: no Gram, the chunks compute the logits as the materialised route does
+                    continue  # row-separable: no bilinear forms, the chunks compute the logits as the materialised route does
                 fused, materialised = errors(fused_fn, materialised_fn, dtype, cond)
                 cells = [f"{f:.1e} / {m:.1e}" for f, m in zip(fused, materialised)]
                 print(f"| {name} | {str(dtype).split('.')[1]} | {cond:g} | " + " | ".join(cells) + " |")

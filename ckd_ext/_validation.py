@@ -215,6 +215,9 @@ def _check_head(fn: str, side: str, hidden: Tensor, weight, bias, vocab: Optiona
     _check_floating_tensor(fn, f"{side}_weight", weight)
     if hidden.dim() < 1:
         raise ValueError(f"{fn}: {side}_hidden must have at least 1 dimension (..., H), got a 0-dimensional tensor")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"{fn}: {side}_hidden must have a hidden size H > 0 (its last dimension), "
+                         f"got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{fn}: {side}_weight must have shape (V, H) with H = {hidden.shape[-1]}, the last "
                          f"dimension of {side}_hidden, got {tuple(weight.shape)}")
@@ -301,5 +304,25 @@ def prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, 
     if ce_weight != 0 and labels is None:
         raise ValueError(f"{fn}: ce_weight = {ce_weight!r} needs labels (the cross-entropy targets); pass labels "
                          f"or ce_weight=0")
-    return _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                 student_bias, teacher_bias, mask, labels)
+    p = _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                              student_bias, teacher_bias, mask, labels)
+    if p.labels is not None:
+        _check_label_values(fn, p.labels, p.mask, ignore_index, p.student_weight.shape[0])
+    return p
+
+
+def _check_label_values(fn: str, labels: Tensor, mask: Optional[Tensor], ignore_index: int, vocab: int) -> None:
+    """Every label of a token that takes part (mask True) is a class in [0, V) or ignore_index; masked and ignored
+    tokens' labels are never read. One reduction and one host read (a synchronisation on CUDA, which the
+    alternative, a device-side assert inside the chunk loop, would turn into a dead CUDA context)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if mask is not None:
+        bad &= mask
+    if torch.compiler.is_compiling():  # a traced graph cannot branch on data: the same check, as a device assert
+        torch._assert_async(~bad.any(), f"{fn}: labels must be class indices in [0, V) or ignore_index")
+        return
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{fn}: labels must be class indices in [0, V) = [0, {vocab}) or ignore_index "
+                         f"({ignore_index}) on every token that takes part (mask True), got {int(labels[position])} "
+                         f"at token {position} (of the flattened leading dimensions)")

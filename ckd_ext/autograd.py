@@ -17,11 +17,12 @@ from .custom_ops import FORWARD_OPS
 __all__ = ["CKDFunction", "KDFunction", "BicKDFunction"]
 
 
-def _function(name: str, op: str, doc: str) -> type:
+def _function(name: str, op: str, doc: str, gradient_private: bool = False) -> type:
     """An autograd.Function over `op` with the op's own setup and backward (ckd_ext.autograd). Its forward calls the
     op below the Autograd dispatch key, where the op's registered autograd (a second autograd.Function in Python,
     torch._library.autograd) would otherwise run again; it takes ctx itself (no setup_context), which spares
-    apply() binding the arguments to a signature on every call."""
+    apply() binding the arguments to a signature on every call. `gradient_private`: the caller drops the gradient
+    output, so backward may scale it in place (custom_ops._scaled_precomputed)."""
     spec = FORWARD_OPS[op]
 
     def forward(ctx, *args):
@@ -31,6 +32,7 @@ def _function(name: str, op: str, doc: str) -> type:
             with torch._C._AutoDispatchBelowAutograd():
                 output = getattr(torch.ops.ckd_ext, op)(*args)
         ctx.mark_non_differentiable(output[-1])
+        ctx.gradient_private = gradient_private
         spec.setup_context(ctx, args, output)
         return output
 
@@ -51,3 +53,7 @@ BicKDFunction = _function(
     "BicKDFunction", "bickd_forward",
     "apply(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction, compute_grad) -> "
     "(loss, class_terms, grad): torch.ops.ckd_ext.bickd_forward with its autograd.")
+# What the public losses call: the same Functions, for callers that drop the gradient output.
+_CKD_LOSS = _function("CKDFunction", "ckd_forward", CKDFunction.__doc__, gradient_private=True)
+_KD_LOSS = _function("KDFunction", "kd_forward", KDFunction.__doc__, gradient_private=True)
+_BICKD_LOSS = _function("BicKDFunction", "bickd_forward", BicKDFunction.__doc__, gradient_private=True)

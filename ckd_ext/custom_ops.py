@@ -56,17 +56,20 @@ def _is_eager(t: torch.Tensor) -> bool:
 def _scaled_precomputed(ctx, grad_loss):
     """The gradient kept from forward times grad_loss, or None where backward has to recompute it.
 
-    None too for an upstream gradient of None (the loss unused: it contributes nothing). The first backward
-    scales it in place: the op made it and nothing else holds it, so memory holds one gradient
-    where `grad * grad_loss` held two. It is then scaled and no longer the gradient for an upstream 1, so a
-    second backward (retain_graph=True) recomputes. The scaling goes through `.data`, which shares the storage but
-    not the version counter: the saved tensor still unpacks on that second backward. When traced (torch.compile,
-    opcheck's AOT checks) the product stays out of place: the compiler owns buffer reuse, functionalisation
-    rejects the mutation of a saved tensor, and a traced graph must not depend on how many backwards ran."""
+    None too for an upstream gradient of None (the loss unused: it contributes nothing). Where the gradient output
+    went nowhere (the public losses drop it: `ctx.gradient_private`), the first backward scales it in place: the op
+    made it and nothing else holds it, so memory holds one gradient where `grad * grad_loss` held two. It is then
+    scaled and no longer the gradient for an upstream 1, so a second backward (retain_graph=True) recomputes. The
+    scaling goes through `.data`, which shares the storage but not the version counter: the saved tensor still
+    unpacks on that second backward. Where the caller holds the gradient output (ckd_ext.autograd's Functions, the
+    ops' registered autograd), the product is a new tensor: a tensor handed out must never change afterwards. When
+    traced (torch.compile, opcheck's AOT checks) it stays out of place too: the compiler owns buffer reuse,
+    functionalisation rejects the mutation of a saved tensor, and a traced graph must not depend on how many
+    backwards ran."""
     if not ctx.precomputed or grad_loss is None:
         return None
     grad = ctx.saved_tensors[3]
-    if not _is_eager(grad):
+    if not (_is_eager(grad) and getattr(ctx, "gradient_private", False)):
         return grad * grad_loss
     ctx.precomputed = False
     return grad.data.mul_(grad_loss)

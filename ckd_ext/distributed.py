@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import struct
+import zlib
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -181,10 +184,78 @@ class Layout:
         return torch.cat([index < count for count in self.counts])
 
 
-def gather_layout(rows: int, device, group) -> Layout:
-    """The layout of every rank's `rows` valid rows (one all-gather of an int64 per rank)."""
-    counts = _all_gather(torch.tensor([rows], dtype=torch.int64, device=device), group)
-    return Layout(tuple(int(c) for c in counts.tolist()), dist.get_rank(group))
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """What every rank's call must agree on: the loss (`fn`) and (argument, value) pairs, values being bools, ints,
+    floats, strings or dtypes. A rank that disagrees would send rows of another width or dtype (gloo aborts the
+    process), take another communication path (the other ranks wait until the process group's timeout) or silently
+    compute another loss."""
+    fn: str
+    fields: tuple
+
+
+SIGNATURE_SLOTS = 14  # int64 slots of one rank's signature: the row count, the loss and up to 12 arguments
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STRINGS = ("True", "ring", "student", "teacher", "mean", "sum", "none")
+
+
+def _encode(value) -> int:
+    if isinstance(value, torch.dtype):
+        return _DTYPES.index(value)
+    if isinstance(value, str):
+        return _STRINGS.index(value) if value in _STRINGS else zlib.crc32(value.encode())
+    if isinstance(value, float):
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    return int(value)
+
+
+def _decode(code: int, like):
+    """The value `code` encodes, read as the type of this rank's own value `like`."""
+    if isinstance(like, torch.dtype):
+        return _DTYPES[code] if 0 <= code < len(_DTYPES) else f"dtype #{code}"
+    if isinstance(like, str):  # global_batch travels as "True" / "ring"
+        if 0 <= code < len(_STRINGS):
+            return True if _STRINGS[code] == "True" else _STRINGS[code]
+        return like if code == _encode(like) else "another string"
+    if isinstance(like, float):
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    if isinstance(like, bool):
+        return bool(code)
+    return code
+
+
+def _ranks_text(ranks) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+
+
+def _check_signatures(signature: Signature, table: list) -> None:
+    """Raises the same ValueError on every rank (each holds every rank's signature) at the first slot that differs."""
+    names = [("the loss called", signature.fn)] + list(signature.fields)
+    for slot, (name, value) in enumerate(names, start=1):
+        codes = [row[slot] for row in table]
+        if len(set(codes)) == 1:
+            continue
+        by_value = {}
+        for rank, code in enumerate(codes):
+            by_value.setdefault(code, []).append(rank)
+        got = "; ".join(f"{_decode(code, value)!r} on {_ranks_text(ranks)}" for code, ranks in by_value.items())
+        raise ValueError(f"{signature.fn}: {name} must be the same on every rank of the process group (the global "
+                         f"batch is one loss over all ranks), got {got}")
+
+
+def gather_layout(rows: int, device, group, signature: Optional[Signature] = None) -> Layout:
+    """The layout of every rank's `rows` valid rows: one all-gather of SIGNATURE_SLOTS int64 per rank, the row count
+    and the call's signature, which every rank checks against every other's before any rows are sent."""
+    slots = [rows]
+    if signature is not None:
+        if len(signature.fields) + 2 > SIGNATURE_SLOTS:
+            raise AssertionError("a signature longer than SIGNATURE_SLOTS")
+        slots += [_encode(signature.fn)] + [_encode(value) for _, value in signature.fields]
+    slots += [0] * (SIGNATURE_SLOTS - len(slots))
+    table = _all_gather(torch.tensor([slots], dtype=torch.int64, device=device), group).tolist()
+    if signature is not None:
+        _check_signatures(signature, table)
+    return Layout(tuple(int(row[0]) for row in table), dist.get_rank(group))
 
 
 def _pad_rows(rows: Tensor, block: int) -> Tensor:
@@ -354,7 +425,7 @@ def _valid(prepared):
     return prepared.student[prepared.mask], prepared.teacher[prepared.mask]
 
 
-def _row_share(terms: Tensor, layout: Layout, reduction: str) -> Tensor:
+def row_share(terms: Tensor, layout: Layout, reduction: str) -> Tensor:
     """world * this rank's anchors' share of the global sum or mean of the row terms (the scaling convention)."""
     accumulate = accumulation_dtype(terms.dtype)
     total = terms.to(accumulate).sum() * layout.world
@@ -387,7 +458,11 @@ def run(local_loss, prepared, *, reduction, global_batch, group, **hyper):
 def _global_ckd(local_loss, prepared, *, tau, anchor, reduction, global_batch, group):
     """Global-batch CKD: per-row terms (...) of this rank's rows for "none", else the scalar loss."""
     student, teacher = _valid(prepared)
-    layout = gather_layout(student.shape[0], student.device, group)
+    signature = Signature("ckd_loss", (
+        ("global_batch", str(global_batch)), ("student's dtype", prepared.student.dtype),
+        ("teacher's dtype", prepared.teacher.dtype), ("the number of classes C", prepared.student.shape[1]),
+        ("anchor", anchor), ("tau", float(tau)), ("reduction", reduction)))
+    layout = gather_layout(student.shape[0], student.device, group, signature)
     if global_batch is True:
         everyone = GatherRows.apply(student, layout, group)
         terms = local_loss(everyone, gather_rows(teacher, layout, group), tau=tau, anchor=anchor,
@@ -404,7 +479,7 @@ def _global_ckd(local_loss, prepared, *, tau, anchor, reduction, global_batch, g
             terms = _softplus_contrast(lse, positives)
     if reduction == "none":
         return scatter_rows(terms, prepared)
-    return _row_share(terms, layout, reduction)
+    return row_share(terms, layout, reduction)
 
 
 def _global_bickd(local_loss, prepared, *, temperature, tau, w_sample, w_class, symmetric, reduction, global_batch,
@@ -412,7 +487,12 @@ def _global_bickd(local_loss, prepared, *, temperature, tau, w_sample, w_class, 
     """Global-batch BicKD: (per-row sample terms (...) of this rank's rows, the global class terms (C,)) for "none",
     else the scalar loss."""
     student, teacher = _valid(prepared)
-    layout = gather_layout(student.shape[0], student.device, group)
+    signature = Signature("bickd_loss", (
+        ("global_batch", str(global_batch)), ("student's dtype", prepared.student.dtype),
+        ("teacher's dtype", prepared.teacher.dtype), ("the number of classes C", prepared.student.shape[1]),
+        ("temperature", float(temperature)), ("tau", float(tau)), ("w_sample", float(w_sample)),
+        ("w_class", float(w_class)), ("symmetric", bool(symmetric)), ("reduction", reduction)))
+    layout = gather_layout(student.shape[0], student.device, group, signature)
     if global_batch is True:
         everyone = GatherRows.apply(student, layout, group)
         sample_terms, class_terms = local_loss(
@@ -430,7 +510,7 @@ def _global_bickd(local_loss, prepared, *, temperature, tau, w_sample, w_class, 
     class_side = class_terms.to(accumulate).sum()
     if reduction == "mean":
         class_side = class_side / class_terms.shape[0]
-    return (_row_share(sample_terms, layout, reduction).to(accumulate) + class_side).to(class_terms.dtype)
+    return (row_share(sample_terms, layout, reduction).to(accumulate) + class_side).to(class_terms.dtype)
 
 
 def _diagonal_ring_terms(student_side: Tensor, teacher_side: Tensor, tau: float, layout: Layout, group,

@@ -1,10 +1,10 @@
 """Fused-linear CKD and KD: the losses of ``ckd_ext.ckd_loss`` / ``kd_loss`` on the logits ``hidden @ weight.T + bias``
 of two language-model heads, without ever holding the N x V logits (nor an N x N matrix).
 
-    fused_linear_ckd_loss   exact through the heads' Gram matrix: CKD depends on the logits only through inner
-                            products and norms of their rows, and every logit row lies in the span of the heads'
-                            columns, so the rows are expressed in an orthonormal basis of that span (N x K rows,
-                            K = H_s + H_t + biases) and handed to the fused ``ckd_loss`` (docs/math.md, section 8).
+    fused_linear_ckd_loss   exact through the heads' bilinear forms: CKD depends on the logits only through inner
+                            products and norms of their rows, <s_i, s_j> = [h_i, 1]^T (B_s^T B_s) [h_j, 1] and
+                            likewise with B_t^T B_s and B_t^T B_t (K x K Gram matrices, K = H + bias), so the
+                            similarities are GEMMs of N x K rows, walked in bounded anchor strips (docs/math.md 8).
     fused_linear_kd_loss    row-separable: the tokens are walked in chunks, both models' logits of one chunk are
                             computed into a bounded buffer, the fused KD op (and cross-entropy) gives the chunk's
                             logit gradient, which is folded into the hidden / weight / bias gradients at once.
@@ -15,32 +15,30 @@ and call ``ckd_loss`` / ``kd_loss``.
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+import contextlib
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation, distributed
 from ._extension import require_extension
-from .rows import accumulation_dtype
-from .settings import workspace_bytes
 from .custom_ops import _once_differentiable
-from .losses import _output, ckd_loss
+from .losses import _output
+from .rows import EPS, accumulation_dtype
+from .settings import workspace_bytes
 
 __all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-# The Gram matrix squares the heads' condition number, so it and everything derived from it (its factor, the
-# projections' coefficients, the head-gradient product) run in float64; they are K x K or V x K, small next to
-# the N x N x K work of the loss, which runs in float32 (float64 for float64 inputs) inside ckd_loss.
-GRAM_DTYPE = torch.float64
-# Regularisation of the Gram matrix before its Cholesky factorisation, relative to its largest diagonal entry. It
-# makes rank-deficient heads (H_s + H_t > V, or a student head shared with the teacher) factorise, and it changes an
-# inner product of logits by at most REGULARISATION * max|column|^2 * |h|^2 (docs/math.md 8.3): directions of the
-# heads whose squared singular value is below 1e-12 of the largest are left out (a float32 logit carries a rounding
-# error of 6e-8 of |h| |w| already). Where the float64 rounding of G exceeds it (Cholesky fails), an
-# eigendecomposition with the same threshold takes over.
-REGULARISATION = 1e-12
+# The bilinear forms of fused-linear CKD (the heads' K x K Gram matrices, the N x K products with them, the row norms
+# and positives) run in float64 for every input dtype: a form [h_i, 1]^T G [h_j, 1] sums terms as large as
+# |h_i| |G| |h_j|, and for nearly collinear head columns they cancel to a far smaller inner product, so its rounding
+# is the product of both rows' cancellation ratios where materialised logits suffer their sum (measured: float32
+# forms gave 10x the float32 logits' gradient error at a head condition number of 1e5, float64 forms the same). They
+# are O(V K^2 + N K^2) next to the N^2 K similarity strips, which run in the accumulation dtype.
+FORMS_DTYPE = torch.float64
 
 
 @torch.compiler.assume_constant_result
@@ -55,120 +53,224 @@ def _chunk_rows(row_bytes: int, device: torch.device) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# CKD through the heads' Gram matrix
+# CKD through the heads' bilinear forms
 # --------------------------------------------------------------------------------------------------
 
-def _head_columns(student_weight, student_bias, teacher_weight, teacher_bias) -> List[Tensor]:
-    """The columns of B = [W_s | b_s | W_t | b_t] (V x K) as 2-D blocks: a bias is one more hidden column, whose
+def _head_columns(weight: Tensor, bias: Optional[Tensor]) -> List[Tensor]:
+    """The columns of one head B = [W | b] (V x (H + 1)) as 2-D blocks: a bias is one more hidden column, whose
     hidden value is 1."""
-    blocks = [student_weight]
-    if student_bias is not None:
-        blocks.append(student_bias.unsqueeze(1))
-    blocks.append(teacher_weight)
-    if teacher_bias is not None:
-        blocks.append(teacher_bias.unsqueeze(1))
-    return blocks
+    return [weight] if bias is None else [weight, bias.unsqueeze(1)]
 
 
-def _vocabulary_chunks(blocks: List[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
-    """(rows, B[rows] in GRAM_DTYPE) over the vocabulary, one reused buffer of a quarter of the workspace budget."""
+def _downscale(magnitude: Tensor) -> Tensor:
+    """A power of two that brings `magnitude` (>= 0) below 1 where it is 1 or more, else 1; NaN where it is not
+    finite. Exact, so scaling a row or a head by it changes no bit beyond the exponent (CKD is invariant to a positive
+    scale of a logit row, and of all rows of one model at once)."""
+    _, exponent = torch.frexp(magnitude)
+    scale = torch.ldexp(torch.ones_like(magnitude), -exponent.clamp_min(0))
+    return torch.where(torch.isfinite(magnitude), scale, torch.full_like(magnitude, float("nan")))
+
+
+def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Tensor,
+                       dtype: torch.dtype) -> Iterator[Tuple[slice, Tensor]]:
+    """(rows, [c_s B_s | c_t B_t][rows] in `dtype`) over the vocabulary, one reused buffer of a quarter of the
+    workspace budget."""
+    blocks = student + teacher
     vocab, width = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
-    step = min(vocab, _chunk_rows(4 * width * torch.finfo(GRAM_DTYPE).bits // 8, blocks[0].device))
-    buffer = torch.empty(step, width, dtype=GRAM_DTYPE, device=blocks[0].device)
+    split = sum(b.shape[1] for b in student)
+    step = min(vocab, _chunk_rows(4 * width * torch.finfo(dtype).bits // 8, blocks[0].device))
+    buffer = torch.empty(step, width, dtype=dtype, device=blocks[0].device)
     for start in range(0, vocab, step):
         rows = slice(start, min(start + step, vocab))
         chunk, column = buffer[:rows.stop - start], 0
         for b in blocks:
             chunk[:, column:column + b.shape[1]].copy_(b[rows])
             column += b.shape[1]
+        chunk[:, :split].mul_(scales[0])
+        chunk[:, split:].mul_(scales[1])
         yield rows, chunk
 
 
-def _orthonormal_coordinates(blocks: List[Tensor], split: int) -> Tuple[Tensor, Tensor]:
-    """(M, X): X (K x K) such that Q = B X has orthonormal columns spanning span(B), and M = B^T Q = G X, the
-    coordinates of B's columns in that basis (G = B^T B). X = L^-T for the Cholesky factor L of G + delta I, so that
-    M = (L L^T - delta I) L^-T = L - delta X; where that factorisation fails, an eigendecomposition with a threshold."""
-    width = sum(b.shape[1] for b in blocks)
-    gram = torch.zeros(width, width, dtype=GRAM_DTYPE, device=blocks[0].device)
-    for _, chunk in _vocabulary_chunks(blocks):
-        # G is symmetric: the rows above `split` (the student's: [B_s^T B_s | B_s^T B_t]) and the diagonal block below
-        # it (B_t^T B_t) only, a fifth fewer multiply-adds at H_t = 2 H_s; the rest is mirrored below
-        gram[:split].addmm_(chunk[:, :split].T, chunk)
-        gram[split:, split:].addmm_(chunk[:, split:].T, chunk[:, split:])
-    gram[split:, :split] = gram[:split, split:].T
-    delta = REGULARISATION * gram.diagonal().amax().clamp_min(torch.finfo(GRAM_DTYPE).tiny)
-    factor, info = torch.linalg.cholesky_ex(gram + delta * torch.eye(width, dtype=GRAM_DTYPE, device=gram.device))
-    if torch.compiler.is_compiling() or not bool(info.any()):
-        del gram
-        basis = torch.linalg.inv_ex(factor)[0].T  # L^-T (L is triangular: no pivoting needed)
-        return factor.addcmul_(basis, delta, value=-1.0), basis
-    # Only where delta is below the rounding of G (a head far larger than any LM head): the null space by threshold.
-    values, vectors = torch.linalg.eigh(gram)
-    basis = vectors * torch.where(values > delta, values.clamp_min(delta).rsqrt(), torch.zeros_like(values))
-    return gram @ basis, basis
-
-
-def _project(hidden: Tensor, coefficients: Tensor, with_bias: bool, dtype: torch.dtype) -> Tensor:
-    """[hidden, 1] @ coefficients (rows H (+1 for the bias) x K), in `dtype`."""
-    c = coefficients.to(dtype)
-    h = hidden.to(dtype)
-    return torch.addmm(c[-1], h, c[:-1]) if with_bias else h @ c
-
-
-class _GramProjection(torch.autograd.Function):
-    """(S Q, T Q): both models' logit rows in an orthonormal basis Q = B X of span(B) (N x K each).
-
-    Inner products and norms of rows, all that CKD reads, are those of the logits. The gradient is exact with Q held
-    constant, because dL/dS is a combination of rows of S and T, which lie in span(Q): dL/dS = g Q^T for the
-    gradient g of the projected rows, so dL/dh_s = g (Q^T B_s) and dL/dB_s = Q g^T [h_s, 1] = B (X g^T [h_s, 1])."""
+class _HeadGrams(torch.autograd.Function):
+    """(G_ss, G_ts, G_tt) = (B_s^T B_s, B_t^T B_s, B_t^T B_t) of the scaled heads B_s = c_s [W_s | b_s],
+    B_t = c_t [W_t | b_t], accumulated in `dtype` over vocabulary chunks (K x K each, never V x K beyond a chunk).
+    Backward: dB_s = B_s (dG_ss + dG_ss^T) + B_t dG_ts, times c_s, chunk by chunk; the teacher gets nothing."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                mask):
-        blocks = _head_columns(student_weight, student_bias, teacher_weight, teacher_bias)
-        student_width = student_weight.shape[1] + (student_bias is not None)
-        coefficients, basis = _orthonormal_coordinates(blocks, student_width)  # row k: B's column k in the basis
-        student_coefficients = coefficients[:student_width]
-        dtype = accumulation_dtype(student_hidden.dtype)
-        student_rows = _project(student_hidden, student_coefficients, student_bias is not None, dtype)
-        teacher_rows = _project(teacher_hidden, coefficients[student_width:], teacher_bias is not None, dtype)
-        ctx.mark_non_differentiable(teacher_rows)
-        ctx.with_bias = student_bias is not None
-        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_weight, teacher_bias, mask,
-                              student_coefficients, basis)
-        return student_rows, teacher_rows
+    def forward(ctx, student_weight, student_bias, teacher_weight, teacher_bias, scales, dtype):
+        student = _head_columns(student_weight, student_bias)
+        teacher = _head_columns(teacher_weight, teacher_bias)
+        split = sum(b.shape[1] for b in student)
+        width = split + sum(b.shape[1] for b in teacher)
+        gram = torch.zeros(width, width, dtype=dtype, device=student_weight.device)
+        for _, chunk in _vocabulary_chunks(student, teacher, scales, dtype):
+            # The student's rows [G_ss | G_st] and the teacher's diagonal block; G_ts is G_st^T.
+            gram[:split].addmm_(chunk[:, :split].T, chunk)
+            gram[split:, split:].addmm_(chunk[:, split:].T, chunk[:, split:])
+        student_gram = gram[:split, :split].clone()
+        cross_gram = gram[:split, split:].T.contiguous()
+        teacher_gram = gram[split:, split:].clone()
+        ctx.mark_non_differentiable(teacher_gram)
+        ctx.dtype, ctx.split = dtype, split
+        ctx.save_for_backward(student_weight, student_bias, teacher_weight, teacher_bias, scales)
+        return student_gram, cross_gram, teacher_gram
 
     @staticmethod
-    def backward(ctx, grad_rows, _grad_teacher_rows):
-        (student_hidden, student_weight, student_bias, teacher_weight, teacher_bias, mask, student_coefficients,
-         basis) = ctx.saved_tensors
-        dtype = grad_rows.dtype
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = grad_weight = grad_bias = None
-        coefficients = student_coefficients.to(dtype)
-        if need_hidden:
-            weights = coefficients[:-1] if ctx.with_bias else coefficients
-            grad_hidden = (grad_rows @ weights.T).to(student_hidden.dtype)
-        if need_weight or need_bias:
-            hidden = student_hidden.to(dtype)
-            if mask is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
-                hidden = torch.where(mask.unsqueeze(1), hidden, torch.zeros((), dtype=dtype, device=hidden.device))
-            # (X g^T [h_s, 1]) in float64: X is as large as 1/sqrt(smallest eigenvalue of G); B X is not.
-            combination = basis @ (grad_rows.T @ hidden).to(GRAM_DTYPE)
-            if ctx.with_bias:
-                combination = torch.cat([combination, basis @ grad_rows.sum(0).to(GRAM_DTYPE).unsqueeze(1)], dim=1)
-            width = student_weight.shape[1]
-            grad_weight = torch.empty_like(student_weight)
-            grad_bias = torch.empty_like(student_bias) if ctx.with_bias else None
-            blocks = _head_columns(student_weight, student_bias, teacher_weight, teacher_bias)
-            for rows, chunk in _vocabulary_chunks(blocks):
-                head_grad = chunk @ combination
-                grad_weight[rows] = head_grad[:, :width]
-                if grad_bias is not None:
-                    grad_bias[rows] = head_grad[:, width]
-            grad_weight = grad_weight if need_weight else None
-            grad_bias = grad_bias if need_bias else None
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+    def backward(ctx, grad_student_gram, grad_cross_gram, _grad_teacher_gram):
+        student_weight, student_bias, teacher_weight, teacher_bias, scales = ctx.saved_tensors
+        need_weight, need_bias = ctx.needs_input_grad[:2]
+        if not (need_weight or need_bias):
+            return None, None, None, None, None, None
+        split = ctx.split
+        teacher_width = teacher_weight.shape[1] + (teacher_bias is not None)
+        if grad_student_gram is None:
+            grad_student_gram = torch.zeros(split, split, dtype=ctx.dtype, device=student_weight.device)
+        if grad_cross_gram is None:
+            grad_cross_gram = torch.zeros(teacher_width, split, dtype=ctx.dtype, device=student_weight.device)
+        combination = torch.cat([grad_student_gram + grad_student_gram.T, grad_cross_gram]) * scales[0]
+        grad_weight = torch.empty_like(student_weight)
+        grad_bias = torch.empty_like(student_bias) if student_bias is not None else None
+        width = student_weight.shape[1]
+        student = _head_columns(student_weight, student_bias)
+        teacher = _head_columns(teacher_weight, teacher_bias)
+        for rows, chunk in _vocabulary_chunks(student, teacher, scales, ctx.dtype):
+            head_grad = chunk @ combination
+            grad_weight[rows] = head_grad[:, :width]
+            if grad_bias is not None:
+                grad_bias[rows] = head_grad[:, width]
+        return (grad_weight if need_weight else None), (grad_bias if need_bias else None), None, None, None, None
+
+
+def _hidden_rows(hidden: Tensor, with_bias: bool, dtype: torch.dtype, mask: Optional[Tensor]) -> Tensor:
+    """[hidden, 1] in `dtype`, 0 on masked rows (which may hold NaN or inf: they are never read)."""
+    rows = hidden.to(dtype)
+    if with_bias:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=dtype, device=rows.device)], dim=1)
+    if mask is not None:
+        rows = torch.where(mask.unsqueeze(1), rows, torch.zeros((), dtype=dtype, device=rows.device))
+    return rows
+
+
+def _clamped_norm(squared: Tensor, eps: Tensor) -> Tensor:
+    """max(sqrt(squared), eps), with NaN kept, and neither an infinite derivative (sqrt at 0) nor a negative square
+    (the bilinear form's rounding, for a logit row near 0) reaching the result."""
+    positive = squared > 0
+    root = torch.sqrt(torch.where(positive, squared, torch.ones_like(squared)))
+    norm = torch.where(positive & (root > eps), root, eps)
+    return torch.where(torch.isnan(squared), squared, norm)
+
+
+def _strip_logits(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, start: int,
+                  stop: int) -> Tensor:
+    """<a_i, b_j> / tau for the anchors start..stop; -inf where j == i or j is not valid."""
+    logits = anchors[start:stop] @ candidates.T / tau
+    if valid is not None:
+        logits = logits.masked_fill(~valid.unsqueeze(0), float("-inf"))
+    logits.diagonal(offset=start).fill_(float("-inf"))
+    return logits
+
+
+class _StripLSE(torch.autograd.Function):
+    """lse_i = LSE over the valid rows j != i of <a_i, b_j> / tau (-inf without any), anchor strips of bounded size;
+    backward recomputes each strip from the saved lse (nothing N x N is ever held)."""
+
+    @staticmethod
+    def forward(ctx, anchors, candidates, valid, tau):
+        rows = anchors.shape[0]
+        step = max(1, _workspace_bytes(str(anchors.device)) // max(1, 4 * rows * anchors.element_size()))
+        lse = anchors.new_empty(rows)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            lse[start:stop] = torch.logsumexp(_strip_logits(anchors, candidates, valid, tau, start, stop), dim=1)
+        ctx.save_for_backward(anchors, candidates, valid, lse)
+        ctx.tau, ctx.step = tau, step
+        return lse
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, grad_lse):
+        anchors, candidates, valid, lse = ctx.saved_tensors
+        need_anchors, need_candidates = ctx.needs_input_grad[:2]
+        # Anchors without a candidate (lse = -inf) have no gradient (not 0 * NaN).
+        weight = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse) / ctx.tau
+        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+        grad_anchors = torch.zeros_like(anchors) if need_anchors else None
+        grad_candidates = torch.zeros_like(candidates) if need_candidates else None
+        rows = anchors.shape[0]
+        for start in range(0, rows, ctx.step):
+            stop = min(start + ctx.step, rows)
+            logits = _strip_logits(anchors, candidates, valid, ctx.tau, start, stop)
+            coefficients = torch.exp(logits - lse[start:stop, None]) * weight[start:stop, None]
+            if need_anchors:
+                grad_anchors[start:stop] = coefficients @ candidates
+            if need_candidates:
+                grad_candidates.addmm_(coefficients.T, anchors[start:stop])
+        return grad_anchors, grad_candidates, None, None
+
+
+class _Grams(NamedTuple):
+    student: Tensor   # G_ss (K_s x K_s)
+    cross: Tensor     # G_ts (K_t x K_s)
+    teacher: Tensor   # G_tt (K_t x K_t)
+    scales: Tensor    # (c_s, c_t)
+
+
+def _ckd_terms(student_rows: Tensor, teacher_rows: Tensor, grams: _Grams, tau: float, anchor: str, dtype, lse_of):
+    """Per-row CKD terms from the rows [h, 1] of both models (docs/math.md 8.1), in `dtype`: every inner product of
+    logits is a bilinear form of the rows (FORMS_DTYPE) in the heads' Gram matrices. `lse_of(anchors, candidates)`,
+    on rows in `dtype`, is the log-sum-exp over the negatives (single process, or the ring)."""
+    eps_floor = torch.finfo(student_rows.dtype).tiny
+    student_scale = _downscale(student_rows.detach().abs().amax(dim=1))
+    teacher_scale = _downscale(teacher_rows.detach().abs().amax(dim=1))
+    hs = student_rows * student_scale.unsqueeze(1)
+    ht = teacher_rows * teacher_scale.unsqueeze(1)
+    # The rows and heads were scaled by powers of two (no overflow of a square below the dtype's range); so is eps.
+    student_eps = (EPS * grams.scales[0] * student_scale).clamp_min(eps_floor)
+    teacher_eps = (EPS * grams.scales[1] * teacher_scale).clamp_min(eps_floor)
+    ps = hs @ grams.student                                # <s_i, s_j> = <ps_i, hs_j>
+    pt = ht @ grams.cross                                  # <t_i, s_j> = <pt_i, hs_j>
+    student_norm = _clamped_norm((ps * hs).sum(dim=1), student_eps)
+    teacher_norm = _clamped_norm(((ht @ grams.teacher) * ht).sum(dim=1), teacher_eps)
+    candidates = hs / student_norm.unsqueeze(1)
+    positives = (pt * candidates).sum(dim=1) / (teacher_norm * tau)
+    anchors = pt / teacher_norm.unsqueeze(1) if anchor == "teacher" else ps / student_norm.unsqueeze(1)
+    # LSE over all candidates minus the positive = softplus(LSE over the negatives - positive), without cancellation
+    # where the positive dominates (as the fused ops, docs/math.md 6.2); the teacher anchor's negatives are j != i.
+    lse = lse_of(anchors.to(dtype), candidates.to(dtype))
+    return F.softplus(lse.to(positives.dtype) - positives).to(dtype)
+
+
+def _local_ckd(student_rows, teacher_rows, grams, tau, anchor, valid, dtype):
+    terms = _ckd_terms(student_rows, teacher_rows, grams, tau, anchor, dtype,
+                       lambda a, b: _StripLSE.apply(a, b, valid, float(tau)))
+    return terms if valid is None else torch.where(valid, terms, torch.zeros((), dtype=terms.dtype,
+                                                                                  device=terms.device))
+
+
+def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, mask, reduction, global_batch, group, signature,
+                dtype):
+    """The global batch of all ranks' valid rows (docs/distributed.md): the (K_s + K_t)-wide rows [h, 1] are what is
+    gathered or passed (the Gram matrices come from the heads alone, which DDP keeps identical on every rank)."""
+    if mask is not None:
+        student_rows, teacher_rows = student_rows[mask], teacher_rows[mask]
+    layout = distributed.gather_layout(student_rows.shape[0], student_rows.device, group, signature)
+    if global_batch is True:
+        everyone = distributed.GatherRows.apply(student_rows, layout, group)
+        padding = layout.padding_mask(student_rows.device)
+        terms = _local_ckd(everyone, distributed.gather_rows(teacher_rows, layout, group), grams, tau, anchor,
+                           padding, dtype)
+        start = layout.rank * layout.block
+        terms = terms[start:start + student_rows.shape[0]]
+    else:
+        terms = _ckd_terms(student_rows, teacher_rows, grams, tau, anchor, dtype,
+                           lambda a, b: distributed.ring_lse(a, b, float(tau), layout, group))
+    if reduction != "none":
+        return distributed.row_share(terms, layout, reduction)
+    if mask is None:
+        return terms
+    out = terms.new_zeros(mask.shape[0])
+    out[mask] = terms
+    return out
 
 
 def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
@@ -178,20 +280,76 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
     without the logits: loss and gradients (hidden, weight, bias of the student) equal those of the logit loss.
 
     Hidden states (..., H_s) and (..., H_t) with the same leading dimensions; weights (V, H) as in ``nn.Linear``;
-    biases (V,). Work O(V K^2 + N^2 K) for K = H_s + H_t (+ 1 per bias), memory O(N K + K^2) beyond the inputs.
-    `global_batch` / `group` as for ``ckd_loss`` (docs/distributed.md): the K-wide rows in the heads' basis are what
-    is gathered or passed between ranks (the basis comes from the heads alone, which DDP keeps identical on every
-    rank), so a global batch costs N K per rank, not N V."""
-    p = _validation.prepare_fused_linear_ckd("fused_linear_ckd_loss", student_hidden, student_weight, teacher_hidden,
-                                             teacher_weight, student_bias, teacher_bias, tau, anchor, mask, reduction)
-    distributed.check_arguments("fused_linear_ckd_loss", global_batch, group)
-    require_extension()  # before the Gram work, not at the ckd_loss call after it
-    student_rows, teacher_rows = _GramProjection.apply(p.student_hidden, p.student_weight, p.student_bias,
-                                                       p.teacher_hidden, p.teacher_weight, p.teacher_bias, p.mask)
-    loss = ckd_loss(student_rows, teacher_rows, tau=tau, anchor=anchor, mask=p.mask, reduction=reduction,
-                    global_batch=global_batch, group=group)
-    loss = _output(loss, student_hidden)
-    return loss.reshape(p.lead_shape) if reduction == "none" else loss
+    biases (V,). Work O(V K^2 + N^2 K_s) for K = H_s + H_t (+ 1 per bias), memory O(N K + K^2) beyond the inputs.
+    `global_batch` / `group` as for ``ckd_loss`` (docs/distributed.md): the K-wide rows [h, 1] are what is gathered
+    or passed between ranks (the heads are identical on every rank under DDP), so a global batch costs N K per rank,
+    not N V."""
+    fn = "fused_linear_ckd_loss"
+    inputs = _autocast_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                              teacher_bias)
+    with _without_autocast(inputs[0]):
+        loss = _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group)
+    return _output(loss, inputs[0])  # outside: under autocast the loss stays float32
+
+
+def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group):
+    p = _validation.prepare_fused_linear_ckd(fn, *inputs, tau, anchor, mask, reduction)
+    distributed.check_arguments(fn, global_batch, group)
+    require_extension()  # the workspace budget that sizes the strips is the extension's
+    dtype = accumulation_dtype(p.student_hidden.dtype)
+    head_scales = _downscale(torch.stack([_head_magnitude(p.student_weight, p.student_bias),
+                                          _head_magnitude(p.teacher_weight, p.teacher_bias)]).to(FORMS_DTYPE))
+    grams = _Grams(*_HeadGrams.apply(p.student_weight, p.student_bias, p.teacher_weight, p.teacher_bias, head_scales,
+                                     FORMS_DTYPE), head_scales)
+    student_rows = _hidden_rows(p.student_hidden, p.student_bias is not None, FORMS_DTYPE, p.mask)
+    teacher_rows = _hidden_rows(p.teacher_hidden, p.teacher_bias is not None, FORMS_DTYPE, p.mask)
+    if global_batch is not False:
+        signature = distributed.Signature(fn, (
+            ("global_batch", str(global_batch)), ("student_hidden's dtype", p.student_hidden.dtype),
+            ("teacher_hidden's dtype", p.teacher_hidden.dtype), ("student_hidden's width H_s", p.student_hidden.shape[1]),
+            ("teacher_hidden's width H_t", p.teacher_hidden.shape[1]),
+            ("student_bias (given or None)", p.student_bias is not None),
+            ("teacher_bias (given or None)", p.teacher_bias is not None), ("anchor", anchor), ("tau", float(tau)),
+            ("reduction", reduction)))
+        loss = _global_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, reduction, global_batch, group,
+                           signature, dtype)
+        return loss if reduction != "none" else loss.reshape(p.lead_shape)
+    terms = _local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype)
+    if reduction == "none":
+        return terms.reshape(p.lead_shape)
+    loss = terms.sum()
+    if reduction == "mean":
+        count = terms.new_tensor(terms.shape[0]) if p.mask is None else p.mask.sum().to(dtype)
+        loss = loss / count.clamp_min(1)  # a device tensor: no host synchronisation
+    return loss
+
+
+def _head_magnitude(weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The largest |entry| of [W | b] (NaN if any is NaN: amax propagates it), the base of the head's scale."""
+    magnitude = weight.detach().abs().amax()
+    return magnitude if bias is None else torch.maximum(magnitude, bias.detach().abs().amax())
+
+
+@contextlib.contextmanager
+def _without_autocast(first):
+    """The losses' own products run in the dtypes chosen here (the inputs were already cast), not autocast's."""
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        yield
+        return
+    with torch.autocast(first.device.type, enabled=False):
+        yield
+
+
+def _autocast_inputs(*tensors):
+    """Under torch.autocast, the hidden states and heads in the autocast dtype, as F.linear would take them (products
+    in that dtype, accumulated in float32; the loss stays float32). Anything that is not a floating tensor passes
+    through to the argument checks."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _validation.FLOATING_DTYPES else t
+                 for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,7 +366,8 @@ def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Ten
 def _cross_entropy(logits: Tensor, labels: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """Per-row cross-entropy and its logit gradient, 0 on invalid rows (whose logits may be garbage)."""
     lse = torch.logsumexp(logits, dim=1, keepdim=True)
-    target = labels.clamp_min(0).unsqueeze(1)  # ignored rows' labels (ignore_index < 0) are not valid indices
+    # invalid rows' labels (ignore_index, anything under a False mask) need not be classes
+    target = labels.unsqueeze(1) if valid is None else torch.where(valid, labels, 0).unsqueeze(1)
     terms = (lse - logits.gather(1, target)).squeeze(1)
     grad = torch.exp(logits - lse).scatter_add_(1, target, torch.full_like(target, -1, dtype=logits.dtype))
     if valid is not None:
@@ -320,6 +479,17 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     (if labels are given) is not ``ignore_index``; "mean" divides the sum over those tokens by their number.
     `global_batch` and `group` are checked and otherwise ignored, as by ``kd_loss``: both terms are row-local."""
     fn = "fused_linear_kd_loss"
+    student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias = _autocast_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
+    with _without_autocast(student_hidden):
+        loss = _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                teacher_bias, temperature, mask, labels, ce_weight, ignore_index, reduction,
+                                global_batch, group)
+    return _output(loss, student_hidden)  # outside: under autocast the loss stays float32
+
+
+def _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+                     temperature, mask, labels, ce_weight, ignore_index, reduction, global_batch, group):
     p = _validation.prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
                                             student_bias, teacher_bias, temperature, mask, labels, ce_weight,
                                             ignore_index, reduction)
@@ -330,5 +500,4 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
     compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
     loss = _FusedLinearKD.apply(*student, p.teacher_hidden, p.teacher_weight, p.teacher_bias, valid, p.labels,
                                 float(temperature), float(ce_weight), reduction, compute_grad)
-    loss = _output(loss, student_hidden)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss

@@ -15,7 +15,7 @@ import torch
 
 from . import _validation, distributed
 from ._extension import require_extension
-from .autograd import BicKDFunction, CKDFunction, KDFunction
+from .autograd import _BICKD_LOSS, _CKD_LOSS, _KD_LOSS
 
 def _grad_needed(student: torch.Tensor) -> bool:
     """Whether the forward computes the gradient: for float32 and float64 students. A 16-bit gradient computed for
@@ -53,7 +53,7 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     if global_batch is not False:
         return _output(distributed.run(ckd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
                                        tau=tau, anchor=anchor), student)
-    loss, _ = _forward(CKDFunction, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
+    loss, _ = _forward(_CKD_LOSS, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
                        _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
@@ -64,7 +64,7 @@ def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean", g
     are checked and otherwise ignored: KD is row-separable, each rank's rows need nothing from the others."""
     p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
     distributed.check_arguments("kd_loss", global_batch, group)
-    loss, _ = _forward(KDFunction, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
+    loss, _ = _forward(_KD_LOSS, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
                        _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
@@ -85,7 +85,7 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
                               symmetric=symmetric)
         return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
     loss, class_terms, _ = _forward(
-        BicKDFunction, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
+        _BICKD_LOSS, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
         float(w_class), bool(symmetric), reduction, _grad_needed(p.student),
     )
     loss = _output(loss, student)

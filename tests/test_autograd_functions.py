@@ -81,3 +81,41 @@ def test_compiled_fullgraph_traces_the_functions():
     compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     torch.testing.assert_close(s2.grad, s1.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["ckd", "kd", "bickd"])
+def test_gradient_output_never_changes_after_backward(name):
+    """Invariant: the gradient tensor a Function hands out keeps its value: a backward with an upstream gradient of 3
+    ((3 * loss).backward()) and a second backward (retain_graph=True) leave it as it was, and each backward's
+    gradient is the right one (3x, then 3x again accumulated)."""
+    from ckd_ext.autograd import BicKDFunction, CKDFunction, KDFunction
+    student, teacher = pair(12, 16, seed=4, dtype=torch.float32)
+    s = student.detach().clone().requires_grad_()
+    if name == "ckd":
+        loss, grad = CKDFunction.apply(s, teacher, None, 0.5, "student", "mean", True)
+    elif name == "kd":
+        loss, grad = KDFunction.apply(s, teacher, None, 4.0, "mean", True)
+    else:
+        loss, _, grad = BicKDFunction.apply(s, teacher, None, 4.0, 0.1, 1.0, 1.0, False, "mean", True)
+    handed_out = grad.clone()
+    (3 * loss).backward(retain_graph=True)
+    assert torch.equal(grad, handed_out)
+    torch.testing.assert_close(s.grad, 3 * handed_out)
+    (3 * loss).backward()
+    assert torch.equal(grad, handed_out)
+    torch.testing.assert_close(s.grad, 6 * handed_out)
+
+
+def test_public_loss_gradients_are_right_on_every_backward():
+    """Invariant: through the public loss (which scales its private gradient in place), a first backward with an
+    upstream 3 and a retained second one each add 3x the unit gradient."""
+    student, teacher = pair(12, 16, seed=5, dtype=torch.float32)
+    unit = student.detach().clone().requires_grad_()
+    ckd_ext.ckd_loss(unit, teacher).backward()
+    s = student.detach().clone().requires_grad_()
+    loss = ckd_ext.ckd_loss(s, teacher)
+    (3 * loss).backward(retain_graph=True)
+    first = s.grad.clone()
+    (3 * loss).backward()
+    torch.testing.assert_close(first, 3 * unit.grad)
+    torch.testing.assert_close(s.grad, 6 * unit.grad)

@@ -12,6 +12,7 @@ Tolerances, relative to the largest magnitude of the expected tensor: float64 1e
 the ring merges its log-sum-exp block by block); float32 1e-5 (as tests/tolerances.py's TOLERANCE: float32
 accumulation over a few dozen terms, inputs of scale 3).
 """
+import datetime
 import os
 import pickle
 import socket
@@ -40,6 +41,9 @@ REDUCTIONS = ("mean", "sum", "none")
 DTYPES = {"float64": (torch.float64, 1e-10), "float32": (torch.float32, 1e-5)}
 IMPLS = {"fused": ckd_ext, "reference": reference}
 TIMEOUT_S = 120  # per process group: a deadlock fails the test instead of hanging CI
+# Every collective of the workers times out after this long (the process group's own timeout, default 30 minutes):
+# a rank left waiting by a mismatched peer fails its case well within TIMEOUT_S instead of hanging.
+COLLECTIVE_TIMEOUT_S = 20
 
 
 def global_batch(world, dtype, seed=0):
@@ -195,7 +199,7 @@ FUSED_LINEAR = dict(vocab=20, student_hidden=4, teacher_hidden=3)
 def fused_linear_case(world, rank, anchor, mode):
     """fused_linear_ckd_loss with a global batch (float64): the mean of the ranks' losses and the DDP-averaged
     gradients of the student head (weight, bias) and hidden states against the reference on the concatenated
-    logits. The rows each rank gathers are the K-wide rows in the heads' basis."""
+    logits. The rows each rank gathers (or passes around the ring) are K-wide rows [h, 1], not logits."""
     generator = torch.Generator().manual_seed(5)
     V, Hs, Ht = FUSED_LINEAR["vocab"], FUSED_LINEAR["student_hidden"], FUSED_LINEAR["teacher_hidden"]
     weight = torch.randn(V, Hs, generator=generator, dtype=torch.float64)
@@ -231,9 +235,85 @@ def fused_linear_case(world, rank, anchor, mode):
     return result.item()
 
 
+# What the last rank passes differently from the others: (call, expected message fragment). Every rank must raise
+# the same ValueError, naming the argument and the ranks, before any rows are exchanged (a different width or dtype
+# aborted the process inside gloo; a different mode hung until the timeout).
+MISMATCHES = {
+    "classes": ("the number of classes C must be the same on every rank"),
+    "dtype": ("student's dtype must be the same on every rank"),
+    "mode": ("global_batch must be the same on every rank"),
+    "anchor": ("anchor must be the same on every rank"),
+    "tau": ("tau must be the same on every rank"),
+    "bickd-symmetric": ("symmetric must be the same on every rank"),
+    "bickd-classes-ring": ("the number of classes C must be the same on every rank"),
+    "fused-linear-width": ("student_hidden's width H_s must be the same on every rank"),
+    "fused-linear-bias": ("student_bias (given or None) must be the same on every rank"),
+    "fused-linear-dtype": ("student_hidden's dtype must be the same on every rank"),
+}
+
+
+def mismatched_rank(world, rank, case):
+    """The last rank calls with one argument different; returns every rank's error message (None where a rank raised
+    nothing), and whether the group still works afterwards (an all-reduce)."""
+    odd = rank == world - 1
+    generator = torch.Generator().manual_seed(rank)
+    dtype = torch.float64 if odd and case in ("dtype", "fused-linear-dtype") else torch.float32
+    classes = CLASSES + 1 if odd and case in ("classes", "bickd-classes-ring") else CLASSES
+    student = torch.randn(4, classes, generator=generator, dtype=dtype, requires_grad=True)
+    teacher = torch.randn(4, classes, generator=generator, dtype=dtype)
+    message = None
+    try:
+        if case.startswith("fused-linear"):
+            width = 5 if odd and case == "fused-linear-width" else 4
+            bias = torch.randn(20, dtype=dtype) if odd and case == "fused-linear-bias" else None
+            ckd_ext.fused_linear_ckd_loss(torch.randn(4, width, dtype=dtype), torch.randn(20, width, dtype=dtype),
+                                          torch.randn(4, 3, dtype=dtype), torch.randn(20, 3, dtype=dtype),
+                                          student_bias=bias, global_batch="ring")
+        elif case.startswith("bickd"):
+            mode = "ring" if case.endswith("ring") else True
+            ckd_ext.bickd_loss(student, teacher, symmetric=odd and case == "bickd-symmetric", global_batch=mode)
+        else:
+            ckd_ext.ckd_loss(student, teacher, global_batch="ring" if odd and case == "mode" else True,
+                             anchor="teacher" if odd and case == "anchor" else "student",
+                             tau=2.0 if odd and case == "tau" else 1.0)
+    except ValueError as error:
+        message = str(error)
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    alive = torch.ones(1)
+    dist.all_reduce(alive)
+    return dict(messages=messages, alive=alive.item() == world)
+
+
+def fused_linear_module_case(world, rank, mode):
+    """FusedLinearCKDLoss against fused_linear_ckd_loss with a global batch over a group of one rank (each rank its
+    own) and over the default group, non-default tau, anchor and reduction, masked: bit for bit equal; and the calls
+    that a module dropping `group`, `mask` or `global_batch` would make give other numbers."""
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group, in the same order
+    generator = torch.Generator().manual_seed(11 + rank)
+    hs, ws = torch.randn(9, 4, generator=generator), torch.randn(20, 4, generator=torch.Generator().manual_seed(3))
+    ht, wt = torch.randn(9, 3, generator=generator), torch.randn(20, 3, generator=torch.Generator().manual_seed(4))
+    mask = torch.rand(9, generator=generator) < 0.7
+    kwargs = dict(tau=0.3, anchor="teacher", reduction="sum")
+    module = ckd_ext.FusedLinearCKDLoss(global_batch=mode, group=groups[rank], **kwargs)
+    got = module(hs, ws, ht, wt, mask=mask)
+    want = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, mask=mask, global_batch=mode, group=groups[rank], **kwargs)
+    whole_world = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, mask=mask, global_batch=mode, **kwargs)
+    unmasked = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, global_batch=mode, group=groups[rank], **kwargs)
+    local = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, mask=mask, **kwargs)
+    module_world = ckd_ext.FusedLinearCKDLoss(global_batch=mode, **kwargs)(hs, ws, ht, wt, mask=mask)
+    result = torch.tensor([float(torch.equal(got, want)), float(not torch.equal(want, whole_world)),
+                           float(not torch.equal(want, unmasked)), float(torch.allclose(want, local, rtol=1e-5)),
+                           float(torch.equal(module_world, whole_world)),
+                           float(not torch.allclose(whole_world, local, rtol=1e-3))])
+    dist.all_reduce(result, op=dist.ReduceOp.MIN)
+    return result.tolist()
+
+
 def worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     results = {}
     try:
         for impl in IMPLS:
@@ -251,6 +331,19 @@ def worker(rank, world, port, out_dir):
         for anchor in ("student", "teacher"):
             for mode in MODES:
                 results[f"fused-linear-{anchor}-{mode}"] = fused_linear_case(world, rank, anchor, mode)
+        for case in MISMATCHES:
+            results[f"mismatch-{case}"] = mismatched_rank(world, rank, case)
+        for mode in MODES:
+            results[f"fused-linear-module-{mode}"] = fused_linear_module_case(world, rank, mode)
+        strip_bytes = distributed.STRIP_BYTES
+        distributed.STRIP_BYTES = 1  # one anchor row per strip: every strip boundary and own-column offset is crossed
+        try:
+            for loss in ("ckd_student", "ckd_teacher", "bickd_symmetric"):
+                results[f"ring-strips-{loss}"], _ = run_case(world, rank, "fused", "float64", loss, "ring", "mean")
+            for anchor in ("student", "teacher"):
+                results[f"ring-strips-fused-linear-{anchor}"] = fused_linear_case(world, rank, anchor, "ring")
+        finally:
+            distributed.STRIP_BYTES = strip_bytes
         with distributed.count_bytes() as counter:
             batches, weight, bias = global_batch(world, torch.float32)
             features, teacher, mask = batches[rank]
@@ -299,7 +392,7 @@ CASES = [case_id(impl, dtype, loss, mode, reduction) for impl in IMPLS for dtype
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_linear_ckd_with_a_global_batch(group_results, anchor, mode):
     world, results = group_results
-    # float64 throughout; the Gram-basis factorisation adds rounding of order cond(B)^2 u64 (tiny heads: ~1e-14).
+    # float64 throughout: the bilinear forms are exact identities, only the summation order differs.
     assert results[f"fused-linear-{anchor}-{mode}"] <= 1e-10, world
 
 
@@ -332,16 +425,57 @@ def test_no_valid_rows_anywhere_gives_zero_without_deadlock(group_results, loss)
 
 
 def test_gather_mode_sends_the_documented_bytes(group_results):
-    """All-gather CKD forward, float32: the row counts (8 bytes per rank), then the student and teacher rows
+    """All-gather CKD forward, float32: the row counts and call signatures (SIGNATURE_SLOTS int64 per rank), then the student and teacher rows
     padded to the largest count (9), each sent to world - 1 ranks."""
     world, results = group_results
     block = max(valid for _, valid in ROWS[world])
-    assert results["bytes-ckd-gather-forward"] == (world - 1) * (8 + 2 * block * CLASSES * 4)
+    assert results["bytes-ckd-gather-forward"] == (world - 1) * (8 * distributed.SIGNATURE_SLOTS
+                                                                  + 2 * block * CLASSES * 4)
 
 
 def test_ring_sends_the_documented_bytes(group_results):
-    """Ring CKD forward + backward, float32: the row counts, world - 1 blocks forward, world - 1 blocks and world
+    """Ring CKD forward + backward, float32: the row counts and signatures, world - 1 blocks forward, world - 1 blocks and world
     gradient blocks backward, each block padded to the largest count (docs/distributed.md)."""
     world, results = group_results
     block = max(valid for _, valid in ROWS[world])
-    assert results["bytes-ckd-ring-step"] == (world - 1) * 8 + (3 * world - 2) * block * CLASSES * 4
+    assert results["bytes-ckd-ring-step"] == ((world - 1) * 8 * distributed.SIGNATURE_SLOTS
+                                              + (3 * world - 2) * block * CLASSES * 4)
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_a_mismatched_rank_raises_the_same_error_on_every_rank(group_results, case):
+    """Invariant: one rank calling with a different width, dtype, mode, anchor, hyperparameter or bias gets, on every
+    rank, the same ValueError naming the argument and the ranks that differ, before any rows are sent; the process
+    group keeps working afterwards (no crash, no hang)."""
+    world, results = group_results
+    result = results[f"mismatch-{case}"]
+    messages = result["messages"]
+    assert all(m == messages[0] for m in messages), messages
+    assert messages[0] is not None and MISMATCHES[case] in messages[0], messages[0]
+    others = "rank 0" if world == 2 else "ranks 0, 1"
+    assert messages[0].endswith(f"on {others}; " + messages[0].split("; ")[-1]), messages[0]
+    assert messages[0].split("; ")[-1].endswith(f"on rank {world - 1}"), messages[0]
+    assert result["alive"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_linear_module_matches_its_function_with_a_group(group_results, mode):
+    """Invariant: FusedLinearCKDLoss passes global_batch, group and mask through: bit for bit its function's number
+    over a one-rank group each (which differs from the default group's and from the unmasked one, and equals the local
+    loss) and over the default group (which differs from the local loss)."""
+    world, results = group_results
+    assert results[f"fused-linear-module-{mode}"] == [1.0] * 6
+
+
+@pytest.mark.parametrize("loss", ("ckd_student", "ckd_teacher", "bickd_symmetric"))
+def test_ring_with_one_anchor_row_per_strip(group_results, loss):
+    """Invariant: the ring's anchor strips can cut anywhere (here one row each): the own-column exclusion follows the
+    strip's offset, and the loss and gradients equal the single-process float64 reference."""
+    world, results = group_results
+    assert max(results[f"ring-strips-{loss}"].values()) <= 1e-10
+
+
+@pytest.mark.parametrize("anchor", ("student", "teacher"))
+def test_fused_linear_ring_with_one_anchor_row_per_strip(group_results, anchor):
+    world, results = group_results
+    assert results[f"ring-strips-fused-linear-{anchor}"] <= 1e-10

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ckd_ext
-from ckd_ext import _extension, reference
+from ckd_ext import _extension, distributed, reference
 from ckd_ext.demos import classify
 from ckd_ext.testing import emulated_cuda
 from switches import on_backend, skip_unless
@@ -333,6 +333,12 @@ test_fl_hidden_0d = fused_linear_test(
     "E-fl-hidden-0d",
     (FL_ALL, dict(student_hidden=torch.tensor(1.0)), dict(name="student_hidden")),
     (FL_CKD, dict(teacher_hidden=torch.tensor(1.0)), dict(name="teacher_hidden")))
+test_fl_hidden_size = fused_linear_test(
+    "E-fl-hidden-size",
+    (FL_ALL, dict(student_hidden=torch.randn(4, 0), student_weight=torch.randn(5, 0)),
+     dict(name="student_hidden", shape="(4, 0)")),
+    (FL_KD, dict(teacher_hidden=torch.randn(2, 2, 0), teacher_weight=torch.randn(5, 0)),
+     dict(name="teacher_hidden", shape="(2, 2, 0)")))
 test_fl_weight_shape = fused_linear_test(
     "E-fl-weight-shape",
     (FL_ALL, dict(student_weight=torch.randn(3, 5)), dict(name="student_weight", width="3", hidden="student_hidden",
@@ -371,6 +377,39 @@ test_labels_type = fused_linear_test(
 test_labels_shape = fused_linear_test(
     "E-labels-shape",
     (FL_KD, dict(labels=torch.zeros(2, 2, dtype=torch.int64)), dict(lead_shape="(4,)", shape="(2, 2)")))
+test_labels_range = fused_linear_test(
+    "E-labels-range",
+    (FL_KD, dict(labels=torch.tensor([0, -1, 2, 3])),
+     dict(vocab="5", ignore_index="-100", label="-1", position="1")),
+    (FL_KD, dict(labels=torch.tensor([0, 1, 5, 7]), ce_weight=0.5, ignore_index=7),
+     dict(vocab="5", ignore_index="7", label="5", position="2")),
+    (FL_KD, dict(labels=torch.tensor([9, 1, 2, 1 << 40]), mask=torch.tensor([False, True, True, True])),
+     dict(vocab="5", ignore_index="-100", label=str(1 << 40), position="3")))
+
+
+@documents("E-global-batch-mismatch")
+@pytest.mark.parametrize("field, values_by_rank, values", [
+    (0, ["True", "ring", "True"], "True on ranks 0, 2; 'ring' on rank 1"),
+    (1, [torch.float32, torch.float64], "torch.float32 on rank 0; torch.float64 on rank 1"),
+    (2, [7, 8], "7 on rank 0; 8 on rank 1"),
+    (3, [0.5, 2.0], "0.5 on rank 0; 2.0 on rank 1")])
+def test_global_batch_mismatch(field, values_by_rank, values):
+    """The check every rank runs on the gathered signatures (its message); tests/test_distributed.py raises it on real
+    ranks."""
+    fields = (("global_batch", "True"), ("student's dtype", torch.float32), ("the number of classes C", 7),
+              ("tau", 0.5))
+    signature = distributed.Signature("ckd_loss", fields)
+    encoded = [distributed._encode(v) for v in ["ckd_loss"] + [v for _, v in fields]]
+    table = []
+    for rank, value in enumerate(values_by_rank):
+        row = [4 + rank] + encoded  # row counts may differ
+        row[2 + field] = distributed._encode(value)
+        table.append(row)
+    expect("E-global-batch-mismatch", lambda: distributed._check_signatures(signature, table), fn="ckd_loss",
+           name=fields[field][0], values=values)
+    distributed._check_signatures(signature, [[4 + rank] + encoded for rank in range(3)])
+
+
 test_ce_weight_range = fused_linear_test(
     "E-ce-weight-range",
     *[(FL_KD, dict(ce_weight=v, labels=torch.zeros(4, dtype=torch.int64)), dict(value=repr(v)))
@@ -994,6 +1033,18 @@ def test_ckd_non_finite(impl, anchor, who, bad):
     if impl is not EMULATED:  # one call fewer on the slow backend
         loss, _ = run(impl, "ckd_loss", student, teacher, "mean", anchor=anchor)
         assert torch.isnan(loss)
+
+
+@documents("N-fl-ckd-non-finite")
+@pytest.mark.parametrize("name", ("student_weight", "student_bias", "teacher_weight", "teacher_bias",
+                                  "student_hidden", "teacher_hidden"))
+@pytest.mark.parametrize("bad", (INF, -INF, NAN))
+def test_fl_ckd_non_finite(name, bad):
+    inputs = fl_inputs()
+    inputs["student_bias"], inputs["teacher_bias"] = torch.randn(5), torch.randn(5)
+    inputs[name].view(-1)[1] = bad
+    positional = [inputs.pop(k) for k in FL_POSITIONAL]
+    assert torch.isnan(ckd_ext.fused_linear_ckd_loss(*positional, **inputs))
 
 
 @documents("N-no-valid-rows")

@@ -322,3 +322,23 @@ def test_cuda(loss, data):
     case = data.draw(cases(loss), label="case")
     _events(case)
     run_case(case, device="cuda")
+
+
+# --- the fused-linear losses (tests/fuzz_fused_linear.py) ----------------------------------------------------------
+from fuzz_fused_linear import fused_linear_cases, run_fused_linear_case  # noqa: E402
+
+
+@settings(max_examples=max(30, _EXAMPLES // 3))
+@given(case=fused_linear_cases("ckd"))
+def test_fused_linear_ckd_cpu(case):
+    event(f"dtype {str(case.dtype).replace('torch.', '')}")
+    event(f"head ratio 10^{round(case.log_head_ratio)}")
+    run_fused_linear_case(case)
+
+
+@settings(max_examples=max(30, _EXAMPLES // 3))
+@given(case=fused_linear_cases("kd"))
+def test_fused_linear_kd_cpu(case):
+    event(f"dtype {str(case.dtype).replace('torch.', '')}")
+    event(f"bad label {case.bad_label}")
+    run_fused_linear_case(case)

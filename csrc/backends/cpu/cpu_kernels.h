@@ -118,10 +118,18 @@ inline Acc logsumexp(int64_t n, F&& value) {
   return m + std::log(sum_mapped<Acc>(n, [&](int64_t j) { return fast_exp(value(j) - m); }));
 }
 
+// The squares overflow for rows past sqrt(max) (1.8e19 in float32) whose norm is still representable; such a row is
+// summed again scaled by its largest |x_j| (exact for CKD, which reads only the row's direction and norm). A NaN
+// stays NaN, and so does an infinite entry (inf / inf): such a row has no direction.
 template <typename Acc, typename T>
 void row_inv_norm(const T* x, int64_t cols, Acc* inv_norm) {
   const Acc sq = sum_over<Acc>(cols, [&](int64_t j) { const Acc v = static_cast<Acc>(x[j]); return v * v; });
-  *inv_norm = Acc(1) / std::max(std::sqrt(sq), static_cast<Acc>(kNormEps));
+  Acc norm = std::sqrt(sq);
+  if (sq == std::numeric_limits<Acc>::infinity()) {
+    const Acc m = max_over<Acc>(cols, [&](int64_t j) { return std::abs(static_cast<Acc>(x[j])); });
+    norm = m * std::sqrt(sum_over<Acc>(cols, [&](int64_t j) { const Acc v = static_cast<Acc>(x[j]) / m; return v * v; }));
+  }
+  *inv_norm = Acc(1) / std::max(norm, static_cast<Acc>(kNormEps));
 }
 
 template <typename Acc, typename TA, typename TB>

@@ -221,7 +221,22 @@ __global__ void row_inv_norms_kernel(const T* x, int64_t cols, Acc* inv_norm) {
   Acc sq = 0;
   for_row<Acc>(row, cols, [&](int64_t, Acc v) { sq += v * v; });
   sq = block_reduce(sq, SumOp{}, scratch);
-  if (threadIdx.x == 0) inv_norm[blockIdx.x] = Acc(1) / max_acc(sqrt_acc(sq), static_cast<Acc>(kNormEps));
+  Acc norm = sqrt_acc(sq);
+  // As the CPU's row_inv_norm: squares that overflow although the norm is representable are summed again scaled by
+  // the row's largest |x_j|. The branch is uniform over the block (block_reduce gives every thread the total). A row
+  // with an infinite entry keeps its infinite norm (inverse 0, and inf * 0 = NaN in its similarities): max_acc would
+  // turn the NaN that scaling gives it into eps.
+  if (sq == -neg_inf<Acc>()) {
+    Acc m = 0;
+    for_row<Acc>(row, cols, [&](int64_t, Acc v) { m = max_acc(m, v < 0 ? -v : v); });
+    m = block_reduce(m, MaxOp{}, scratch);
+    if (m < -neg_inf<Acc>()) {
+      Acc scaled = 0;
+      for_row<Acc>(row, cols, [&](int64_t, Acc v) { scaled += (v / m) * (v / m); });
+      norm = m * sqrt_acc(block_reduce(scaled, SumOp{}, scratch));
+    }
+  }
+  if (threadIdx.x == 0) inv_norm[blockIdx.x] = Acc(1) / max_acc(norm, static_cast<Acc>(kNormEps));
 }
 
 template <typename Acc, typename TA, typename TB>
