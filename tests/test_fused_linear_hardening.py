@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import ckd_ext
 from ckd_ext import reference
-from helpers import random_mask
+from inputs import random_mask
 from test_fused_linear import as_oracle, ckd_fns, grads_of, heads, kd_fns, logits_of, reference_kd, token_labels
 
 RATIOS = (1.0, 1e3, 1e6)
@@ -256,12 +256,12 @@ def test_modules_match_functions_at_every_keyword():
     assert not torch.equal(kd(*student[:2], *teacher[:2], labels=labels, **common), want)
 
 
-def test_ckd_several_similarity_strips(restore_workspace):
+def test_ckd_several_similarity_strips(workspace):
     """Invariant: the anchors' similarity strips (sized by the workspace budget) can cut anywhere: a budget of a few
     rows per strip gives the oracle's numbers, the exclusion of each anchor's own column included."""
     student, teacher = heads(dtype=torch.float64, seed=46, tokens=(37,))
     mask = random_mask((37,), seed=46)
-    ckd_ext.set_workspace_bytes(4 * 37 * 8 * 5)  # 5 rows per strip
+    workspace(4 * 37 * 8 * 5)  # 5 rows per strip
     for anchor in ("student", "teacher"):
         fused_fn, oracle_fn = ckd_fns(anchor=anchor, mask=mask)
         out = fused_fn(student, teacher)
@@ -269,13 +269,6 @@ def test_ckd_several_similarity_strips(restore_workspace):
         expected = oracle_fn(logits_of(*s64), logits_of(*t64))
         for got, want in zip([out] + grads_of(out, student), [expected] + grads_of(expected, s64)):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-@pytest.fixture
-def restore_workspace():
-    previous = ckd_ext.workspace_bytes()
-    yield
-    ckd_ext.set_workspace_bytes(previous)
 
 
 # --------------------------------------------------------------------------------------------------

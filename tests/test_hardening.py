@@ -272,9 +272,8 @@ def test_kd_at_tiny_temperatures(backend, dtype, temperature):
     assert relative(grad, grad64) < 1e-5
 
 
-@pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("anchor", ["student", "teacher"])
-def test_ckd_huge_logits_are_right_or_nan(name, anchor):
+def test_ckd_huge_logits_are_right_or_nan(backend, anchor):
     """Invariant: CKD reads only each row's direction, so float32 logits far beyond sqrt(FLT_MAX) = 1.8e19 (where a
     row's squared norm overflows) give the float64 loss of the same directions, or NaN where a similarity product
     itself overflows; never a plausible wrong number (the squared norms' overflow gave a wrong loss at 3e18, 0.0 at
@@ -285,10 +284,10 @@ def test_ckd_huge_logits_are_right_or_nan(name, anchor):
                                                                                    dtype=torch.float64)
     for scale in (1.0, 3e18, 1e19, 1e20, 1e30):
         s, t = (x * scale for x in directions)
-        s, t = s.float().requires_grad_(), t.float()
-        with backend(name):
-            out = ckd_ext.ckd_loss(s, t, anchor=anchor, tau=0.5)
-        want = ref.ckd_loss(s.detach().double() / scale, t.double() / scale, anchor=anchor, tau=0.5)
+        s, t = s.float(), t.float()
+        out = ckd_ext.ckd_loss(s.to(backend.device).requires_grad_(), t.to(backend.device), anchor=anchor,
+                               tau=0.5).cpu()
+        want = ref.ckd_loss(s.double() / scale, t.double() / scale, anchor=anchor, tau=0.5)
         if scale == 3e18 and anchor == "student":
             assert torch.isfinite(out)
         if torch.isfinite(out):
