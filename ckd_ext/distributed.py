@@ -455,6 +455,20 @@ def run(local_loss, prepared, *, reduction, global_batch, group, **hyper):
     return loss(local_loss, prepared, reduction=reduction, global_batch=global_batch, group=group, **hyper)
 
 
+def own_row_terms(student: Tensor, teacher: Tensor, layout: Layout, group, global_batch, gathered_terms,
+                  ring_terms) -> Tensor:
+    """The terms of this rank's anchor rows in a global batch: all-gather runs `gathered_terms(students, teachers,
+    padding_mask)` on every rank's rows (the student's through GatherRows, so its gradient returns by
+    reduce-scatter) and keeps this rank's; the ring runs `ring_terms()`, which passes blocks along `layout`. Every
+    CKD form (logits, fused-linear rows) goes through here."""
+    if global_batch is True:
+        everyone = GatherRows.apply(student, layout, group)
+        terms = gathered_terms(everyone, gather_rows(teacher, layout, group), layout.padding_mask(student.device))
+        start = layout.rank * layout.block
+        return terms[start:start + student.shape[0]]
+    return ring_terms()
+
+
 def _global_ckd(local_loss, prepared, *, tau, anchor, reduction, global_batch, group):
     """Global-batch CKD: per-row terms (...) of this rank's rows for "none", else the scalar loss."""
     student, teacher = _valid(prepared)
@@ -463,20 +477,19 @@ def _global_ckd(local_loss, prepared, *, tau, anchor, reduction, global_batch, g
         ("teacher's dtype", prepared.teacher.dtype), ("the number of classes C", prepared.student.shape[1]),
         ("anchor", anchor), ("tau", float(tau)), ("reduction", reduction)))
     layout = gather_layout(student.shape[0], student.device, group, signature)
-    if global_batch is True:
-        everyone = GatherRows.apply(student, layout, group)
-        terms = local_loss(everyone, gather_rows(teacher, layout, group), tau=tau, anchor=anchor,
-                           mask=layout.padding_mask(student.device), reduction="none")
-        start = layout.rank * layout.block
-        terms = terms[start:start + student.shape[0]]
-    else:
+
+    def ring_terms():
         with _no_autocast(student.device):
             dtype = accumulation_dtype(prepared.student.dtype)
             u = F.normalize(teacher.to(dtype), dim=1, eps=EPS)
             v = F.normalize(student.to(dtype), dim=1, eps=EPS)
             positives = (u * v).sum(dim=1) / tau
-            lse = ring_lse(u if anchor == "teacher" else v, v, tau, layout, group)
-            terms = _softplus_contrast(lse, positives)
+            return _softplus_contrast(ring_lse(u if anchor == "teacher" else v, v, tau, layout, group), positives)
+
+    terms = own_row_terms(student, teacher, layout, group, global_batch,
+                          lambda s, t, padding: local_loss(s, t, tau=tau, anchor=anchor, mask=padding,
+                                                           reduction="none"),
+                          ring_terms)
     if reduction == "none":
         return scatter_rows(terms, prepared)
     return row_share(terms, layout, reduction)

@@ -254,16 +254,11 @@ def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, mask, reduction,
     if mask is not None:
         student_rows, teacher_rows = student_rows[mask], teacher_rows[mask]
     layout = distributed.gather_layout(student_rows.shape[0], student_rows.device, group, signature)
-    if global_batch is True:
-        everyone = distributed.GatherRows.apply(student_rows, layout, group)
-        padding = layout.padding_mask(student_rows.device)
-        terms = _local_ckd(everyone, distributed.gather_rows(teacher_rows, layout, group), grams, tau, anchor,
-                           padding, dtype)
-        start = layout.rank * layout.block
-        terms = terms[start:start + student_rows.shape[0]]
-    else:
-        terms = _ckd_terms(student_rows, teacher_rows, grams, tau, anchor, dtype,
-                           lambda a, b: distributed.ring_lse(a, b, float(tau), layout, group))
+    terms = distributed.own_row_terms(
+        student_rows, teacher_rows, layout, group, global_batch,
+        lambda s, t, padding: _local_ckd(s, t, grams, tau, anchor, padding, dtype),
+        lambda: _ckd_terms(student_rows, teacher_rows, grams, tau, anchor, dtype,
+                           lambda a, b: distributed.ring_lse(a, b, float(tau), layout, group)))
     if reduction != "none":
         return distributed.row_share(terms, layout, reduction)
     if mask is None:
