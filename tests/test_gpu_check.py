@@ -238,6 +238,25 @@ def test_a_killed_run_leaves_the_archive_of_the_steps_it_finished(tmp_path):
     assert "not run (yet): build" in tar_text(out / "gpu-check.tar.gz", "gpu-check/summary.md")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU this would be the real check")
+def test_a_terminated_run_records_the_running_step_and_packs(tmp_path):
+    """SIGTERM (what a command's time limit sends first) stops the running step's processes; the runner records
+    that step as stopped, rewrites the archive and exits 1."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"))
+    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "gpu-check.tar.gz").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output[-2000:]
+    steps = tar_text(out / "gpu-check.tar.gz", "gpu-check/steps.tsv").splitlines()[1:]
+    assert steps[0].startswith("preflight\tfailed") and "the call was stopped: SIGTERM" in steps[-1], steps
+    assert "stopped by SIGTERM" in output
+
+
 def tar_text(path: Path, member: str) -> str:
     with tarfile.open(path) as tar:
         return tar.extractfile(member).read().decode()

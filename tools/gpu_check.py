@@ -200,6 +200,7 @@ def run_command(argv: Sequence[str], budget: float, log_path: Path, env: Optiona
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(list(argv), cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        _RUNNING[:] = [proc]
 
         def pump():
             for line in iter(proc.stdout.readline, b""):
@@ -248,6 +249,19 @@ def pack(work: Path, out: Path) -> Path:
     return out / ARCHIVE
 
 
+_RUNNING: List[subprocess.Popen] = []  # the step running now
+_STOPPED: List[str] = []               # the signal that stopped the call
+
+
+def _stop(signum, _frame):
+    """SIGTERM or SIGINT reached the runner (the call's own limit): the running step's processes are stopped; the
+    runner records the step, writes the archive and exits."""
+    _STOPPED.append(signal.Signals(signum).name)
+    for proc in _RUNNING:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def step_budgets(steps: Sequence[Step], index: int, left: float) -> int:
     """The budget of steps[index] with `left` seconds to go: its own, plus for an elastic step half the slack that
     the later steps' fixed budgets leave (all of it for the last elastic step), never more than `left`."""
@@ -271,13 +285,18 @@ def run_plan(call: int, out: Path, work: Path, total: int, python: str, only: Op
     (work / "plan.json").write_text(json.dumps({"call": call, "total_budget_s": total, "steps": [
         dataclasses.asdict(s) for s in steps]}, indent=1))
     failed = 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     for i, step in enumerate(steps):
         left = total - PACK_MARGIN_S - (time.monotonic() - started)
         budget = step_budgets(steps, i, left)
         log = work / f"{step.name}.log"
         print(f"=== {step.name} (budget {budget} s): {step.shows}", flush=True)
         t0 = time.monotonic()
-        if budget < 1:
+        if _STOPPED:
+            log.write_text("not started: the call was stopped\n")
+            status = ""
+        elif budget < 1:
             log.write_text("no time left in the call\n")
             status = "failed (no time left)"
         else:
@@ -287,6 +306,8 @@ def run_plan(call: int, out: Path, work: Path, total: int, python: str, only: Op
                                              "PYTHON": python})
             status = ("passed" if rc == 0 else f"failed (timeout after {budget} s)" if timed_out
                       else f"failed (exit {rc})")
+        if _STOPPED:
+            status = f"failed (the call was stopped: {_STOPPED[0]})"
         seconds = time.monotonic() - t0
         failed += status != "passed"
         with open(work / "steps.tsv", "a") as f:
@@ -297,6 +318,9 @@ def run_plan(call: int, out: Path, work: Path, total: int, python: str, only: Op
         except Exception:  # noqa: BLE001  (the archive must still be written)
             (work / "summary_error.log").write_text(traceback.format_exc())
         pack(work, out)
+        if _STOPPED:
+            print(f"gpu_check: stopped by {_STOPPED[0]}; {out / ARCHIVE} has every step until {step.name}", flush=True)
+            return 1
     print(f"gpu_check: {len(steps) - failed} of {len(steps)} steps passed in {time.monotonic() - started:.0f} s; "
           f"{out / ARCHIVE}, {out / 'summary.md'}", flush=True)
     return 1 if failed else 0
