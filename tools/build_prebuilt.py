@@ -253,19 +253,22 @@ def check_symbols(so: Path, torch_dir: Path, home: Path) -> Dict[str, object]:
     search = [torch_dir / "lib", home / "lib64"]
     found: Dict[str, str] = {}
     provided: Set[str] = set()
-    queue = list(needed(so))
+    direct = needed(so)
+    queue = [(name, None) for name in direct]
     while queue:
-        name = queue.pop(0)
+        name, needed_by = queue.pop(0)
         if name in found:
             continue
         path = next((d / name for d in search if (d / name).exists()), None) or system_library(name)
         if path is None:
-            found[name] = "NOT FOUND"
+            # A library of torch's own (cuBLAS, cuDNN, ... from other wheels, found through torch's RPATH at run
+            # time) is not needed for the check unless we link it ourselves.
+            found[name] = "NOT FOUND" if needed_by is None else f"not here (needed by {needed_by}, not by us)"
             continue
         found[name] = str(path)
         provided |= dynamic_symbols(path, defined=True)
         if str(path).startswith(str(torch_dir)):
-            queue += needed(path)
+            queue += [(n, name) for n in needed(path)]
     bare = {s.split("@", 1)[0] for s in provided}
     undefined = sorted(dynamic_symbols(so, defined=False))
     python_api = [s for s in undefined if PYTHON_SYMBOL.match(s)]
