@@ -190,7 +190,7 @@ def test_summary_records_failures_and_rates(tmp_path):
     assert "called a synchronizing CUDA operation" in md  # the failing step's log tail
     # 2 N^2 C forward + 2 N^2 C backward GEMM FLOPs in 10 ms, against the H100's 989 TFLOPS; 10 ms of eager's 40
     tflops = 4 * 4096 ** 2 * 32000 / 10e-3 / 1e12
-    assert f"| ckd | 4096x32000 bfloat16 | ckd_ext | 10.00 ms | 0.25x |" in md
+    assert "| ckd | 4096x32000 bfloat16 | ckd_ext | 10.00 ms | 0.25x |" in md
     assert f"{tflops:.1f} TFLOPS | {tflops / 989:.0%}" in md
     assert "| kd | 4096x32000 bfloat16 | ckd_ext | timeout |" in md
     assert gpu_check.main(["bench-check", str(tmp_path / "bench_headline")]) == 0

@@ -38,7 +38,7 @@ import sysconfig
 import time
 import zipfile
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, NoReturn, Optional, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -55,7 +55,7 @@ PYTHON_CFLAGS = ["-DNDEBUG", "-fwrapv", "-O3", "-fPIC"]
 PYTHON_SYMBOL = re.compile(r"^_?Py|^PyInit_")
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     raise SystemExit(f"build_prebuilt: {message}")
 
 
