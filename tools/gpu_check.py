@@ -127,8 +127,9 @@ COMMON_STEPS = [
 ]
 
 FIRST_CALL = COMMON_STEPS + [
-    Step("test_cuda", 75, "tests/test_cuda.py: ~640 small cases (N <= 300, C <= 4099) against float64 oracles on the "
-         "CPU, ~0.1 s each, on 8 workers (~15 s each to start torch and CUDA); a test is cut at 60 s",
+    Step("test_cuda", 75, "tests/test_cuda.py but the next step's tests: 560 small cases (N <= 300, C <= 4099) "
+         "against float64 oracles on the CPU, ~0.1 s each, on 8 workers (~15 s each to start torch and CUDA); a test "
+         "is cut at 60 s",
          ["pytest", "main"], _pytest_shows("main")),
     Step("graph_sync", 30, "the CUDA-graph capture (8 cases) and sync-debug (96 cases) tests of tests/test_cuda.py, "
          "tiny shapes, on 4 workers", ["pytest", "graph_sync"], _pytest_shows("graph_sync")),
