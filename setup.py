@@ -104,14 +104,19 @@ def ninja_statements_appended(statements: str):
     """Within the block, every build.ninja torch's BuildExtension writes also gets `statements`, so that they run
     in its one parallel ninja build (MAX_JOBS jobs). torch has no public hook for objects with their own flags;
     _write_ninja_file (torch 2.11 to 2.14: called with path= and writing a `compile` rule whose command ends in
-    $post_cflags) is where its compile step writes the file."""
+    $post_cflags) is where its compile step writes the file. They go before torch's own build statements: they are
+    the build's longest jobs, and ninja starts ready jobs in the file's order."""
     original = cpp_extension._write_ninja_file
 
     def write(*args, **kwargs):
         original(*args, **kwargs)
         path = kwargs["path"] if "path" in kwargs else args[0]
-        with open(path, "a") as f:
-            f.write(statements)
+        with open(path) as f:
+            text = f.read()
+        first_build = text.find("\nbuild ")
+        at = len(text) if first_build < 0 else first_build + 1
+        with open(path, "w") as f:
+            f.write(text[:at] + statements.lstrip("\n") + "\n" + text[at:])
 
     cpp_extension._write_ninja_file = write
     try:
