@@ -460,6 +460,20 @@ def cmd_build(_a) -> int:
 
 
 # --------------------------------------------------------------------------------------------- tests and sanitizers
+def stream(argv: Sequence[str], env: Optional[Dict[str, str]] = None) -> Tuple[int, str]:
+    """Runs argv with its output passed on line by line as it comes (so that a step cut at its budget keeps what
+    it printed) and also returned."""
+    print(shlex.join(argv), flush=True)
+    proc = subprocess.Popen(list(argv), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace")
+    lines = []
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    return proc.wait(), "".join(lines)
+
+
 def cmd_pytest(a) -> int:
     expr, workers = PYTEST_PARTS[a.part]
     argv = [sys.executable, "-m", "pytest", "tests/test_cuda.py", "-k", expr, "-q", "-rfE", "-p", "no:cacheprovider"]
@@ -471,15 +485,8 @@ def cmd_pytest(a) -> int:
         argv += ["--timeout", "60"]
     else:
         print("pytest-timeout is missing: no per-test limit (the step's budget still holds)")
-    print(shlex.join(argv), flush=True)
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    last = ""
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        if line.strip():
-            last = line
-    rc = proc.wait()
+    rc, text = stream(argv)
+    last = ([line for line in text.splitlines() if line.strip()] or [""])[-1]
     if rc == 0 and " passed" not in last:
         print("gpu_check: no test passed (all skipped?)")
         return 1
@@ -497,16 +504,12 @@ def cmd_sanitize(a) -> int:
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")
     # Only our kernels (namespace ckd::gpu: "ckd" is in their mangled and demangled names) are instrumented; cuBLAS
     # and torch's kernels run at full speed.
-    argv = [sanitizer, "--tool", a.tool, "--kernel-name", "kns=ckd", "--error-exitcode", "1", *driver]
-    print(shlex.join(argv), flush=True)
-    proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sys.stdout.write(proc.stdout)
-    if proc.returncode != 0 and "ERROR SUMMARY" not in proc.stdout and "--kernel-name" in proc.stdout:
+    rc, text = stream([sanitizer, "--tool", a.tool, "--kernel-name", "kns=ckd", "--error-exitcode", "1", *driver],
+                      env)
+    if rc != 0 and "ERROR SUMMARY" not in text and "kernel-name" in text:
         print("this compute-sanitizer rejected the kernel filter: every kernel instrumented", flush=True)
-        argv = [sanitizer, "--tool", a.tool, "--error-exitcode", "1", *driver]
-        proc = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sys.stdout.write(proc.stdout)
-    return proc.returncode
+        rc, text = stream([sanitizer, "--tool", a.tool, "--error-exitcode", "1", *driver], env)
+    return rc
 
 
 def cmd_ddp(_a) -> int:
@@ -524,11 +527,10 @@ def cmd_ddp(_a) -> int:
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
                 "ckd_ext.train", "--ddp", "--device", "cuda", "--global-negatives", mode, "--methods", "ckd,bickd",
                 "--epochs", "1", "--teacher-epochs", "1", "--seeds", "0", "--quiet", "--out", str(work / f"ddp_{mode}")]
-        proc = subprocess.run(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        print(proc.stdout[-4000:])
-        if proc.returncode != 0:
+        rc, text = stream(argv)
+        if rc != 0:
             return 1
-        if "(nccl)" not in proc.stdout:
+        if "(nccl)" not in text:
             print(f"the {mode} run did not use NCCL")
             return 1
     return 0
