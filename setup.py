@@ -5,13 +5,19 @@ Environment switches:
   CKD_EXT_EMULATED=0|1       also build ckd_ext._emulated: the CUDA kernels compiled for the host, a backend
                              that runs CPU tensors through the CUDA emulator (csrc/cuda_emulator/) inside
                              ckd_ext.testing.emulated_cuda(), for tests without a GPU
-  MAX_JOBS=N                 parallel compile jobs (default 2, the size of our machines)
+  CKD_EXT_QUICK_BUILD=0|1    1: only what running the ops needs (the GPU check's build on a lent machine): no
+                             AVX2 / AVX-512 variants of the CPU backend (its kernels run their baseline code, the
+                             same results, slower) and no build/ptxas_report.md
+  MAX_JOBS=N                 parallel compile jobs (default 2, the size of our machines); every object, the
+                             instruction-set variants and the ptxas report included, is one job of one ninja build
   TORCH_CUDA_ARCH_LIST       CUDA architectures (default: tools/build_config.py)
   CUDA_HOME                  the CUDA toolkit (default: found from nvcc on PATH)
 
 Sources and flags: tools/build_config.py (shared with CMakeLists.txt).
 """
+import contextlib
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,29 +95,64 @@ def write_build_info(with_emulated: bool) -> None:
 WITH_CUDA = cuda_wanted()
 
 
-class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
-    """Also compiles the CPU backend once per instruction set of cfg.CPU_ISA_FLAGS into _C, and writes
-    build/ptxas_report.md (registers, shared memory, spills per CUDA kernel)."""
+def _ninja_path(path: str) -> str:
+    return os.path.abspath(path).replace("$", "$$").replace(" ", "$ ").replace(":", "$:")
 
-    def run(self):
-        super().run()
-        if WITH_CUDA:
-            subprocess.run([sys.executable, str(ROOT / "tools" / "ptxas_report.py")], check=True)
+
+@contextlib.contextmanager
+def ninja_statements_appended(statements: str):
+    """Within the block, every build.ninja torch's BuildExtension writes also gets `statements`, so that they run
+    in its one parallel ninja build (MAX_JOBS jobs). torch has no public hook for objects with their own flags;
+    _write_ninja_file (torch 2.11 to 2.14: called with path= and writing a `compile` rule whose command ends in
+    $post_cflags) is where its compile step writes the file. They go before torch's own build statements: they are
+    the build's longest jobs, and ninja starts ready jobs in the file's order."""
+    original = cpp_extension._write_ninja_file
+
+    def write(*args, **kwargs):
+        original(*args, **kwargs)
+        path = kwargs["path"] if "path" in kwargs else args[0]
+        with open(path) as f:
+            text = f.read()
+        first_build = text.find("\nbuild ")
+        at = len(text) if first_build < 0 else first_build + 1
+        with open(path, "w") as f:
+            f.write(text[:at] + statements.lstrip("\n") + "\n" + text[at:])
+
+    cpp_extension._write_ninja_file = write
+    try:
+        yield
+    finally:
+        cpp_extension._write_ninja_file = original
+
+
+class BuildExtension(cpp_extension.BuildExtension.with_options(use_ninja=True)):
+    """Adds to _C's ninja build, as jobs beside its sources' compilations: the CPU backend once per instruction set
+    of cfg.CPU_ISA_FLAGS, and (with CUDA) build/ptxas_report.md (registers, shared memory, spills per CUDA
+    kernel). CKD_EXT_QUICK_BUILD=1 leaves both out."""
 
     def build_extension(self, ext):
-        if ext.name == "ckd_ext._C":
-            # Extension takes one set of flags for all its sources, so each instruction set's compilation is its
-            # own compile call (with the flags torch's build_extensions has already added to ext), linked in as
-            # extra objects: after the sources' objects and lowest set first, as build_config.py requires.
-            cxx = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
-            isa_objects = []
-            for isa, flags in cfg.CPU_ISA_FLAGS.items():
-                isa_objects += self.compiler.compile(
-                    [cfg.CPU_BACKEND_SOURCE], output_dir=os.path.join(self.build_temp, f"cpu_isa_{isa}"),
-                    macros=ext.define_macros, include_dirs=ext.include_dirs, depends=ext.depends,
-                    extra_postargs=cxx + flags + [f"-DCKD_CPU_ISA={isa}"], debug=self.debug)
-            ext.extra_objects = list(ext.extra_objects) + isa_objects
-        super().build_extension(ext)
+        if ext.name != "ckd_ext._C":
+            return super().build_extension(ext)
+        statements, isa_objects = "\n", []
+        for isa, flags in cfg.CPU_ISA_FLAGS.items():
+            # Each instruction set is the same compile command (the flags torch's build_extensions has given
+            # $cflags and $post_cflags) plus its own flags. Linked as extra objects: after the sources' objects and
+            # lowest set first, as build_config.py requires.
+            obj = os.path.join(os.path.abspath(self.build_temp), f"cpu_isa_{isa}", "cpu_backend.o")
+            isa_objects.append(obj)
+            statements += (f"build {_ninja_path(obj)}: compile {_ninja_path(str(ROOT / cfg.CPU_BACKEND_SOURCE))}\n"
+                           f"  post_cflags = $post_cflags {' '.join(flags)} -DCKD_CPU_ISA={isa}\n")
+        if WITH_CUDA and not cfg.quick_build():
+            # Its own nvcc runs (-Xptxas=-v, per architecture) beside the build's; the output is never written, so
+            # the report is remade by every build, and a spill fails the build (ptxas_report.py exits 1).
+            report = ROOT / "build" / "ptxas_report.md"
+            command = shlex.join([sys.executable, str(ROOT / "tools" / "ptxas_report.py"), "--out", str(report)])
+            statements += (f"rule ptxas_report\n  command = {command.replace('$', '$$')}\n"
+                           f"  description = ptxas report -> {report}\n"
+                           f"build {_ninja_path(str(report) + '.always')}: ptxas_report\n")
+        ext.extra_objects = list(ext.extra_objects) + isa_objects
+        with ninja_statements_appended(statements):
+            super().build_extension(ext)
 
 
 def extensions():
@@ -158,7 +199,7 @@ setup(
     packages=find_packages(include=["ckd_ext", "ckd_ext.*"]),
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
-    install_requires=["torch", "numpy"],
+    install_requires=["torch>=2.11", "numpy"],  # the oldest torch: tools/check_oldest_torch.sh builds and tests on it
     extras_require={
         "test": requirements("requirements-test.txt"),
         "train": ["scikit-learn", "matplotlib", "tqdm"],

@@ -2,19 +2,8 @@
 random logits and masks, distinct upstream weights, and (loss, student gradient) of one call."""
 import torch
 
-# Every loss configuration the suite runs: (loss name, keyword arguments). Non-default hyperparameters
-# so that a forgotten scale (tau, temperature, weights) cannot cancel out.
-CONFIGS = {
-    "kd": ("kd", {"temperature": 2.0}),
-    "ckd_student": ("ckd", {"tau": 0.5, "anchor": "student"}),
-    "ckd_teacher": ("ckd", {"tau": 0.5, "anchor": "teacher"}),
-    "ckd_default": ("ckd", {}),
-    "bickd": ("bickd", {"temperature": 2.0, "tau": 0.2, "w_sample": 1.0, "w_class": 0.5}),
-    "bickd_symmetric": ("bickd", {"temperature": 3.0, "tau": 0.3, "w_sample": 0.7, "w_class": 1.3,
-                                  "symmetric": True}),
-    "bickd_class_only": ("bickd", {"w_sample": 0.0, "w_class": 2.0}),
-    "bickd_sample_only": ("bickd", {"w_sample": 1.5, "w_class": 0.0, "tau": 0.5, "temperature": 1.0}),
-}
+# Every loss configuration the suite runs, name -> (loss name, keyword arguments); tools/gpu_check.py runs them too.
+from ckd_ext.testing import CONFIGS  # noqa: F401
 
 
 def logits(*shape, scale=3.0, dtype=torch.float64, seed=0, requires_grad=False):

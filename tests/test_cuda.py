@@ -6,6 +6,7 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference as ref
+from ckd_ext import testing
 from inputs import CONFIGS, loss_and_grad, pair, random_mask, weighted_total
 from switches import skip_unless
 from tolerances import TOLERANCE, assert_matches, check_against_oracle
@@ -84,59 +85,19 @@ def test_small_workspace_strips_and_tiles(config, n, nbytes, dtype, reduction, t
     check_cuda_against_oracle(config, student, teacher, dtype, mask=mask, tol=tol, reduction=reduction)
 
 
-@pytest.mark.parametrize("config", ALL)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_no_host_synchronisation(config, dtype):
-    """Forward and backward under torch.cuda.set_sync_debug_mode("error"): any .item(), host copy or
-    synchronising call inside the ops raises. (A first call warms up the workspace default, which reads the
-    device's free memory once.)"""
-    name, kwargs = CONFIGS[config]
-    student, teacher = pair(64, 96, seed=8, dtype=dtype)
-    s = student.detach().cuda().requires_grad_()
-    t, mask = teacher.cuda(), random_mask(64, seed=8).cuda()
-    fn = getattr(ckd_ext, f"{name}_loss")
-    fn(s, t, **kwargs)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for reduction in ("mean", "sum", "none"):
-            out = fn(s, t, **kwargs, mask=mask, reduction=reduction)
-            total = sum(o.float().sum() for o in out) if isinstance(out, tuple) else out.float().sum()
-            torch.autograd.grad(total, s)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+@pytest.mark.parametrize("case", testing.op_cases("sync", ["float32", "bfloat16"]), ids=repr)
+def test_no_host_synchronisation(case):
+    """Forward and backward of every configuration, dtype, mask and reduction run without a host synchronisation:
+    under torch.cuda.set_sync_debug_mode("error") any .item(), host copy or synchronising call inside the ops
+    raises (ckd_ext.testing.check_no_sync)."""
+    assert testing.check_no_sync(case) == ""
 
 
-@pytest.mark.parametrize("config", ["ckd_student", "ckd_teacher", "bickd", "kd"])
-def test_captured_in_a_cuda_graph(config):
-    """One forward + backward captured in a CUDA graph and replayed on new inputs equals an eager run."""
-    name, kwargs = CONFIGS[config]
-    fn = getattr(ckd_ext, f"{name}_loss")
-    student, teacher = pair(64, 128, seed=9, dtype=torch.float32)
-    s_static = student.cuda().requires_grad_()
-    t_static = teacher.cuda()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
-        for _ in range(2):
-            torch.autograd.grad(fn(s_static, t_static, **kwargs), s_static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = fn(s_static, t_static, **kwargs)
-        (grad,) = torch.autograd.grad(loss, s_static)
-    new_student, new_teacher = pair(64, 128, seed=10, dtype=torch.float32)
-    with torch.no_grad():
-        s_static.copy_(new_student.cuda())
-        t_static.copy_(new_teacher.cuda())
-    graph.replay()
-    torch.cuda.synchronize()
-    s_eager = new_student.cuda().requires_grad_()
-    expected_loss = fn(s_eager, new_teacher.cuda(), **kwargs)
-    (expected_grad,) = torch.autograd.grad(expected_loss, s_eager)
-    expected_loss, expected_grad = expected_loss.detach().cpu(), expected_grad.cpu()
-    assert_matches(loss.detach().cpu(), expected_loss.double(), torch.float32, f"{config} graph loss", CPU_VS_CUDA)
-    assert_matches(grad.cpu(), expected_grad.double(), torch.float32, f"{config} graph grad", CPU_VS_CUDA)
+@pytest.mark.parametrize("case", testing.op_cases("graph", ["float32", "bfloat16"]), ids=repr)
+def test_captured_in_a_cuda_graph(case):
+    """One forward + backward captured in a CUDA graph and replayed on new inputs equals an eager run on them
+    (ckd_ext.testing.check_graph_replay: the same kernels, so equal within a few units of roundoff)."""
+    assert testing.check_graph_replay(case) == ""
 
 
 @pytest.mark.parametrize("config", ALL)

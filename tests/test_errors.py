@@ -520,9 +520,9 @@ def scenario(name):
         os.environ["CKD_EXT_WORKSPACE_MB"] = "abc"
     if name == "cpu-isa-env":
         os.environ["CKD_EXT_CPU_ISA"] = "sse9"
-    if name == "no-emulated":
+    if name in ("no-emulated", "emulated-missing"):  # either kind of build: a build without / with the emulator
         info = types.ModuleType("ckd_ext._build_info")
-        info.TORCH_VERSION, info.WITH_EMULATED = TORCH_VERSION, False
+        info.TORCH_VERSION, info.WITH_EMULATED = TORCH_VERSION, name == "emulated-missing"
         sys.modules["ckd_ext._build_info"] = info
     out = {"calls": {}}
     try:

@@ -6,6 +6,7 @@ package build) and CMakeLists.txt (C++ work, compile_commands.json, ctest), so t
 Paths are relative to the repository root.
 """
 import hashlib
+import os
 import platform
 import sys
 from pathlib import Path
@@ -69,10 +70,22 @@ LINK_FLAGS = ["-fopenmp"]
 # an AVX2 caller never an AVX-512 one. Both builds add them after OPS_SOURCES. tests/test_cpu_isa.py checks both
 # promises: the same bits from every set, and VEX code only in the ISA compilations.
 _X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def quick_build() -> bool:
+    """CKD_EXT_QUICK_BUILD=1: only what running the ops needs, for a build on a machine lent for minutes (the GPU
+    check): no CPU_ISA_FLAGS variants (the CPU kernels run their baseline code, the same bits, slower) and no ptxas
+    report. Read here so that setup.py and CMakeLists.txt drop the same objects."""
+    value = os.environ.get("CKD_EXT_QUICK_BUILD", "0").strip().lower()
+    if value not in ("0", "1", "off", "on", ""):
+        raise SystemExit(f"CKD_EXT_QUICK_BUILD must be 0 or 1, got {value!r}")
+    return value in ("1", "on")
+
+
 CPU_ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
-} if _X86_64 else {}
+} if _X86_64 and not quick_build() else {}
 if CPU_ISA_FLAGS:
     CXX_FLAGS.append("-DCKD_CPU_MULTI_ISA")  # cpu_isa.cpp then dispatches to them
 # --expt-relaxed-constexpr: the kernels call constexpr host functions (std::numeric_limits) on the device, and
