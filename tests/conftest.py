@@ -7,7 +7,8 @@ Fixtures (built on tests/switches.py):
   is a switches.Backend: `.name`, and `.device`, where the test's input tensors go. A test that only runs on some
   backends says which: ``@pytest.mark.parametrize("backend", ["cpu", "emulated"], indirect=True)``.
 * `workspace`: a function; ``workspace(nbytes)`` sets the workspace budget for the rest of the test (None: the
-  device's default); the setting from before the test comes back afterwards.
+  device's default); the setting from before the test comes back afterwards, whatever the test set, through this
+  function or directly.
 
 Hypothesis profiles:
 
@@ -19,12 +20,11 @@ Hypothesis profiles:
 
 The option --hypothesis-profile comes from hypothesis' pytest plugin and overrides the default loaded here.
 """
-import contextlib
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from switches import BACKENDS, on_backend, workspace_budget
+from switches import BACKENDS, on_backend, restored_workspace, set_workspace
 
 _COMMON = dict(
     deadline=None,
@@ -47,5 +47,5 @@ def backend(request):
 @pytest.fixture
 def workspace():
     """Sets the test's workspace budget when called; restores the previous setting after the test."""
-    with contextlib.ExitStack() as stack:
-        yield lambda nbytes: stack.enter_context(workspace_budget(nbytes))
+    with restored_workspace():
+        yield set_workspace

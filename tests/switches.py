@@ -58,13 +58,24 @@ def on_backend(name):
 
 
 @contextlib.contextmanager
-def workspace_budget(nbytes):
-    """Inside the block the fused ops get a workspace of `nbytes` (None: the device's default)."""
-    ext = ckd_ext.require_extension()
-    saved = ext.workspace_setting()
-    ckd_ext.set_workspace_bytes(nbytes)
+def restored_workspace():
+    """Whatever the block sets, the workspace setting at entry ("unset" included) is back at exit."""
+    saved = ckd_ext.require_extension().workspace_setting()
     try:
-        assert nbytes is None or ckd_ext.workspace_bytes() == nbytes
         yield
     finally:
         ckd_ext.set_workspace_bytes(saved or None)
+
+
+def set_workspace(nbytes):
+    """The fused ops get a workspace of `nbytes` (None: the device's default) from now on."""
+    ckd_ext.set_workspace_bytes(nbytes)
+    assert nbytes is None or ckd_ext.workspace_bytes() == nbytes
+
+
+@contextlib.contextmanager
+def workspace_budget(nbytes):
+    """Inside the block the fused ops get a workspace of `nbytes` (None: the device's default)."""
+    with restored_workspace():
+        set_workspace(nbytes)
+        yield
