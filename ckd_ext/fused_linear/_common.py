@@ -1,0 +1,43 @@
+"""What both fused-linear losses share: the work-buffer budget their chunks and strips are sized by, and the autocast
+rules (inputs cast as F.linear would take them, the losses' own products outside autocast)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor
+
+from .. import _validation
+from ..settings import workspace_bytes
+
+@torch.compiler.assume_constant_result
+def _workspace_bytes(device: str) -> int:
+    # A constant for torch.compile (which cannot trace the pybind11 call): a graph is specialised to the budget.
+    return workspace_bytes(device)
+
+
+def _chunk_rows(row_bytes: int, device: torch.device) -> int:
+    """Rows of one work buffer whose rows take `row_bytes` each, within the ops' workspace budget on `device`."""
+    return max(1, _workspace_bytes(str(device)) // max(row_bytes, 1))
+
+
+@contextlib.contextmanager
+def _without_autocast(first):
+    """The losses' own products run in the dtypes chosen here (the inputs were already cast), not autocast's."""
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        yield
+        return
+    with torch.autocast(first.device.type, enabled=False):
+        yield
+
+
+def _autocast_inputs(*tensors):
+    """Under torch.autocast, the hidden states and heads in the autocast dtype, as F.linear would take them (products
+    in that dtype, accumulated in float32; the loss stays float32). Anything that is not a floating tensor passes
+    through to the argument checks."""
+    first = tensors[0]
+    if not isinstance(first, Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _validation.FLOATING_DTYPES else t
+                 for t in tensors)
