@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import _extension
-from .cli import Help, Threads, count, count0, positive, seed_list, weight
+from .cli import Help, Threads, count, count0, listed, positive, seed_list, weight
 from .models import build_model
 
 DISTILL_TERMS = ("kd", "ckd", "bickd")
@@ -97,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ce-weight", type=weight, default=1.0, help="weight of CE(student, labels), every method")
     g.add_argument("--kd-weight", type=weight, default=1.0, help="KD weight (T^2 scaling is inside kd_loss)")
     g.add_argument("--kd-temperature", type=positive, default=4.0, help="KD softmax temperature T")
-    g.add_argument("--ckd-weight", type=weight, default=10.0, help="CKD weight (authors: 10, 50 or 100)")
-    g.add_argument("--ckd-tau", type=positive, default=1.0, help="CKD contrastive temperature")
+    g.add_argument("--ckd-weight", type=listed(weight), default="10",
+                   help="CKD weight (authors: 10, 50 or 100), or a comma list to sweep: every method with ckd then "
+                        "runs once per weight and --ckd-tau, one row each")
+    g.add_argument("--ckd-tau", type=listed(positive), default="1",
+                   help="CKD contrastive temperature (authors: 1, 2 for two pairs), or a comma list to sweep")
     g.add_argument("--ckd-anchor", choices=("teacher", "student"), default="teacher",
                    help="teacher: the authors' released code; student: the paper's statement")
     g.add_argument("--bickd-weight", type=weight, default=1.0, help="BicKD weight")
@@ -215,9 +218,33 @@ class Terms:
     global_negatives: str
 
 
-def _config(cls, args: argparse.Namespace):
-    """A config dataclass filled from the parsed flags of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def _config(cls, args: argparse.Namespace, **values):
+    """A config dataclass filled from `values` and, for the other fields, the parsed flags of the same names."""
+    return cls(**{f.name: values[f.name] if f.name in values else getattr(args, f.name)
+                  for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One row of the results: a method and the weights and temperatures it trains with; `label` names the row."""
+    label: str
+    method: str
+    terms: Terms
+
+
+def settings(a: argparse.Namespace) -> list[Setting]:
+    """The rows to run: each of --methods once, except that a method with a ckd term runs once per
+    (--ckd-weight, --ckd-tau) pair when those are lists, labelled with the pair."""
+    pairs = [(w, tau) for w in a.ckd_weight for tau in a.ckd_tau]
+    rows = []
+    for method in a.methods:
+        if "ckd" not in method.split("+"):
+            rows.append(Setting(method, method, _config(Terms, a, ckd_weight=pairs[0][0], ckd_tau=pairs[0][1])))
+            continue
+        for w, tau in pairs:
+            label = method if len(pairs) == 1 else f"{method} w={w:g} tau={tau:g}"
+            rows.append(Setting(label, method, _config(Terms, a, ckd_weight=w, ckd_tau=tau)))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -409,19 +436,19 @@ class Session:
     args: argparse.Namespace
     ops: object
     fit: Fit
-    terms: Terms
+    settings: list[Setting]
     train: Callable
     test: Iterable
     data_desc: str
     teacher: torch.nn.Module
     teacher_record: dict
 
-    def student(self, method: str, seed: int, max_steps=None) -> dict:
-        """Train a fresh student with `method`; `fit`'s history."""
+    def student(self, setting: Setting, seed: int, max_steps=None) -> dict:
+        """Train a fresh student with `setting`; `fit`'s history."""
         a = self.args
         return fit(new_model(a.student_model, a.num_classes, seed, a.device), self.train, self.test, self.fit,
-                   epochs=a.epochs, seed=seed, distill=distillation(method, self.ops, self.terms),
-                   teacher=self.teacher, desc=f"{method} seed {seed}", max_steps=max_steps)
+                   epochs=a.epochs, seed=seed, distill=distillation(setting.method, self.ops, setting.terms),
+                   teacher=self.teacher, desc=f"{setting.label} seed {seed}", max_steps=max_steps)
 
 
 @contextlib.contextmanager
@@ -457,17 +484,18 @@ def session(argv=None):
         for param in teacher.parameters():
             param.requires_grad_(False)
         record["test_acc"] = evaluate(teacher, test, cfg)
-        yield Session(a, ops, cfg, _config(Terms, a), train, test, data_desc, teacher, record)
+        yield Session(a, ops, cfg, settings(a), train, test, data_desc, teacher, record)
 
 
 def loss_trajectory(argv=(), steps=20) -> dict[str, list[float]]:
-    """Per-step total training loss for each of --methods over the first `steps` steps of the first seed.
+    """Per-step total training loss for each row (each of --methods, or its --ckd-weight/--ckd-tau pairs) over the
+    first `steps` steps of the first seed, by row label.
 
     Uses the same path as `main` (teacher trained per --teacher-epochs). For tests comparing --impl fused
     with --impl reference: with the same seeds both give the same trajectory up to rounding.
     """
     with session(list(argv)) as s:
-        return {m: s.student(m, s.args.seeds[0], max_steps=steps)["loss"] for m in s.args.methods}
+        return {row.label: s.student(row, s.args.seeds[0], max_steps=steps)["loss"] for row in s.settings}
 
 
 # -------------------------------------------------------------------------------------------- results
@@ -475,44 +503,85 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _label(row: str) -> str:
+    return "ce (student alone)" if row == "ce" else row
+
+
 def format_table(results) -> str:
-    rows = [("method", "test acc (%)", "loss ms/step")]
-    rows.append(("teacher", f"{results['teacher']['test_acc']:.2f}", "-"))
+    rows = [("method", "test acc (%)", "min - max", "loss ms/step")]
+    rows.append(("teacher", f"{results['teacher']['test_acc']:.2f}", "-", "-"))
     for m, s in results["summary"].items():
-        label = "ce (student alone)" if m == "ce" else m
-        ms = "-" if m == "ce" else f"{s['loss_ms_per_step']:.3f}"
-        rows.append((label, f"{s['test_acc_mean']:.2f} +- {s['test_acc_std']:.2f}", ms))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows]
+        ms = "-" if s["method"] == "ce" else f"{s['loss_ms_per_step']:.3f}"
+        rows.append((_label(m), f"{s['test_acc_mean']:.2f} +- {s['test_acc_std']:.2f}",
+                     f"{s['test_acc_min']:.2f} - {s['test_acc_max']:.2f}", ms))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join([f"{r[0]:<{w[0]}}"] + [f"{c:>{n}}" for c, n in zip(r[1:], w[1:])]) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def plot(results, path):
+def final_accuracy_limits(results, pad_fraction=0.08, min_pad=0.25) -> tuple[float, float]:
+    """y-limits of the final-accuracy panel: every seed's final accuracy and the teacher's, padded by
+    `pad_fraction` of their span (at least `min_pad` points), so that differences of a fraction of a point show."""
+    values = [r["final_test_acc"] for r in results["runs"]] + [results["teacher"]["test_acc"]]
+    low, high = min(values), max(values)
+    pad = max(pad_fraction * (high - low), min_pad)
+    return max(low - pad, 0.0), min(high + pad, 100.0)
+
+
+def figure(results):
+    """The results figure: test accuracy per epoch (mean over seeds, +- std band) on the left; on the right each
+    row's final test accuracy (mean, error bars from the lowest to the highest seed, every seed a dot) on a y-axis
+    zoomed to the final accuracies. The teacher is dashed in both."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = list(results["summary"])
+    palette = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")
+    colours = {m: palette(i % palette.N) for i, m in enumerate(rows)}
+    fig, (curves_ax, final_ax) = plt.subplots(1, 2, figsize=(12, 4.8), width_ratios=(3, 2))
     teacher = results["teacher"]
     if teacher["history"]:
-        ax.plot(range(1, len(teacher["history"]) + 1), teacher["history"], "k--", label="teacher")
+        curves_ax.plot(range(1, len(teacher["history"]) + 1), teacher["history"], "k--", label="teacher")
     else:
-        ax.axhline(teacher["test_acc"], color="k", ls="--", label="teacher")
-    for m in results["summary"]:
-        curves = [r["test_acc"] for r in results["runs"] if r["method"] == m]
+        curves_ax.axhline(teacher["test_acc"], color="k", ls="--", label="teacher")
+    for m in rows:
+        curves = [r["test_acc"] for r in results["runs"] if r["setting"] == m]
         epochs = range(1, len(curves[0]) + 1)
         stats = [_mean_std(v) for v in zip(*curves)]
-        mean = [s[0] for s in stats]
-        ax.plot(epochs, mean, label="ce (student alone)" if m == "ce" else m)
-        ax.fill_between(epochs, [s[0] - s[1] for s in stats], [s[0] + s[1] for s in stats], alpha=0.15)
+        curves_ax.plot(epochs, [s[0] for s in stats], color=colours[m], label=_label(m))
+        curves_ax.fill_between(epochs, [s[0] - s[1] for s in stats], [s[0] + s[1] for s in stats],
+                               color=colours[m], alpha=0.15)
+    curves_ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy per epoch (mean +- std)")
+    curves_ax.grid(alpha=0.3)
+    curves_ax.legend(fontsize="small" if len(rows) <= 8 else "x-small", ncol=1 if len(rows) <= 12 else 2)
+
+    final_ax.axhline(teacher["test_acc"], color="k", ls="--", label=f"teacher {teacher['test_acc']:.2f}")
+    for x, m in enumerate(rows):
+        s = results["summary"][m]
+        seeds = [r["final_test_acc"] for r in results["runs"] if r["setting"] == m]
+        final_ax.plot([x] * len(seeds), seeds, "o", color=colours[m], alpha=0.35, ms=4)
+        final_ax.errorbar([x], [s["test_acc_mean"]], yerr=[[s["test_acc_mean"] - s["test_acc_min"]],
+                                                          [s["test_acc_max"] - s["test_acc_mean"]]],
+                          fmt="D", color=colours[m], capsize=4, ms=6)
+    final_ax.set_xticks(range(len(rows)), [_label(m) for m in rows], rotation=30 if len(rows) <= 8 else 60,
+                        ha="right", fontsize="small" if len(rows) <= 8 else "x-small")
+    final_ax.set_ylim(*final_accuracy_limits(results))
+    final_ax.set(ylabel="final test accuracy (%)",
+                 title=f"after the last epoch: mean, min - max over {len(results['config']['seeds'])} seed(s)")
+    final_ax.grid(alpha=0.3, axis="y")
+    final_ax.legend(fontsize="small", loc="lower right")
     c = results["config"]
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)",
-           title=f"{c['dataset']}: {c['teacher_model']} -> {c['student_model']}, {len(c['seeds'])} seed(s), "
+    fig.suptitle(f"{c['dataset']}: {c['teacher_model']} -> {c['student_model']}, {len(c['seeds'])} seed(s), "
                  f"--impl {c['impl']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot(results, path):
+    fig = figure(results)
+    fig.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
     plt.close(fig)
 
 
@@ -527,18 +596,22 @@ def _run(s: Session, started: float) -> dict:
     say = (lambda *m: None) if a.quiet else (lambda *m: print(*m, file=sys.stderr, flush=True))
     say(f"teacher {a.teacher_model}: test acc {s.teacher_record['test_acc']:.2f}%")
     runs = []
-    for method in a.methods:
+    for row in s.settings:
         for seed in a.seeds:
-            h = s.student(method, seed)
-            runs.append(dict(method=method, seed=seed, final_test_acc=h["test_acc"][-1], test_acc=h["test_acc"],
-                             loss_ms_per_step=1e3 * h["loss_time"] / max(h["steps"], 1), steps=h["steps"]))
-            say(f"{method} seed {seed}: test acc {h['test_acc'][-1]:.2f}%")
+            h = s.student(row, seed)
+            runs.append(dict(setting=row.label, method=row.method, seed=seed, final_test_acc=h["test_acc"][-1],
+                             test_acc=h["test_acc"], loss_ms_per_step=1e3 * h["loss_time"] / max(h["steps"], 1),
+                             steps=h["steps"]))
+            say(f"{row.label} seed {seed}: test acc {h['test_acc'][-1]:.2f}%")
     summary = {}
-    for m in a.methods:
-        rs = [r for r in runs if r["method"] == m]
-        mean, std = _mean_std([r["final_test_acc"] for r in rs])
-        summary[m] = dict(test_acc_mean=mean, test_acc_std=std,
-                          loss_ms_per_step=statistics.fmean(r["loss_ms_per_step"] for r in rs))
+    for row in s.settings:
+        rs = [r for r in runs if r["setting"] == row.label]
+        finals = [r["final_test_acc"] for r in rs]
+        mean, std = _mean_std(finals)
+        ckd = dict(ckd_weight=row.terms.ckd_weight, ckd_tau=row.terms.ckd_tau) if "ckd" in row.method.split("+") else {}
+        summary[row.label] = dict(method=row.method, **ckd, test_acc_mean=mean, test_acc_std=std,
+                                  test_acc_min=min(finals), test_acc_max=max(finals),
+                                  loss_ms_per_step=statistics.fmean(r["loss_ms_per_step"] for r in rs))
     config = dict(vars(a), data=s.data_desc, torch=torch.__version__, distributed=_mode(a))
     results = dict(config=config, teacher=s.teacher_record, summary=summary, runs=runs,
                    wall_seconds=time.perf_counter() - started)

@@ -26,6 +26,18 @@ count = _number(int, 1, False, "an integer >= 1")
 count0 = _number(int, 0, False, "an integer >= 0")
 
 
+def listed(parse):
+    """The argparse type of a comma list whose every item `parse` accepts (a list of its values)."""
+    def parse_list(text):
+        values = [parse(item.strip()) for item in text.split(",") if item.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma list, got {text!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}")
+        return values
+    return parse_list
+
+
 def seed_list(text: str, parser: argparse.ArgumentParser) -> list:
     """--seeds, a comma list of integers, as a list (a usage error through `parser` otherwise)."""
     try:
