@@ -48,6 +48,81 @@ def test_smoke_all_methods_table_json_png(impl, tmp_path, capsys):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _results(finals: dict, teacher: float, epochs: int = 3) -> dict:
+    """A results dict as `main` returns it, with the given final accuracies per row and seed (the curves rise
+    linearly to them from 30 %)."""
+    runs = [dict(setting=row, method=row.split()[0], seed=seed, final_test_acc=acc,
+                 test_acc=[30 + (acc - 30) * (e + 1) / epochs for e in range(epochs)])
+            for row, accs in finals.items() for seed, acc in enumerate(accs)]
+    summary = {row: dict(method=row.split()[0], test_acc_mean=sum(accs) / len(accs), test_acc_std=0.0,
+                         test_acc_min=min(accs), test_acc_max=max(accs), loss_ms_per_step=0.1)
+               for row, accs in finals.items()}
+    config = dict(dataset="digits", teacher_model="digits_teacher", student_model="digits_student", impl="reference",
+                  seeds=list(range(len(next(iter(finals.values()))))))
+    return dict(config=config, teacher=dict(test_acc=teacher, history=[40.0, 90.0, teacher]), summary=summary,
+                runs=runs)
+
+
+def test_figure_zooms_onto_the_final_accuracies():
+    """The learning curves start near 30 %, so their panel spans ~70 points; the final-accuracy panel must
+    enclose every seed's final accuracy and the teacher's, and zoom onto them (a few points), with one error bar
+    per row from its lowest to its highest seed around the mean."""
+    import matplotlib.pyplot as plt
+    finals = {"ce": [96.22, 96.44, 96.44], "kd": [97.33, 97.33, 97.56], "ckd w=10 tau=1": [95.11, 95.78, 96.00]}
+    teacher = 98.67
+    fig = classify.figure(_results(finals, teacher))
+    try:
+        curves_ax, final_ax = fig.axes
+        assert len(curves_ax.get_lines()) == 1 + len(finals)  # the teacher and one mean curve per row
+        assert curves_ax.get_ylim()[1] - curves_ax.get_ylim()[0] > 60
+        low, high = final_ax.get_ylim()
+        values = [a for accs in finals.values() for a in accs] + [teacher]
+        assert low < min(values) and max(values) < high
+        assert high - low < 2 * (max(values) - min(values)), (low, high)  # zoomed: the data fill over half of it
+        bars = final_ax.containers
+        assert len(bars) == len(finals)
+        for bar, (row, accs) in zip(bars, finals.items()):
+            (x,), (mean,) = bar.lines[0].get_data()
+            assert mean == pytest.approx(sum(accs) / len(accs))
+            (segment,) = bar.lines[2][0].get_segments()
+            assert sorted(y for _, y in segment) == pytest.approx([min(accs), max(accs)])
+        assert [t.get_text() for t in final_ax.get_xticklabels()] == ["ce (student alone)", "kd", "ckd w=10 tau=1"]
+    finally:
+        plt.close(fig)
+
+
+def test_figure_limits_stay_within_0_and_100_and_show_equal_accuracies():
+    """Equal final accuracies everywhere still give a visible span (the minimum padding), clipped to [0, 100]."""
+    low, high = classify.final_accuracy_limits(_results({"ce": [100.0, 100.0], "kd": [100.0, 100.0]}, 100.0))
+    assert high == 100.0 and 99.0 < low < 100.0
+
+
+def test_ckd_weight_and_tau_lists_sweep_one_row_per_pair(tmp_path, capsys):
+    results = classify.main([*TINY, "--impl", "reference", "--methods", "ce,kd,ckd", "--ckd-weight", "1,10",
+                             "--ckd-tau", "0.5,2", "--out", str(tmp_path)])
+    rows = ["ce", "kd", "ckd w=1 tau=0.5", "ckd w=1 tau=2", "ckd w=10 tau=0.5", "ckd w=10 tau=2"]
+    assert list(results["summary"]) == rows
+    assert [(s.get("ckd_weight"), s.get("ckd_tau")) for s in results["summary"].values()] == [
+        (None, None), (None, None), (1.0, 0.5), (1.0, 2.0), (10.0, 0.5), (10.0, 2.0)]
+    assert [r["setting"] for r in results["runs"]] == rows and {r["method"] for r in results["runs"]} == {"ce", "kd", "ckd"}
+    printed = capsys.readouterr().out
+    for row in rows[1:]:
+        assert row in printed
+
+
+def test_a_swept_row_trains_as_the_single_setting_does():
+    """Each row of a sweep is the run its flags give alone (same loss trajectory); weight 0 is CE alone."""
+    base = ["--impl", "reference", "--teacher-epochs", "1", "--seed", "0", "--quiet"]
+    swept = classify.loss_trajectory([*base, "--methods", "ce,ckd,kd+ckd", "--ckd-weight", "0,50",
+                                      "--ckd-tau", "0.5,2"], steps=5)
+    assert len(swept) == 1 + 2 * 4
+    alone = classify.loss_trajectory([*base, "--methods", "ckd,kd+ckd", "--ckd-weight", "50", "--ckd-tau", "0.5"],
+                                     steps=5)
+    assert swept["ckd w=50 tau=0.5"] == alone["ckd"] and swept["kd+ckd w=50 tau=0.5"] == alone["kd+ckd"]
+    assert swept["ckd w=0 tau=2"] == swept["ckd w=0 tau=0.5"] == swept["ce"]
+    assert swept["ckd w=50 tau=2"] != swept["ckd w=50 tau=0.5"]
+
+
 def test_seeds_give_mean_and_std(tmp_path):
     results = classify.main(["--epochs", "1", "--teacher-epochs", "1", "--seeds", "0,1", "--quiet",
                           "--impl", "reference", "--methods", "ce", "--out", str(tmp_path)])
@@ -56,6 +131,7 @@ def test_seeds_give_mean_and_std(tmp_path):
     summary = results["summary"]["ce"]
     assert summary["test_acc_mean"] == pytest.approx(sum(accs) / 2)
     assert summary["test_acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5)
+    assert (summary["test_acc_min"], summary["test_acc_max"]) == (min(accs), max(accs))
 
 
 def test_same_seed_same_trajectory():
@@ -98,6 +174,10 @@ def _garbage(tmp_path):
     (["--bickd-w-class", "-2"], "expected a weight >= 0"),
     (["--ce-weight", "nan"], "expected a weight >= 0"),
     (["--ckd-tau", "0"], "expected a number > 0"),
+    (["--ckd-weight", "10,-1"], "expected a weight >= 0, got -1"),
+    (["--ckd-tau", "1,0"], "expected a number > 0, got 0"),
+    (["--ckd-tau", ","], "expected a comma list, got ','"),
+    (["--ckd-weight", "10,50,10"], "a value is listed twice in '10,50,10'"),
     (["--kd-temperature", "-4"], "expected a number > 0"),
     (["--impl", "eager"], "invalid choice: 'eager'"),
     (["--seeds", "0,x"], "--seeds expects a comma list of integers"),
