@@ -568,7 +568,7 @@ def figure(results):
                         ha="right", fontsize="small" if len(rows) <= 8 else "x-small")
     final_ax.set_ylim(*final_accuracy_limits(results))
     final_ax.set(ylabel="final test accuracy (%)",
-                 title=f"after the last epoch: mean, min - max over {len(results['config']['seeds'])} seed(s)")
+                 title="after the last epoch: mean, seeds' min - max")
     final_ax.grid(alpha=0.3, axis="y")
     final_ax.legend(fontsize="small", loc="lower right")
     c = results["config"]
