@@ -679,6 +679,10 @@ test_train_methods = train_test(
     (["--methods", "ce,crd"], 1, dict(method="'crd'")),
     (["--methods", "kd+kd"], 1, dict(method="'kd+kd'")),
     (["--methods", "kd,kd"], 2, dict(value="'kd,kd'")))
+test_train_sweep = train_test(
+    "T-sweep",
+    (["--ckd-tau", ","], 0, dict(flag="--ckd-tau", value="','")),
+    (["--ckd-weight", "10,50,10"], 1, dict(flag="--ckd-weight", value="'10,50,10'")))
 test_train_seeds = train_test(
     "T-seeds",
     (["--seeds", "0,x"], 0, dict(value="'0,x'")),

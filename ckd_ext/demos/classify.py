@@ -614,7 +614,8 @@ def _run(s: Session, started: float) -> dict:
         rs = [r for r in runs if r["setting"] == row.label]
         finals = [r["final_test_acc"] for r in rs]
         mean, std = _mean_std(finals)
-        ckd = dict(ckd_weight=row.terms.ckd_weight, ckd_tau=row.terms.ckd_tau) if "ckd" in row.method.split("+") else {}
+        has_ckd = "ckd" in row.method.split("+")
+        ckd = dict(ckd_weight=row.terms.ckd_weight, ckd_tau=row.terms.ckd_tau) if has_ckd else {}
         summary[row.label] = dict(method=row.method, **ckd, test_acc_mean=mean, test_acc_std=std,
                                   test_acc_min=min(finals), test_acc_max=max(finals),
                                   loss_ms_per_step=statistics.fmean(r["loss_ms_per_step"] for r in rs))
