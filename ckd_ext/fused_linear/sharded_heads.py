@@ -91,8 +91,8 @@ def check_not_freed(fn: str, name: str, tensor, dim: int) -> None:
     needed = (extent + 1) * tensor.element_size() if tensor.numel() else 0
     if tensor.dim() != dim or tensor.untyped_storage().nbytes() < needed:
         raise RuntimeError(
-            f"{fn}: {name} was freed between the forward and the backward (now shape {tuple(tensor.shape)}, "
-            f"{tensor.untyped_storage().nbytes()} bytes of storage): with reduction='none' the head's gradient is "
+            f"{fn}: {name} was freed between the forward and the backward (now of shape {tuple(tensor.shape)} "
+            f"with {tensor.untyped_storage().nbytes()} bytes of storage): with reduction='none' the head's gradient is "
             f"computed in backward, which reads the head. Under a gather context that frees the head on exit "
             f"(ZeRO-3), run backward inside the context, or use reduction='mean' or 'sum', whose head gradients are "
             f"finished during the forward")

@@ -32,16 +32,13 @@ DIVERGENCES = ("forward_kl",)
 
 
 def check_arguments(fn: str, group, global_batch, *tensors) -> None:
-    """`group` is None or a ProcessGroup of an initialised torch.distributed; not combined with a global batch; the
-    heads are plain local shards, not DTensors."""
+    """`group` is None or a ProcessGroup; not combined with a global batch; the heads are plain local shards, not
+    DTensors."""
     if group is None:
         return
     if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError(f"{fn}: vocab_parallel_group must be a torch.distributed.ProcessGroup or None, "
                         f"got {type(group).__name__}")
-    if not dist.is_initialized():
-        raise RuntimeError(f"{fn}: vocab_parallel_group needs an initialised torch.distributed process group "
-                           f"(torch.distributed.init_process_group), but none is initialised")
     if global_batch is not False:
         raise ValueError(f"{fn}: vocab_parallel_group cannot be combined with global_batch={global_batch!r} yet; "
                          f"pass global_batch=False")
