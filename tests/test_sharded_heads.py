@@ -13,6 +13,7 @@ largest magnitude of the expected tensor (only the summation order differs: shar
 TOLERANCE (1e-5, tests/tolerances.py: float32 accumulation over a few dozen terms).
 """
 import contextlib
+import time
 
 import pytest
 import torch
@@ -168,13 +169,13 @@ def relative_error(actual, expected) -> float:
     return float((actual - expected).abs().max() / max(float(expected.abs().max()), 1e-300))
 
 
-def _max_over_ranks(errors: dict) -> dict:
+def _max_over_ranks(errors: dict, group) -> dict:
     result = torch.tensor(list(errors.values()), dtype=torch.float64)
-    dist.all_reduce(result, op=dist.ReduceOp.MAX)
+    dist.all_reduce(result, op=dist.ReduceOp.MAX, group=group)
     return dict(zip(errors, result.tolist()))
 
 
-def vocab_parallel_case(world, rank, loss, dtype_name, reduction, anchor="student"):
+def vocab_parallel_case(world, rank, group, loss, dtype_name, reduction, anchor="student"):
     """This rank's shard of both heads; the loss, its spread over ranks, and every gradient against the float64
     oracle on the whole vocabulary's logits (hidden states in full on every rank; the head gradients of this
     rank's rows)."""
@@ -185,12 +186,12 @@ def vocab_parallel_case(world, rank, loss, dtype_name, reduction, anchor="studen
     hs = student[0].clone().requires_grad_()
     shard = (hs, student[1][rows].clone().requires_grad_(), student[2][rows].clone().requires_grad_())
     teacher_shard = (teacher[0], teacher[1][rows], teacher[2][rows])
-    out = _call(loss, shard, teacher_shard, mask, labels, reduction, vocab_parallel_group=dist.group.WORLD,
+    out = _call(loss, shard, teacher_shard, mask, labels, reduction, vocab_parallel_group=group,
                 **({} if loss == "kd" else {"anchor": anchor}))
     got = grads_of(out, shard)
     expected, expected_grads = _oracle(loss, student, teacher, mask, labels, reduction, anchor)
     everyone = [torch.empty_like(out) for _ in range(world)]
-    dist.all_gather(everyone, out.detach().contiguous())
+    dist.all_gather(everyone, out.detach().contiguous(), group=group)
     valid = mask if loss == "ckd" else mask & (labels != -100)
     errors = dict(loss=relative_error(out, expected),
                   same_on_every_rank=max(float((o - everyone[0]).abs().max()) for o in everyone),
@@ -198,16 +199,15 @@ def vocab_parallel_case(world, rank, loss, dtype_name, reduction, anchor="studen
                   masked_hidden=float(got[0][~valid].abs().max()),
                   weight=relative_error(got[1], expected_grads[1][rows]),
                   bias=relative_error(got[2], expected_grads[2][rows]))
-    return _max_over_ranks(errors)
+    return _max_over_ranks(errors, group)
 
 
-def vocab_parallel_module_case(world, rank):
+def vocab_parallel_module_case(world, rank, group):
     """FusedLinearKDLoss / FusedLinearCKDLoss pass vocab_parallel_group through: bit for bit their functions."""
     student, teacher, mask, labels = problem(torch.float64, seed=1)
     start = sum(SHARDS[world][:rank])
     rows = slice(start, start + SHARDS[world][rank])
     s, t = (student[0], student[1][rows], student[2][rows]), (teacher[0], teacher[1][rows], teacher[2][rows])
-    group = dist.group.WORLD
     kd_module = ckd_ext.FusedLinearKDLoss(reduction="sum", vocab_parallel_group=group, **KD)
     ckd_module = ckd_ext.FusedLinearCKDLoss(reduction="sum", anchor="teacher", vocab_parallel_group=group, **CKD)
     kwargs = dict(student_bias=s[2], teacher_bias=t[2], mask=mask)
@@ -233,7 +233,7 @@ MISMATCHES = {
 }
 
 
-def mismatched_rank(world, rank, case):
+def mismatched_rank(world, rank, group, case):
     odd = rank == world - 1
     student, teacher, mask, labels = problem(torch.float64)
     start = sum(SHARDS[world][:rank])
@@ -255,21 +255,21 @@ def mismatched_rank(world, rank, case):
             ckd_ext.fused_linear_kd_loss(s[0], s[1], t[0], t[1], student_bias=s[2], teacher_bias=t[2], mask=mask,
                                          labels=labels, ce_weight=0.5,
                                          temperature=3.0 if odd and case == "kd-temperature" else 1.0,
-                                         vocab_parallel_group=dist.group.WORLD)
+                                         vocab_parallel_group=group)
         else:
             ckd_ext.fused_linear_ckd_loss(s[0], s[1], t[0], t[1], student_bias=s[2], teacher_bias=t[2], mask=mask,
                                           tau=2.0 if odd and case == "ckd-tau" else 1.0,
-                                          vocab_parallel_group=dist.group.WORLD)
+                                          vocab_parallel_group=group)
     except ValueError as error:
         message = str(error)
     messages = [None] * world
-    dist.all_gather_object(messages, message)
+    dist.all_gather_object(messages, message, group=group)
     alive = torch.ones(1)
-    dist.all_reduce(alive)
+    dist.all_reduce(alive, group=group)
     return dict(messages=messages, alive=alive.item() == world)
 
 
-def bytes_sent(world, rank, loss):
+def bytes_sent(world, rank, group, loss):
     """What this rank sends for one vocabulary-parallel call, forward and backward ("mean", float64)."""
     student, teacher, mask, labels = problem(torch.float64)
     start = sum(SHARDS[world][:rank])
@@ -277,17 +277,17 @@ def bytes_sent(world, rank, loss):
     s = (student[0].clone().requires_grad_(), student[1][rows].clone().requires_grad_(), student[2][rows])
     t = (teacher[0], teacher[1][rows], teacher[2][rows])
     with distributed.count_bytes() as counter:
-        _call(loss, s, t, mask, labels, "mean", vocab_parallel_group=dist.group.WORLD,
+        _call(loss, s, t, mask, labels, "mean", vocab_parallel_group=group,
               **({} if loss == "kd" else {"anchor": "student"})).backward()
     return counter.by_kind
 
 
-def fsdp_case(world, rank):
+def fsdp_case(world, rank, group):
     """A student whose body and head are sharded by FSDP2 (the head its own unit, whose forward never runs: the loss
     reads model.head.weight, a sharded DTensor) and a teacher head sharded with distribute_tensor, on a CPU mesh.
     Each rank distils its own tokens with KD + CE and CKD; FSDP2 averages the gradients over ranks. Against one
     process: the mean over ranks of the per-rank float64 oracle losses, and its gradients."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -308,7 +308,7 @@ def fsdp_case(world, rank):
     teacher_hidden = [torch.randn(6, TEACHER_WIDTH, generator=generator, dtype=torch.float64) for _ in range(world)]
     labels = [token_labels((6,), VOCAB, seed=r) for r in range(world)]
     teacher_weight = torch.randn(VOCAB, TEACHER_WIDTH, generator=generator, dtype=torch.float64)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = DeviceMesh.from_group(group, "cpu")
     fully_shard(model.head, mesh=mesh)
     fully_shard(model, mesh=mesh)
     sharded_teacher = distribute_tensor(teacher_weight, mesh, [Shard(0)])
@@ -337,7 +337,7 @@ def fsdp_case(world, rank):
     for name, param in model.named_parameters():
         want = dict(reference_model.named_parameters())[name].grad
         errors[name] = relative_error(param.grad.full_tensor(), want)
-    return _max_over_ranks(errors)
+    return _max_over_ranks(errors, group)
 
 
 VOCAB_PARALLEL_CASES = ([("kd", "float64", r, "student") for r in REDUCTIONS]
@@ -349,29 +349,55 @@ def case_name(loss, dtype, reduction, anchor):
     return f"{loss}-{dtype}-{reduction}" + (f"-{anchor}" if loss == "ckd" else "")
 
 
+def run_cases(world, rank, group):
+    """Every multi-rank case on `group` (`world` ranks); rank 0's results."""
+    results, seconds = {}, {}
+    start = time.perf_counter()
+    for loss, dtype, reduction, anchor in VOCAB_PARALLEL_CASES:
+        results[case_name(loss, dtype, reduction, anchor)] = vocab_parallel_case(world, rank, group, loss, dtype,
+                                                                                   reduction, anchor)
+    results["modules"] = vocab_parallel_module_case(world, rank, group)
+    for case in MISMATCHES:
+        results[f"mismatch-{case}"] = mismatched_rank(world, rank, group, case)
+    for loss in ("kd", "ckd"):
+        results[f"bytes-{loss}"] = bytes_sent(world, rank, group, loss)
+    seconds["vocab_parallel"] = time.perf_counter() - start
+    start = time.perf_counter()
+    results["fsdp"] = fsdp_case(world, rank, group)
+    seconds["fsdp"] = time.perf_counter() - start
+    results["seconds"] = seconds  # where the time goes (printed by the fixture, shown with -s; not asserted)
+    return results
+
+
 def worker(rank, world, port, out_dir):
+    """One spawn of 3 ranks for both world sizes (a spawn costs seconds): the 3-rank cases on the default group, then
+    the 2-rank cases on the group of ranks 0 and 1 while rank 2 waits."""
     gloo_ranks.init(rank, world, port)
     results = {}
     try:
-        for loss, dtype, reduction, anchor in VOCAB_PARALLEL_CASES:
-            results[case_name(loss, dtype, reduction, anchor)] = vocab_parallel_case(world, rank, loss, dtype,
-                                                                                       reduction, anchor)
-        results["modules"] = vocab_parallel_module_case(world, rank)
-        for case in MISMATCHES:
-            results[f"mismatch-{case}"] = mismatched_rank(world, rank, case)
-        for loss in ("kd", "ckd"):
-            results[f"bytes-{loss}"] = bytes_sent(world, rank, loss)
-        results["fsdp"] = fsdp_case(world, rank)
+        pair = dist.new_group([0, 1])  # every rank creates every group
+        results[3] = run_cases(3, rank, dist.group.WORLD)
+        if rank < 2:
+            results[2] = run_cases(2, rank, pair)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     if rank == 0:
         gloo_ranks.save(out_dir, results)
 
 
-@pytest.fixture(scope="module", params=sorted(SHARDS))
-def group_results(request, tmp_path_factory):
-    world = request.param
-    return world, gloo_ranks.run(worker, world, tmp_path_factory.mktemp(f"sharded{world}"))
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    start = time.perf_counter()
+    results = gloo_ranks.run(worker, max(SHARDS), tmp_path_factory.mktemp("sharded"))
+    print(f"\none spawn of {max(SHARDS)} ranks: {time.perf_counter() - start:.1f} s in all; in the ranks: "
+          f"{ {world: r['seconds'] for world, r in results.items()} }")
+    return results
+
+
+@pytest.fixture(params=sorted(SHARDS))
+def group_results(request, spawned):
+    return request.param, spawned[request.param]
 
 
 @pytest.mark.parametrize("case", [case_name(*c) for c in VOCAB_PARALLEL_CASES])
