@@ -85,7 +85,7 @@ def check_not_freed(fn: str, name: str, tensor, dim: int) -> None:
     """A RuntimeError if `tensor` (a `dim`-dimensional head saved for a backward that reads it) lost its data since
     the forward: replaced by an empty tensor (`param.data = torch.empty(0)`) or its storage resized to 0, as ZeRO-3
     frees a gathered head on leaving the gather context."""
-    if tensor is None:
+    if tensor is None or torch.compiler.is_compiling():  # a traced backward cannot inspect storage
         return
     extent = tensor.storage_offset() + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
     needed = (extent + 1) * tensor.element_size() if tensor.numel() else 0
