@@ -18,7 +18,7 @@ from torch import Tensor
 from ..custom_ops import _once_differentiable
 
 
-def _is_dtensor(value) -> bool:
+def is_dtensor(value) -> bool:
     # DTensor is imported only where it is used: torch.distributed.tensor may be missing (torch built without it)
     return type(value).__name__ == "DTensor" and hasattr(value, "full_tensor")
 
@@ -37,7 +37,7 @@ class _ScaleGradient(torch.autograd.Function):
 def full_head(value):
     """A DTensor's full tensor, with autograd back to its shards averaged over its mesh's ranks; anything else as
     it is. The teacher's heads take the same path (their gradient is never asked for)."""
-    if not _is_dtensor(value):
+    if not is_dtensor(value):
         return value
     from torch.distributed.tensor import Partial
     mesh = value.device_mesh

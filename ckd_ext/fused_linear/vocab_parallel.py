@@ -42,13 +42,9 @@ def check_arguments(fn: str, group, global_batch, *tensors) -> None:
     if global_batch is not False:
         raise ValueError(f"{fn}: vocab_parallel_group cannot be combined with global_batch={global_batch!r} yet; "
                          f"pass global_batch=False")
-    if any(_is_dtensor(t) for t in tensors):
+    if any(sharded_heads.is_dtensor(t) for t in tensors):
         raise ValueError(f"{fn}: with vocab_parallel_group the heads must be this rank's local shards (plain "
                          f"tensors, e.g. weight.to_local()), got a DTensor")
-
-
-def _is_dtensor(value) -> bool:
-    return type(value).__name__ == "DTensor"
 
 
 def _checksum(values: Optional[Tensor]) -> int:
@@ -73,11 +69,6 @@ def shard_layout(fn: str, p, group, fields: tuple) -> distributed.Layout:
         ("student_bias, teacher_bias (given or None)", 2 * (p.student_bias is not None) + (p.teacher_bias is not None)),
         ("the workspace budget (ckd_ext.workspace_bytes())", _workspace_bytes(str(hs.device)))) + fields)
     return distributed.gather_layout(p.student_weight.shape[0], hs.device, group, signature)
-
-
-# --------------------------------------------------------------------------------------------------
-# CKD: the Gram matrices summed over the shards
-# --------------------------------------------------------------------------------------------------
 
 
 class _SumOverShards(torch.autograd.Function):
@@ -107,11 +98,6 @@ def max_over_shards(values: Tensor, group) -> Tensor:
 def ckd_layout(fn: str, p, tau, anchor, reduction, group) -> distributed.Layout:
     return shard_layout(fn, p, group, (("tau", float(tau)), ("anchor", anchor), ("reduction", reduction),
                                        ("mask (a checksum)", _checksum(p.mask))))
-
-
-# --------------------------------------------------------------------------------------------------
-# KD: the normalisers from all-reduced maxima and sums
-# --------------------------------------------------------------------------------------------------
 
 
 class ForwardKL:
