@@ -292,8 +292,9 @@ def prepare_fused_linear_ckd(fn, student_hidden, student_weight, teacher_hidden,
 
 def prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                             teacher_bias, temperature, mask, labels, ce_weight, ignore_index,
-                            reduction) -> FusedLinearPrepared:
-    """Validate the arguments of a fused-linear KD (+ CE) loss and flatten its hidden states."""
+                            reduction, vocab_parallel=False) -> FusedLinearPrepared:
+    """Validate the arguments of a fused-linear KD (+ CE) loss and flatten its hidden states. With `vocab_parallel`
+    the label values are left to the caller, who knows the whole vocabulary (the heads hold a shard of it)."""
     _check_positive(fn, "temperature", temperature)
     _check_number(fn, "ce_weight", ce_weight)
     if not (0 <= ce_weight <= FLOAT32_MAX):
@@ -306,12 +307,12 @@ def prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, 
                          f"or ce_weight=0")
     p = _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
                               student_bias, teacher_bias, mask, labels)
-    if p.labels is not None:
-        _check_label_values(fn, p.labels, p.mask, ignore_index, p.student_weight.shape[0])
+    if p.labels is not None and not vocab_parallel:
+        check_label_values(fn, p.labels, p.mask, ignore_index, p.student_weight.shape[0])
     return p
 
 
-def _check_label_values(fn: str, labels: Tensor, mask: Optional[Tensor], ignore_index: int, vocab: int) -> None:
+def check_label_values(fn: str, labels: Tensor, mask: Optional[Tensor], ignore_index: int, vocab: int) -> None:
     """Every label of a token that takes part (mask True) is a class in [0, V) or ignore_index; masked and ignored
     tokens' labels are never read. One reduction and one host read (a synchronisation on CUDA, which the
     alternative, a device-side assert inside the chunk loop, would turn into a dead CUDA context)."""

@@ -99,6 +99,16 @@ def _all_gather(tensor: Tensor, group) -> Tensor:
     return out
 
 
+def all_reduce(tensor: Tensor, group, op=None) -> Tensor:
+    """The elementwise reduction (`op`: a dist.ReduceOp, SUM by default) over the ranks of `tensor`, in place; the
+    same result on every rank."""
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    _count("all_reduce", 2 * (world - 1) / world * tensor.numel() * tensor.element_size())
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return tensor
+
+
 def _reduce_scatter(tensor: Tensor, group) -> Tensor:
     """Rank r's (rows / world, ...) slice of the sum over ranks of `tensor`."""
     world = dist.get_world_size(group)
@@ -189,9 +199,10 @@ class Signature:
     """What every rank's call must agree on: the loss (`fn`) and (argument, value) pairs, values being bools, ints,
     floats, strings or dtypes. A rank that disagrees would send rows of another width or dtype (gloo aborts the
     process), take another communication path (the other ranks wait until the process group's timeout) or silently
-    compute another loss."""
+    compute another loss. `why`, in the error, says why the ranks must agree."""
     fn: str
     fields: tuple
+    why: str = "the global batch is one loss over all ranks"
 
 
 SIGNATURE_SLOTS = 14  # int64 slots of one rank's signature: the row count, the loss and up to 12 arguments
@@ -239,8 +250,8 @@ def _check_signatures(signature: Signature, table: list) -> None:
         for rank, code in enumerate(codes):
             by_value.setdefault(code, []).append(rank)
         got = "; ".join(f"{_decode(code, value)!r} on {_ranks_text(ranks)}" for code, ranks in by_value.items())
-        raise ValueError(f"{signature.fn}: {name} must be the same on every rank of the process group (the global "
-                         f"batch is one loss over all ranks), got {got}")
+        raise ValueError(f"{signature.fn}: {name} must be the same on every rank of the process group "
+                         f"({signature.why}), got {got}")
 
 
 def gather_layout(rows: int, device, group, signature: Optional[Signature] = None) -> Layout:

@@ -62,11 +62,24 @@ class BicKDLoss(_Distributed):
                 + self._distributed_repr())
 
 
-class FusedLinearCKDLoss(_Distributed):
+class _FusedLinear(_Distributed):
+    """global_batch and group, and vocab_parallel_group (a vocabulary-parallel head's process group, or None)."""
+
+    def __init__(self, global_batch, group, vocab_parallel_group):
+        super().__init__(global_batch, group)
+        self.vocab_parallel_group = vocab_parallel_group
+
+    def _distributed_repr(self):
+        vocab_parallel = "" if self.vocab_parallel_group is None else ", vocab_parallel_group=<ProcessGroup>"
+        return super()._distributed_repr() + vocab_parallel
+
+
+class FusedLinearCKDLoss(_FusedLinear):
     """CKD on the logits of two linear heads, from hidden states and head weights (``fused_linear_ckd_loss``)."""
 
-    def __init__(self, *, tau=1.0, anchor="student", reduction="mean", global_batch=False, group=None):
-        super().__init__(global_batch, group)
+    def __init__(self, *, tau=1.0, anchor="student", reduction="mean", global_batch=False, group=None,
+                 vocab_parallel_group=None):
+        super().__init__(global_batch, group, vocab_parallel_group)
         self.tau, self.anchor, self.reduction = tau, anchor, reduction
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
@@ -74,18 +87,18 @@ class FusedLinearCKDLoss(_Distributed):
         return fused_linear.fused_linear_ckd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction,
-            global_batch=self.global_batch, group=self.group)
+            global_batch=self.global_batch, group=self.group, vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self):
         return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}" + self._distributed_repr()
 
 
-class FusedLinearKDLoss(_Distributed):
+class FusedLinearKDLoss(_FusedLinear):
     """KD (+ ce_weight * cross-entropy) on the logits of two linear heads (``fused_linear_kd_loss``)."""
 
     def __init__(self, *, temperature=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean", global_batch=False,
-                 group=None):
-        super().__init__(global_batch, group)
+                 group=None, vocab_parallel_group=None):
+        super().__init__(global_batch, group, vocab_parallel_group)
         self.temperature, self.ce_weight, self.ignore_index = temperature, ce_weight, ignore_index
         self.reduction = reduction
 
@@ -95,7 +108,7 @@ class FusedLinearKDLoss(_Distributed):
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, temperature=self.temperature, mask=mask, labels=labels,
             ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            global_batch=self.global_batch, group=self.group)
+            global_batch=self.global_batch, group=self.group, vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "

@@ -12,19 +12,12 @@ Tolerances, relative to the largest magnitude of the expected tensor: float64 1e
 the ring merges its log-sum-exp block by block); float32 1e-5 (as tests/tolerances.py's TOLERANCE: float32
 accumulation over a few dozen terms, inputs of scale 3).
 """
-import datetime
-import os
-import pickle
-import socket
-import time
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import ckd_ext
+import gloo_ranks
 from ckd_ext import distributed, reference
 
 FEATURES, CLASSES = 6, 7
@@ -40,10 +33,6 @@ MODES = (True, "ring")
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = {"float64": (torch.float64, 1e-10), "float32": (torch.float32, 1e-5)}
 IMPLS = {"fused": ckd_ext, "reference": reference}
-TIMEOUT_S = 120  # per process group: a deadlock fails the test instead of hanging CI
-# Every collective of the workers times out after this long (the process group's own timeout, default 30 minutes):
-# a rank left waiting by a mismatched peer fails its case well within TIMEOUT_S instead of hanging.
-COLLECTIVE_TIMEOUT_S = 20
 
 
 def global_batch(world, dtype, seed=0):
@@ -311,9 +300,7 @@ def fused_linear_module_case(world, rank, mode):
 
 
 def worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    gloo_ranks.init(rank, world, port)
     results = {}
     try:
         for impl in IMPLS:
@@ -356,32 +343,14 @@ def worker(rank, world, port, out_dir):
     finally:
         dist.destroy_process_group()
     if rank == 0:
-        Path(out_dir, "results.pkl").write_bytes(pickle.dumps(results))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        gloo_ranks.save(out_dir, results)
 
 
 @pytest.fixture(scope="module", params=sorted(ROWS))
 def group_results(request, tmp_path_factory):
     """Runs every case on one process group of `world` ranks; (world, results)."""
     world = request.param
-    out_dir = tmp_path_factory.mktemp(f"world{world}")
-    context = mp.start_processes(worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} ranks did not finish within {TIMEOUT_S} s (a deadlock?)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return world, pickle.loads((out_dir / "results.pkl").read_bytes())
+    return world, gloo_ranks.run(worker, world, tmp_path_factory.mktemp(f"world{world}"))
 
 
 CASES = [case_id(impl, dtype, loss, mode, reduction) for impl in IMPLS for dtype in DTYPES for loss in LOSSES

@@ -295,7 +295,8 @@ FL_CKD, FL_KD = ("fused_linear_ckd_loss",), ("fused_linear_kd_loss",)
 FL_ALL = FL_CKD + FL_KD
 FL_MODULES = {"fused_linear_ckd_loss": ckd_ext.FusedLinearCKDLoss, "fused_linear_kd_loss": ckd_ext.FusedLinearKDLoss}
 FL_POSITIONAL = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
-FL_HYPERPARAMETERS = ("tau", "anchor", "temperature", "ce_weight", "ignore_index", "reduction")
+FL_HYPERPARAMETERS = ("tau", "anchor", "temperature", "ce_weight", "ignore_index", "reduction", "global_batch",
+                      "vocab_parallel_group")
 
 
 def fl_inputs():
@@ -388,17 +389,18 @@ test_labels_range = fused_linear_test(
 
 
 @documents("E-global-batch-mismatch")
+@pytest.mark.parametrize("why", [None, "the vocabulary shards compute one loss"])
 @pytest.mark.parametrize("field, values_by_rank, values", [
     (0, ["True", "ring", "True"], "True on ranks 0, 2; 'ring' on rank 1"),
     (1, [torch.float32, torch.float64], "torch.float32 on rank 0; torch.float64 on rank 1"),
     (2, [7, 8], "7 on rank 0; 8 on rank 1"),
     (3, [0.5, 2.0], "0.5 on rank 0; 2.0 on rank 1")])
-def test_global_batch_mismatch(field, values_by_rank, values):
-    """The check every rank runs on the gathered signatures (its message); tests/test_distributed.py raises it on real
-    ranks."""
+def test_global_batch_mismatch(field, values_by_rank, values, why):
+    """The check every rank runs on the gathered signatures (its message), with a global batch and with vocabulary
+    shards (`why`); tests/test_distributed.py and tests/test_sharded_heads.py raise it on real ranks."""
     fields = (("global_batch", "True"), ("student's dtype", torch.float32), ("the number of classes C", 7),
               ("tau", 0.5))
-    signature = distributed.Signature("ckd_loss", fields)
+    signature = distributed.Signature("ckd_loss", fields, *([why] if why else []))
     encoded = [distributed._encode(v) for v in ["ckd_loss"] + [v for _, v in fields]]
     table = []
     for rank, value in enumerate(values_by_rank):
@@ -408,6 +410,53 @@ def test_global_batch_mismatch(field, values_by_rank, values):
     expect("E-global-batch-mismatch", lambda: distributed._check_signatures(signature, table), fn="ckd_loss",
            name=fields[field][0], values=values)
     distributed._check_signatures(signature, [[4 + rank] + encoded for rank in range(3)])
+
+
+# A process group object without torch.distributed initialised: enough for the argument checks, which run first.
+LONE_GROUP = torch.distributed.ProcessGroup(torch.distributed.HashStore(), 0, 1)
+test_vocab_parallel_group_type = fused_linear_test(
+    "E-vocab-parallel-group-type",
+    (FL_ALL, dict(vocab_parallel_group=[0, 1]), dict(type="list")),
+    (FL_KD, dict(vocab_parallel_group=True), dict(type="bool")))
+test_vocab_parallel_global_batch = fused_linear_test(
+    "E-vocab-parallel-global-batch",
+    (FL_ALL, dict(vocab_parallel_group=LONE_GROUP, global_batch=True), dict(value="True")),
+    (FL_CKD, dict(vocab_parallel_group=LONE_GROUP, global_batch="ring"), dict(value="'ring'")))
+
+
+@contextlib.contextmanager
+def fake_process_group():
+    """torch's fake backend (collectives do nothing) for the DTensor a check needs, torn down after: the rest of this
+    file runs without an initialised torch.distributed."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@documents("E-vocab-parallel-dtensor")
+@pytest.mark.parametrize("fn", FL_ALL)
+@pytest.mark.parametrize("head", ["student_weight", "teacher_bias"])
+def test_vocab_parallel_dtensor(fn, head):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    with fake_process_group():
+        group = torch.distributed.group.WORLD
+        inputs = dict(fl_inputs(), teacher_bias=torch.randn(5))
+        inputs[head] = distribute_tensor(inputs[head], init_device_mesh("cpu", (2,)), [Shard(0)])
+        for impl in ("fused", "module"):
+            expect("E-vocab-parallel-dtensor", lambda: fl_call(impl, fn, vocab_parallel_group=group, **inputs), fn=fn)
+
+
+@documents("E-vocab-parallel-divergence")
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd"])
+def test_vocab_parallel_divergence(divergence):
+    """The vocabulary-parallel KD's check of its divergence (fused_linear_kd_loss passes its `divergence` through)."""
+    from ckd_ext.fused_linear import vocab_parallel
+    expect("E-vocab-parallel-divergence", lambda: vocab_parallel.divergence_of("fused_linear_kd_loss", divergence),
+           fn="fused_linear_kd_loss", choices="'forward_kl'", value=repr(divergence))
 
 
 test_ce_weight_range = fused_linear_test(
@@ -454,6 +503,23 @@ def test_cpu_isa():
     for isa in unsupported:  # none on a CPU with AVX-512; only the unknown form can be raised there
         expect("E-cpu-isa", lambda: ckd_ext.set_cpu_isa(isa), form=1, name=isa, allowed=allowed)
     assert ckd_ext.cpu_isa() == previous
+
+
+@documents("E-fl-head-freed")
+@pytest.mark.parametrize("fn", FL_ALL)
+@pytest.mark.parametrize("free", ["data", "storage"])
+def test_fl_head_freed(fn, free):
+    """A head freed after a reduction="none" forward (ZeRO-3's gather context exiting) and before its backward."""
+    inputs = fl_inputs()
+    weight = torch.nn.Parameter(inputs.pop("student_weight"))
+    loss = getattr(ckd_ext, fn)(inputs["student_hidden"], weight, inputs["teacher_hidden"], inputs["teacher_weight"],
+                                reduction="none")
+    if free == "data":
+        weight.data = torch.empty(0)
+    else:
+        weight.untyped_storage().resize_(0)
+    expect("E-fl-head-freed", lambda: loss.sum().backward(), fn=fn, name="student_weight",
+           shape="(0,)" if free == "data" else "(5, 3)", nbytes="0")
 
 
 @documents("E-double-backward")

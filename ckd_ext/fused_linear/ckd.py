@@ -12,6 +12,7 @@ from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import EPS, accumulation_dtype
+from . import sharded_heads, vocab_parallel
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast, _workspace_bytes
 
 # The bilinear forms of fused-linear CKD (the heads' K x K Gram matrices, the N x K products with them, the row norms
@@ -87,6 +88,8 @@ class _HeadGrams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_student_gram, grad_cross_gram, _grad_teacher_gram):
         student_weight, student_bias, teacher_weight, teacher_bias, scales = ctx.saved_tensors
+        sharded_heads.check_not_freed_heads("fused_linear_ckd_loss", student_weight, student_bias, teacher_weight,
+                                            teacher_bias)
         need_weight, need_bias = ctx.needs_input_grad[:2]
         if not (need_weight or need_bias):
             return None, None, None, None, None, None
@@ -239,7 +242,7 @@ def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, mask, reduction,
 
 def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                           teacher_bias=None, tau=1.0, anchor="student", mask=None, reduction="mean",
-                          global_batch=False, group=None):
+                          global_batch=False, group=None, vocab_parallel_group=None):
     """``ckd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias)``
     without the logits: loss and gradients (hidden, weight, bias of the student) equal those of the logit loss.
 
@@ -247,24 +250,43 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
     biases (V,). Work O(V K^2 + N^2 K_s) for K = H_s + H_t (+ 1 per bias), memory O(N K + K^2) beyond the inputs.
     `global_batch` / `group` as for ``ckd_loss`` (docs/distributed.md): the K-wide rows [h, 1] are what is gathered
     or passed between ranks (the heads are identical on every rank under DDP), so a global batch costs N K per rank,
-    not N V."""
+    not N V. DTensor heads (FSDP2) are taken whole once per call, their gradient averaged back to the shards; with
+    `vocab_parallel_group` each rank passes its shard of the vocabulary rows of both heads (docs/distributed.md).
+    For "mean" and "sum" every gradient is finished during the forward (a gathered head may be freed before
+    backward)."""
     fn = "fused_linear_ckd_loss"
+    vocab_parallel.check_arguments(fn, vocab_parallel_group, global_batch, student_weight, teacher_weight,
+                                   student_bias, teacher_bias)
+    student_weight, teacher_weight, student_bias, teacher_bias = map(
+        sharded_heads.full_head, (student_weight, teacher_weight, student_bias, teacher_bias))
     inputs = _autocast_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias)
+
+    def compute(*tensors):
+        return _fused_linear_ckd(fn, tensors, tau, anchor, mask, reduction, global_batch, group,
+                                 vocab_parallel_group)
+
     with _without_autocast(inputs[0]):
-        loss = _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group)
+        loss = compute(*inputs) if reduction == "none" else sharded_heads.finish_in_forward(compute, inputs)
     return _output(loss, inputs[0])  # outside: under autocast the loss stays float32
 
 
-def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group):
+def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group, vocab_parallel_group):
     p = _validation.prepare_fused_linear_ckd(fn, *inputs, tau, anchor, mask, reduction)
     distributed.check_arguments(fn, global_batch, group)
     require_extension()  # the workspace budget that sizes the strips is the extension's
     dtype = accumulation_dtype(p.student_hidden.dtype)
-    head_scales = _downscale(torch.stack([_head_magnitude(p.student_weight, p.student_bias),
-                                          _head_magnitude(p.teacher_weight, p.teacher_bias)]).to(FORMS_DTYPE))
-    grams = _Grams(*_HeadGrams.apply(p.student_weight, p.student_bias, p.teacher_weight, p.teacher_bias, head_scales,
-                                     FORMS_DTYPE), head_scales)
+    magnitudes = torch.stack([_head_magnitude(p.student_weight, p.student_bias),
+                              _head_magnitude(p.teacher_weight, p.teacher_bias)]).to(FORMS_DTYPE)
+    if vocab_parallel_group is not None:  # the Gram matrices are sums over the vocabulary (docs/math.md 8.5)
+        vocab_parallel.ckd_layout(fn, p, tau, anchor, reduction, vocab_parallel_group)
+        magnitudes = vocab_parallel.max_over_shards(magnitudes, vocab_parallel_group)
+    head_scales = _downscale(magnitudes)
+    head_grams = _HeadGrams.apply(p.student_weight, p.student_bias, p.teacher_weight, p.teacher_bias, head_scales,
+                                  FORMS_DTYPE)
+    if vocab_parallel_group is not None:
+        head_grams = vocab_parallel.sum_over_shards(head_grams, vocab_parallel_group)
+    grams = _Grams(*head_grams, head_scales)
     student_rows = _hidden_rows(p.student_hidden, p.student_bias is not None, FORMS_DTYPE, p.mask)
     teacher_rows = _hidden_rows(p.teacher_hidden, p.teacher_bias is not None, FORMS_DTYPE, p.mask)
     if global_batch is not False:

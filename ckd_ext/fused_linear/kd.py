@@ -11,6 +11,7 @@ from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
+from . import sharded_heads, vocab_parallel
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast
 
 
@@ -121,6 +122,7 @@ class _FusedLinearKD(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, valid, labels = ctx.saved_tensors
+            sharded_heads.check_not_freed_heads("fused_linear_kd_loss", ws, bs, wt, bt)
             _, grads = _kd_pass((hs, ws, bs, ht, wt, bt), valid, labels, ctx.temperature, ctx.ce_weight, None,
                                 grad_loss.to(accumulation_dtype(hs.dtype)))
             out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
@@ -131,29 +133,40 @@ class _FusedLinearKD(torch.autograd.Function):
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                          teacher_bias=None, temperature=1.0, mask=None, labels=None, ce_weight=0.0, ignore_index=-100,
-                         reduction="mean", global_batch=False, group=None):
+                         reduction="mean", global_batch=False, group=None, vocab_parallel_group=None):
     """``kd_loss`` on the logits ``hidden @ weight.T + bias`` of both models, plus ``ce_weight * cross_entropy(student
     logits, labels)``, without the N x V logits. A token takes part (in both terms) when its mask is True and its label
     (if labels are given) is not ``ignore_index``; "mean" divides the sum over those tokens by their number.
-    `global_batch` and `group` are checked and otherwise ignored, as by ``kd_loss``: both terms are row-local."""
+    `global_batch` and `group` are checked and otherwise ignored, as by ``kd_loss``: both terms are row-local.
+    DTensor heads (FSDP2) are taken whole once per call, their gradient averaged back to the shards; with
+    `vocab_parallel_group` each rank passes its shard of the vocabulary rows of both heads (docs/distributed.md)."""
     fn = "fused_linear_kd_loss"
+    vocab_parallel.check_arguments(fn, vocab_parallel_group, global_batch, student_weight, teacher_weight,
+                                   student_bias, teacher_bias)
+    student_weight, teacher_weight, student_bias, teacher_bias = map(
+        sharded_heads.full_head, (student_weight, teacher_weight, student_bias, teacher_bias))
     student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias = _autocast_inputs(
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
     with _without_autocast(student_hidden):
         loss = _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                                 teacher_bias, temperature, mask, labels, ce_weight, ignore_index, reduction,
-                                global_batch, group)
+                                global_batch, group, vocab_parallel_group)
     return _output(loss, student_hidden)  # outside: under autocast the loss stays float32
 
 
 def _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                     temperature, mask, labels, ce_weight, ignore_index, reduction, global_batch, group):
+                     temperature, mask, labels, ce_weight, ignore_index, reduction, global_batch, group,
+                     vocab_parallel_group):
     p = _validation.prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
                                             student_bias, teacher_bias, temperature, mask, labels, ce_weight,
-                                            ignore_index, reduction)
+                                            ignore_index, reduction, vocab_parallel=vocab_parallel_group is not None)
     distributed.check_arguments(fn, global_batch, group)
     require_extension()
     valid = _valid_tokens(p.mask, p.labels, ignore_index)
+    if vocab_parallel_group is not None:
+        loss = vocab_parallel.kd_loss(fn, p, valid, ignore_index, temperature, ce_weight, reduction,
+                                      vocab_parallel_group)
+        return loss.reshape(p.lead_shape) if reduction == "none" else loss
     student = (p.student_hidden, p.student_weight, p.student_bias)
     compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
     loss = _FusedLinearKD.apply(*student, p.teacher_hidden, p.teacher_weight, p.teacher_bias, valid, p.labels,
