@@ -52,6 +52,44 @@ def check_arguments(fn: str, global_batch, group) -> None:
                            f"group (torch.distributed.init_process_group), but none is initialised")
 
 
+def _global_mode(global_batch) -> bool:
+    return global_batch is True or (isinstance(global_batch, str) and global_batch == "ring")
+
+
+def _usable_group(group) -> bool:
+    return dist.is_available() and dist.is_initialized() and (group is None or isinstance(group, dist.ProcessGroup))
+
+
+@contextlib.contextmanager
+def checked_together(group, communicates: bool):
+    """Around the argument checks of a call whose first collective is gather_layout's all-gather (`communicates`): a
+    rank whose checks raise still takes part in that all-gather, with its row count REJECTED, before its own error
+    propagates, so the other ranks raise a ValueError naming it (gather_layout) instead of waiting for it until the
+    process group's timeout. A rank that does not mean to communicate (a local or invalid mode) raises alone."""
+    if not (communicates and _usable_group(group)):
+        yield
+        return
+    try:
+        yield
+    except Exception:
+        slots = torch.zeros(1, SIGNATURE_SLOTS, dtype=torch.int64, device=_group_device(group))
+        slots[0, 0] = REJECTED
+        _all_gather(slots, group)
+        raise
+
+
+def global_batch_checks(global_batch, group):
+    """checked_together for a `global_batch` call: only True and "ring" communicate."""
+    return checked_together(group, _global_mode(global_batch))
+
+
+def _group_device(group):
+    """Where this rank's tensors of a collective on `group` live: NCCL's on the current CUDA device."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 # --------------------------------------------------------------------------------------------------
 # Communication: every collective goes through these helpers, which count the bytes this rank sends
 # --------------------------------------------------------------------------------------------------
@@ -206,6 +244,7 @@ class Signature:
 
 
 SIGNATURE_SLOTS = 14  # int64 slots of one rank's signature: the row count, the loss and up to 12 arguments
+REJECTED = -1  # the row count a rank whose own argument checks failed sends (checked_together)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STRINGS = ("True", "ring", "student", "teacher", "mean", "sum", "none")
 
@@ -264,6 +303,12 @@ def gather_layout(rows: int, device, group, signature: Optional[Signature] = Non
         slots += [_encode(signature.fn)] + [_encode(value) for _, value in signature.fields]
     slots += [0] * (SIGNATURE_SLOTS - len(slots))
     table = _all_gather(torch.tensor([slots], dtype=torch.int64, device=device), group).tolist()
+    rejected = [rank for rank, row in enumerate(table) if row[0] == REJECTED]
+    if rejected:
+        fn = "ckd_ext" if signature is None else signature.fn
+        whose = "its" if len(rejected) == 1 else "their"
+        raise ValueError(f"{fn}: {_ranks_text(rejected)} of the process group rejected {whose} arguments (the error "
+                         f"raised there says why); every rank stops here")
     if signature is not None:
         _check_signatures(signature, table)
     return Layout(tuple(int(row[0]) for row in table), dist.get_rank(group))

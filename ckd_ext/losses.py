@@ -48,8 +48,9 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     """CKD loss (docs/math.md). `student`, `teacher`: logits (..., C); `mask`: bool (...), False rows take
     no part; returns a scalar, or per-anchor terms of shape (...) for reduction="none". `global_batch` True or
     "ring": negatives from the rows of every rank of `group` (docs/distributed.md)."""
-    p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
-    distributed.check_arguments("ckd_loss", global_batch, group)
+    with distributed.global_batch_checks(global_batch, group):
+        p = _validation.prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+        distributed.check_arguments("ckd_loss", global_batch, group)
     if global_batch is not False:
         return _output(distributed.run(ckd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
                                        tau=tau, anchor=anchor), student)
@@ -76,9 +77,10 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
     (per-sample terms (...), per-class terms (C,)), already weighted by w_sample and w_class. `global_batch` True
     or "ring": sample-side candidates and column statistics from the rows of every rank of `group`
     (docs/distributed.md)."""
-    p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class, symmetric,
-                                  mask, reduction)
-    distributed.check_arguments("bickd_loss", global_batch, group)
+    with distributed.global_batch_checks(global_batch, group):
+        p = _validation.prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
+                                      symmetric, mask, reduction)
+        distributed.check_arguments("bickd_loss", global_batch, group)
     if global_batch is not False:
         out = distributed.run(bickd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
                               temperature=temperature, tau=tau, w_sample=w_sample, w_class=w_class,

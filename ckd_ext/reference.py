@@ -148,8 +148,9 @@ def ckd_loss(student: Tensor, teacher: Tensor, *, tau: float = 1.0, anchor: str 
     ``anchor="teacher"``, j ranging over the other valid rows. One valid row gives 0. ``global_batch`` True or
     ``"ring"``: the rows of every rank of ``group`` (docs/distributed.md).
     """
-    prepared = prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
-    distributed.check_arguments("ckd_loss", global_batch, group)
+    with distributed.global_batch_checks(global_batch, group):
+        prepared = prepare_ckd("ckd_loss", student, teacher, tau, anchor, mask, reduction)
+        distributed.check_arguments("ckd_loss", global_batch, group)
     if global_batch is not False:
         return distributed.run(ckd_loss, prepared, reduction=reduction, global_batch=global_batch, group=group,
                                tau=tau, anchor=anchor).to(prepared.student.dtype)
@@ -199,9 +200,10 @@ def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, ta
     teacher-anchored twin. ``global_batch`` True or ``"ring"``: the rows of every rank of ``group``
     (docs/distributed.md).
     """
-    prepared = prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
-                             symmetric, mask, reduction)
-    distributed.check_arguments("bickd_loss", global_batch, group)
+    with distributed.global_batch_checks(global_batch, group):
+        prepared = prepare_bickd("bickd_loss", student, teacher, temperature, tau, w_sample, w_class,
+                                 symmetric, mask, reduction)
+        distributed.check_arguments("bickd_loss", global_batch, group)
     if global_batch is not False:
         out = distributed.run(bickd_loss, prepared, reduction=reduction, global_batch=global_batch, group=group,
                               temperature=temperature, tau=tau, w_sample=w_sample, w_class=w_class,

@@ -274,6 +274,42 @@ def mismatched_rank(world, rank, case):
     return dict(messages=messages, alive=alive.item() == world)
 
 
+# A rank whose own arguments are invalid: its error, and on the other ranks the error naming it.
+REJECTIONS = {
+    "ckd-tau": "tau must be",
+    "bickd-temperature": "temperature must be",
+    "fused-linear-mask": "mask",
+    "vocab-parallel-ckd-empty-shard": "student_weight",
+}
+
+
+def rejected_rank(world, rank, case):
+    """The last rank's call fails its own argument checks; returns every rank's error message and whether the group
+    still works afterwards (an all-reduce)."""
+    odd = rank == world - 1
+    student = torch.randn(4, CLASSES, requires_grad=True)
+    teacher = torch.randn(4, CLASSES)
+    message = None
+    try:
+        if case == "ckd-tau":
+            ckd_ext.ckd_loss(student, teacher, tau=-1.0 if odd else 1.0, global_batch="ring")
+        elif case == "bickd-temperature":
+            ckd_ext.bickd_loss(student, teacher, temperature=0.0 if odd else 4.0, global_batch=True)
+        else:
+            vocab = 0 if odd and case == "vocab-parallel-ckd-empty-shard" else 20
+            mask = torch.ones(5 if odd and case == "fused-linear-mask" else 4, dtype=torch.bool)
+            group = dict(vocab_parallel_group=dist.group.WORLD) if case.startswith("vocab") else dict(global_batch=True)
+            ckd_ext.fused_linear_ckd_loss(torch.randn(4, 4), torch.randn(vocab, 4), torch.randn(4, 3),
+                                          torch.randn(vocab, 3), mask=mask, **group)
+    except ValueError as error:
+        message = str(error)
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    alive = torch.ones(1)
+    dist.all_reduce(alive)
+    return dict(messages=messages, alive=alive.item() == world)
+
+
 def fused_linear_module_case(world, rank, mode):
     """FusedLinearCKDLoss against fused_linear_ckd_loss with a global batch over a group of one rank (each rank its
     own) and over the default group, non-default tau, anchor and reduction, masked: bit for bit equal; and the calls
@@ -320,6 +356,8 @@ def worker(rank, world, port, out_dir):
                 results[f"fused-linear-{anchor}-{mode}"] = fused_linear_case(world, rank, anchor, mode)
         for case in MISMATCHES:
             results[f"mismatch-{case}"] = mismatched_rank(world, rank, case)
+        for case in REJECTIONS:
+            results[f"rejected-{case}"] = rejected_rank(world, rank, case)
         for mode in MODES:
             results[f"fused-linear-module-{mode}"] = fused_linear_module_case(world, rank, mode)
         strip_bytes = distributed.STRIP_BYTES
@@ -424,6 +462,22 @@ def test_a_mismatched_rank_raises_the_same_error_on_every_rank(group_results, ca
     others = "rank 0" if world == 2 else "ranks 0, 1"
     assert messages[0].endswith(f"on {others}; " + messages[0].split("; ")[-1]), messages[0]
     assert messages[0].split("; ")[-1].endswith(f"on rank {world - 1}"), messages[0]
+    assert result["alive"]
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_a_rank_rejecting_its_arguments_stops_every_rank(group_results, case):
+    """Invariant: a rank whose own argument checks fail raises its error (naming the argument), and the other ranks,
+    already waiting in the call's first collective, raise a ValueError naming that rank instead of hanging until the
+    process group's timeout; the group keeps working afterwards."""
+    world, results = group_results
+    result = results[f"rejected-{case}"]
+    *others, odd = result["messages"]
+    assert odd is not None and REJECTIONS[case] in odd, odd
+    assert "rejected" not in odd, odd
+    for message in others:
+        assert message is not None and f"rank {world - 1} of the process group rejected its arguments" in message, \
+            message
     assert result["alive"]
 
 

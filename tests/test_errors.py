@@ -412,6 +412,20 @@ def test_global_batch_mismatch(field, values_by_rank, values, why):
     distributed._check_signatures(signature, [[4 + rank] + encoded for rank in range(3)])
 
 
+@documents("E-rank-rejected-arguments")
+@pytest.mark.parametrize("rejected, ranks, whose", [([-1, 4, 5], "rank 0", "its"),
+                                                    ([4, -1, -1], "ranks 1, 2", "their")])
+def test_rank_rejected_arguments(rejected, ranks, whose, monkeypatch):
+    """What the waiting ranks raise when others sent REJECTED as their row count (gather_layout on a stand-in
+    all-gather); tests/test_distributed.py raises it on real ranks."""
+    table = torch.tensor([[count] + [0] * (distributed.SIGNATURE_SLOTS - 1) for count in rejected])
+    monkeypatch.setattr(distributed, "_all_gather", lambda tensor, group: table)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda group=None: 0)
+    signature = distributed.Signature("ckd_loss", (("tau", 0.5),))
+    expect("E-rank-rejected-arguments", lambda: distributed.gather_layout(4, "cpu", None, signature), fn="ckd_loss",
+           ranks=ranks, whose=whose)
+
+
 # A process group object without torch.distributed initialised: enough for the argument checks, which run first.
 LONE_GROUP = torch.distributed.ProcessGroup(torch.distributed.HashStore(), 0, 1)
 test_vocab_parallel_group_type = fused_linear_test(

@@ -272,8 +272,13 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
 
 
 def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group, vocab_parallel_group):
-    p = _validation.prepare_fused_linear_ckd(fn, *inputs, tau, anchor, mask, reduction)
-    distributed.check_arguments(fn, global_batch, group)
+    if vocab_parallel_group is not None:
+        checks = distributed.checked_together(vocab_parallel_group, communicates=True)
+    else:
+        checks = distributed.global_batch_checks(global_batch, group)
+    with checks:
+        p = _validation.prepare_fused_linear_ckd(fn, *inputs, tau, anchor, mask, reduction)
+        distributed.check_arguments(fn, global_batch, group)
     require_extension()  # the workspace budget that sizes the strips is the extension's
     dtype = accumulation_dtype(p.student_hidden.dtype)
     magnitudes = torch.stack([_head_magnitude(p.student_weight, p.student_bias),
