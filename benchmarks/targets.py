@@ -110,7 +110,7 @@ def compute_targets(t: Table, info: Dict) -> List[Dict]:
 # The lm group's targets, at the CPU shape and the GPU shape: fused_linear against materialising the logits
 # and running ckd_ext's op, forward + backward. (time: the most fused/materialised may take; peak: its largest share)
 LM_TARGETS = {"ckd": (1 / 10, 1 / 10), "kd": (1.3, 1 / 4)}
-LM_TARGET_SHAPES = ("lm-4k-v32k-h512-1024", "gpu-lm-16k-v128k-h2048-4096", "lm-2k-v16k-h256-512")
+LM_TARGET_SHAPES = ("lm-4k-v32k-h512-1024", "gpu-lm-16k-v128k-h2048-4096")
 
 
 def lm_targets(t: Table, case, grp: str, add) -> None:
