@@ -40,6 +40,10 @@ def base_loss(loss: str) -> str:
 PROVIDERS: Tuple[str, ...] = ("fused_linear", "ckd_ext", "eager", "compiled", "floor")
 LOGIT_PROVIDERS: Tuple[str, ...] = ("ckd_ext", "eager", "compiled", "floor")
 LM_PROVIDERS: Tuple[str, ...] = ("fused_linear", "ckd_ext", "eager", "compiled")
+# Providers a shape names itself (only_providers), with an optional dependency: Liger-Kernel's chunked fused-linear
+# JSD (beta = 0, i.e. KD; `pip install liger-kernel`). PROVIDER_LOSSES: the losses a provider implements.
+EXTRA_LM_PROVIDERS: Tuple[str, ...] = ("liger",)
+PROVIDER_LOSSES: Dict[str, Tuple[str, ...]] = {"liger": ("kd",)}
 LM_GROUPS: Tuple[str, ...] = ("lm", "gpu-lm", "smoke-lm")
 # Order matters: `full` runs first so that torch.compile builds its forward+backward graphs there.
 MODES: Tuple[str, ...] = ("full", "forward", "backward", "no_grad")
@@ -83,7 +87,8 @@ class Shape:
 
     @property
     def providers(self) -> Tuple[str, ...]:
-        return self.only_providers or (LM_PROVIDERS if self.group in LM_GROUPS else LOGIT_PROVIDERS)
+        listed = self.only_providers or (LM_PROVIDERS if self.group in LM_GROUPS else LOGIT_PROVIDERS)
+        return tuple(p for p in listed if base_loss(self.loss) in PROVIDER_LOSSES.get(p, (base_loss(self.loss),)))
 
 
 def _mk(name, group, losses, N, C, dtype="float32", cuda_only=False, hidden=(), only_providers=()) -> List[Shape]:
@@ -116,7 +121,10 @@ SHAPES: List[Shape] = (
     # (eager and compiled, a few minutes per call there on 2 cores, only on the smaller shape below)
     + [s for dt in ("float32", "bfloat16")
        for s in _mk("lm-4k-v32k-h512-1024", "lm", ("ckd", "kd"), 4096, 32000, dt, hidden=(512, 1024),
-                    only_providers=("fused_linear", "ckd_ext"))]
+                    only_providers=("fused_linear", "ckd_ext", "liger"))]
+    # the CKD shape where the bilinear forms' float64 Gram matrices weigh most (docs/math.md 8.3)
+    + _mk("lm-2k-v16k-h256-512", "lm", ("ckd",), 2048, 16000, hidden=(256, 512),
+          only_providers=("fused_linear", "ckd_ext"))
     # a quarter of the tokens and vocabulary, where the eager and compiled references finish on 2 cores
     + _mk("lm-1k-v8k-h512-1024", "lm", ("ckd", "kd"), 1024, 8000, hidden=(512, 1024))
     + _mk("gpu-lm-16k-v128k-h2048-4096", "gpu-lm", ("ckd", "kd"), 16384, 128256, "bfloat16", True, (2048, 4096))

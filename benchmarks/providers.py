@@ -49,6 +49,12 @@ def provider_status(provider: str, loss: Optional[str] = None) -> Tuple[bool, st
         return False, f"ckd_ext not importable ({type(e).__name__}: {e})"
     if provider == "floor":
         return True, ""
+    if provider == "liger":
+        try:
+            import liger_kernel.chunked_loss  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            return False, f"liger-kernel not importable ({type(e).__name__}: {e}; pip install liger-kernel)"
+        return True, ""
     if provider == "fused_linear":
         if not ckd_ext.is_available():
             return False, extension().unavailable_reason()
@@ -125,6 +131,8 @@ def lm_loss_fn(provider: str, loss: str, student_weight, teacher_weight, compile
 
         def fn(student_hidden, teacher_hidden):
             return fused(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
+    elif provider == "liger":
+        fn = liger_kd_fn(student_weight, teacher_weight)
     else:
         from ckd_ext import reference
         logit_loss = getattr(ckd_ext if provider == "ckd_ext" else reference, f"{loss}_loss")
@@ -139,6 +147,21 @@ def lm_loss_fn(provider: str, loss: str, student_weight, teacher_weight, compile
     call.inputs = (student_weight, teacher_weight)
     call.params = (student_weight,)
     return call
+
+
+def liger_kd_fn(student_weight, teacher_weight):
+    """Liger-Kernel's chunked fused-linear JSD with beta = 0, KL(teacher || student) at temperature 1 averaged over
+    the tokens: fused_linear_kd_loss's loss. Its chunks (1024 tokens, its default) are plain PyTorch; compiled=False,
+    as torch.compile of its chunk step would time the compiler on a CPU (`pip install liger-kernel`)."""
+    import torch
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,
+                                   temperature=LM_KD_TEMPERATURE, compiled=False)
+
+    def fn(student_hidden, teacher_hidden):
+        labels = torch.zeros(student_hidden.shape[0], dtype=torch.long, device=student_hidden.device)
+        return loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels)
+    return fn
 
 
 class Floor:

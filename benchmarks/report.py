@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .cases import LM_GROUPS, LM_PROVIDERS, MODES, PROVIDERS, SHAPES, SMOKE_SHAPES, base_loss, is_gemm_bound
+from .cases import EXTRA_LM_PROVIDERS, LM_GROUPS, LM_PROVIDERS, MODES, PROVIDERS, SHAPES, SMOKE_SHAPES, base_loss, is_gemm_bound
 from .costs import achieved, device_peak, peak_fraction
 from .results import Table, fnum, group_of, parse_shape, ratio
 
@@ -101,7 +101,7 @@ def lm_table(t: Table) -> List[str]:
     lm = [c for c in t.cases() if group_of(c[1]) in LM_GROUPS]
     if not lm:
         return []
-    provs = [p for p in LM_PROVIDERS if any(r["provider"] == p for r in t.rows)]
+    provs = [p for p in LM_PROVIDERS + EXTRA_LM_PROVIDERS if any(r["provider"] == p for r in t.rows)]
     others = [p for p in provs if p != "fused_linear"]
     L = ["### Fused-linear losses (lm groups): full forward + backward from hidden states and heads\n",
          "Materialising providers compute `F.linear(hidden, W)` for both models (in the input dtype), then the logit "

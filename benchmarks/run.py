@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Dict, List
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: an installed ckd_ext still wins
-from benchmarks.cases import LM_GROUPS, MODES, PROVIDERS, make_case, parse_only, select_shapes  # noqa: E402
+from benchmarks.cases import (EXTRA_LM_PROVIDERS, LM_GROUPS, MODES, PROVIDERS, make_case, parse_only,  # noqa: E402
+                              select_shapes)
 from benchmarks.measure import profile_full  # noqa: E402
 from benchmarks.providers import package_version, provider_status  # noqa: E402
 from benchmarks.report import LM_DOC_BEGIN, LM_DOC_END, fmt_time, make_plots, markdown, update_docs  # noqa: E402
@@ -122,7 +123,8 @@ def main(argv=None) -> int:
                     compile_backend=a.compile_backend or ("aot_eager" if a.smoke else "inductor"),
                     modes=[m for m in MODES if m in only.get("mode", MODES)], verbose=a.verbose)
         shapes = select_shapes(a.device, a.smoke, only)
-        providers = [p for p in PROVIDERS if p in only.get("provider", PROVIDERS)]
+        every_provider = PROVIDERS + EXTRA_LM_PROVIDERS
+        providers = [p for p in every_provider if p in only.get("provider", every_provider)]
         cases = []
         for p in providers:
             ok, why = provider_status(p)

@@ -117,6 +117,12 @@ def lm_targets(t: Table, case, grp: str, add) -> None:
     loss, name, shape, dtype = case
     if name not in LM_TARGET_SHAPES:
         return
+    liger = t.val(loss, "liger", "full", "time", shape, dtype)
+    if liger is not None:  # fused-linear KD faster than Liger-Kernel's chunked fused-linear JSD (beta = 0)
+        mine = t.val(loss, "fused_linear", "full", "time", shape, dtype)
+        r = ratio(mine, liger)
+        add(case, "fused_linear time vs Liger-Kernel's chunked JSD", None if r is None else f"{1 / r:.2f}x faster",
+            "> 1x faster", None if r is None else r < 1, "" if r is None else f"{fmt_time(mine)} vs {fmt_time(liger)}")
     max_time, max_mem = LM_TARGETS[loss]
     for metric, limit, label in (("time", max_time, "time"), ("peak_mem", max_mem, "peak extra memory")):
         mine = t.val(loss, "fused_linear", "full", metric, shape, dtype)

@@ -1,5 +1,6 @@
 """What torch.library knows of the custom ops `torch.ops.ckd_ext.*` beyond their schemas (csrc/schemas.cpp): their
-fake (meta) implementations and their autograd, one row of FORWARD_OPS per forward op. ckd_ext.autograd builds its
+fake (meta) implementations and their autograd, one row of FORWARD_OPS per forward op, and the fakes of the GEMM
+policy's products (GEMM_OPS). ckd_ext.autograd builds its
 autograd.Function classes from the same rows.
 """
 from typing import Callable, NamedTuple
@@ -158,7 +159,22 @@ FORWARD_OPS = {
 }
 
 
+def _gemm_similarity_fake(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=accumulation_dtype(a.dtype))
+
+
+def _gemm_product_fake(out, coef, rows, accumulate):
+    return None
+
+
+# The GEMM policy's products (csrc/orchestration/gemm.h) as ops, for the fused-linear losses' orchestration. They have
+# no autograd of their own: their callers are autograd.Functions whose backward issues the products it needs.
+GEMM_OPS = {"gemm_similarity": _gemm_similarity_fake, "gemm_product": _gemm_product_fake}
+
+
 def _register():
+    for op, fake in GEMM_OPS.items():
+        torch.library.register_fake(f"ckd_ext::{op}")(fake)
     for op, spec in FORWARD_OPS.items():
         torch.library.register_fake(f"ckd_ext::{op}")(spec.fake)
         torch.library.register_fake(f"ckd_ext::{spec.backward_op}")(spec.backward_fake)

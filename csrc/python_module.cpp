@@ -32,6 +32,14 @@ PYBIND11_MODULE(_C, module) {
   module.def("set_cpu_isa", &ckd::set_cpu_isa, "Run the CPU kernels with this instruction set (process-wide).");
   module.def("gemm_calls", &ckd::gemm_calls, "Matrix products issued by the ops since the process started.");
   module.def(
+      "gemm_converts",
+      [](const at::Tensor& x) {
+        const ckd::Gemm gemm(x.scalar_type(), ckd::accumulation_type(x.scalar_type()), ckd::device_kind(x));
+        return gemm.operand_dtype() != x.scalar_type();
+      },
+      "Whether the GEMM policy converts operands of x's dtype on x's backend (to the accumulation dtype) rather than "
+      "multiplying them as they are: the fused-linear losses then convert a head once per call, not once per chunk.");
+  module.def(
       "gemm_product",
       [](const at::Tensor& coef, const at::Tensor& rows, const std::string& device) {
         const ckd::DeviceKind kind = ckd::parse_device_kind(device);

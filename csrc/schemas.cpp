@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "losses.h"
+#include "orchestration/gemm.h"
 
 // One row per op: its name, which is also its entry point in losses.h, and the rest of its schema. Adding an op is a
 // row here (docs/adding-a-loss.md).
@@ -24,7 +25,9 @@
      "bool symmetric, str reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)")                                 \
   OP(bickd_backward,                                                                                                  \
      "(Tensor grad_sample, Tensor grad_class, Tensor student, Tensor teacher, Tensor? mask, float temperature, "      \
-     "float tau, float w_sample, float w_class, bool symmetric, str reduction) -> Tensor")
+     "float tau, float w_sample, float w_class, bool symmetric, str reduction) -> Tensor")                           \
+  OP(gemm_similarity, "(Tensor a, Tensor b) -> Tensor")                                                               \
+  OP(gemm_product, "(Tensor(a!) out, Tensor coef, Tensor rows, bool accumulate) -> ()")
 
 TORCH_LIBRARY(ckd_ext, m) {
 #define CKD_EXT_DEFINE(name, signature) m.def(#name signature);

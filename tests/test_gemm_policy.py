@@ -77,3 +77,73 @@ def test_ckd_gradients_within_the_inputs_own_rounding(dtype, anchor, scale, near
     error_cpu = (g_cpu - g_rounded).abs().max() / largest
     u16 = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}[dtype]
     assert error <= 1.1 * error_cpu + u16 / 4, (error.item(), error_cpu.item())
+
+
+# The policy's products as ops (torch.ops.ckd_ext.gemm_similarity / gemm_product), which the fused-linear losses
+# issue. Shapes large enough that the CPU backend converts 16-bit operands in several blocks (about 2^20 elements a
+# block): the similarity of 5 x 4096 by 600 x 4096 in blocks of b's rows, of 300 x 5000 by 200 x 5000 in blocks of
+# the shared dimension, the product's 600 x 4096 rows in blocks of rows.
+U = {torch.bfloat16: U32, torch.float16: U32, torch.float32: U32, torch.float64: 2.0 ** -53}
+SIMILARITY_SHAPES = [(5, 600, 4096), (300, 200, 5000), (7, 9, 33)]
+
+
+def _operand(shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "emulated"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("m,n,k", SIMILARITY_SHAPES)
+def test_similarity_op_accumulates_exact_products(backend_name, dtype, m, n, k):
+    """a @ b^T in the accumulation dtype. 16-bit products are exact in fp32, so each output is within k u32 of
+    sum_k |a_k| |b_k| (fp32 accumulation over k terms); fp32 inputs add one rounding of each product ((k + 1) u32);
+    fp64 the same in u64. On the emulated backend 16-bit operands are one GEMM as they are (tensor cores)."""
+    gen = torch.Generator().manual_seed(m + n + k)
+    a, b = _operand((m, k), dtype, gen), _operand((n, k), dtype, gen)
+    with on_backend(backend_name):
+        calls = ext.gemm_calls()
+        out = torch.ops.ckd_ext.gemm_similarity(a, b)
+        calls = ext.gemm_calls() - calls
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    exact = a.double() @ b.double().T
+    bound = (k + 1) * U[dtype] * (a.double().abs() @ b.double().abs().T)
+    assert ((out.double() - exact).abs() <= bound).all()
+    if backend_name == "emulated" or dtype in (torch.float32, torch.float64):
+        assert calls == 1  # the operands as they are: one GEMM
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "emulated"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_product_op_keeps_the_split_precision(backend_name, dtype, accumulate):
+    """out [+]= coef @ rows, coefficients of both signs spanning 1e-12 .. 1 (as test_coefficient_products_keep_the_
+    split_precision, through the op): within (2 u_split + n u32) sum |c| |r| on the emulated backend's 16-bit rows
+    (two GEMMs), n u32 where the rows are converted to fp32 (the CPU backend, in three blocks of rows) or fp32."""
+    gen = torch.Generator().manual_seed(11)
+    m, n, k = 9, 600, 4096
+    coef = (torch.randn(m, n, generator=gen, dtype=torch.float64) *
+            torch.logspace(-12, 0, n, dtype=torch.float64)[torch.randperm(n, generator=gen)]).float()
+    rows = _operand((n, k), dtype, gen, scale=30.0)
+    start = torch.randn(m, k, generator=gen) if accumulate else torch.full((m, k), float("nan"))
+    out = start.clone()
+    with on_backend(backend_name):
+        calls = ext.gemm_calls()
+        torch.ops.ckd_ext.gemm_product(out, coef, rows, accumulate)
+        calls = ext.gemm_calls() - calls
+    exact = coef.double() @ rows.double() + (start.double() if accumulate else 0.0)
+    magnitude = coef.double().abs() @ rows.double().abs() + (start.double().abs() if accumulate else 0.0)
+    split = backend_name == "emulated" and dtype != torch.float32
+    bound = ((2 * SPLIT_ROUNDOFF[dtype] if split else 0.0) + (n + 1) * U32) * magnitude
+    assert ((out.double() - exact).abs() <= bound).all()
+    if backend_name == "emulated":
+        assert calls == (2 if split else 1)
+
+
+def test_policy_ops_opcheck():
+    """Their fake implementations agree with the kernels (torch.compile traces the fused-linear losses through them)."""
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = _operand((4, 6), dtype, gen), _operand((5, 6), dtype, gen)
+        torch.library.opcheck(torch.ops.ckd_ext.gemm_similarity.default, (a, b))
+        coef = torch.randn(4, 5, generator=gen)
+        torch.library.opcheck(torch.ops.ckd_ext.gemm_product.default, (torch.zeros(4, 6), coef, b, True))

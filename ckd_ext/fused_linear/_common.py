@@ -1,5 +1,5 @@
-"""What both fused-linear losses share: the work-buffer budget their chunks and strips are sized by, and the autocast
-rules (inputs cast as F.linear would take them, the losses' own products outside autocast)."""
+"""What both fused-linear losses share: the work-buffer budget their chunks and strips are sized by, the GEMM
+policy's operand rule, and the autocast rules (inputs cast as F.linear would take them, the losses' own products outside autocast)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,12 +8,28 @@ import torch
 from torch import Tensor
 
 from .. import _validation
+from .._extension import require_extension
+from ..rows import accumulation_dtype
 from ..settings import workspace_bytes
 
 @torch.compiler.assume_constant_result
 def _workspace_bytes(device: str) -> int:
     # A constant for torch.compile (which cannot trace the pybind11 call): a graph is specialised to the budget.
     return workspace_bytes(device)
+
+
+@torch.compiler.assume_constant_result
+def _gemm_converts(dtype: torch.dtype, device: str) -> bool:
+    # A constant for torch.compile too (the emulated backend's switch is read when the graph is traced).
+    return require_extension().gemm_converts(torch.empty(0, dtype=dtype, device=device))
+
+
+def _gemm_operand(x: Tensor) -> Tensor:
+    """`x` as the GEMM policy's products take it (csrc/orchestration/gemm.h): as it is where the backend multiplies
+    its dtype (16-bit on tensor cores, fp32, fp64), else in the accumulation dtype. The losses pass each head through
+    this once per call, so that a backend converting 16-bit heads (the CPU's) converts them once, not in every chunk's
+    product, and one multiplying them (CUDA) never converts a whole head."""
+    return x.to(accumulation_dtype(x.dtype)) if _gemm_converts(x.dtype, str(x.device)) else x
 
 
 def _chunk_rows(row_bytes: int, device: torch.device) -> int:

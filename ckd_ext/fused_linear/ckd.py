@@ -20,7 +20,9 @@ from ._common import _autocast_inputs, _chunk_rows, _without_autocast, _workspac
 # |h_i| |G| |h_j|, and for nearly collinear head columns they cancel to a far smaller inner product, so its rounding
 # is the product of both rows' cancellation ratios where materialised logits suffer their sum (measured: float32
 # forms gave 10x the float32 logits' gradient error at a head condition number of 1e5, float64 forms the same). They
-# are O(V K^2 + N K^2) next to the N^2 K similarity strips, which run in the accumulation dtype.
+# are O(V K^2 + N K^2) next to the N^2 K similarity strips, which run in the accumulation dtype. Tensor-core
+# candidates (fp32-accumulated Gram or products, 16-bit splits) were measured against float64 and lose u32 R_i R_j:
+# worse than materialised 16-bit logits beyond cancellation ratios R ~ 50 (docs/math.md 8.3).
 FORMS_DTYPE = torch.float64
 
 
@@ -74,9 +76,10 @@ class _HeadGrams(torch.autograd.Function):
         width = split + sum(b.shape[1] for b in teacher)
         gram = torch.zeros(width, width, dtype=dtype, device=student_weight.device)
         for _, chunk in _vocabulary_chunks(student, teacher, scales, dtype):
-            # The student's rows [G_ss | G_st] and the teacher's diagonal block; G_ts is G_st^T.
-            gram[:split].addmm_(chunk[:, :split].T, chunk)
-            gram[split:, split:].addmm_(chunk[:, split:].T, chunk[:, split:])
+            # The student's rows [G_ss | G_st] and the teacher's diagonal block; G_ts is G_st^T. Products of the GEMM
+            # policy (counted; float64 operands: float64 GEMMs).
+            gram[:split].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, :split].T, chunk.T))
+            gram[split:, split:].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, split:].T, chunk[:, split:].T))
         student_gram = gram[:split, :split].clone()
         cross_gram = gram[:split, split:].T.contiguous()
         teacher_gram = gram[split:, split:].clone()
@@ -106,7 +109,8 @@ class _HeadGrams(torch.autograd.Function):
         student = _head_columns(student_weight, student_bias)
         teacher = _head_columns(teacher_weight, teacher_bias)
         for rows, chunk in _vocabulary_chunks(student, teacher, scales, ctx.dtype):
-            head_grad = chunk @ combination
+            head_grad = chunk.new_empty(chunk.shape[0], split)
+            torch.ops.ckd_ext.gemm_product(head_grad, chunk, combination, False)
             grad_weight[rows] = head_grad[:, :width]
             if grad_bias is not None:
                 grad_bias[rows] = head_grad[:, width]
@@ -135,7 +139,7 @@ def _clamped_norm(squared: Tensor, eps: Tensor) -> Tensor:
 def _strip_logits(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, start: int,
                   stop: int) -> Tensor:
     """<a_i, b_j> / tau for the anchors start..stop; -inf where j == i or j is not valid."""
-    logits = anchors[start:stop] @ candidates.T / tau
+    logits = torch.ops.ckd_ext.gemm_similarity(anchors[start:stop], candidates).div_(tau)
     if valid is not None:
         logits = logits.masked_fill(~valid.unsqueeze(0), float("-inf"))
     logits.diagonal(offset=start).fill_(float("-inf"))
@@ -174,9 +178,9 @@ class _StripLSE(torch.autograd.Function):
             logits = _strip_logits(anchors, candidates, valid, ctx.tau, start, stop)
             coefficients = torch.exp(logits - lse[start:stop, None]) * weight[start:stop, None]
             if need_anchors:
-                grad_anchors[start:stop] = coefficients @ candidates
+                torch.ops.ckd_ext.gemm_product(grad_anchors[start:stop], coefficients, candidates, False)
             if need_candidates:
-                grad_candidates.addmm_(coefficients.T, anchors[start:stop])
+                torch.ops.ckd_ext.gemm_product(grad_candidates, coefficients.T, anchors[start:stop], True)
         return grad_anchors, grad_candidates, None, None
 
 

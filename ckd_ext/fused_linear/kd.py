@@ -12,14 +12,14 @@ from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
 from . import sharded_heads, vocab_parallel
-from ._common import _autocast_inputs, _chunk_rows, _without_autocast
+from ._common import _autocast_inputs, _chunk_rows, _gemm_operand, _without_autocast
 
 
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """hidden @ weight.T + bias for one chunk, `weight` / `bias` already in the accumulation dtype (a 16-bit CPU
-    matmul would round its output to 16 bits)."""
-    h = hidden.to(weight.dtype)
-    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """hidden @ weight.T + bias for one chunk in the accumulation dtype `dtype`: one similarity product of the GEMM
+    policy (16-bit operands as they are on tensor cores, fp32 results), `weight` already a GEMM operand."""
+    logits = torch.ops.ckd_ext.gemm_similarity(_gemm_operand(hidden), weight).to(dtype)
+    return logits if bias is None else logits.add_(bias)
 
 
 def _cross_entropy(logits: Tensor, labels: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -42,8 +42,7 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
     accumulation dtype, or None when `row_weights` is None (a scalar tensor, or one weight per token)."""
     hs, ws, bs, ht, wt, bt = inputs
     dtype = accumulation_dtype(hs.dtype)
-    ws_acc, bs_acc = ws.to(dtype), None if bs is None else bs.to(dtype)
-    wt_acc, bt_acc = wt.to(dtype), None if bt is None else bt.to(dtype)
+    ws_op, wt_op = _gemm_operand(ws), _gemm_operand(wt)
     tokens, vocab = hs.shape[0], ws.shape[0]
     with_ce = labels is not None and ce_weight != 0
     # per row: both models' logits, the KD gradient and (with CE) its probabilities, in the accumulation dtype
@@ -53,13 +52,13 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
     grads = None
     if row_weights is not None:
         grads = (torch.zeros(tokens, hs.shape[1], dtype=dtype, device=hs.device),
-                 torch.zeros_like(ws_acc), None if bs is None else torch.zeros_like(bs_acc))
+                 torch.zeros_like(ws, dtype=dtype), None if bs is None else torch.zeros_like(bs, dtype=dtype))
     kd_reduction = "none" if want == "terms" else "sum"
     for start in range(0, tokens, step):
         rows = slice(start, min(start + step, tokens))
         chunk_valid = None if valid is None else valid[rows]
-        student = _chunk_logits(hs[rows], ws_acc, bs_acc)
-        teacher = _chunk_logits(ht[rows], wt_acc, bt_acc)
+        student = _chunk_logits(hs[rows], ws_op, bs, dtype)
+        teacher = _chunk_logits(ht[rows], wt_op, bt, dtype)
         kd, grad = torch.ops.ckd_ext.kd_forward(student, teacher, chunk_valid, float(temperature), kd_reduction,
                                                 grads is not None and kd_reduction == "sum")
         if with_ce:
@@ -75,11 +74,14 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
         if grads is None:
             continue
         grad = grad * (row_weights if row_weights.dim() == 0 else row_weights[rows].unsqueeze(1))
-        hidden = hs[rows].to(dtype)
+        hidden = _gemm_operand(hs[rows])
         if chunk_valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
-            hidden = torch.where(chunk_valid.unsqueeze(1), hidden, zero)
-        grads[0][rows] = grad @ ws_acc
-        grads[1].addmm_(grad.T, hidden)
+            hidden = torch.where(chunk_valid.unsqueeze(1), hidden, torch.zeros((), dtype=hidden.dtype,
+                                                                               device=hidden.device))
+        # Both gradient products are coefficient products of the policy: the fp32 logit gradient times 16-bit rows
+        # (split in two GEMMs on tensor cores), the head gradient accumulated in the accumulation dtype.
+        torch.ops.ckd_ext.gemm_product(grads[0][rows], grad, ws_op, False)
+        torch.ops.ckd_ext.gemm_product(grads[1], grad.T, hidden, True)
         if grads[2] is not None:
             grads[2].add_(grad.sum(0))
     return (None if want is None else value), grads

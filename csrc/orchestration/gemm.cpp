@@ -1,6 +1,9 @@
 #include "orchestration/gemm.h"
 
+#include <algorithm>
 #include <atomic>
+
+#include "backends/select.h"
 
 namespace ckd {
 namespace {
@@ -70,6 +73,84 @@ void Gemm::product(at::Tensor out, const at::Tensor& coef, const at::Tensor& row
   mm(out, hi, rows, accumulate);
   mm(out, lo, rows, /*accumulate=*/true);
   if (row_scale.defined()) out.mul_(row_scale);
+}
+
+namespace {
+
+// Rows of one converted block of an operand whose rows hold `width` elements: about 4 MiB of fp32.
+int64_t block_rows(int64_t width) { return std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(width, 1)); }
+
+void check_matrix(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D, got ", x.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", name, " must be floating, got ", x.scalar_type());
+}
+
+}  // namespace
+
+at::Tensor gemm_similarity(const at::Tensor& a, const at::Tensor& b) {
+  check_matrix(a, "gemm_similarity", "a");
+  check_matrix(b, "gemm_similarity", "b");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "gemm_similarity: a and b must share a dtype, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(1), "gemm_similarity: a is ", a.sizes(), ", b ", b.sizes(), " (k must agree)");
+  TORCH_CHECK(a.device() == b.device(), "gemm_similarity: a and b must be on one device");
+  const at::ScalarType acc = accumulation_type(a.scalar_type());
+  const Gemm gemm(a.scalar_type(), acc, device_kind(a));
+  at::Tensor out = at::empty({a.size(0), b.size(0)}, a.options().dtype(acc));
+  if (a.scalar_type() == gemm.operand_dtype()) {
+    gemm.similarity(out, a, b);
+    return out;
+  }
+  // Converted operands: block by block along the longer of b's rows and the shared dimension (the vocabulary of a
+  // head, which is b's rows for logits and the shared dimension for a Gram matrix).
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  if (n >= k) {
+    const at::Tensor a_op = a.to(gemm.operand_dtype());
+    const int64_t step = block_rows(k);
+    for (int64_t start = 0; start < n; start += step) {
+      const int64_t stop = std::min(start + step, n);
+      gemm.similarity(out.narrow(1, start, stop - start), a_op, b.slice(0, start, stop).to(gemm.operand_dtype()));
+    }
+  } else {
+    const int64_t step = block_rows(m + n);
+    for (int64_t start = 0; start < k; start += step) {
+      const int64_t stop = std::min(start + step, k);
+      const at::Tensor a_block = a.slice(1, start, stop).to(gemm.operand_dtype());
+      const at::Tensor b_block = b.slice(1, start, stop).to(gemm.operand_dtype());
+      if (start == 0) {
+        gemm.similarity(out, a_block, b_block);
+      } else {
+        gemm.product(out, a_block, b_block.t(), /*accumulate=*/true);
+      }
+    }
+  }
+  return out;
+}
+
+void gemm_product(const at::Tensor& out, const at::Tensor& coef, const at::Tensor& rows, bool accumulate) {
+  check_matrix(out, "gemm_product", "out");
+  check_matrix(coef, "gemm_product", "coef");
+  check_matrix(rows, "gemm_product", "rows");
+  const at::ScalarType acc = accumulation_type(rows.scalar_type());
+  TORCH_CHECK(coef.scalar_type() == acc && out.scalar_type() == acc, "gemm_product: coef and out must be ", acc,
+              " for ", rows.scalar_type(), " rows, got ", coef.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(coef.size(1) == rows.size(0) && out.size(0) == coef.size(0) && out.size(1) == rows.size(1),
+              "gemm_product: out ", out.sizes(), " = coef ", coef.sizes(), " @ rows ", rows.sizes(), " do not agree");
+  TORCH_CHECK(out.device() == coef.device() && out.device() == rows.device(),
+              "gemm_product: out, coef and rows must be on one device");
+  const Gemm gemm(rows.scalar_type(), acc, device_kind(rows));
+  if (rows.scalar_type() == gemm.operand_dtype()) {
+    gemm.product(out, coef, rows, accumulate);
+    return;
+  }
+  // Converted rows, block by block along the shared dimension (a head's vocabulary in a hidden-state gradient).
+  const int64_t n = rows.size(0);
+  const int64_t step = block_rows(rows.size(1));
+  for (int64_t start = 0; start < n; start += step) {
+    const int64_t stop = std::min(start + step, n);
+    gemm.product(out, coef.slice(1, start, stop), rows.slice(0, start, stop).to(gemm.operand_dtype()),
+                 accumulate || start > 0);
+  }
 }
 
 }  // namespace ckd

@@ -50,4 +50,14 @@ class Gemm {
 // Matrix products issued by any Gemm since the process started (tests compare it with the strip plans).
 int64_t gemm_calls();
 
+// The policy's products as ops (torch.ops.ckd_ext.gemm_similarity / gemm_product), for the Python orchestration of
+// the fused-linear losses. Operands in the inputs' dtype (2-D; any strides): where the backend does not multiply
+// them as they are (the CPU backend's 16-bit inputs) they are converted block by block, never a whole operand at
+// once, so a 16-bit V x H head is never copied whole.
+//   gemm_similarity   a (m x k) @ b (n x k)^T, a new m x n tensor in accumulation_type(a's dtype); a, b one dtype.
+//   gemm_product      out (m x k) [+]= coef (m x n) @ rows (n x k): coef and out in the accumulation dtype of the
+//                     rows' dtype, the rows in theirs (16-bit rows on tensor cores split coef in two GEMMs).
+at::Tensor gemm_similarity(const at::Tensor& a, const at::Tensor& b);
+void gemm_product(const at::Tensor& out, const at::Tensor& coef, const at::Tensor& rows, bool accumulate);
+
 }  // namespace ckd
