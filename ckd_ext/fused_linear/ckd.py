@@ -11,7 +11,7 @@ from .. import _validation, distributed
 from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
-from ..rows import EPS, accumulation_dtype
+from ..rows import EPS, accumulation_dtype, scatter_rows
 from . import sharded_heads, vocab_parallel
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast, _workspace_bytes
 
@@ -223,10 +223,11 @@ def _local_ckd(student_rows, teacher_rows, grams, tau, anchor, valid, dtype):
                                                                                   device=terms.device))
 
 
-def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, mask, reduction, global_batch, group, signature,
+def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, prepared, reduction, global_batch, group, signature,
                 dtype):
     """The global batch of all ranks' valid rows (docs/distributed.md): the (K_s + K_t)-wide rows [h, 1] are what is
     gathered or passed (the Gram matrices come from the heads alone, which DDP keeps identical on every rank)."""
+    mask = prepared.mask
     if mask is not None:
         student_rows, teacher_rows = student_rows[mask], teacher_rows[mask]
     layout = distributed.gather_layout(student_rows.shape[0], student_rows.device, group, signature)
@@ -237,11 +238,7 @@ def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, mask, reduction,
                            lambda a, b: distributed.ring_lse(a, b, float(tau), layout, group)))
     if reduction != "none":
         return distributed.row_share(terms, layout, reduction)
-    if mask is None:
-        return terms
-    out = terms.new_zeros(mask.shape[0])
-    out[mask] = terms
-    return out
+    return scatter_rows(terms, prepared)
 
 
 def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
@@ -306,9 +303,8 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
             ("student_bias (given or None)", p.student_bias is not None),
             ("teacher_bias (given or None)", p.teacher_bias is not None), ("anchor", anchor), ("tau", float(tau)),
             ("reduction", reduction)))
-        loss = _global_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, reduction, global_batch, group,
+        return _global_ckd(student_rows, teacher_rows, grams, tau, anchor, p, reduction, global_batch, group,
                            signature, dtype)
-        return loss if reduction != "none" else loss.reshape(p.lead_shape)
     terms = _local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype)
     if reduction == "none":
         return terms.reshape(p.lead_shape)
