@@ -1,0 +1,285 @@
+"""KD from an offline top-k teacher (docs/math.md section 9): the teacher is known only by the ids and
+log-probabilities of its k most likely classes per row, as vLLM's `prompt_logprobs`, DistillKit, TRL and verl store
+it; the student is known in full (its logits here, its hidden states and head in ``fused_linear_topk_kd_loss``).
+
+The divergence is taken between two distributions over k + 1 categories (``tail="bucket"``: the k top classes and
+the rest) or k categories ("renormalize", "none"). Those are few, so the divergence and its derivative with respect
+to the student's category log-probabilities come from `divergences.divergence_terms` itself (a vector-Jacobian
+product through it, on (rows, k + 1) tensors); what is fused here is the part of size V: the student's log-normaliser
+and tail mass over the whole vocabulary, and the map of the category gradient back to the V logits
+(`_logit_gradient`), walked in chunks of rows, never N x V at once beyond the student's own logits and gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _validation, distributed
+from .custom_ops import _once_differentiable
+from .divergences import Divergence, divergence_terms, resolve
+from .rows import accumulation_dtype
+
+# The category log-probabilities and the divergence are computed in float64 whatever the inputs: they are (rows,
+# k + 1) numbers, and the textbook sums of divergence_terms lose digits near convergence in float32.
+CATEGORY_DTYPE = torch.float64
+# Stands for log 0 in a category that neither side gives mass (a padding slot, an empty tail): exp() of it is exactly
+# 0 in float64 (so it contributes 0 to every divergence, as 0 log 0 = 0), but unlike -inf it gives the divergences'
+# log-mixtures finite derivatives (logaddexp(-inf, -inf) has a NaN one).
+NO_MASS = -1e4
+
+
+class TopKTeacher(NamedTuple):
+    """A chunk of rows of the teacher, ready for `chunk_terms`."""
+
+    ids: Tensor        # (R, k) int64, padding and rows that take no part pointed at class 0
+    pad: Tensor        # (R, k) bool: slot takes no part (a negative id, or a row that takes no part)
+    log_probs: Tensor  # (R, k + 1) for "bucket", else (R, k), CATEGORY_DTYPE, -inf where pad
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x <= 0 without cancellation (Maechler 2012): log(-expm1(x)) near 0, log1p(-exp(x)) below
+    -log 2. log1mexp(0) = -inf."""
+    near_zero = x > -math.log(2.0)
+    return torch.where(near_zero, torch.log(-torch.expm1(torch.where(near_zero, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near_zero, -1.0, x))))
+
+
+def teacher_chunk(teacher_ids: Tensor, teacher_logprobs: Tensor, valid: Optional[Tensor], tail: str) -> TopKTeacher:
+    """The teacher's categories for one chunk of rows: its log-probabilities on the k ids, and the tail's log-mass
+    log(1 - P) = log1mexp(log P) from its top-k log-mass log P (clamped at 0, a mass rounded above 1 leaves no tail)
+    for "bucket", or the k log-probabilities renormalised by P for "renormalize"."""
+    ids = teacher_ids.long()
+    pad = ids < 0
+    if valid is not None:
+        pad = pad | ~valid.unsqueeze(1)
+    log_probs = teacher_logprobs.to(CATEGORY_DTYPE).masked_fill(pad, -math.inf)
+    if tail != "none":
+        log_mass = log_probs.logsumexp(1, keepdim=True).clamp(max=0.0)
+        if tail == "bucket":
+            log_probs = torch.cat([log_probs, log1mexp(log_mass)], 1)
+        else:  # a row with no entry has no distribution to renormalise: all its categories stay empty
+            log_probs = log_probs - torch.where(torch.isfinite(log_mass), log_mass, 0.0)
+    if valid is not None:  # a row that takes no part has no category at all, not a tail of mass 1
+        log_probs = log_probs.masked_fill(~valid.unsqueeze(1), -math.inf)
+    return TopKTeacher(ids.masked_fill(pad, 0), pad, log_probs)
+
+
+class StudentChunk(NamedTuple):
+    """The student's statistics on one chunk of rows that its categories and its logit gradient need."""
+
+    log_probs: Tensor           # (R, k + 1) or (R, k), CATEGORY_DTYPE, -inf where pad (and where the tail is empty)
+    lse: Optional[Tensor]       # (R,) LSE_v z_v (None for "renormalize", which needs no normaliser)
+    lse_tail: Optional[Tensor]  # (R,) LSE_{v not in S} z_v ("bucket"; -inf when S is the whole vocabulary)
+
+
+def student_chunk(z: Tensor, teacher: TopKTeacher, tail: str) -> StudentChunk:
+    """The student's categories from its tempered logits z (R, V) (accumulation dtype). Its tail's log-mass is the
+    log-sum-exp over the classes outside the top-k set S, minus the full one: a sum of positive terms, exact where
+    1 - Q is tiny (where log1mexp(log Q) would carry log Q's rounding, ~u |z|, relative to 1 - Q)."""
+    top = z.gather(1, teacher.ids).masked_fill(teacher.pad, -math.inf).to(CATEGORY_DTYPE)
+    if tail == "renormalize":
+        log_norm = top.logsumexp(1, keepdim=True)
+        return StudentChunk(top - torch.where(torch.isfinite(log_norm), log_norm, 0.0), None, None)
+    lse = z.logsumexp(1)
+    log_probs = top - lse.to(CATEGORY_DTYPE).unsqueeze(1)
+    if tail == "none":
+        return StudentChunk(log_probs, lse, None)
+    lse_tail = _outside_top(z, teacher).logsumexp(1)
+    tail_log_prob = (lse_tail.to(CATEGORY_DTYPE) - lse.to(CATEGORY_DTYPE)).unsqueeze(1)
+    return StudentChunk(torch.cat([log_probs, tail_log_prob], 1), lse, lse_tail)
+
+
+def _outside_top(z: Tensor, teacher: TopKTeacher) -> Tensor:
+    """z with -inf at the top-k ids: a padding slot (pointed at class 0) writes +inf under amin, which keeps z."""
+    fill = torch.where(teacher.pad, math.inf, -math.inf).to(z.dtype)
+    return z.scatter_reduce(1, teacher.ids, fill, reduce="amin")
+
+
+def chunk_terms(teacher: TopKTeacher, student: StudentChunk, divergence: Divergence, weights: Optional[Tensor]):
+    """Per-row divergences (R,) and, with per-row `weights`, d(sum_i weights_i D_i) / d(student category log-probs)
+    (R, k + 1 or k), by a vector-Jacobian product through divergence_terms (the one definition of the divergences)."""
+    empty = torch.isneginf(teacher.log_probs) & torch.isneginf(student.log_probs)
+    log_p = teacher.log_probs.masked_fill(empty, NO_MASS)
+    log_q = student.log_probs.masked_fill(empty, NO_MASS)
+    if weights is None:
+        return divergence_terms(log_p, log_q, divergence), None
+    terms, vjp = torch.func.vjp(lambda lq: divergence_terms(log_p, lq, divergence), log_q)
+    (grad,) = vjp(weights.to(CATEGORY_DTYPE))
+    return terms, grad.masked_fill(empty, 0.0)
+
+
+def logit_gradient(z: Tensor, teacher: TopKTeacher, student: StudentChunk, grad: Tensor, tail: str) -> Tensor:
+    """d/dz_v of a function of the student's category log-probabilities, from its gradient g (R, k + 1 or k) with
+    respect to them (docs/math.md 9.2): with G = sum_c g_c, q = softmax(z) and r the softmax of z over the classes
+    outside S (0 on S),
+
+        bucket        g_c [v = id_c] + g_tail r_v - G q_v
+        none          g_c [v = id_c] - G q_v
+        renormalize   (g_c - G q~_c) [v = id_c],       q~ the student's probabilities renormalised over S
+
+    Returned in z's dtype, (R, V)."""
+    k = teacher.ids.shape[1]
+    total = grad.sum(1, keepdim=True)
+    if tail == "renormalize":
+        top = (grad - total * student.log_probs.exp()).masked_fill(teacher.pad, 0.0)
+        return torch.zeros_like(z).scatter_add_(1, teacher.ids, top.to(z.dtype))
+    out = torch.exp(z - student.lse.unsqueeze(1)).mul_((-total).to(z.dtype))
+    if tail == "bucket":
+        lse_tail = student.lse_tail.unsqueeze(1)
+        # an empty tail (S = the vocabulary) has no distribution: its g_tail is 0 (NO_MASS on both sides)
+        r = torch.exp(_outside_top(z, teacher) - torch.where(torch.isfinite(lse_tail), lse_tail, 0.0))
+        out.add_(r.mul_(grad[:, k:].to(z.dtype)))
+    return out.scatter_add_(1, teacher.ids, grad[:, :k].masked_fill(teacher.pad, 0.0).to(z.dtype))
+
+
+def term_scale(temperature: float, scale_t2: bool) -> float:
+    """The factor of every row's divergence: T^2 (the scale of the dense KD) unless scale_t2=False."""
+    return float(temperature) ** 2 if scale_t2 else 1.0
+
+
+def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Tensor], temperature: float,
+                        divergence: Divergence, tail: str, scale: float, weights: Optional[Tensor]):
+    """One chunk of rows from raw student logits (R, V) (accumulation dtype): per-row terms scale * D_i (R,)
+    (CATEGORY_DTYPE, 0 on rows that take no part), and with per-row `weights` the gradient of sum_i weights_i *
+    terms_i with respect to the raw logits (R, V), 0 on rows that take no part (their logits may be garbage)."""
+    z = logits / temperature
+    student = student_chunk(z, teacher, tail)
+    if valid is not None:  # rows that take no part: every category empty on both sides, whatever their logits
+        student = student._replace(log_probs=student.log_probs.masked_fill(~valid.unsqueeze(1), -math.inf))
+    row_weights = None if weights is None else weights * (scale / temperature)
+    terms, grad = chunk_terms(teacher, student, divergence, row_weights)
+    terms = terms * scale
+    if valid is not None:
+        terms = torch.where(valid, terms, 0.0)
+    if grad is None:
+        return terms, None
+    logit_grad = logit_gradient(z, teacher, student, grad, tail)
+    if valid is not None:
+        logit_grad = torch.where(valid.unsqueeze(1), logit_grad, 0.0)
+    return terms, logit_grad
+
+
+def chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, buffers: int) -> int:
+    """Rows per chunk: `buffers` (R, V) buffers of the accumulation dtype within the workspace budget."""
+    from .fused_linear._common import _chunk_rows
+
+    return _chunk_rows(vocab * buffers * torch.finfo(dtype).bits // 8, device)
+
+
+# (R, V) buffers alive at once in a chunk of the logit form: z, exp(z - lse), the tail-masked z, its exp (r).
+LOGIT_BUFFERS = 4
+
+
+def _walk_logits(student: Tensor, ids: Tensor, logprobs: Tensor, valid: Optional[Tensor], temperature: float,
+                 divergence: Divergence, tail: str, scale: float, weights: Optional[Tensor]):
+    """(per-row terms (N,) in CATEGORY_DTYPE, gradient (N, V) in the accumulation dtype or None)."""
+    dtype = accumulation_dtype(student.dtype)
+    rows_total, vocab = student.shape
+    step = chunk_rows(vocab, dtype, student.device, LOGIT_BUFFERS)
+    terms = torch.empty(rows_total, dtype=CATEGORY_DTYPE, device=student.device)
+    grad = None if weights is None else torch.empty(rows_total, vocab, dtype=dtype, device=student.device)
+    for start in range(0, rows_total, step):
+        rows = slice(start, min(start + step, rows_total))
+        chunk_valid = None if valid is None else valid[rows]
+        teacher = teacher_chunk(ids[rows], logprobs[rows], chunk_valid, tail)
+        chunk_weights = None if weights is None else (weights if weights.dim() == 0 else weights[rows])
+        if chunk_weights is not None and chunk_weights.dim() == 0:
+            chunk_weights = chunk_weights.expand(rows.stop - rows.start)
+        terms[rows], chunk_grad = chunk_loss_and_grad(student[rows].to(dtype), teacher, chunk_valid, temperature,
+                                                      divergence, tail, scale, chunk_weights)
+        if grad is not None:
+            grad[rows] = chunk_grad
+    return terms, grad
+
+
+def _mean_scale(valid: Optional[Tensor], rows: int, reduction: str, device) -> Tensor:
+    """1 / (number of rows that take part) for "mean" (a device tensor: no host synchronisation), 1 for "sum"."""
+    if reduction == "sum":
+        return torch.ones((), dtype=CATEGORY_DTYPE, device=device)
+    count = torch.tensor(rows, device=device) if valid is None else valid.sum()
+    return 1.0 / count.clamp_min(1).to(CATEGORY_DTYPE)
+
+
+class _TopKKD(torch.autograd.Function):
+    """For "mean" and "sum" with a float32 / float64 student the gradient is computed in the forward and kept (the
+    loss is almost always the last node of the graph); otherwise (reduction "none", 16-bit students, as the dense KD
+    does for their single rounding) backward walks the chunks again with the upstream weights."""
+
+    @staticmethod
+    def forward(ctx, student, ids, logprobs, valid, temperature, divergence, tail, scale, reduction, compute_grad):
+        ctx.args = (temperature, divergence, tail, scale, reduction)
+        ctx.student_dtype = student.dtype
+        if reduction == "none":
+            terms, _ = _walk_logits(student, ids, logprobs, valid, temperature, divergence, tail, scale, None)
+            ctx.save_for_backward(student, ids, logprobs, valid)
+            ctx.recompute = True
+            return terms.to(accumulation_dtype(student.dtype))
+        row_scale = _mean_scale(valid, student.shape[0], reduction, student.device)
+        ctx.recompute = not compute_grad
+        terms, grad = _walk_logits(student, ids, logprobs, valid, temperature, divergence, tail, scale,
+                                   row_scale if compute_grad else None)
+        if compute_grad:
+            ctx.save_for_backward(grad)
+        else:
+            ctx.save_for_backward(student, ids, logprobs, valid)
+        return (terms.sum() * row_scale).to(accumulation_dtype(student.dtype))
+
+    @staticmethod
+    @_once_differentiable  # the saved gradient is a constant: a second derivative through it would be 0
+    def backward(ctx, grad_loss):
+        temperature, divergence, tail, scale, reduction = ctx.args
+        if not ctx.recompute:
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_loss.to(grad.dtype)).to(ctx.student_dtype), *(None,) * 9
+        student, ids, logprobs, valid = ctx.saved_tensors
+        weights = grad_loss.to(CATEGORY_DTYPE)
+        if reduction != "none":
+            weights = weights * _mean_scale(valid, student.shape[0], reduction, student.device)
+        _, grad = _walk_logits(student, ids, logprobs, valid, temperature, divergence, tail, scale, weights)
+        return grad.to(ctx.student_dtype), *(None,) * 9
+
+
+def _output(loss: Tensor, like: Tensor) -> Tensor:
+    from .losses import _output as output
+
+    return output(loss, like)
+
+
+def topk_kd_loss(student, teacher_ids, teacher_logprobs, *, temperature=1.0, divergence="forward_kl", beta=None,
+                 alpha=None, tail="bucket", scale_t2=True, mask=None, reduction="mean", global_batch=False,
+                 group=None):
+    """KD against an offline top-k teacher (docs/math.md section 9). `student`: logits (..., V); `teacher_ids`:
+    (..., k) int64 or int32, the teacher's top classes per row (a negative id pads a row with fewer than k);
+    `teacher_logprobs`: (..., k), the teacher's log-probabilities of those classes at `temperature`
+    (log_softmax(teacher_logits / temperature)); the student's distribution is softmax(student / temperature) over
+    the whole vocabulary. `tail`: "bucket" (the mass outside the top k as one more category), "renormalize" (both
+    renormalised over the k ids) or "none" (the truncated sum). `divergence`, `beta`, `alpha`: as ``kd_loss``
+    (ckd_ext.divergences); each row's divergence is scaled by temperature^2 unless ``scale_t2=False``. Returns a
+    scalar, or per-row terms (...) for reduction="none". `global_batch` and `group` are checked and otherwise
+    ignored: the loss is row-local."""
+    fn = "topk_kd_loss"
+    chosen = resolve(fn, divergence, beta, alpha)
+    p = _validation.prepare_topk_kd(fn, student, teacher_ids, teacher_logprobs, temperature, tail, scale_t2, mask,
+                                    reduction)
+    distributed.check_arguments(fn, global_batch, group)
+    compute_grad = (torch.is_grad_enabled() and p.student.requires_grad
+                    and p.student.dtype not in (torch.float16, torch.bfloat16))
+    loss = _TopKKD.apply(p.student, p.teacher_ids, p.teacher_logprobs, p.mask, float(temperature), chosen, tail,
+                         term_scale(temperature, scale_t2), reduction, compute_grad)
+    loss = _output(loss, student)
+    return loss.reshape(p.lead_shape) if reduction == "none" else loss
+
+
+class TeacherTopK(NamedTuple):
+    """What ``teacher_topk`` returns: per row the ids of the k largest logits (descending), their log-probabilities at
+    the temperature, and with moments=True the log-normaliser LSE(logits / temperature) (so that the raw top-k
+    logits are temperature * (logprobs + log_normalizer)), the sum and the sum of squares of the raw logits."""
+
+    ids: Tensor
+    logprobs: Tensor
+    log_normalizer: Optional[Tensor] = None
+    logit_sum: Optional[Tensor] = None
+    logit_square_sum: Optional[Tensor] = None
