@@ -357,9 +357,9 @@ def _check_topk_teacher(fn: str, teacher_ids, teacher_logprobs, like: Tensor, li
     _check_floating_tensor(fn, "teacher_logprobs", teacher_logprobs)
     lead_shape = like.shape[:-1]
     if teacher_ids.dim() != len(lead_shape) + 1 or teacher_ids.shape[:-1] != lead_shape or teacher_ids.shape[-1] == 0:
-        raise ValueError(f"{fn}: teacher_ids must have shape (*{tuple(lead_shape)}, k) with k >= 1, the shape of "
-                         f"{like_name} without its last dimension plus the k top classes, got "
-                         f"{tuple(teacher_ids.shape)}")
+        expected = "".join(f"{n}, " for n in lead_shape) + "k"
+        raise ValueError(f"{fn}: teacher_ids must have shape ({expected}) with k >= 1, the shape of {like_name} "
+                         f"without its last dimension and then the k top classes, got {tuple(teacher_ids.shape)}")
     if teacher_logprobs.shape != teacher_ids.shape:
         raise ValueError(f"{fn}: teacher_logprobs must have the shape of teacher_ids {tuple(teacher_ids.shape)}, got "
                          f"{tuple(teacher_logprobs.shape)}")

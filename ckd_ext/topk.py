@@ -4,8 +4,8 @@ it; the student is known in full (its logits here, its hidden states and head in
 
 The divergence is taken between two distributions over k + 1 categories (``tail="bucket"``: the k top classes and
 the rest) or k categories ("renormalize", "none"). Those are few, so the divergence and its derivative with respect
-to the student's category log-probabilities come from `divergences.divergence_terms` itself (a vector-Jacobian
-product through it, on (rows, k + 1) tensors); what is fused here is the part of size V: the student's log-normaliser
+to the student's category log-probabilities come from `divergences.divergence_terms` itself (autograd through it, on
+(rows, k + 1) tensors); what is fused here is the part of size V: the student's log-normaliser
 and tail mass over the whole vocabulary, and the map of the category gradient back to the V logits
 (`_logit_gradient`), walked in chunks of rows, never N x V at once beyond the student's own logits and gradient.
 """
@@ -71,25 +71,35 @@ class StudentChunk(NamedTuple):
     """The student's statistics on one chunk of rows that its categories and its logit gradient need."""
 
     log_probs: Tensor           # (R, k + 1) or (R, k), CATEGORY_DTYPE, -inf where pad (and where the tail is empty)
-    lse: Optional[Tensor]       # (R,) LSE_v z_v (None for "renormalize", which needs no normaliser)
-    lse_tail: Optional[Tensor]  # (R,) LSE_{v not in S} z_v ("bucket"; -inf when S is the whole vocabulary)
+    shift: Optional[Tensor]     # (R, 1) max_v z_v, z's dtype (None for "renormalize", which needs no normaliser)
+    log_sum: Optional[Tensor]   # (R, 1) log sum_v exp(z_v - shift), CATEGORY_DTYPE: LSE(z) = shift + log_sum
+
+
+def _shifted_log_sum_exp(z: Tensor):
+    """(max, log sum exp(z - max)) per row: the log-sum-exp in two parts, so that a log-probability z_c - LSE(z) is
+    formed as (z_c - max) - log_sum in float64, off by the rounding of the sum (a few units of z's precision), not
+    by that of LSE(z) itself (u |LSE(z)|, 1e-6 in float32 at logits of 10). A row of -inf has max -inf, shifted to 0."""
+    shift = z.amax(1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)
+    return shift, torch.exp(z - shift).sum(1, keepdim=True).to(CATEGORY_DTYPE).log()
 
 
 def student_chunk(z: Tensor, teacher: TopKTeacher, tail: str) -> StudentChunk:
     """The student's categories from its tempered logits z (R, V) (accumulation dtype). Its tail's log-mass is the
     log-sum-exp over the classes outside the top-k set S, minus the full one: a sum of positive terms, exact where
     1 - Q is tiny (where log1mexp(log Q) would carry log Q's rounding, ~u |z|, relative to 1 - Q)."""
-    top = z.gather(1, teacher.ids).masked_fill(teacher.pad, -math.inf).to(CATEGORY_DTYPE)
+    top = z.gather(1, teacher.ids).masked_fill(teacher.pad, -math.inf)
     if tail == "renormalize":
+        top = top.to(CATEGORY_DTYPE)
         log_norm = top.logsumexp(1, keepdim=True)
         return StudentChunk(top - torch.where(torch.isfinite(log_norm), log_norm, 0.0), None, None)
-    lse = z.logsumexp(1)
-    log_probs = top - lse.to(CATEGORY_DTYPE).unsqueeze(1)
-    if tail == "none":
-        return StudentChunk(log_probs, lse, None)
-    lse_tail = _outside_top(z, teacher).logsumexp(1)
-    tail_log_prob = (lse_tail.to(CATEGORY_DTYPE) - lse.to(CATEGORY_DTYPE)).unsqueeze(1)
-    return StudentChunk(torch.cat([log_probs, tail_log_prob], 1), lse, lse_tail)
+    shift, log_sum = _shifted_log_sum_exp(z)
+    log_probs = (top - shift).to(CATEGORY_DTYPE) - log_sum
+    if tail == "bucket":
+        tail_shift, tail_log_sum = _shifted_log_sum_exp(_outside_top(z, teacher))
+        tail_log_prob = (tail_shift - shift).to(CATEGORY_DTYPE) + tail_log_sum - log_sum
+        log_probs = torch.cat([log_probs, tail_log_prob], 1)
+    return StudentChunk(log_probs, shift, log_sum)
 
 
 def _outside_top(z: Tensor, teacher: TopKTeacher) -> Tensor:
@@ -98,41 +108,56 @@ def _outside_top(z: Tensor, teacher: TopKTeacher) -> Tensor:
     return z.scatter_reduce(1, teacher.ids, fill, reduce="amin")
 
 
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 def chunk_terms(teacher: TopKTeacher, student: StudentChunk, divergence: Divergence, weights: Optional[Tensor]):
     """Per-row divergences (R,) and, with per-row `weights`, d(sum_i weights_i D_i) / d(student category log-probs)
-    (R, k + 1 or k), by a vector-Jacobian product through divergence_terms (the one definition of the divergences)."""
+    (R, k + 1 or k), by autograd through divergence_terms (the one definition of the divergences), inside the
+forward: a graph of (R, k + 1) tensors, freed before the next chunk."""
     empty = torch.isneginf(teacher.log_probs) & torch.isneginf(student.log_probs)
     log_p = teacher.log_probs.masked_fill(empty, NO_MASS)
     log_q = student.log_probs.masked_fill(empty, NO_MASS)
     if weights is None:
         return divergence_terms(log_p, log_q, divergence), None
-    terms, vjp = torch.func.vjp(lambda lq: divergence_terms(log_p, lq, divergence), log_q)
-    (grad,) = vjp(weights.to(CATEGORY_DTYPE))
-    return terms, grad.masked_fill(empty, 0.0)
+    if torch.compiler.is_compiling():  # torch.compile traces torch.func's transforms, not torch.autograd.grad
+        terms, vjp = torch.func.vjp(lambda lq: divergence_terms(log_p, lq, divergence), log_q)
+        (grad,) = vjp(weights.to(CATEGORY_DTYPE))
+        return terms, grad.masked_fill(empty, 0.0)
+    # eager: torch.func refuses to run under saved-tensor hooks (activation offloading, checkpointing); identity hooks
+    # keep the caller's hooks off this transient graph, which is freed before the chunk ends
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        log_q = log_q.detach().requires_grad_()
+        terms = divergence_terms(log_p, log_q, divergence)
+        (grad,) = torch.autograd.grad(terms, log_q, weights.to(CATEGORY_DTYPE))
+    return terms.detach(), grad.masked_fill(empty, 0.0)
 
 
 def logit_gradient(z: Tensor, teacher: TopKTeacher, student: StudentChunk, grad: Tensor, tail: str) -> Tensor:
     """d/dz_v of a function of the student's category log-probabilities, from its gradient g (R, k + 1 or k) with
-    respect to them (docs/math.md 9.2): with G = sum_c g_c, q = softmax(z) and r the softmax of z over the classes
-    outside S (0 on S),
+    respect to them (docs/math.md 9.2): with G = sum_c g_c, q = softmax(z) and 1 - Q the student's tail mass,
 
-        bucket        g_c [v = id_c] + g_tail r_v - G q_v
-        none          g_c [v = id_c] - G q_v
-        renormalize   (g_c - G q~_c) [v = id_c],       q~ the student's probabilities renormalised over S
+        bucket        v = id_c: g_c - G q_v          v not in S: q_v (g_tail / (1 - Q) - G)
+        none          v = id_c: g_c - G q_v          v not in S: -G q_v
+        renormalize   v = id_c: g_c - G q~_c         v not in S: 0          (q~: q renormalised over S)
 
-    Returned in z's dtype, (R, V)."""
+    Each coefficient is formed per row in float64 and multiplies q_v once, so nothing cancels in the accumulation
+    dtype (g_tail / (1 - Q) and G can both be large where they nearly cancel, e.g. 1 - Q tiny). Returned in z's
+    dtype, (R, V)."""
     k = teacher.ids.shape[1]
     total = grad.sum(1, keepdim=True)
     if tail == "renormalize":
         top = (grad - total * student.log_probs.exp()).masked_fill(teacher.pad, 0.0)
         return torch.zeros_like(z).scatter_add_(1, teacher.ids, top.to(z.dtype))
-    out = torch.exp(z - student.lse.unsqueeze(1)).mul_((-total).to(z.dtype))
-    if tail == "bucket":
-        lse_tail = student.lse_tail.unsqueeze(1)
-        # an empty tail (S = the vocabulary) has no distribution: its g_tail is 0 (NO_MASS on both sides)
-        r = torch.exp(_outside_top(z, teacher) - torch.where(torch.isfinite(lse_tail), lse_tail, 0.0))
-        out.add_(r.mul_(grad[:, k:].to(z.dtype)))
-    return out.scatter_add_(1, teacher.ids, grad[:, :k].masked_fill(teacher.pad, 0.0).to(z.dtype))
+    top = (grad[:, :k] - total * student.log_probs[:, :k].exp()).masked_fill(teacher.pad, 0.0)
+    outside = -total
+    if tail == "bucket":  # an empty tail (S = the vocabulary) has g_tail = 0 and no 1 / (1 - Q)
+        tail_log_prob = student.log_probs[:, k:]
+        outside = outside + torch.where(torch.isfinite(tail_log_prob), grad[:, k:] * torch.exp(-tail_log_prob), 0.0)
+    # q_v = exp(z_v - shift) / sum: the per-row 1 / sum joins the coefficient
+    out = torch.exp(_outside_top(z, teacher) - student.shift).mul_((outside * torch.exp(-student.log_sum)).to(z.dtype))
+    return out.scatter_add_(1, teacher.ids, top.to(z.dtype))
 
 
 def term_scale(temperature: float, scale_t2: bool) -> float:
@@ -147,6 +172,10 @@ def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Te
     terms_i with respect to the raw logits (R, V), 0 on rows that take no part (their logits may be garbage)."""
     z = logits / temperature
     student = student_chunk(z, teacher, tail)
+    if tail == "bucket":  # S = the whole vocabulary: no tail, whatever rounding left of the teacher's 1 - P
+        no_tail = torch.isneginf(student.log_probs[:, -1:])
+        teacher = teacher._replace(log_probs=torch.cat(
+            [teacher.log_probs[:, :-1], teacher.log_probs[:, -1:].masked_fill(no_tail, -math.inf)], 1))
     if valid is not None:  # rows that take no part: every category empty on both sides, whatever their logits
         student = student._replace(log_probs=student.log_probs.masked_fill(~valid.unsqueeze(1), -math.inf))
     row_weights = None if weights is None else weights * (scale / temperature)
@@ -169,7 +198,7 @@ def chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, buffers: in
     return _chunk_rows(vocab * buffers * torch.finfo(dtype).bits // 8, device)
 
 
-# (R, V) buffers alive at once in a chunk of the logit form: z, exp(z - lse), the tail-masked z, its exp (r).
+# (R, V) buffers alive at once in a chunk of the logit form: z, the tail-masked z, its exp and the gradient.
 LOGIT_BUFFERS = 4
 
 
