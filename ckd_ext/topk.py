@@ -71,41 +71,33 @@ class StudentChunk(NamedTuple):
     """The student's statistics on one chunk of rows that its categories and its logit gradient need."""
 
     log_probs: Tensor           # (R, k + 1) or (R, k), CATEGORY_DTYPE, -inf where pad (and where the tail is empty)
-    shift: Optional[Tensor]     # (R, 1) max_v z_v, z's dtype (None for "renormalize", which needs no normaliser)
-    log_sum: Optional[Tensor]   # (R, 1) log sum_v exp(z_v - shift), CATEGORY_DTYPE: LSE(z) = shift + log_sum
-
-
-def _shifted_log_sum_exp(z: Tensor):
-    """(max, log sum exp(z - max)) per row: the log-sum-exp in two parts, so that a log-probability z_c - LSE(z) is
-    formed as (z_c - max) - log_sum in float64, off by the rounding of the sum (a few units of z's precision), not
-    by that of LSE(z) itself (u |LSE(z)|, 1e-6 in float32 at logits of 10). A row of -inf has max -inf, shifted to 0."""
-    shift = z.amax(1, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    return shift, torch.exp(z - shift).sum(1, keepdim=True).to(CATEGORY_DTYPE).log()
+    log_sum: Optional[Tensor]   # (R, 1) log sum_v exp(z_v - max_v z_v), CATEGORY_DTYPE (None for "renormalize")
+    outside: Optional[Tensor]   # (R, V) exp(z_v - max_v z_v) outside S, 0 on S, in z's dtype: q_v times the row's sum
 
 
 def student_chunk(z: Tensor, teacher: TopKTeacher, tail: str) -> StudentChunk:
-    """The student's categories from its tempered logits z (R, V) (accumulation dtype). Its tail's log-mass is the
-    log-sum-exp over the classes outside the top-k set S, minus the full one: a sum of positive terms, exact where
-    1 - Q is tiny (where log1mexp(log Q) would carry log Q's rounding, ~u |z|, relative to 1 - Q)."""
+    """The student's categories from its tempered logits z (R, V) (accumulation dtype), with one exponential per
+    element: e_v = exp(z_v - m), m the row's max. A log-probability is (z_c - m) - log sum_v e_v, formed in float64:
+    off by the rounding of the sum (a few units of z's precision), not by that of LSE(z) (u |LSE(z)|, 1e-6 in
+    float32 at logits of 10). The tail's mass is the sum of e_v over the classes outside the top-k set S: positive
+    terms, exact where 1 - Q is tiny (log1mexp(log Q) would carry log Q's rounding, ~u |z|, relative to 1 - Q)."""
     top = z.gather(1, teacher.ids).masked_fill(teacher.pad, -math.inf)
     if tail == "renormalize":
         top = top.to(CATEGORY_DTYPE)
         log_norm = top.logsumexp(1, keepdim=True)
         return StudentChunk(top - torch.where(torch.isfinite(log_norm), log_norm, 0.0), None, None)
-    shift, log_sum = _shifted_log_sum_exp(z)
+    shift = z.amax(1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, 0.0)  # a row of -inf: no max to shift by
+    exp_shifted = torch.sub(z, shift).exp_()
+    log_sum = exp_shifted.sum(1, keepdim=True).to(CATEGORY_DTYPE).log()
     log_probs = (top - shift).to(CATEGORY_DTYPE) - log_sum
+    # 0 at the top-k ids; a padding slot (pointed at class 0) writes +inf under amin, which keeps the value
+    fill = torch.where(teacher.pad, math.inf, 0.0).to(z.dtype)
+    outside = exp_shifted.scatter_reduce_(1, teacher.ids, fill, reduce="amin")
     if tail == "bucket":
-        tail_shift, tail_log_sum = _shifted_log_sum_exp(_outside_top(z, teacher))
-        tail_log_prob = (tail_shift - shift).to(CATEGORY_DTYPE) + tail_log_sum - log_sum
+        tail_log_prob = outside.sum(1, keepdim=True).to(CATEGORY_DTYPE).log() - log_sum
         log_probs = torch.cat([log_probs, tail_log_prob], 1)
-    return StudentChunk(log_probs, shift, log_sum)
-
-
-def _outside_top(z: Tensor, teacher: TopKTeacher) -> Tensor:
-    """z with -inf at the top-k ids: a padding slot (pointed at class 0) writes +inf under amin, which keeps z."""
-    fill = torch.where(teacher.pad, math.inf, -math.inf).to(z.dtype)
-    return z.scatter_reduce(1, teacher.ids, fill, reduce="amin")
+    return StudentChunk(log_probs, log_sum, outside)
 
 
 def _same(tensor: Tensor) -> Tensor:
@@ -134,7 +126,7 @@ forward: a graph of (R, k + 1) tensors, freed before the next chunk."""
     return terms.detach(), grad.masked_fill(empty, 0.0)
 
 
-def logit_gradient(z: Tensor, teacher: TopKTeacher, student: StudentChunk, grad: Tensor, tail: str) -> Tensor:
+def logit_gradient(teacher: TopKTeacher, student: StudentChunk, grad: Tensor, tail: str, like: Tensor) -> Tensor:
     """d/dz_v of a function of the student's category log-probabilities, from its gradient g (R, k + 1 or k) with
     respect to them (docs/math.md 9.2): with G = sum_c g_c, q = softmax(z) and 1 - Q the student's tail mass,
 
@@ -143,21 +135,21 @@ def logit_gradient(z: Tensor, teacher: TopKTeacher, student: StudentChunk, grad:
         renormalize   v = id_c: g_c - G q~_c         v not in S: 0          (q~: q renormalised over S)
 
     Each coefficient is formed per row in float64 and multiplies q_v once, so nothing cancels in the accumulation
-    dtype (g_tail / (1 - Q) and G can both be large where they nearly cancel, e.g. 1 - Q tiny). Returned in z's
-    dtype, (R, V)."""
+    dtype (g_tail / (1 - Q) and G can both be large where they nearly cancel, e.g. 1 - Q tiny). Returned in the
+    dtype of `like` (the chunk's logits), (R, V); overwrites student.outside."""
     k = teacher.ids.shape[1]
     total = grad.sum(1, keepdim=True)
     if tail == "renormalize":
         top = (grad - total * student.log_probs.exp()).masked_fill(teacher.pad, 0.0)
-        return torch.zeros_like(z).scatter_add_(1, teacher.ids, top.to(z.dtype))
+        return torch.zeros_like(like).scatter_add_(1, teacher.ids, top.to(like.dtype))
     top = (grad[:, :k] - total * student.log_probs[:, :k].exp()).masked_fill(teacher.pad, 0.0)
     outside = -total
     if tail == "bucket":  # an empty tail (S = the vocabulary) has g_tail = 0 and no 1 / (1 - Q)
         tail_log_prob = student.log_probs[:, k:]
         outside = outside + torch.where(torch.isfinite(tail_log_prob), grad[:, k:] * torch.exp(-tail_log_prob), 0.0)
-    # q_v = exp(z_v - shift) / sum: the per-row 1 / sum joins the coefficient
-    out = torch.exp(_outside_top(z, teacher) - student.shift).mul_((outside * torch.exp(-student.log_sum)).to(z.dtype))
-    return out.scatter_add_(1, teacher.ids, top.to(z.dtype))
+    # q_v = e_v / sum: the row's 1 / sum joins the coefficient
+    out = student.outside.mul_((outside * torch.exp(-student.log_sum)).to(like.dtype))
+    return out.scatter_add_(1, teacher.ids, top.to(like.dtype))
 
 
 def term_scale(temperature: float, scale_t2: bool) -> float:
@@ -170,10 +162,10 @@ def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Te
     """One chunk of rows from raw student logits (R, V) (accumulation dtype): per-row terms scale * D_i (R,)
     (CATEGORY_DTYPE, 0 on rows that take no part), and with per-row `weights` the gradient of sum_i weights_i *
     terms_i with respect to the raw logits (R, V), 0 on rows that take no part (their logits may be garbage)."""
-    z = logits / temperature
+    z = logits if temperature == 1.0 else logits / temperature
     student = student_chunk(z, teacher, tail)
     if tail == "bucket":  # S = the whole vocabulary: no tail, whatever rounding left of the teacher's 1 - P
-        no_tail = torch.isneginf(student.log_probs[:, -1:])
+        no_tail = ((~teacher.pad).sum(1, keepdim=True) == logits.shape[1])
         teacher = teacher._replace(log_probs=torch.cat(
             [teacher.log_probs[:, :-1], teacher.log_probs[:, -1:].masked_fill(no_tail, -math.inf)], 1))
     if valid is not None:  # rows that take no part: every category empty on both sides, whatever their logits
@@ -185,7 +177,7 @@ def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Te
         terms = torch.where(valid, terms, 0.0)
     if grad is None:
         return terms, None
-    logit_grad = logit_gradient(z, teacher, student, grad, tail)
+    logit_grad = logit_gradient(teacher, student, grad, tail, z)
     if valid is not None:
         logit_grad = torch.where(valid.unsqueeze(1), logit_grad, 0.0)
     return terms, logit_grad
@@ -198,8 +190,9 @@ def chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device, buffers: in
     return _chunk_rows(vocab * buffers * torch.finfo(dtype).bits // 8, device)
 
 
-# (R, V) buffers alive at once in a chunk of the logit form: z, the tail-masked z, its exp and the gradient.
-LOGIT_BUFFERS = 4
+# (R, V) buffers alive at once in a chunk of the logit form: z, its exponential (which becomes the gradient) and
+# the temporary of the row sums.
+LOGIT_BUFFERS = 3
 
 
 def _walk_logits(student: Tensor, ids: Tensor, logprobs: Tensor, valid: Optional[Tensor], temperature: float,
