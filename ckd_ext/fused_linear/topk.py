@@ -142,7 +142,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, moments=False
     rows = hidden.reshape(-1, hidden.shape[-1])
     weight_acc, bias_acc = weight.to(dtype), None if bias is None else bias.to(dtype)
     tokens = rows.shape[0]
-    step = _topk.chunk_rows(vocab, dtype, hidden.device, 2)  # the logits and their exp inside logsumexp
+    step = _topk.chunk_rows(vocab, dtype, hidden.device, 3)  # the logits, logits / T and logsumexp's exp
     ids = torch.empty(tokens, k, dtype=torch.int64, device=hidden.device)
     logprobs = torch.empty(tokens, k, dtype=dtype, device=hidden.device)
     stats = torch.empty(3, tokens, dtype=dtype, device=hidden.device) if moments else None
