@@ -19,7 +19,7 @@ TINY = ["--chars", "60000", "--vocab", "300", "--context", "16", "--val-tokens",
 def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
     results = lm.main([*TINY, "--seeds", "0,1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    for label in ("method", "val perplexity", "teacher", *lm.METHODS):
+    for label in ("method", "val perplexity", "teacher", *lm.DEFAULT_METHODS):
         assert label in printed
     saved = json.loads((tmp_path / "results.json").read_text())
     assert list(saved["methods"]) == list(lm.DEFAULT_METHODS) == list(results["methods"])
