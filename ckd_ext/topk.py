@@ -75,12 +75,13 @@ class StudentChunk(NamedTuple):
     outside: Optional[Tensor]   # (R, V) exp(z_v - max_v z_v) outside S, 0 on S, in z's dtype: q_v times the row's sum
 
 
-def student_chunk(z: Tensor, teacher: TopKTeacher, tail: str) -> StudentChunk:
+def student_chunk(z: Tensor, teacher: TopKTeacher, tail: str, out: Optional[Tensor] = None) -> StudentChunk:
     """The student's categories from its tempered logits z (R, V) (accumulation dtype), with one exponential per
     element: e_v = exp(z_v - m), m the row's max. A log-probability is (z_c - m) - log sum_v e_v, formed in float64:
     off by the rounding of the sum (a few units of z's precision), not by that of LSE(z) (u |LSE(z)|, 1e-6 in
     float32 at logits of 10). The tail's mass is the sum of e_v over the classes outside the top-k set S: positive
-    terms, exact where 1 - Q is tiny (log1mexp(log Q) would carry log Q's rounding, ~u |z|, relative to 1 - Q)."""
+    terms, exact where 1 - Q is tiny (log1mexp(log Q) would carry log Q's rounding, ~u |z|, relative to 1 - Q).
+    `out`: where e goes (the buffer that becomes the logit gradient), else a new tensor."""
     top = z.gather(1, teacher.ids).masked_fill(teacher.pad, -math.inf)
     if tail == "renormalize":
         top = top.to(CATEGORY_DTYPE)
@@ -88,7 +89,7 @@ def student_chunk(z: Tensor, teacher: TopKTeacher, tail: str) -> StudentChunk:
         return StudentChunk(top - torch.where(torch.isfinite(log_norm), log_norm, 0.0), None, None)
     shift = z.amax(1, keepdim=True)
     shift = torch.where(torch.isfinite(shift), shift, 0.0)  # a row of -inf: no max to shift by
-    exp_shifted = torch.sub(z, shift).exp_()
+    exp_shifted = (torch.sub(z, shift) if out is None else torch.sub(z, shift, out=out)).exp_()
     log_sum = exp_shifted.sum(1, keepdim=True).to(CATEGORY_DTYPE).log()
     log_probs = (top - shift).to(CATEGORY_DTYPE) - log_sum
     # 0 at the top-k ids; a padding slot (pointed at class 0) writes +inf under amin, which keeps the value
@@ -158,12 +159,14 @@ def term_scale(temperature: float, scale_t2: bool) -> float:
 
 
 def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Tensor], temperature: float,
-                        divergence: Divergence, tail: str, scale: float, weights: Optional[Tensor]):
+                        divergence: Divergence, tail: str, scale: float, weights: Optional[Tensor],
+                        out: Optional[Tensor] = None):
     """One chunk of rows from raw student logits (R, V) (accumulation dtype): per-row terms scale * D_i (R,)
     (CATEGORY_DTYPE, 0 on rows that take no part), and with per-row `weights` the gradient of sum_i weights_i *
-    terms_i with respect to the raw logits (R, V), 0 on rows that take no part (their logits may be garbage)."""
+    terms_i with respect to the raw logits (R, V), 0 on rows that take no part (their logits may be garbage),
+    written into `out` if given (an (R, V) buffer of the logits' dtype)."""
     z = logits if temperature == 1.0 else logits / temperature
-    student = student_chunk(z, teacher, tail)
+    student = student_chunk(z, teacher, tail, out if weights is not None and tail != "renormalize" else None)
     if tail == "bucket":  # S = the whole vocabulary: no tail, whatever rounding left of the teacher's 1 - P
         no_tail = ((~teacher.pad).sum(1, keepdim=True) == logits.shape[1])
         teacher = teacher._replace(log_probs=torch.cat(
@@ -179,7 +182,9 @@ def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Te
         return terms, None
     logit_grad = logit_gradient(teacher, student, grad, tail, z)
     if valid is not None:
-        logit_grad = torch.where(valid.unsqueeze(1), logit_grad, 0.0)
+        logit_grad.masked_fill_(~valid.unsqueeze(1), 0.0)
+    if out is not None and logit_grad.data_ptr() != out.data_ptr():  # "renormalize" builds its own
+        out.copy_(logit_grad)
     return terms, logit_grad
 
 
@@ -210,10 +215,8 @@ def _walk_logits(student: Tensor, ids: Tensor, logprobs: Tensor, valid: Optional
         chunk_weights = None if weights is None else (weights if weights.dim() == 0 else weights[rows])
         if chunk_weights is not None and chunk_weights.dim() == 0:
             chunk_weights = chunk_weights.expand(rows.stop - rows.start)
-        terms[rows], chunk_grad = chunk_loss_and_grad(student[rows].to(dtype), teacher, chunk_valid, temperature,
-                                                      divergence, tail, scale, chunk_weights)
-        if grad is not None:
-            grad[rows] = chunk_grad
+        terms[rows], _ = chunk_loss_and_grad(student[rows].to(dtype), teacher, chunk_valid, temperature, divergence,
+                                             tail, scale, chunk_weights, None if grad is None else grad[rows])
     return terms, grad
 
 
