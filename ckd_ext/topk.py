@@ -183,7 +183,7 @@ def chunk_loss_and_grad(logits: Tensor, teacher: TopKTeacher, valid: Optional[Te
     logit_grad = logit_gradient(teacher, student, grad, tail, z)
     if valid is not None:
         logit_grad.masked_fill_(~valid.unsqueeze(1), 0.0)
-    if out is not None and logit_grad.data_ptr() != out.data_ptr():  # "renormalize" builds its own
+    if out is not None and tail == "renormalize":  # the other tails built it in `out` (student_chunk)
         out.copy_(logit_grad)
     return terms, logit_grad
 
