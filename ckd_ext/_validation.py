@@ -296,15 +296,9 @@ def prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, 
     """Validate the arguments of a fused-linear KD (+ CE) loss and flatten its hidden states. With `vocab_parallel`
     the label values are left to the caller, who knows the whole vocabulary (the heads hold a shard of it)."""
     _check_positive(fn, "temperature", temperature)
-    _check_number(fn, "ce_weight", ce_weight)
-    if not (0 <= ce_weight <= FLOAT32_MAX):
-        raise ValueError(f"{fn}: ce_weight must be a finite number >= 0, got {ce_weight!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
-        raise TypeError(f"{fn}: ignore_index must be a Python int, got {type(ignore_index).__name__}")
+    _check_ce_arguments(fn, ce_weight, ignore_index)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
-    if ce_weight != 0 and labels is None:
-        raise ValueError(f"{fn}: ce_weight = {ce_weight!r} needs labels (the cross-entropy targets); pass labels "
-                         f"or ce_weight=0")
+    _check_ce_needs_labels(fn, ce_weight, labels)
     p = _prepare_fused_linear(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
                               student_bias, teacher_bias, mask, labels)
     if p.labels is not None and not vocab_parallel:
@@ -327,3 +321,200 @@ def check_label_values(fn: str, labels: Tensor, mask: Optional[Tensor], ignore_i
         raise ValueError(f"{fn}: labels must be class indices in [0, V) = [0, {vocab}) or ignore_index "
                          f"({ignore_index}) on every token that takes part (mask True), got {int(labels[position])} "
                          f"at token {position} (of the flattened leading dimensions)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Offline top-k teachers: the teacher as (ids, log-probabilities) of its k most likely classes per row
+# --------------------------------------------------------------------------------------------------
+
+TAILS = ("bucket", "renormalize", "none")
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+class TopKPrepared(NamedTuple):
+    """Validated inputs of a top-k KD loss over logits, flattened to rows."""
+
+    student: Tensor                # (N, V), not detached
+    teacher_ids: Tensor            # (N, k) int64 or int32; a negative id pads the row
+    teacher_logprobs: Tensor       # (N, k), detached
+    mask: Optional[Tensor]         # (N,) bool or None
+    lead_shape: torch.Size         # student.shape[:-1]
+
+
+def mass_tolerance(dtype: torch.dtype, k: int) -> float:
+    """How far above 1 the top-k mass exp(logsumexp(teacher_logprobs)) may lie: the log-probabilities' own rounding.
+    A log-probability l stored with unit roundoff u has exp(l) off by a factor exp(|l| u), so the mass is off by at
+    most u sum_c p_c |l_c| <= u (log k + 1) (the entropy of k categories is at most log k); twice that, plus
+    float32's rounding of the sum itself."""
+    unit_roundoff = torch.finfo(dtype).eps / 2
+    return 2.0 * unit_roundoff * (math.log(max(k, 1)) + 1.0) + 1e-6
+
+
+def _check_topk_teacher(fn: str, teacher_ids, teacher_logprobs, like: Tensor, like_name: str) -> None:
+    """Kinds, shapes and devices of a top-k teacher for the rows of `like` (whose last dimension is not a row's)."""
+    if not isinstance(teacher_ids, Tensor) or teacher_ids.dtype not in INDEX_DTYPES:
+        got = f"dtype {teacher_ids.dtype}" if isinstance(teacher_ids, Tensor) else type(teacher_ids).__name__
+        raise TypeError(f"{fn}: teacher_ids must be a torch.Tensor of dtype torch.int64 or torch.int32, got {got}")
+    _check_floating_tensor(fn, "teacher_logprobs", teacher_logprobs)
+    lead_shape = like.shape[:-1]
+    if teacher_ids.dim() != len(lead_shape) + 1 or teacher_ids.shape[:-1] != lead_shape or teacher_ids.shape[-1] == 0:
+        expected = "".join(f"{n}, " for n in lead_shape) + "k"
+        raise ValueError(f"{fn}: teacher_ids must have shape ({expected}) with k >= 1, the shape of {like_name} "
+                         f"without its last dimension and then the k top classes, got {tuple(teacher_ids.shape)}")
+    if teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(f"{fn}: teacher_logprobs must have the shape of teacher_ids {tuple(teacher_ids.shape)}, got "
+                         f"{tuple(teacher_logprobs.shape)}")
+    for name, value in (("teacher_ids", teacher_ids), ("teacher_logprobs", teacher_logprobs)):
+        if value.device != like.device:
+            raise ValueError(f"{fn}: {name} must be on the same device as {like_name} ({like.device}), "
+                             f"got {value.device}")
+
+
+def check_topk_values(fn: str, teacher_ids: Tensor, teacher_logprobs: Tensor, valid: Optional[Tensor],
+                      vocab: int) -> None:
+    """The values of a top-k teacher (N, k) on the rows that take part (`valid`): ids in [0, V) or negative
+    (padding), no id twice in a row, log-probabilities <= 0 (NaN is not) and a top-k mass <= 1 within
+    mass_tolerance. Padding entries and rows that take no part are never read. One reduction per check and one read
+    on the host for all of them (on CUDA one synchronisation per call; the alternative, an index out of range inside
+    the chunk loop, is a device-side assert that leaves the CUDA context unusable)."""
+    ids = teacher_ids.long()
+    real = ids >= 0
+    if valid is not None:
+        real &= valid.unsqueeze(1)
+    ordered = torch.where(real, ids, -1 - torch.arange(ids.shape[1], device=ids.device)).sort(dim=1).values
+    tolerance = mass_tolerance(teacher_logprobs.dtype, ids.shape[1])
+    logprobs = teacher_logprobs.float()
+    mass = torch.where(real, logprobs, -math.inf).logsumexp(1)
+    bad_rows = torch.stack([
+        (real & (ids >= vocab)).any(1),
+        ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(1),
+        (real & ~(logprobs <= math.log1p(tolerance))).any(1),
+        mass > math.log1p(tolerance),
+    ])
+    if torch.compiler.is_compiling():  # a traced graph cannot branch on data: the same checks, as a device assert
+        torch._assert_async(~bad_rows.any(), f"{fn}: teacher_ids / teacher_logprobs hold invalid values")
+        return
+    if not bool(bad_rows.any()):
+        return
+    check, row = [(c, int(rows.nonzero()[0, 0])) for c, rows in enumerate(bad_rows) if bool(rows.any())][0]
+    where = f"at row {row} (of the flattened leading dimensions)"
+    if check == 0:
+        raise ValueError(f"{fn}: teacher_ids must be class indices in [0, V) = [0, {vocab}), or negative to pad a row "
+                         f"with fewer than k entries, got {int(ids[row][real[row]].max())} {where}")
+    if check == 1:
+        raise ValueError(f"{fn}: teacher_ids must not repeat a class within a row, got {ids[row].tolist()} {where}")
+    if check == 2:
+        bad = logprobs[row][real[row] & ~(logprobs[row] <= math.log1p(tolerance))][0].item()
+        raise ValueError(f"{fn}: teacher_logprobs must be log-probabilities (<= 0, not NaN) on every entry whose id "
+                         f"is not negative, got {bad!r} {where}")
+    raise ValueError(f"{fn}: teacher_logprobs must have a total probability <= 1 per row (within {tolerance:.2g} for "
+                     f"{teacher_logprobs.dtype}), got {math.exp(mass[row].item()):.6g} {where}; they must be the "
+                     f"teacher's log-probabilities at the loss's temperature, log_softmax(logits / temperature)")
+
+
+def _check_topk_options(fn: str, temperature, tail, scale_t2, reduction) -> None:
+    _check_positive(fn, "temperature", temperature)
+    _check_choice(fn, "tail", tail, TAILS)
+    _check_bool(fn, "scale_t2", scale_t2)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+
+
+def prepare_topk_kd(fn, student, teacher_ids, teacher_logprobs, temperature, tail, scale_t2, mask,
+                    reduction) -> TopKPrepared:
+    """Validate the arguments of a top-k KD loss over logits (values included) and flatten its inputs."""
+    _check_topk_options(fn, temperature, tail, scale_t2, reduction)
+    _check_floating_tensor(fn, "student", student)
+    if student.dim() < 1 or student.shape[-1] == 0:
+        raise ValueError(f"{fn}: student must have shape (..., V) with V >= 1, got {tuple(student.shape)}")
+    _check_topk_teacher(fn, teacher_ids, teacher_logprobs, student, "student")
+    _check_mask(fn, mask, student)
+    vocab, k = student.shape[-1], teacher_ids.shape[-1]
+    p = TopKPrepared(student=student.reshape(-1, vocab), teacher_ids=teacher_ids.reshape(-1, k),
+                     teacher_logprobs=teacher_logprobs.detach().reshape(-1, k),
+                     mask=None if mask is None else mask.reshape(-1), lead_shape=student.shape[:-1])
+    check_topk_values(fn, p.teacher_ids, p.teacher_logprobs, p.mask, vocab)
+    return p
+
+
+class FusedLinearTopKPrepared(NamedTuple):
+    """Validated inputs of a fused-linear top-k KD loss (flattened to token rows)."""
+
+    hidden: Tensor                 # (N, H), not detached
+    weight: Tensor                 # (V, H), not detached
+    bias: Optional[Tensor]         # (V,) or None
+    teacher_ids: Tensor            # (N, k)
+    teacher_logprobs: Tensor       # (N, k), detached
+    mask: Optional[Tensor]         # (N,) bool or None
+    labels: Optional[Tensor]       # (N,) or None
+    lead_shape: torch.Size
+
+
+def _check_ce_arguments(fn, ce_weight, ignore_index) -> None:
+    _check_number(fn, "ce_weight", ce_weight)
+    if not (0 <= ce_weight <= FLOAT32_MAX):
+        raise ValueError(f"{fn}: ce_weight must be a finite number >= 0, got {ce_weight!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, torch.SymInt)):
+        raise TypeError(f"{fn}: ignore_index must be a Python int, got {type(ignore_index).__name__}")
+
+
+def _check_ce_needs_labels(fn, ce_weight, labels) -> None:
+    if ce_weight != 0 and labels is None:
+        raise ValueError(f"{fn}: ce_weight = {ce_weight!r} needs labels (the cross-entropy targets); pass labels "
+                         f"or ce_weight=0")
+
+
+def prepare_fused_linear_topk_kd(fn, student_hidden, student_weight, teacher_ids, teacher_logprobs, student_bias,
+                                 temperature, tail, scale_t2, mask, labels, ce_weight, ignore_index,
+                                 reduction) -> FusedLinearTopKPrepared:
+    """Validate the arguments of a fused-linear top-k KD (+ CE) loss (values included) and flatten its inputs."""
+    _check_topk_options(fn, temperature, tail, scale_t2, reduction)
+    _check_ce_arguments(fn, ce_weight, ignore_index)
+    _check_ce_needs_labels(fn, ce_weight, labels)
+    _check_head(fn, "student", student_hidden, student_weight, student_bias, None)
+    for name, value in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if value is not None:
+            _check_same_device(fn, name, value, student_hidden)
+    _check_topk_teacher(fn, teacher_ids, teacher_logprobs, student_hidden, "student_hidden")
+    _check_mask(fn, mask, student_hidden, "student_hidden")
+    _check_labels(fn, labels, student_hidden)
+    if labels is not None:
+        _check_same_device(fn, "labels", labels, student_hidden)
+    k = teacher_ids.shape[-1]
+    p = FusedLinearTopKPrepared(
+        hidden=student_hidden.reshape(-1, student_hidden.shape[-1]), weight=student_weight, bias=student_bias,
+        teacher_ids=teacher_ids.reshape(-1, k), teacher_logprobs=teacher_logprobs.detach().reshape(-1, k),
+        mask=None if mask is None else mask.reshape(-1), labels=None if labels is None else labels.reshape(-1),
+        lead_shape=student_hidden.shape[:-1])
+    vocab = student_weight.shape[0]
+    if p.labels is not None:
+        _check_label_values(fn, p.labels, p.mask, ignore_index, vocab)
+    valid = p.mask
+    if p.labels is not None:
+        labelled = p.labels != ignore_index
+        valid = labelled if valid is None else valid & labelled
+    check_topk_values(fn, p.teacher_ids, p.teacher_logprobs, valid, vocab)
+    return p
+
+
+def prepare_teacher_topk(fn, hidden, weight, k, bias, temperature, moments) -> None:
+    """Validate the arguments of the top-k producer teacher_topk."""
+    _check_floating_tensor(fn, "hidden", hidden)
+    _check_floating_tensor(fn, "weight", weight)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"{fn}: hidden must have shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"{fn}: weight must have shape (V, H) with V >= 1 and H = {hidden.shape[-1]}, the last "
+                         f"dimension of hidden, got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_floating_tensor(fn, "bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"{fn}: bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and value.dtype != hidden.dtype:
+            raise TypeError(f"{fn}: {name} must have the dtype of hidden ({hidden.dtype}), got {value.dtype}")
+        if value is not None and value.device != hidden.device:
+            raise ValueError(f"{fn}: {name} must be on the same device as hidden ({hidden.device}), got {value.device}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"{fn}: k must be an int in [1, V] = [1, {weight.shape[0]}], got {k!r}")
+    _check_positive(fn, "temperature", temperature)
+    _check_bool(fn, "moments", moments)

@@ -1,7 +1,7 @@
 """nn.Module wrappers of the fused losses: hyperparameters at construction, tensors at call time."""
 from torch import nn
 
-from . import fused_linear, losses
+from . import fused_linear, losses, topk
 
 
 class _Distributed(nn.Module):
@@ -113,3 +113,53 @@ class FusedLinearKDLoss(_FusedLinear):
     def extra_repr(self):
         return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "
                 f"reduction={self.reduction!r}" + self._distributed_repr())
+
+
+class _TopKOptions(_Distributed):
+    """The options every top-k KD loss takes (``topk_kd_loss``), kept as given and checked at call time."""
+
+    def __init__(self, temperature, divergence, beta, alpha, tail, scale_t2, reduction, global_batch, group):
+        super().__init__(global_batch, group)
+        self.temperature, self.divergence, self.beta, self.alpha = temperature, divergence, beta, alpha
+        self.tail, self.scale_t2, self.reduction = tail, scale_t2, reduction
+
+    def _options(self):
+        return dict(temperature=self.temperature, divergence=self.divergence, beta=self.beta, alpha=self.alpha,
+                    tail=self.tail, scale_t2=self.scale_t2, reduction=self.reduction, global_batch=self.global_batch,
+                    group=self.group)
+
+    def extra_repr(self):
+        chosen = "".join(f", {name}={value}" for name, value in (("beta", self.beta), ("alpha", self.alpha))
+                         if value is not None)
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}{chosen}, tail={self.tail!r}, "
+                f"scale_t2={self.scale_t2}, reduction={self.reduction!r}" + self._distributed_repr())
+
+
+class TopKKDLoss(_TopKOptions):
+    """KD from an offline top-k teacher on student logits (``topk_kd_loss``)."""
+
+    def __init__(self, *, temperature=1.0, divergence="forward_kl", beta=None, alpha=None, tail="bucket",
+                 scale_t2=True, reduction="mean", global_batch=False, group=None):
+        super().__init__(temperature, divergence, beta, alpha, tail, scale_t2, reduction, global_batch, group)
+
+    def forward(self, student, teacher_ids, teacher_logprobs, mask=None):
+        return topk.topk_kd_loss(student, teacher_ids, teacher_logprobs, mask=mask, **self._options())
+
+
+class FusedLinearTopKKDLoss(_TopKOptions):
+    """KD from an offline top-k teacher (+ ce_weight * cross-entropy) on the logits of a linear head
+    (``fused_linear_topk_kd_loss``)."""
+
+    def __init__(self, *, temperature=1.0, divergence="forward_kl", beta=None, alpha=None, tail="bucket",
+                 scale_t2=True, ce_weight=0.0, ignore_index=-100, reduction="mean", global_batch=False, group=None):
+        super().__init__(temperature, divergence, beta, alpha, tail, scale_t2, reduction, global_batch, group)
+        self.ce_weight, self.ignore_index = ce_weight, ignore_index
+
+    def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, *, student_bias=None, mask=None,
+                labels=None):
+        return fused_linear.fused_linear_topk_kd_loss(
+            student_hidden, student_weight, teacher_ids, teacher_logprobs, student_bias=student_bias, mask=mask,
+            labels=labels, ce_weight=self.ce_weight, ignore_index=self.ignore_index, **self._options())
+
+    def extra_repr(self):
+        return super().extra_repr() + f", ce_weight={self.ce_weight}, ignore_index={self.ignore_index}"

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from ._validation import Prepared, prepare_bickd, prepare_ckd, prepare_kd
+from ._validation import (Prepared, prepare_bickd, prepare_ckd, prepare_fused_linear_topk_kd, prepare_kd,
+                          prepare_teacher_topk, prepare_topk_kd)
+from .divergences import divergence_terms, resolve
 from .rows import EPS, accumulation_dtype, scatter_rows
 
-__all__ = ["kd_loss", "ckd_loss", "bickd_loss"]
+__all__ = ["kd_loss", "ckd_loss", "bickd_loss", "topk_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,3 +221,110 @@ def bickd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, ta
     if reduction == "none":
         return scatter_rows(sample_terms, prepared).to(out_dtype), class_terms.to(out_dtype)
     return (_reduce(sample_terms, reduction) + _reduce(class_terms, reduction)).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# KD from an offline top-k teacher (docs/math.md section 9)
+# --------------------------------------------------------------------------------------------------
+
+
+def _topk_row_term(log_q_all: Tensor, ids: Tensor, log_p: Tensor, divergence, tail: str) -> Tensor:
+    """One row's divergence between the teacher's categories and the student's, from the student's full
+    log-probabilities log_q_all (V,) and the teacher's real entries (ids (k_i,), log_p (k_i,)), padding removed:
+
+        none          the k top classes as they are (truncated sums)
+        renormalize   both renormalised over the k top classes
+        bucket        the k top classes and one more, the rest of the vocabulary: 1 - P for the teacher,
+                      sum over v not in S of q_v for the student (left out when S is the whole vocabulary)
+    """
+    log_q = log_q_all[ids]
+    if tail == "none":
+        return divergence_terms(log_p, log_q, divergence)
+    if tail == "renormalize":
+        if ids.numel() == 0:
+            return log_q_all.sum() * 0  # no entry: nothing to match
+        return divergence_terms(log_p - torch.logsumexp(log_p, 0), log_q - torch.logsumexp(log_q, 0), divergence)
+    outside = torch.ones_like(log_q_all, dtype=torch.bool)
+    outside[ids] = False
+    if not bool(outside.any()):
+        return divergence_terms(log_p, log_q, divergence)
+    log_p_tail = torch.log((1 - log_p.exp().sum()).clamp_min(0)).reshape(1)
+    log_q_tail = torch.logsumexp(log_q_all[outside], 0).reshape(1)
+    return divergence_terms(torch.cat([log_p, log_p_tail]), torch.cat([log_q, log_q_tail]), divergence)
+
+
+def _topk_terms(logits: Tensor, ids: Tensor, logprobs: Tensor, temperature: float, divergence, tail: str,
+                scale_t2: bool) -> Tensor:
+    """Per-row top-k KD terms of the rows given (N, V): the student's log-softmax materialised, a loop over rows."""
+    log_q_all = F.log_softmax(logits / temperature, dim=1)
+    log_p_all = logprobs.to(log_q_all.dtype)
+    terms = []
+    for i in range(logits.shape[0]):
+        real = ids[i] >= 0
+        terms.append(_topk_row_term(log_q_all[i], ids[i][real].long(), log_p_all[i][real], divergence, tail))
+    scale = temperature ** 2 if scale_t2 else 1.0
+    return scale * (torch.stack(terms) if terms else logits.new_zeros(0))
+
+
+def topk_kd_loss(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, *, temperature: float = 1.0,
+                 divergence: str = "forward_kl", beta=None, alpha=None, tail: str = "bucket", scale_t2: bool = True,
+                 mask: Optional[Tensor] = None, reduction: str = "mean", global_batch=False, group=None) -> Tensor:
+    """KD against an offline top-k teacher (ckd_ext.topk_kd_loss), materialised."""
+    fn = "topk_kd_loss"
+    chosen = resolve(fn, divergence, beta, alpha)
+    p = prepare_topk_kd(fn, student, teacher_ids, teacher_logprobs, temperature, tail, scale_t2, mask, reduction)
+    distributed.check_arguments(fn, global_batch, group)
+    rows = p.student.to(accumulation_dtype(p.student.dtype))
+    ids, logprobs = p.teacher_ids, p.teacher_logprobs
+    if p.mask is not None:
+        rows, ids, logprobs = rows[p.mask], ids[p.mask], logprobs[p.mask]
+    terms = _topk_terms(rows, ids, logprobs, temperature, chosen, tail, scale_t2)
+    prepared = Prepared(p.student, p.student, p.mask, p.lead_shape)
+    return _finish_rows(terms, prepared, reduction)
+
+
+def fused_linear_topk_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor,
+                              teacher_logprobs: Tensor, *, student_bias: Optional[Tensor] = None,
+                              temperature: float = 1.0, divergence: str = "forward_kl", beta=None, alpha=None,
+                              tail: str = "bucket", scale_t2: bool = True, mask: Optional[Tensor] = None,
+                              labels: Optional[Tensor] = None, ce_weight: float = 0.0, ignore_index: int = -100,
+                              reduction: str = "mean", global_batch=False, group=None) -> Tensor:
+    """ckd_ext.fused_linear_topk_kd_loss on the materialised logits hidden @ weight.T + bias: top-k KD plus
+    ce_weight * cross-entropy over the tokens that take part (mask True, label not ignore_index)."""
+    fn = "fused_linear_topk_kd_loss"
+    chosen = resolve(fn, divergence, beta, alpha)
+    p = prepare_fused_linear_topk_kd(fn, student_hidden, student_weight, teacher_ids, teacher_logprobs, student_bias,
+                                     temperature, tail, scale_t2, mask, labels, ce_weight, ignore_index, reduction)
+    distributed.check_arguments(fn, global_batch, group)
+    dtype = accumulation_dtype(p.hidden.dtype)
+    logits = F.linear(p.hidden.to(dtype), p.weight.to(dtype), None if p.bias is None else p.bias.to(dtype))
+    valid = p.mask
+    if p.labels is not None:
+        labelled = p.labels != ignore_index
+        valid = labelled if valid is None else valid & labelled
+    ids, logprobs = p.teacher_ids, p.teacher_logprobs
+    if valid is not None:
+        logits, ids, logprobs = logits[valid], ids[valid], logprobs[valid]
+    terms = _topk_terms(logits, ids, logprobs, temperature, chosen, tail, scale_t2)
+    if p.labels is not None and ce_weight != 0:
+        targets = p.labels if valid is None else p.labels[valid]
+        terms = terms + ce_weight * F.cross_entropy(logits, targets.long(), reduction="none")
+    prepared = Prepared(p.hidden, p.hidden, valid, p.lead_shape)
+    return _finish_rows(terms, prepared, reduction)
+
+
+def teacher_topk(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tensor] = None, temperature: float = 1.0,
+                 moments: bool = False):
+    """ckd_ext.teacher_topk on the materialised logits: (ids, log-probabilities) of the k largest logits per row,
+    and with moments=True the log-normaliser LSE(logits / temperature), sum and sum of squares of the logits."""
+    from .topk import TeacherTopK
+
+    prepare_teacher_topk("teacher_topk", hidden, weight, k, bias, temperature, moments)
+    dtype = accumulation_dtype(hidden.dtype)
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    log_probs = F.log_softmax(logits / temperature, dim=-1)
+    values, ids = log_probs.topk(k, dim=-1)
+    if not moments:
+        return TeacherTopK(ids, values)
+    return TeacherTopK(ids, values, torch.logsumexp(logits / temperature, dim=-1), logits.sum(-1),
+                       logits.square().sum(-1))

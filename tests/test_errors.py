@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import functools
 import json
+import math
 import re
 import subprocess
 import sys
@@ -1229,3 +1230,143 @@ def test_raw_emulated_not_installed(extension_scenarios):
     result = extension_scenarios["no-emulated"]
     assert result["is_available"] is True
     check("R-emulated-not-installed", error_of(result, "_C.set_emulated_cuda", RuntimeError))
+
+
+# ---- top-k teachers: topk_kd_loss, fused_linear_topk_kd_loss (function, reference, module) and teacher_topk
+TOPK_LOGITS, TOPK_FL = ("topk_kd_loss",), ("fused_linear_topk_kd_loss",)
+TOPK_ALL = TOPK_LOGITS + TOPK_FL
+TOPK_MODULES = {"topk_kd_loss": ckd_ext.TopKKDLoss, "fused_linear_topk_kd_loss": ckd_ext.FusedLinearTopKKDLoss}
+TOPK_HYPERPARAMETERS = ("temperature", "divergence", "tail", "scale_t2", "ce_weight", "ignore_index", "reduction")
+
+
+def topk_inputs(fn):
+    """Valid inputs: 4 rows, V = 5, k = 2 (log-probabilities of mass 0.5 per row); H = 3 for the fused-linear loss."""
+    g = torch.Generator().manual_seed(2)
+    first = (dict(student=torch.randn(4, 5, generator=g)) if fn == "topk_kd_loss" else
+             dict(student_hidden=torch.randn(4, 3, generator=g), student_weight=torch.randn(5, 3, generator=g)))
+    return dict(first, teacher_ids=torch.tensor([[0, 1], [2, 3], [4, -1], [1, 0]]),
+                teacher_logprobs=torch.full((4, 2), math.log(0.25)))
+
+
+def topk_call(impl: str, fn: str, **overrides):
+    args = dict(topk_inputs(fn), **overrides)
+    positional = [args.pop(k) for k in ("student", "student_hidden", "student_weight", "teacher_ids",
+                                        "teacher_logprobs") if k in args]
+    if impl == "module":
+        hyper = {k: args.pop(k) for k in TOPK_HYPERPARAMETERS if k in args}
+        return TOPK_MODULES[fn](**hyper)(*positional, **args)
+    return getattr(ckd_ext if impl == "fused" else reference, fn)(*positional, **args)
+
+
+def topk_test(entry_id, *items):
+    """A test of `entry_id` raised by the function, the reference and the module of every top-k loss in `items`."""
+    @documents(entry_id)
+    @pytest.mark.parametrize("fn, overrides, values", cases(*items))
+    def test(fn, overrides, values):
+        for impl in IMPLS:
+            try:
+                expect(entry_id, lambda: topk_call(impl, fn, **overrides), fn=fn, **values)
+            except BaseException as exc:
+                exc.add_note(f"implementation: {impl}")
+                raise
+    return test
+
+
+test_tail = topk_test(
+    "E-tail",
+    (TOPK_ALL, dict(tail="rest"), dict(value="'rest'")),
+    (TOPK_LOGITS, dict(tail=None), dict(value="None")))
+test_topk_student_shape = topk_test(
+    "E-topk-student-shape",
+    (TOPK_LOGITS, dict(student=torch.tensor(1.0)), dict(shape="()")),
+    (TOPK_LOGITS, dict(student=torch.randn(4, 0)), dict(shape="(4, 0)")))
+test_topk_ids_type = topk_test(
+    "E-topk-ids-type",
+    (TOPK_ALL, dict(teacher_ids=[[0, 1]] * 4), dict(got="list")),
+    (TOPK_ALL, dict(teacher_ids=torch.zeros(4, 2)), dict(got="dtype torch.float32")),
+    (TOPK_LOGITS, dict(teacher_ids=torch.zeros(4, 2, dtype=torch.int16)), dict(got="dtype torch.int16")))
+test_topk_ids_shape = topk_test(
+    "E-topk-ids-shape",
+    (TOPK_LOGITS, dict(teacher_ids=torch.zeros(3, 2, dtype=torch.int64)),
+     dict(expected="4, k", name="student", shape="(3, 2)")),
+    (TOPK_FL, dict(teacher_ids=torch.zeros(4, dtype=torch.int64)),
+     dict(expected="4, k", name="student_hidden", shape="(4,)")),
+    (TOPK_LOGITS, dict(teacher_ids=torch.zeros(4, 0, dtype=torch.int64)),
+     dict(expected="4, k", name="student", shape="(4, 0)")))
+test_topk_logprobs_shape = topk_test(
+    "E-topk-logprobs-shape",
+    (TOPK_ALL, dict(teacher_logprobs=torch.zeros(4, 3)), dict(ids_shape="(4, 2)", shape="(4, 3)")))
+test_topk_device = topk_test(
+    "E-topk-device",
+    (TOPK_LOGITS, dict(teacher_ids=torch.zeros(4, 2, dtype=torch.int64, device=META)),
+     dict(name="teacher_ids", student="student", device="cpu", got="meta")),
+    (TOPK_FL, dict(teacher_logprobs=torch.zeros(4, 2, device=META)),
+     dict(name="teacher_logprobs", student="student_hidden", device="cpu", got="meta")))
+test_topk_ids_range = topk_test(
+    "E-topk-ids-range",
+    (TOPK_ALL, dict(teacher_ids=torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]])), dict(vocab="5", id="5", row="2")),
+    (TOPK_LOGITS, dict(teacher_ids=torch.tensor([[0, 1], [9, 3], [4, 5], [1, 0]]),
+                       mask=torch.tensor([True, False, True, True])), dict(vocab="5", id="5", row="2")))
+test_topk_ids_repeat = topk_test(
+    "E-topk-ids-repeat",
+    (TOPK_ALL, dict(teacher_ids=torch.tensor([[0, 1], [2, 3], [4, -1], [1, 1]])), dict(ids="[1, 1]", row="3")))
+test_topk_logprobs_range = topk_test(
+    "E-topk-logprobs-range",
+    (TOPK_ALL, dict(teacher_logprobs=torch.tensor([[-1.0, -2.0], [0.5, -1.0], [-1.0, -1.0], [-1.0, -1.0]])),
+     dict(value="0.5", row="1")),
+    (TOPK_LOGITS, dict(teacher_logprobs=torch.tensor([[-1.0, -2.0], [-2.0, -1.0], [-1.0, -1.0],
+                                                      [-1.0, float("nan")]])), dict(value="nan", row="3")))
+test_topk_mass = topk_test(
+    "E-topk-mass",
+    (TOPK_ALL, dict(teacher_logprobs=torch.tensor([[-0.1, -0.5], [-2.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])),
+     dict(row="0", dtype="torch.float32", mass="1.51137")))
+
+
+@documents("E-topk-flag-type")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_topk_flag_type(impl):
+    expect("E-topk-flag-type", lambda: topk_call(impl, "topk_kd_loss", scale_t2=1), fn="topk_kd_loss",
+           name="scale_t2", type="int")
+    expect("E-topk-flag-type", lambda: ckd_ext.teacher_topk(torch.randn(2, 3), torch.randn(5, 3), 2, moments="yes"),
+           fn="teacher_topk", name="moments", type="str")
+
+
+TEACHER_TOPK = dict(hidden=torch.randn(2, 3), weight=torch.randn(5, 3), k=2)
+
+
+def teacher_topk_call(impl, **overrides):
+    args = dict(TEACHER_TOPK, **overrides)
+    module = ckd_ext if impl == "fused" else reference
+    return module.teacher_topk(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)
+
+
+@documents("E-teacher-topk-shape")
+@pytest.mark.parametrize("impl", ("fused", "reference"))
+@pytest.mark.parametrize("overrides, form, values", [
+    (dict(hidden=torch.tensor(1.0)), 0, dict(shape="()")),
+    (dict(weight=torch.randn(5, 4)), 1, dict(hidden="3", shape="(5, 4)")),
+    (dict(weight=torch.randn(0, 3)), 1, dict(hidden="3", shape="(0, 3)")),
+    (dict(bias=torch.randn(4)), 2, dict(vocab="5", shape="(4,)"))])
+def test_teacher_topk_shape(impl, overrides, form, values):
+    expect("E-teacher-topk-shape", lambda: teacher_topk_call(impl, **overrides), form, fn="teacher_topk", **values)
+
+
+@documents("E-teacher-topk-dtype")
+@pytest.mark.parametrize("impl", ("fused", "reference"))
+def test_teacher_topk_dtype(impl):
+    expect("E-teacher-topk-dtype", lambda: teacher_topk_call(impl, bias=torch.randn(5).double()), fn="teacher_topk",
+           name="bias", dtype="torch.float32", got="torch.float64")
+
+
+@documents("E-teacher-topk-device")
+@pytest.mark.parametrize("impl", ("fused", "reference"))
+def test_teacher_topk_device(impl):
+    expect("E-teacher-topk-device", lambda: teacher_topk_call(impl, weight=torch.randn(5, 3, device=META)),
+           fn="teacher_topk", name="weight", device="cpu", got="meta")
+
+
+@documents("E-teacher-topk-k")
+@pytest.mark.parametrize("impl", ("fused", "reference"))
+@pytest.mark.parametrize("k", (0, 6, 2.0, True))
+def test_teacher_topk_k(impl, k):
+    expect("E-teacher-topk-k", lambda: teacher_topk_call(impl, k=k), fn="teacher_topk", vocab="5", value=repr(k))

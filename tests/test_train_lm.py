@@ -19,10 +19,10 @@ TINY = ["--chars", "60000", "--vocab", "300", "--context", "16", "--val-tokens",
 def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
     results = lm.main([*TINY, "--seeds", "0,1", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
-    for label in ("method", "val perplexity", "teacher", *lm.METHODS):
+    for label in ("method", "val perplexity", "teacher", *lm.DEFAULT_METHODS):
         assert label in printed
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert list(saved["methods"]) == list(lm.METHODS) == list(results["methods"])
+    assert list(saved["methods"]) == list(lm.DEFAULT_METHODS) == list(results["methods"])
     vocab = 300
     for runs in saved["methods"].values():
         assert [r["seed"] for r in runs] == [0, 1]
@@ -35,8 +35,26 @@ def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
     assert ce[0]["val_ppl"] != ce[1]["val_ppl"]
 
 
+@pytest.mark.skipif(not ckd_ext.is_available(), reason="the demo runs the fused-linear losses")
+def test_tiny_run_from_a_top_k_teacher_file(tmp_path):
+    """kd-topk: the teacher's top-k written once to a safetensors file (int32 ids, bfloat16 log-probabilities of
+    every training window) and the student trained from it; its perplexity is reported beside the live teacher's."""
+    from safetensors.torch import load_file
+
+    results = lm.main([*TINY, "--seeds", "0", "--methods", "kd,kd-topk", "--topk-k", "8", "--out", str(tmp_path)])
+    stored = load_file(str(tmp_path / "teacher_topk.safetensors"))
+    windows = stored["windows"].shape[0]
+    assert stored["ids"].shape == (windows, 16, 8) and stored["ids"].dtype.is_floating_point is False
+    assert stored["logprobs"].dtype.is_floating_point and (stored["logprobs"].float() <= 0).all()
+    assert results["teacher"]["topk_file"]["windows"] == windows
+    for method in ("kd", "kd-topk"):
+        (run,) = results["methods"][method]
+        assert 1.0 < run["val_ppl"] < 4 * 300 and math.isfinite(run["val_ppl"])
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "kd,bickd"], "--methods must list some of ce, kd, kd+ckd, got 'kd,bickd'"),
+    (["--methods", "kd,bickd"], "--methods must list some of ce, kd, kd+ckd, kd-topk, got 'kd,bickd'"),
+    (["--topk-tail", "rest"], "argument --topk-tail: invalid choice: 'rest'"),
     (["--methods", ""], "--methods must list some of"),
     (["--seeds", "a"], "--seeds expects a comma list of integers"),
     (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),

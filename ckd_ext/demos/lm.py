@@ -12,6 +12,9 @@ trained from the same initialisation per seed with
     ce       CE(student logits, next token)                                         (the student alone)
     kd       ce_weight * CE + kd_weight * KD(student || teacher) over the tokens    fused_linear_kd_loss
     kd+ckd   the above + ckd_weight * CKD(student, teacher) over the batch's tokens  + fused_linear_ckd_loss
+    kd-topk  ce_weight * CE + kd_weight * top-k KD against a teacher file            fused_linear_topk_kd_loss
+             (the teacher's top --topk-k ids and log-probabilities of fixed training windows, written once by
+             teacher_topk to a safetensors file; no teacher model while the student trains)
 
 and the validation perplexity (exp of the mean next-token cross-entropy) is printed per method, mean +- std over
 seeds. See docs/training-lm.md. Needs the ``lm`` extra (tokenizers).
@@ -32,17 +35,20 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import require_extension
-from ..fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss
+from ..divergences import DIVERGENCES
+from ..fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss, fused_linear_topk_kd_loss, teacher_topk
+from .._validation import TAILS
 from .models import CausalLM
 from .cli import Help, Threads, count, positive, seed_list, weight
 
-METHODS = ("ce", "kd", "kd+ckd")
+METHODS = ("ce", "kd", "kd+ckd", "kd-topk")
+DEFAULT_METHODS = ("ce", "kd", "kd+ckd")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckd-train-lm", description=__doc__.split("\n\n")[0], formatter_class=Help)
     g = p.add_argument_group("run")
-    g.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    g.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma list of {', '.join(METHODS)}")
     g.add_argument("--seeds", default="0,1", help="comma list of student seeds")
     g.add_argument("--teacher-seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="torch.set_num_threads for the run (0: unchanged)")
@@ -69,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckd-weight", type=weight, default=1.0)
     t.add_argument("--ckd-tau", type=positive, default=1.0)
     t.add_argument("--ckd-anchor", choices=("student", "teacher"), default="teacher")
+    t.add_argument("--topk-k", type=count, default=32, help="kd-topk: classes kept per token in the teacher file")
+    t.add_argument("--topk-tail", choices=TAILS, default="bucket", help="kd-topk: what the missing mass means")
+    t.add_argument("--topk-divergence", choices=DIVERGENCES, default="forward_kl", help="kd-topk: the divergence")
     return p
 
 
@@ -156,12 +165,35 @@ def perplexity(model: CausalLM, val: torch.Tensor, batch: int = 64) -> float:
     return math.exp(total / tokens)
 
 
+def write_teacher_file(teacher: CausalLM, ids: torch.Tensor, a, path: Path, batch: int = 64) -> int:
+    """The teacher's top-k (int32 ids, bfloat16 log-probabilities at --kd-temperature, as a top-k dataset stores
+    them) of every non-overlapping training window, with the windows, in one safetensors file. Returns its bytes."""
+    from safetensors.torch import save_file
+
+    train = validation_windows(ids, a.context, ids.numel())
+    top_ids, top_logprobs = [], []
+    with torch.no_grad():
+        for i in range(0, train.shape[0], batch):
+            top = teacher_topk(teacher(train[i:i + batch, :-1]), teacher.head.weight, a.topk_k,
+                               temperature=a.kd_temperature)
+            top_ids.append(top.ids.int())
+            top_logprobs.append(top.logprobs.bfloat16())
+    save_file({"windows": train.contiguous(), "ids": torch.cat(top_ids), "logprobs": torch.cat(top_logprobs)}, str(path),
+              metadata={"k": str(a.topk_k), "temperature": str(a.kd_temperature)})
+    return path.stat().st_size
+
+
 def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher_hidden, teacher: CausalLM):
     """The method's objective from the student's and the teacher's last hidden states (the heads' logits are never
-    materialised by the fused-linear losses)."""
+    materialised by the fused-linear losses); for kd-topk `teacher_hidden` is the stored (ids, logprobs) pair."""
     hs = hidden.flatten(0, 1)
     if method == "ce":
         return a.ce_weight * F.cross_entropy(F.linear(hs, student.head.weight), labels.flatten())
+    if method == "kd-topk":
+        top_ids, top_logprobs = teacher_hidden
+        return a.kd_weight * fused_linear_topk_kd_loss(
+            hs, student.head.weight, top_ids.flatten(0, 1), top_logprobs.flatten(0, 1), temperature=a.kd_temperature,
+            divergence=a.topk_divergence, tail=a.topk_tail, labels=labels.flatten(), ce_weight=a.ce_weight / a.kd_weight)
     ht = teacher_hidden.flatten(0, 1)
     # kd_weight * KD + ce_weight * CE, both means over the same tokens: the fused loss adds ce_weight' * CE to KD
     loss = a.kd_weight * fused_linear_kd_loss(
@@ -173,18 +205,26 @@ def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher
     return loss
 
 
-def train_model(model: CausalLM, ids, a, steps: int, seed: int, log, *, method="ce", teacher=None) -> dict:
-    """AdamW with a cosine schedule over `steps` windows batches drawn with `seed`; returns timing."""
+def train_model(model: CausalLM, ids, a, steps: int, seed: int, log, *, method="ce", teacher=None,
+                teacher_file=None) -> dict:
+    """AdamW with a cosine schedule over `steps` windows batches drawn with `seed`; returns timing. kd-topk draws
+    its batches from the windows of `teacher_file` (the loaded safetensors dict) and their stored top-k."""
     generator = torch.Generator().manual_seed(seed + 12345)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     loss_seconds, started = 0.0, time.perf_counter()
     for step in range(steps):
-        w = windows(ids, a.context, a.batch, generator)
+        if method == "kd-topk":
+            rows = torch.randint(0, teacher_file["windows"].shape[0], (a.batch,), generator=generator)
+            w = teacher_file["windows"][rows]
+        else:
+            w = windows(ids, a.context, a.batch, generator)
         inputs, labels = w[:, :-1], w[:, 1:]
         hidden = model(inputs)
         teacher_hidden = None
-        if teacher is not None and method != "ce":
+        if method == "kd-topk":
+            teacher_hidden = (teacher_file["ids"][rows], teacher_file["logprobs"][rows])
+        elif teacher is not None and method != "ce":
             with torch.no_grad():
                 teacher_hidden = teacher(inputs)
         t0 = time.perf_counter()
@@ -239,11 +279,15 @@ def main(argv=None) -> dict:
                    "teacher": dict(val_ppl=perplexity(teacher, val), parameters=teacher.num_parameters(), **timing),
                    "methods": {}}
         log(f"teacher validation perplexity {results['teacher']['val_ppl']:.2f}")
+        teacher_file = None
+        if "kd-topk" in a.method_list:
+            teacher_file = _teacher_file(teacher, train_ids, a, results, log)
         for method in a.method_list:
             for seed in a.seed_list:
                 student = new_model(a, "student", vocab, seed)
                 log(f"{method} seed {seed} (student, {student.num_parameters()} parameters)")
-                timing = train_model(student, train_ids, a, a.steps, seed, log, method=method, teacher=teacher)
+                timing = train_model(student, train_ids, a, a.steps, seed, log, method=method, teacher=teacher,
+                                     teacher_file=teacher_file)
                 run = dict(seed=seed, val_ppl=perplexity(student, val), **timing)
                 results["methods"].setdefault(method, []).append(run)
                 log(f"    validation perplexity {run['val_ppl']:.2f}")
@@ -253,6 +297,22 @@ def main(argv=None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def _teacher_file(teacher: CausalLM, train_ids, a, results: dict, log) -> dict:
+    """Writes the teacher file (into --out, or a temporary folder) and loads it back, as a separate run would."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(a.out or scratch) / "teacher_topk.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = write_teacher_file(teacher, train_ids, a, path)
+        stored = load_file(str(path))
+    results["teacher"]["topk_file"] = dict(k=a.topk_k, bytes=size, windows=stored["windows"].shape[0])
+    log(f"teacher file: top-{a.topk_k} of {stored['windows'].shape[0]} windows, {size / 2 ** 20:.1f} MiB")
+    return stored
 
 
 def cli() -> int:

@@ -5,6 +5,9 @@ of two language-model heads, without ever holding the N x V logits (nor an N x N
                             products and norms of their rows, <s_i, s_j> = [h_i, 1]^T (B_s^T B_s) [h_j, 1] and
                             likewise with B_t^T B_s and B_t^T B_t (K x K Gram matrices, K = H + bias), so the
                             similarities are GEMMs of N x K rows, walked in bounded anchor strips (docs/math.md 8).
+    fused_linear_topk_kd_loss / teacher_topk
+                            KD from an offline top-k teacher, and the producer of such teachers: chunked like
+                            fused_linear_kd_loss (ckd_ext/topk.py, docs/math.md section 9).
     fused_linear_kd_loss    row-separable: the tokens are walked in chunks, both models' logits of one chunk are
                             computed into a bounded buffer, the fused KD op (and cross-entropy) gives the chunk's
                             logit gradient, which is folded into the hidden / weight / bias gradients at once.
@@ -15,5 +18,6 @@ and call ``ckd_loss`` / ``kd_loss``.
 """
 from .ckd import fused_linear_ckd_loss
 from .kd import fused_linear_kd_loss
+from .topk import fused_linear_topk_kd_loss, teacher_topk
 
-__all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
+__all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk"]
