@@ -487,7 +487,7 @@ def prepare_fused_linear_topk_kd(fn, student_hidden, student_weight, teacher_ids
         lead_shape=student_hidden.shape[:-1])
     vocab = student_weight.shape[0]
     if p.labels is not None:
-        _check_label_values(fn, p.labels, p.mask, ignore_index, vocab)
+        check_label_values(fn, p.labels, p.mask, ignore_index, vocab)
     valid = p.mask
     if p.labels is not None:
         labelled = p.labels != ignore_index

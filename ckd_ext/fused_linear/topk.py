@@ -2,10 +2,7 @@
 producer of top-k teachers (docs/math.md 9.4, 9.5)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from .. import _validation, distributed
 from .. import topk as _topk
@@ -13,7 +10,7 @@ from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
 from ..divergences import resolve
-from ._common import _autocast_inputs, _without_autocast
+from ._common import _autocast_inputs, _gemm_operand, _without_autocast
 from .kd import _chunk_logits, _cross_entropy, _valid_tokens
 
 
@@ -24,7 +21,7 @@ def _walk(inputs, ids, logprobs, valid, labels, options, want, row_weights):
     hidden, weight, bias = inputs
     temperature, divergence, tail, scale, ce_weight = options
     dtype = accumulation_dtype(hidden.dtype)
-    weight_acc, bias_acc = weight.to(dtype), None if bias is None else bias.to(dtype)
+    weight_op, bias_acc = _gemm_operand(weight), None if bias is None else bias.to(dtype)
     tokens, vocab = hidden.shape[0], weight.shape[0]
     with_ce = labels is not None and ce_weight != 0
     # per row: the logits, z, the tail-masked z and its exp, the gradient (+ the softmax of cross-entropy)
@@ -34,15 +31,14 @@ def _walk(inputs, ids, logprobs, valid, labels, options, want, row_weights):
     grads = None
     if row_weights is not None:
         grads = (torch.zeros(tokens, hidden.shape[1], dtype=dtype, device=hidden.device),
-                 torch.zeros_like(weight_acc), None if bias is None else torch.zeros_like(bias_acc))
-    zero = torch.zeros((), dtype=dtype, device=hidden.device)
+                 torch.zeros_like(weight, dtype=dtype), None if bias is None else torch.zeros_like(bias_acc))
     for start in range(0, tokens, step):
         rows = slice(start, min(start + step, tokens))
         chunk_valid = None if valid is None else valid[rows]
         weights = None
         if row_weights is not None:
             weights = (row_weights.expand(rows.stop - rows.start) if row_weights.dim() == 0 else row_weights[rows])
-        logits = _chunk_logits(hidden[rows], weight_acc, bias_acc)
+        logits = _chunk_logits(hidden[rows], weight_op, bias_acc, dtype)
         teacher = _topk.teacher_chunk(ids[rows], logprobs[rows], chunk_valid, tail)
         terms, grad = _topk.chunk_loss_and_grad(logits, teacher, chunk_valid, temperature, divergence, tail, scale,
                                                 weights)
@@ -58,11 +54,13 @@ def _walk(inputs, ids, logprobs, valid, labels, options, want, row_weights):
             value = value + terms.sum()
         if grads is None:
             continue
-        chunk_hidden = hidden[rows].to(dtype)
+        chunk_hidden = _gemm_operand(hidden[rows])
         if chunk_valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
-            chunk_hidden = torch.where(chunk_valid.unsqueeze(1), chunk_hidden, zero)
-        grads[0][rows] = grad @ weight_acc
-        grads[1].addmm_(grad.T, chunk_hidden)
+            chunk_hidden = torch.where(chunk_valid.unsqueeze(1), chunk_hidden,
+                                       torch.zeros((), dtype=chunk_hidden.dtype, device=chunk_hidden.device))
+        # coefficient products of the GEMM policy, as fused-linear KD's (8.4)
+        torch.ops.ckd_ext.gemm_product(grads[0][rows], grad, weight_op, False)
+        torch.ops.ckd_ext.gemm_product(grads[1], grad.T, chunk_hidden, True)
         if grads[2] is not None:
             grads[2].add_(grad.sum(0))
     return (None if want is None else value), grads
@@ -140,7 +138,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, moments=False
     dtype = accumulation_dtype(hidden.dtype)
     lead_shape, vocab = hidden.shape[:-1], weight.shape[0]
     rows = hidden.reshape(-1, hidden.shape[-1])
-    weight_acc, bias_acc = weight.to(dtype), None if bias is None else bias.to(dtype)
+    weight_op, bias_acc = _gemm_operand(weight), None if bias is None else bias.to(dtype)
     tokens = rows.shape[0]
     step = _topk.chunk_rows(vocab, dtype, hidden.device, 3)  # the logits, logits / T and logsumexp's exp
     ids = torch.empty(tokens, k, dtype=torch.int64, device=hidden.device)
@@ -148,7 +146,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, moments=False
     stats = torch.empty(3, tokens, dtype=dtype, device=hidden.device) if moments else None
     for start in range(0, tokens, step):
         chunk = slice(start, min(start + step, tokens))
-        logits = _chunk_logits(rows[chunk], weight_acc, bias_acc)
+        logits = _chunk_logits(rows[chunk], weight_op, bias_acc, dtype)
         lse = torch.logsumexp(logits / temperature, dim=1)
         values, ids[chunk] = logits.topk(k, dim=1)
         logprobs[chunk] = values / temperature - lse.unsqueeze(1)
