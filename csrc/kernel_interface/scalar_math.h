@@ -174,11 +174,16 @@ CKD_HOST_DEVICE Acc log1p_tail(Acc u) {
 
 // log(w + (1 - w) e^delta), w in (0, 1), for any delta (+-inf included) without overflow: for delta > 0 as
 // delta + log((1 - w) + w e^-delta). One exp and one log either way; the log's argument lies in [min(w, 1 - w), 1].
+// Its log term alone, log_mixture_ratio - max(delta, 0): log(1 - w) at delta = +inf, log(w) at -inf.
 template <typename Acc, typename Exp, typename Log>
-CKD_HOST_DEVICE Acc log_mixture_ratio(Acc w, Acc delta, Exp e, Log l) {
+CKD_HOST_DEVICE Acc log_mixture_rest(Acc w, Acc delta, Exp e, Log l) {
   const bool positive = delta > 0;
   const Acc ea = e(positive ? -delta : delta);
-  return (positive ? delta : Acc(0)) + l(positive ? (1 - w) + w * ea : w + (1 - w) * ea);
+  return l(positive ? (1 - w) + w * ea : w + (1 - w) * ea);
+}
+template <typename Acc, typename Exp, typename Log>
+CKD_HOST_DEVICE Acc log_mixture_ratio(Acc w, Acc delta, Exp e, Log l) {
+  return (delta > 0 ? delta : Acc(0)) + log_mixture_rest(w, delta, e, l);
 }
 
 template <typename Acc>
@@ -222,22 +227,27 @@ CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term(const DivergencePara
       const Acc u = rest * expm1, l1 = log1p_tail(u);
       const Acc nu_small = w * delta - rest * tail + l1;  // delta - log1p(u), |nu| <= |delta|
       const Acc nu_tail = exp_tail(nu_small);
-      const Acc log_rho = log_mixture_ratio(w, delta, e, l);
+      // log_rest: log(1 - w) where q_j = 0 (delta = +inf), log(w) where p_j = 0 (delta = -inf), as the limits need
+      // (taken from the element's own log: a constant log here would leave the CPU loop a branch, unvectorised)
+      const Acc log_rest = log_mixture_rest(w, delta, e, l);
+      const Acc log_rho = (delta > 0 ? delta : Acc(0)) + log_rest;
       const Acc nu = small ? nu_small : delta - log_rho;
       const Acc term = small ? w * q * l1 + rest * q * (1 + u) * (nu * (nu + nu_tail) - nu_tail)
                              : rest * p * nu - w * q * log_rho;
       // one select per statement: nested ones leave the CPU loop a branch and unvectorised
-      const Acc nu_where_q_is_0 = -l(rest);
-      const Acc term_or_p_0 = p == 0 ? -w * q * l(w) : term;
+      const Acc term_or_p_0 = p == 0 ? -w * q * log_rest : term;
       const Acc score_or_p_0 = p == 0 ? Acc(0) : rest * nu;
-      return {q == 0 ? rest * p * nu_where_q_is_0 : term_or_p_0, q == 0 ? rest * nu_where_q_is_0 : score_or_p_0};
+      // where q_j = p_j = 0 (both logits -inf) delta and log_rest are NaN, and the class adds nothing
+      const Acc term_where_q_is_0 = p > 0 ? -rest * p * log_rest : Acc(0);
+      const Acc score_where_q_is_0 = p > 0 ? -rest * log_rest : Acc(0);
+      return {q == 0 ? term_where_q_is_0 : term_or_p_0, q == 0 ? score_where_q_is_0 : score_or_p_0};
     }
     case DivergenceKind::TVD:
       break;
   }
   // 1/2 sum_j |p_j - q_j|, p_j - q_j = q_j (e^delta_j - 1) where small (kd_prob_difference); g_j = sign(p_j - q_j) / 2
   // (0 where equal, as torch's abs')
-  const Acc diff = kd_prob_difference(log_q, delta, log_p, e);
+  const Acc diff = small ? q * expm1 : p - q;
   const Acc up = diff > 0 ? Acc(0.5) : Acc(0);
   const Acc down = diff < 0 ? Acc(0.5) : Acc(0);
   return {up * diff - down * diff, up - down};

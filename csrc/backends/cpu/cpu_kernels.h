@@ -189,7 +189,8 @@ inline float fast_log(float x) {
   const float r = (f + y) + kf * 0.693359375f;
   // one select per statement (nested ones leave a branch, and the loops around unvectorised)
   const float inf = std::numeric_limits<float>::infinity();
-  const float special = x == 0 ? -inf : x == inf ? inf : std::numeric_limits<float>::quiet_NaN();
+  const float infinite = x == inf ? inf : std::numeric_limits<float>::quiet_NaN();
+  const float special = x == 0 ? -inf : infinite;
   return x > 0 && x < inf ? r : special;
 }
 inline double fast_log(double x) { return std::log(x); }
