@@ -26,7 +26,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 LOSSES: Tuple[str, ...] = ("ckd", "bickd", "kd")
 # Benchmarked variants of a loss, each its own rows: CKD with teacher anchors is the authors' released form, the one
 # people reproducing the paper run (the package's default is the student anchor).
-LOSS_VARIANTS: Dict[str, Tuple[str, Dict[str, str]]] = {"ckd_teacher": ("ckd", {"anchor": "teacher"})}
+# KD's other divergences (docs/math.md 3.1) are variants of kd: the same kernel, its floor the same reads and write.
+LOSS_VARIANTS: Dict[str, Tuple[str, Dict[str, str]]] = {
+    "ckd_teacher": ("ckd", {"anchor": "teacher"}),
+    "kd_reverse_kl": ("kd", {"divergence": "reverse_kl"}),
+    "kd_jsd": ("kd", {"divergence": "jsd"}),
+    "kd_skew_kl": ("kd", {"divergence": "skew_kl"}),
+    "kd_tvd": ("kd", {"divergence": "tvd"}),
+}
+KD_DIVERGENCES: Tuple[str, ...] = ("kd_reverse_kl", "kd_jsd", "kd_skew_kl", "kd_tvd")
 
 
 def loss_call(loss: str) -> Tuple[str, Dict[str, str]]:
@@ -96,16 +104,17 @@ def _mk(name, group, losses, N, C, dtype="float32", cuda_only=False, hidden=(), 
 
 
 ALL = LOSSES
-# The named CPU shapes also get teacher-anchor CKD rows (LOSS_VARIANTS); the sweeps and GPU shapes do not.
-NAMED = ("ckd", "ckd_teacher", "bickd", "kd")
+# The named CPU shapes also get teacher-anchor CKD rows and KD's other divergences (LOSS_VARIANTS); the sweeps and
+# GPU shapes do not.
+NAMED = ("ckd", "ckd_teacher", "bickd", "kd") + KD_DIVERGENCES
 SHAPES: List[Shape] = (
     # vision: one image per row, one class per column
     _mk("cifar100-b64", "vision", NAMED, 64, 100)
     + _mk("imagenet-b512", "vision", NAMED, 512, 1000)
     + _mk("contrastive-b4096", "vision", NAMED, 4096, 1000)
     # tokens: one token per row, one vocabulary entry per column
-    + _mk("tokens-2k-v8k", "tokens", ("ckd", "ckd_teacher", "kd"), 2048, 8192)
-    + _mk("tokens-8k-v1k", "tokens", ("ckd", "ckd_teacher", "kd"), 8192, 1024)
+    + _mk("tokens-2k-v8k", "tokens", ("ckd", "ckd_teacher", "kd") + KD_DIVERGENCES, 2048, 8192)
+    + _mk("tokens-8k-v1k", "tokens", ("ckd", "ckd_teacher", "kd") + KD_DIVERGENCES, 8192, 1024)
     + _mk("tokens-1k-v8k", "tokens", ("bickd",), 1024, 8192)
     # scale: where the materialising reference cannot follow (N x N or C x C no longer fits)
     + _mk("scale-rows-64k", "scale", ("ckd",), 65536, 256)

@@ -192,9 +192,9 @@ class Floor:
         self.bm = max(1, min(N, budget // max(N, 1)))   # rows per N x N block
         self.bc = max(1, min(C, budget // max(N, C)))   # rows per C x C block (out bc x C and bc x N)
         dev, dt = self.s.device, self.s.dtype
-        self.sim_buf = torch.empty(self.bm, N, device=dev, dtype=dt) if loss != "kd" else None
-        self.w_blk = torch.randn(self.bm, N, device=dev, dtype=dt) if loss != "kd" else None
-        if loss == "bickd":
+        self.sim_buf = torch.empty(self.bm, N, device=dev, dtype=dt) if self.loss != "kd" else None
+        self.w_blk = torch.randn(self.bm, N, device=dev, dtype=dt) if self.loss != "kd" else None
+        if self.loss == "bickd":
             self.cls_buf = torch.empty(self.bc, C, device=dev, dtype=dt)
             self.g_blk = torch.randn(self.bc, C, device=dev, dtype=dt)
             self.cls_out = torch.empty(self.bc, N, device=dev, dtype=dt)

@@ -17,6 +17,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from .divergences import Divergence
+from .divergences import resolve as resolve_divergence
+
 REDUCTIONS = ("mean", "sum", "none")
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ANCHORS = ("student", "teacher")
@@ -171,6 +174,15 @@ def prepare_kd(fn: str, student, teacher, temperature, mask, reduction) -> Prepa
     _check_positive(fn, "temperature", temperature)
     _check_choice(fn, "reduction", reduction, REDUCTIONS)
     return _flatten(fn, student, teacher, mask)
+
+
+def prepare_divergence(fn: str, divergence, beta, alpha, scale_t2) -> Divergence:
+    """Validate a KD loss's divergence arguments (ckd_ext/divergences.py states the rules)."""
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if value is not None:
+            _check_number(fn, name, value)
+    _check_bool(fn, "scale_t2", scale_t2)
+    return resolve_divergence(fn, divergence, beta, alpha)
 
 
 def prepare_bickd(fn: str, student, teacher, temperature, tau, w_sample, w_class, symmetric, mask,

@@ -7,6 +7,7 @@ where the categories are few (an offline top-k teacher's k + 1 categories), wher
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,7 +37,7 @@ def resolve(fn: str, divergence, beta: Optional[float], alpha: Optional[float]) 
         if divergence != owner:
             raise ValueError(f"{fn}: {name} applies only to divergence={owner!r}, got {name}={value!r} with "
                              f"divergence={divergence!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
             raise ValueError(f"{fn}: {name} must be a number in the open interval (0, 1), got {value!r}")
     if divergence == "jsd":
         return Divergence(divergence, beta=float(DEFAULT_BETA if beta is None else beta))

@@ -60,13 +60,18 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
 
-def kd_loss(student, teacher, *, temperature=4.0, mask=None, reduction="mean", global_batch=False, group=None):
-    """Vanilla KD: T^2 * KL(softmax(t/T) || softmax(s/T)) per row (docs/math.md). `global_batch` and `group`
-    are checked and otherwise ignored: KD is row-separable, each rank's rows need nothing from the others."""
+def kd_loss(student, teacher, *, temperature=4.0, divergence="forward_kl", beta=None, alpha=None, scale_t2=True,
+            mask=None, reduction="mean", global_batch=False, group=None):
+    """KD: T^2 * D(softmax(t/T), softmax(s/T)) per row (docs/math.md 3), D the `divergence`: "forward_kl" (vanilla
+    KD, KL(teacher || student)), "reverse_kl", "jsd" (generalized JSD, teacher weight `beta`, default 0.5),
+    "skew_kl" (KL(teacher || alpha teacher + (1 - alpha) student), `alpha` default 0.1) or "tvd"; `scale_t2=False`
+    drops the T^2. `global_batch` and `group` are checked and otherwise ignored: KD is row-separable, each rank's
+    rows need nothing from the others."""
     p = _validation.prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    d = _validation.prepare_divergence("kd_loss", divergence, beta, alpha, scale_t2)
     distributed.check_arguments("kd_loss", global_batch, group)
-    loss, _ = _forward(_KD_LOSS, "kd_forward", p.student, p.teacher, p.mask, float(temperature), reduction,
-                       _grad_needed(p.student))
+    loss, _ = _forward(_KD_LOSS, "kd_forward", p.student, p.teacher, p.mask, float(temperature), d.name, d.beta,
+                       d.alpha, scale_t2, reduction, _grad_needed(p.student))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 

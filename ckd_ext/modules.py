@@ -29,17 +29,28 @@ class CKDLoss(_Distributed):
         return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}" + self._distributed_repr()
 
 
+def _divergence_repr(module) -> str:
+    """The divergence arguments that differ from their defaults."""
+    parts = [] if module.divergence == "forward_kl" else [f", divergence={module.divergence!r}"]
+    parts += [f", {name}={getattr(module, name)}" for name in ("beta", "alpha") if getattr(module, name) is not None]
+    return "".join(parts) + ("" if module.scale_t2 is True else f", scale_t2={module.scale_t2!r}")
+
+
 class KDLoss(_Distributed):
-    def __init__(self, *, temperature=4.0, reduction="mean", global_batch=False, group=None):
+    def __init__(self, *, temperature=4.0, divergence="forward_kl", beta=None, alpha=None, scale_t2=True,
+                 reduction="mean", global_batch=False, group=None):
         super().__init__(global_batch, group)
         self.temperature, self.reduction = temperature, reduction
+        self.divergence, self.beta, self.alpha, self.scale_t2 = divergence, beta, alpha, scale_t2
 
     def forward(self, student, teacher, mask=None):
-        return losses.kd_loss(student, teacher, temperature=self.temperature, mask=mask, reduction=self.reduction,
-                           global_batch=self.global_batch, group=self.group)
+        return losses.kd_loss(student, teacher, temperature=self.temperature, divergence=self.divergence,
+                              beta=self.beta, alpha=self.alpha, scale_t2=self.scale_t2, mask=mask,
+                              reduction=self.reduction, global_batch=self.global_batch, group=self.group)
 
     def extra_repr(self):
-        return f"temperature={self.temperature}, reduction={self.reduction!r}" + self._distributed_repr()
+        return (f"temperature={self.temperature}" + _divergence_repr(self) + f", reduction={self.reduction!r}"
+                + self._distributed_repr())
 
 
 class BicKDLoss(_Distributed):
@@ -96,23 +107,26 @@ class FusedLinearCKDLoss(_FusedLinear):
 class FusedLinearKDLoss(_FusedLinear):
     """KD (+ ce_weight * cross-entropy) on the logits of two linear heads (``fused_linear_kd_loss``)."""
 
-    def __init__(self, *, temperature=1.0, ce_weight=0.0, ignore_index=-100, reduction="mean", global_batch=False,
-                 group=None, vocab_parallel_group=None):
+    def __init__(self, *, temperature=1.0, divergence="forward_kl", beta=None, alpha=None, scale_t2=True,
+                 ce_weight=0.0, ignore_index=-100, reduction="mean", global_batch=False, group=None,
+                 vocab_parallel_group=None):
         super().__init__(global_batch, group, vocab_parallel_group)
         self.temperature, self.ce_weight, self.ignore_index = temperature, ce_weight, ignore_index
+        self.divergence, self.beta, self.alpha, self.scale_t2 = divergence, beta, alpha, scale_t2
         self.reduction = reduction
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                 teacher_bias=None, mask=None, labels=None):
         return fused_linear.fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-            teacher_bias=teacher_bias, temperature=self.temperature, mask=mask, labels=labels,
-            ce_weight=self.ce_weight, ignore_index=self.ignore_index, reduction=self.reduction,
-            global_batch=self.global_batch, group=self.group, vocab_parallel_group=self.vocab_parallel_group)
+            teacher_bias=teacher_bias, temperature=self.temperature, divergence=self.divergence, beta=self.beta,
+            alpha=self.alpha, scale_t2=self.scale_t2, mask=mask, labels=labels, ce_weight=self.ce_weight,
+            ignore_index=self.ignore_index, reduction=self.reduction, global_batch=self.global_batch, group=self.group,
+            vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self):
-        return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, ignore_index={self.ignore_index}, "
-                f"reduction={self.reduction!r}" + self._distributed_repr())
+        return (f"temperature={self.temperature}" + _divergence_repr(self) + f", ce_weight={self.ce_weight}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}" + self._distributed_repr())
 
 
 class _TopKOptions(_Distributed):

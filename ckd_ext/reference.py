@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from ._validation import (Prepared, prepare_bickd, prepare_ckd, prepare_fused_linear_topk_kd, prepare_kd,
-                          prepare_teacher_topk, prepare_topk_kd)
-from .divergences import divergence_terms, resolve
+from ._validation import (Prepared, prepare_bickd, prepare_ckd, prepare_divergence, prepare_fused_linear_topk_kd,
+                          prepare_kd, prepare_teacher_topk, prepare_topk_kd)
+from .divergences import Divergence, divergence_terms, resolve
 from .rows import EPS, accumulation_dtype, scatter_rows
 
 __all__ = ["kd_loss", "ckd_loss", "bickd_loss", "topk_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk"]
@@ -93,29 +93,33 @@ def _diagonal_contrast(logits: Tensor, symmetric: bool = False) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _kd_terms(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """kd_i = T^2 * sum_c Q_ic (log Q_ic - log P_ic),  P = softmax(s/T), Q = softmax(t/T).
+def _kd_terms(student: Tensor, teacher: Tensor, temperature: float, divergence: Divergence = Divergence(),
+              scale_t2: bool = True) -> Tensor:
+    """kd_i = T^2 * D(Q_i, P_i),  P = softmax(s/T), Q = softmax(t/T), D the divergence (ckd_ext/divergences.py).
 
-    A class with Q_ic = 0 (a teacher logit of -inf, or one that underflows) takes no part: 0 log 0 = 0 even where
-    the student's logit is -inf too (log P_ic = -inf). A NaN Q (a teacher row without a softmax) stays NaN.
+    A class with Q_ic = 0 (a teacher logit of -inf, or one that underflows) takes the limit of D: forward_kl's term
+    is 0 (0 log 0 = 0) even where the student's logit is -inf too; reverse_kl's is +inf where P_ic > 0. A NaN Q (a
+    teacher row without a softmax) stays NaN.
     """
-    log_p = F.log_softmax(student / temperature, dim=1)
-    q = F.softmax(teacher / temperature, dim=1)
-    terms = torch.where(q == 0, torch.zeros_like(q), q * (torch.log(q) - log_p))
-    return temperature ** 2 * terms.sum(dim=1)
+    terms = divergence_terms(F.log_softmax(teacher / temperature, dim=1), F.log_softmax(student / temperature, dim=1),
+                             divergence)
+    return (temperature ** 2 if scale_t2 else 1.0) * terms
 
 
-def kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0,
+def kd_loss(student: Tensor, teacher: Tensor, *, temperature: float = 4.0, divergence: str = "forward_kl",
+            beta: Optional[float] = None, alpha: Optional[float] = None, scale_t2: bool = True,
             mask: Optional[Tensor] = None, reduction: str = "mean", global_batch=False, group=None) -> Tensor:
-    """Vanilla knowledge distillation (Hinton et al.): T^2 * KL(softmax(t/T) || softmax(s/T)) per row.
+    """Knowledge distillation (Hinton et al. for the default forward_kl): T^2 * D(softmax(t/T), softmax(s/T)) per
+    row, D the `divergence` (ckd_ext.kd_loss states the choices); `scale_t2=False` drops the T^2.
 
     ``mean`` averages over the valid rows; ``none`` returns the per-row terms of shape ``(...)``.
     ``global_batch`` and ``group`` are checked and otherwise ignored (KD is row-separable).
     """
     prepared = prepare_kd("kd_loss", student, teacher, temperature, mask, reduction)
+    resolved = prepare_divergence("kd_loss", divergence, beta, alpha, scale_t2)
     distributed.check_arguments("kd_loss", global_batch, group)
     student_rows, teacher_rows = _valid_rows(prepared)
-    return _finish_rows(_kd_terms(student_rows, teacher_rows, temperature), prepared, reduction)
+    return _finish_rows(_kd_terms(student_rows, teacher_rows, temperature, resolved, scale_t2), prepared, reduction)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,6 +51,11 @@ def emulated_launch_count() -> int:
 # weights) cannot cancel out.
 CONFIGS = {
     "kd": ("kd", {"temperature": 2.0}),
+    # the other divergences of the KD kernel (docs/math.md 3.1), each with a non-default parameter
+    "kd_reverse_kl": ("kd", {"temperature": 2.0, "divergence": "reverse_kl"}),
+    "kd_jsd": ("kd", {"temperature": 2.0, "divergence": "jsd", "beta": 0.3}),
+    "kd_skew_kl": ("kd", {"temperature": 2.0, "divergence": "skew_kl", "alpha": 0.2}),
+    "kd_tvd": ("kd", {"temperature": 2.0, "divergence": "tvd", "scale_t2": False}),
     "ckd_student": ("ckd", {"tau": 0.5, "anchor": "student"}),
     "ckd_teacher": ("ckd", {"tau": 0.5, "anchor": "teacher"}),
     "ckd_default": ("ckd", {}),

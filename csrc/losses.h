@@ -24,9 +24,11 @@ at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, 
 
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const std::optional<at::Tensor>& mask, double temperature,
+                                              std::string_view divergence, double beta, double alpha, bool scale_t2,
                                               std::string_view reduction, bool compute_grad);
 at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, const at::Tensor& teacher,
-                       const std::optional<at::Tensor>& mask, double temperature, std::string_view reduction);
+                       const std::optional<at::Tensor>& mask, double temperature, std::string_view divergence,
+                       double beta, double alpha, bool scale_t2, std::string_view reduction);
 
 // Returns (loss or per-sample terms, per-class terms or empty, gradient or empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& student, const at::Tensor& teacher,

@@ -16,10 +16,11 @@
      "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? mask, float tau, str anchor, str reduction) -> "     \
      "Tensor")                                                                                                        \
   OP(kd_forward,                                                                                                      \
-     "(Tensor student, Tensor teacher, Tensor? mask, float temperature, str reduction, bool compute_grad) -> "        \
-     "(Tensor, Tensor)")                                                                                              \
+     "(Tensor student, Tensor teacher, Tensor? mask, float temperature, str divergence, float beta, float alpha, "   \
+     "bool scale_t2, str reduction, bool compute_grad) -> (Tensor, Tensor)")                                          \
   OP(kd_backward,                                                                                                     \
-     "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? mask, float temperature, str reduction) -> Tensor")  \
+     "(Tensor grad_loss, Tensor student, Tensor teacher, Tensor? mask, float temperature, str divergence, "           \
+     "float beta, float alpha, bool scale_t2, str reduction) -> Tensor")                                              \
   OP(bickd_forward,                                                                                                   \
      "(Tensor student, Tensor teacher, Tensor? mask, float temperature, float tau, float w_sample, float w_class, "   \
      "bool symmetric, str reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)")                                 \

@@ -222,7 +222,13 @@ test_number_type = public_test(
     (TEMPERATURE, dict(temperature=True), dict(name="temperature", type="bool")),
     (CKD, dict(tau=torch.tensor(1.0)), dict(name="tau", type="Tensor")),
     (BICKD, dict(w_sample=None), dict(name="w_sample", type="NoneType")),
-    (BICKD, dict(w_class=False), dict(name="w_class", type="bool")))
+    (BICKD, dict(w_class=False), dict(name="w_class", type="bool")),
+    (KD, dict(divergence="jsd", beta="0.5"), dict(name="beta", type="str")),
+    (KD, dict(divergence="skew_kl", alpha=True), dict(name="alpha", type="bool")))
+test_scale_t2_type = public_test(
+    "E-scale-t2-type",
+    (KD, dict(scale_t2=1), dict(type="int")),
+    (KD, dict(scale_t2=None), dict(type="NoneType")))
 test_symmetric_type = public_test(
     "E-symmetric-type",
     (BICKD, dict(symmetric=1), dict(type="int")),
@@ -275,6 +281,19 @@ test_anchor = public_test(
     "E-anchor",
     (CKD, dict(anchor="both"), dict(value="'both'")),
     (CKD, dict(anchor=None), dict(value="None")))
+test_divergence = public_test(
+    "E-divergence",
+    (KD, dict(divergence="kl"), dict(value="'kl'")),
+    (KD, dict(divergence="JSD"), dict(value="'JSD'")),
+    (KD, dict(divergence=None), dict(value="None")))
+test_divergence_parameter = public_test(
+    "E-divergence-parameter",
+    (KD, dict(beta=0.5), dict(name="beta", owner="'jsd'", value="0.5", divergence="'forward_kl'")),
+    (KD, dict(divergence="jsd", alpha=0.1), dict(name="alpha", owner="'skew_kl'", value="0.1", divergence="'jsd'")))
+test_divergence_parameter_range = public_test(
+    "E-divergence-parameter-range",
+    *[(KD, dict(divergence="jsd", beta=v), dict(name="beta", value=repr(v))) for v in (0.0, 1, 1.5, float("nan"))],
+    (KD, dict(divergence="skew_kl", alpha=-0.1), dict(name="alpha", value="-0.1")))
 test_global_batch = public_test(
     "E-global-batch",
     (ALL, dict(global_batch="gather"), dict(value="'gather'")),
@@ -858,7 +877,7 @@ OPS = ("ckd_forward", "ckd_backward", "kd_forward", "kd_backward", "bickd_forwar
 
 
 def raw(op, student=S, teacher=T, mask=None, grad=None, grad_class=None, tau=1.0, temperature=4.0, anchor="student",
-        w_sample=1.0, w_class=1.0, reduction="mean"):
+        w_sample=1.0, w_class=1.0, divergence="forward_kl", beta=0.0, alpha=0.0, reduction="mean"):
     """Calls torch.ops.ckd_ext.<op> with valid defaults for everything not given."""
     fn = getattr(torch.ops.ckd_ext, op)
     if grad is None:
@@ -870,9 +889,9 @@ def raw(op, student=S, teacher=T, mask=None, grad=None, grad_class=None, tau=1.0
     if op == "ckd_backward":
         return fn(grad, student, teacher, mask, tau, anchor, reduction)
     if op == "kd_forward":
-        return fn(student, teacher, mask, temperature, reduction, False)
+        return fn(student, teacher, mask, temperature, divergence, beta, alpha, True, reduction, False)
     if op == "kd_backward":
-        return fn(grad, student, teacher, mask, temperature, reduction)
+        return fn(grad, student, teacher, mask, temperature, divergence, beta, alpha, True, reduction)
     if op == "bickd_forward":
         return fn(student, teacher, mask, temperature, tau, w_sample, w_class, False, reduction, False)
     return fn(grad, grad_class, student, teacher, mask, temperature, tau, w_sample, w_class, False, reduction)
@@ -938,6 +957,13 @@ test_raw_reduction = raw_test(
 test_raw_anchor = raw_test(
     "R-anchor",
     (("ckd_forward", "ckd_backward"), dict(anchor="both"), dict(value="both")))
+test_raw_divergence = raw_test(
+    "R-divergence",
+    (("kd_forward", "kd_backward"), dict(divergence="kl"), dict(value="kl")))
+test_raw_divergence_parameter = raw_test(
+    "R-divergence-parameter",
+    (("kd_forward", "kd_backward"), dict(divergence="jsd", beta=1.0), dict(name="beta", value="1")),
+    (("kd_forward",), dict(divergence="skew_kl", alpha=0.0), dict(name="alpha", value="0")))
 test_raw_positive = raw_test(
     "R-positive",
     (TAU_OPS, dict(tau=0.0), dict(name="tau", value="0")),

@@ -146,11 +146,13 @@ def op_samples():
             for grad_flag in (False, True):
                 yield ops.ckd_forward.default, (s, t, m, 0.5, "student", red, grad_flag)
                 yield ops.ckd_forward.default, (s, t, m, 0.5, "teacher", red, grad_flag)
-                yield ops.kd_forward.default, (s, t, m, 2.0, red, grad_flag)
+                yield ops.kd_forward.default, (s, t, m, 2.0, "forward_kl", 0.0, 0.0, True, red, grad_flag)
+                yield ops.kd_forward.default, (s, t, m, 2.0, "jsd", 0.3, 0.0, False, red, grad_flag)
                 yield ops.bickd_forward.default, (s, t, m, 2.0, 0.2, 1.0, 0.5, grad_flag, red, grad_flag)
             yield ops.ckd_backward.default, (g, s.detach(), t, m, 0.5, "student", red)
             yield ops.ckd_backward.default, (g, s.detach(), t, m, 0.5, "teacher", red)
-            yield ops.kd_backward.default, (g, s.detach(), t, m, 2.0, red)
+            yield ops.kd_backward.default, (g, s.detach(), t, m, 2.0, "forward_kl", 0.0, 0.0, True, red)
+            yield ops.kd_backward.default, (g, s.detach(), t, m, 2.0, "skew_kl", 0.0, 0.2, False, red)
             yield ops.bickd_backward.default, (g, gc, s.detach(), t, m, 2.0, 0.2, 1.0, 0.5, True, red)
 
 

@@ -1,6 +1,7 @@
 """Fused-linear KD (and cross-entropy), token chunk by token chunk (docs/math.md 8.4)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -36,8 +37,8 @@ def _cross_entropy(logits: Tensor, labels: Tensor, valid: Optional[Tensor]) -> T
     return terms, grad
 
 
-def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
-    """One walk over the token chunks. Returns (value, grads): `value` the per-token KD + ce_weight * CE terms (`want`
+def _kd_pass(inputs, valid, labels, temperature, divergence, ce_weight, want, row_weights):
+    """One walk over the token chunks (`divergence`: kd_forward's (divergence, beta, alpha, scale_t2) arguments). Returns (value, grads): `value` the per-token KD + ce_weight * CE terms (`want`
     = "terms"), their sum ("sum") or None (None); `grads` (hidden, weight, bias) of sum_i row_weights_i * term_i in the
     accumulation dtype, or None when `row_weights` is None (a scalar tensor, or one weight per token)."""
     hs, ws, bs, ht, wt, bt = inputs
@@ -59,8 +60,8 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
         chunk_valid = None if valid is None else valid[rows]
         student = _chunk_logits(hs[rows], ws_op, bs, dtype)
         teacher = _chunk_logits(ht[rows], wt_op, bt, dtype)
-        kd, grad = torch.ops.ckd_ext.kd_forward(student, teacher, chunk_valid, float(temperature), kd_reduction,
-                                                grads is not None and kd_reduction == "sum")
+        kd, grad = torch.ops.ckd_ext.kd_forward(student, teacher, chunk_valid, float(temperature), *divergence,
+                                                kd_reduction, grads is not None and kd_reduction == "sum")
         if with_ce:
             ce_terms, ce_grad = _cross_entropy(student, labels[rows], chunk_valid)
             kd = kd + ce_weight * (ce_terms if want == "terms" else ce_terms.sum())
@@ -87,6 +88,11 @@ def _kd_pass(inputs, valid, labels, temperature, ce_weight, want, row_weights):
     return (None if want is None else value), grads
 
 
+def _vocab_parallel_checks(group):
+    """The argument checks of a vocabulary-parallel call run together (distributed.checked_together)."""
+    return contextlib.nullcontext() if group is None else distributed.checked_together(group, communicates=True)
+
+
 def _valid_tokens(mask: Optional[Tensor], labels: Optional[Tensor], ignore_index: int) -> Optional[Tensor]:
     if labels is None:
         return mask
@@ -100,13 +106,14 @@ class _FusedLinearKD(torch.autograd.Function):
     weights arrive only in backward, which walks the chunks again."""
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, labels, temperature, ce_weight, reduction, compute_grad):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, valid, labels, temperature, divergence, ce_weight, reduction,
+                compute_grad):
         inputs = (hs, ws, bs, ht, wt, bt)
         dtype = accumulation_dtype(hs.dtype)
-        ctx.reduction, ctx.temperature, ctx.ce_weight = reduction, temperature, ce_weight
+        ctx.reduction, ctx.temperature, ctx.divergence, ctx.ce_weight = reduction, temperature, divergence, ce_weight
         ctx.dtypes = (hs.dtype, ws.dtype, None if bs is None else bs.dtype)
         if reduction == "none":
-            terms, _ = _kd_pass(inputs, valid, labels, temperature, ce_weight, "terms", None)
+            terms, _ = _kd_pass(inputs, valid, labels, temperature, divergence, ce_weight, "terms", None)
             ctx.save_for_backward(hs, ws, bs, ht, wt, bt, valid, labels)
             return terms
         if reduction == "mean":
@@ -114,7 +121,7 @@ class _FusedLinearKD(torch.autograd.Function):
             scale = 1.0 / count.clamp_min(1).to(dtype)  # a device tensor: no host synchronisation
         else:
             scale = torch.ones((), dtype=dtype, device=hs.device)
-        total, grads = _kd_pass(inputs, valid, labels, temperature, ce_weight, "sum",
+        total, grads = _kd_pass(inputs, valid, labels, temperature, divergence, ce_weight, "sum",
                                 scale if compute_grad else None)
         ctx.save_for_backward(*(grads or ()))
         return total * scale
@@ -125,18 +132,20 @@ class _FusedLinearKD(torch.autograd.Function):
         if ctx.reduction == "none":
             hs, ws, bs, ht, wt, bt, valid, labels = ctx.saved_tensors
             sharded_heads.check_not_freed_heads("fused_linear_kd_loss", ws, bs, wt, bt)
-            _, grads = _kd_pass((hs, ws, bs, ht, wt, bt), valid, labels, ctx.temperature, ctx.ce_weight, None,
-                                grad_loss.to(accumulation_dtype(hs.dtype)))
+            _, grads = _kd_pass((hs, ws, bs, ht, wt, bt), valid, labels, ctx.temperature, ctx.divergence,
+                                ctx.ce_weight, None, grad_loss.to(accumulation_dtype(hs.dtype)))
             out = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         else:
             out = [None if g is None else (g * grad_loss).to(dt) for g, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return (out[0], out[1], out[2]) + (None,) * 9
+        return (out[0], out[1], out[2]) + (None,) * 10
 
 
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
-                         teacher_bias=None, temperature=1.0, mask=None, labels=None, ce_weight=0.0, ignore_index=-100,
-                         reduction="mean", global_batch=False, group=None, vocab_parallel_group=None):
-    """``kd_loss`` on the logits ``hidden @ weight.T + bias`` of both models, plus ``ce_weight * cross_entropy(student
+                         teacher_bias=None, temperature=1.0, divergence="forward_kl", beta=None, alpha=None,
+                         scale_t2=True, mask=None, labels=None, ce_weight=0.0, ignore_index=-100, reduction="mean",
+                         global_batch=False, group=None, vocab_parallel_group=None):
+    """``kd_loss`` (with its `divergence`, `beta`, `alpha`, `scale_t2`) on the logits ``hidden @ weight.T + bias`` of
+    both models, plus ``ce_weight * cross_entropy(student
     logits, labels)``, without the N x V logits. A token takes part (in both terms) when its mask is True and its label
     (if labels are given) is not ``ignore_index``; "mean" divides the sum over those tokens by their number.
     `global_batch` and `group` are checked and otherwise ignored, as by ``kd_loss``: both terms are row-local.
@@ -151,26 +160,31 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher
         student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias)
     with _without_autocast(student_hidden):
         loss = _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                                teacher_bias, temperature, mask, labels, ce_weight, ignore_index, reduction,
-                                global_batch, group, vocab_parallel_group)
+                                teacher_bias, temperature, (divergence, beta, alpha, scale_t2), mask, labels,
+                                ce_weight, ignore_index, reduction, global_batch, group, vocab_parallel_group)
     return _output(loss, student_hidden)  # outside: under autocast the loss stays float32
 
 
 def _fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-                     temperature, mask, labels, ce_weight, ignore_index, reduction, global_batch, group,
-                     vocab_parallel_group):
-    p = _validation.prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                            student_bias, teacher_bias, temperature, mask, labels, ce_weight,
-                                            ignore_index, reduction, vocab_parallel=vocab_parallel_group is not None)
-    distributed.check_arguments(fn, global_batch, group)
+                     temperature, divergence_arguments, mask, labels, ce_weight, ignore_index, reduction, global_batch,
+                     group, vocab_parallel_group):
+    with _vocab_parallel_checks(vocab_parallel_group):
+        p = _validation.prepare_fused_linear_kd(fn, student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                student_bias, teacher_bias, temperature, mask, labels, ce_weight,
+                                                ignore_index, reduction, vocab_parallel=vocab_parallel_group is not None)
+        d = _validation.prepare_divergence(fn, *divergence_arguments)
+        if vocab_parallel_group is not None:
+            vocab_parallel.check_divergence(fn, d.name, divergence_arguments[3])
+        distributed.check_arguments(fn, global_batch, group)
     require_extension()
     valid = _valid_tokens(p.mask, p.labels, ignore_index)
     if vocab_parallel_group is not None:
         loss = vocab_parallel.kd_loss(fn, p, valid, ignore_index, temperature, ce_weight, reduction,
-                                      vocab_parallel_group)
+                                      vocab_parallel_group, d.name)
         return loss.reshape(p.lead_shape) if reduction == "none" else loss
     student = (p.student_hidden, p.student_weight, p.student_bias)
     compute_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in student)
     loss = _FusedLinearKD.apply(*student, p.teacher_hidden, p.teacher_weight, p.teacher_bias, valid, p.labels,
-                                float(temperature), float(ce_weight), reduction, compute_grad)
+                                float(temperature), (d.name, d.beta, d.alpha, divergence_arguments[3]),
+                                float(ce_weight), reduction, compute_grad)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss

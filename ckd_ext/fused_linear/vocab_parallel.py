@@ -137,6 +137,13 @@ class ForwardKL:
 _DIVERGENCE_CLASSES = {"forward_kl": ForwardKL}
 
 
+def check_divergence(fn: str, name: str, scale_t2: bool) -> None:
+    """The divergences (and the T^2 factor) the vocabulary-parallel KD computes."""
+    divergence_of(fn, name)
+    if scale_t2 is not True:
+        raise ValueError(f"{fn}: with vocab_parallel_group scale_t2 must be True (the T^2 factor), got {scale_t2!r}")
+
+
 def divergence_of(fn: str, name: str):
     if name not in _DIVERGENCE_CLASSES:
         raise ValueError(f"{fn}: with vocab_parallel_group the divergence must be one of "

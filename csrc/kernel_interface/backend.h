@@ -26,10 +26,11 @@ class KernelBackend {
   // factor exp(2.4e-4) on every probability of the row. A row that is all -inf has row_max = -inf and rests 0
   // (its softmax is undefined: x * inv_temp - row_max is NaN).
   virtual void softmax_stats(ConstMatrix x, Acc inv_temp, Acc* row_max, Acc* row_log_sum, Acc* row_log_norm) = 0;
-  // Vanilla KD, one pass per row: loss[i] = T^2 KL(Q_i || P_i) (0 where !valid[i]) and, when grad is
-  // given, grad_i = weight[i] * T * (P_i - Q_i) in the student's dtype.
-  virtual void kd_rows(ConstMatrix student, ConstMatrix teacher, Acc temperature, const bool* valid,
-                       Acc* loss, const Acc* weight, void* grad) = 0;
+  // KD with a divergence D (docs/math.md 3.1) between Q_i = softmax(t_i / T) and P_i = softmax(s_i / T), a few
+  // passes over each row: loss[i] = loss_scale * D(Q_i, P_i) (0 where !valid[i]) and, when grad is given, its
+  // gradient w.r.t. s_i times weight[i], in the student's dtype.
+  virtual void kd_rows(ConstMatrix student, ConstMatrix teacher, Acc temperature, DivergenceParams<Acc> divergence,
+                       const bool* valid, Acc* loss, const Acc* weight, void* grad) = 0;
   // out[r][c] = x[row0 + r][c] * row_scale[row0 + r], converted to Acc (row_scale may be null); exactly 0 in rows
   // with !valid[row0 + r], whatever they hold (a masked row's NaN must not reach a GEMM, where 0 * NaN = NaN).
   virtual void load_rows(ConstMatrix x, int64_t row0, int64_t rows, const Acc* row_scale, const bool* valid,

@@ -11,8 +11,19 @@
 
 #if defined(__CUDACC__)
 #define CKD_HOST_DEVICE __host__ __device__ __forceinline__
+#define CKD_HOST_DEVICE_FLATTEN CKD_HOST_DEVICE
 #else
 #define CKD_HOST_DEVICE inline
+// Inlined into its caller whatever its size: a function whose switch folds away for a constant argument (the CPU
+// kernels call divergence_term with a compile-time kind) is only small once inlined.
+#define CKD_HOST_DEVICE_FLATTEN inline __attribute__((always_inline))
+#endif
+// Fully unrolls the constant-length loop that follows (the series below), which would otherwise stop the CPU kernels'
+// loops around them from vectorising.
+#if defined(__CUDACC__)
+#define CKD_UNROLL _Pragma("unroll")
+#else
+#define CKD_UNROLL _Pragma("GCC unroll 32")
 #endif
 
 namespace ckd {
@@ -99,6 +110,7 @@ template <typename Acc>
 CKD_HOST_DEVICE Acc exp_tail(Acc x) {
   constexpr int kLast = sizeof(Acc) == 4 ? 9 : 18;
   Acc p = 1;
+  CKD_UNROLL
   for (int k = kLast; k >= 3; --k) p = 1 + p * x * (Acc(1) / k);
   return x * x * Acc(0.5) * p;
 }
@@ -136,6 +148,109 @@ template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_prob_difference(Acc log_q, Acc delta, Acc log_p, Exp e) {
   const Acc q = e(log_q);
   return q > 0 && kd_small(delta) ? q * (delta + exp_tail(delta)) : e(log_p) - q;
+}
+
+template <typename Acc>
+CKD_HOST_DEVICE Acc abs_acc(Acc x) { return x < 0 ? -x : x; }
+
+// ---- The divergence family (docs/math.md 3.1) on KD's delta_j = log p_j - log q_j, each class's loss term written
+// as a non-negative function of delta_j (0 with a zero derivative at delta_j = 0), evaluated by series where delta_j
+// is small, so that no divergence cancels near convergence; and its score g_j, with which the gradient w.r.t. the
+// student's logits is p_j (g_j - sum_k p_k g_k) / T (forward_kl's is (p_j - q_j) / T, kd_prob_difference).
+
+// u - log1p(u) for |u| <= 0.65 (u = (1 - w)(e^delta - 1) with |delta| <= 1/2): with v = u / (2 + u), log1p(u) =
+// 2 atanh(v) and u - log1p(u) = v^2 ((2 + u) - 2 v (1/3 + v^2/5 + v^4/7 + ...)), whose parts never cancel (|v| <=
+// 0.245: the bracket's second part is < 7% of its first) and whose series shrinks by >= 16x a term: float keeps 6
+// terms (truncation < 2e-8 relative), double 13 (< 2e-18).
+template <typename Acc>
+CKD_HOST_DEVICE Acc log1p_tail(Acc u) {
+  constexpr int kTerms = sizeof(Acc) == 4 ? 6 : 13;
+  const Acc v = u / (2 + u), v2 = v * v;
+  Acc series = 0;
+  CKD_UNROLL
+  for (int k = kTerms - 1; k >= 0; --k) series = Acc(1) / (2 * k + 3) + v2 * series;
+  return v2 * ((2 + u) - 2 * v * series);
+}
+
+// log(w + (1 - w) e^delta), w in (0, 1), for any delta (+-inf included) without overflow: for delta > 0 as
+// delta + log((1 - w) + w e^-delta). One exp and one log either way; the log's argument lies in [min(w, 1 - w), 1].
+// Its log term alone, log_mixture_ratio - max(delta, 0): log(1 - w) at delta = +inf, log(w) at -inf.
+template <typename Acc, typename Exp, typename Log>
+CKD_HOST_DEVICE Acc log_mixture_rest(Acc w, Acc delta, Exp e, Log l) {
+  const bool positive = delta > 0;
+  const Acc ea = e(positive ? -delta : delta);
+  return l(positive ? (1 - w) + w * ea : w + (1 - w) * ea);
+}
+template <typename Acc, typename Exp, typename Log>
+CKD_HOST_DEVICE Acc log_mixture_ratio(Acc w, Acc delta, Exp e, Log l) {
+  return (delta > 0 ? delta : Acc(0)) + log_mixture_rest(w, delta, e, l);
+}
+
+template <typename Acc>
+struct DivergenceTerm {
+  Acc term;   // the class's share of the divergence
+  Acc score;  // g_j (unused by forward_kl)
+};
+
+// One class's term and score; q_j = e(log_q), p_j = e(log_p), `l` the backend's log (only ever of numbers in
+// [min(w, 1 - w), 1]). Classes with q_j = 0 (a teacher logit of -inf) take the limits of the definitions:
+// reverse_kl's term is +inf where p_j > 0, jsd's and skew_kl's are finite. Each case computes both of its forms (the
+// series where |delta_j| <= 1/2, the direct one elsewhere) and selects: no branch, so that the CPU's loops over it
+// vectorise; the form not taken may be inf or NaN, and is discarded.
+template <typename Acc, typename Exp, typename Log>
+CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term(const DivergenceParams<Acc>& d, Acc log_q, Acc delta,
+                                                            Acc log_p, Exp e, Log l) {
+  if (d.kind == DivergenceKind::ForwardKL) return {kd_kl_term(log_q, delta, log_p, e), Acc(0)};
+  const Acc q = e(log_q), p = e(log_p);
+  const bool small = kd_small(delta);
+  const Acc w = d.weight, rest = 1 - d.weight;
+  const Acc tail = exp_tail(delta), expm1 = delta + tail;  // e^delta - 1 - delta and e^delta - 1, where small
+  switch (d.kind) {
+    case DivergenceKind::ForwardKL:
+      break;
+    case DivergenceKind::ReverseKL: {
+      // KL(p || q) = sum_j q_j (delta_j e^delta_j - e^delta_j + 1) = sum_j (p_j delta_j - p_j + q_j)
+      const Acc term = small ? q * (delta * expm1 - tail) : p * delta - p + q;
+      return {p == 0 ? q : term, p == 0 ? Acc(0) : delta};
+    }
+    case DivergenceKind::SkewKL: {
+      // KL(q || m), m = w q + (1 - w) p, rho_j = m_j / q_j = 1 + u_j: sum_j q_j (u_j - log1p(u_j)), plus
+      // (1 - w) p_j where q_j = 0; g_j = (1 - w) (1 - q_j / m_j)
+      const Acc u = rest * expm1;
+      const Acc term = small ? q * log1p_tail(u) : rest * (p - q) - q * log_mixture_ratio(w, delta, e, l);
+      const Acc score = small ? rest * u / (1 + u) : rest * rest * (p - q) / (w * q + rest * p);
+      return {q == 0 ? rest * p : term, q == 0 ? rest : score};
+    }
+    case DivergenceKind::JSD: {
+      // w KL(q || m) + (1 - w) KL(p || m), m = w q + (1 - w) p: with nu_j = log(p_j / m_j), the terms
+      // w q_j (u_j - log1p(u_j)) + (1 - w) m_j (nu_j e^nu_j - e^nu_j + 1), both >= 0; g_j = (1 - w) nu_j
+      const Acc u = rest * expm1, l1 = log1p_tail(u);
+      const Acc nu_small = w * delta - rest * tail + l1;  // delta - log1p(u), |nu| <= |delta|
+      const Acc nu_tail = exp_tail(nu_small);
+      // log_rest: log(1 - w) where q_j = 0 (delta = +inf), log(w) where p_j = 0 (delta = -inf), as the limits need
+      // (taken from the element's own log: a constant log here would leave the CPU loop a branch, unvectorised)
+      const Acc log_rest = log_mixture_rest(w, delta, e, l);
+      const Acc log_rho = (delta > 0 ? delta : Acc(0)) + log_rest;
+      const Acc nu = small ? nu_small : delta - log_rho;
+      const Acc term = small ? w * q * l1 + rest * q * (1 + u) * (nu * (nu + nu_tail) - nu_tail)
+                             : rest * p * nu - w * q * log_rho;
+      // one select per statement: nested ones leave the CPU loop a branch and unvectorised
+      const Acc term_or_p_0 = p == 0 ? -w * q * log_rest : term;
+      const Acc score_or_p_0 = p == 0 ? Acc(0) : rest * nu;
+      // where q_j = p_j = 0 (both logits -inf) delta and log_rest are NaN, and the class adds nothing
+      const Acc term_where_q_is_0 = p > 0 ? -rest * p * log_rest : Acc(0);
+      const Acc score_where_q_is_0 = p > 0 ? -rest * log_rest : Acc(0);
+      return {q == 0 ? term_where_q_is_0 : term_or_p_0, q == 0 ? score_where_q_is_0 : score_or_p_0};
+    }
+    case DivergenceKind::TVD:
+      break;
+  }
+  // 1/2 sum_j |p_j - q_j|, p_j - q_j = q_j (e^delta_j - 1) where small (kd_prob_difference); g_j = sign(p_j - q_j) / 2
+  // (0 where equal, as torch's abs')
+  const Acc diff = small ? q * expm1 : p - q;
+  const Acc up = diff > 0 ? Acc(0.5) : Acc(0);
+  const Acc down = diff < 0 ? Acc(0.5) : Acc(0);
+  return {up * diff - down * diff, up - down};
 }
 
 }  // namespace ckd

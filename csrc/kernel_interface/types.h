@@ -35,6 +35,18 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
   return f(c10::BFloat16{});
 }
 
+// The divergence KD minimises between the teacher's distribution q and the student's p (docs/math.md 3.1), with
+// its parameter: `weight` is jsd's beta (the teacher's share of the mixture) or skew_kl's alpha, unused otherwise.
+// `loss_scale` multiplies every row's divergence (T^2, or 1 when the T^2 factor is off), and so its gradient.
+enum class DivergenceKind : int8_t { ForwardKL, ReverseKL, JSD, SkewKL, TVD };
+
+template <typename Acc>
+struct DivergenceParams {
+  DivergenceKind kind;
+  Acc weight;
+  Acc loss_scale;
+};
+
 // Parameters of the contrastive epilogue, which turns one strip of raw similarities (rows = anchors
 // row0 .. row0+rows-1, columns = every candidate, row-major with leading dimension cols) into per-anchor losses
 // and, in place, gradient coefficients. The positive of anchor i sits in column i. The same parameters describe a

@@ -67,8 +67,8 @@ class CpuBackend final : public KernelBackend<Acc> {
     });
   }
 
-  void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, const bool* valid, Acc* loss, const Acc* weight,
-               void* grad) override {
+  void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, DivergenceParams<Acc> divergence, const bool* valid,
+               Acc* loss, const Acc* weight, void* grad) override {
     visit_dtype(s.dtype, [&](auto ts) {
       visit_dtype(t.dtype, [&](auto tt) {
         using TS = decltype(ts);
@@ -80,7 +80,7 @@ class CpuBackend final : public KernelBackend<Acc> {
             if (g) std::fill(g, g + s.cols, TS(0));
             return;
           }
-          cpu::kd_row<Acc>(rows_of<TS>(s, i), rows_of<TT>(t, i), s.cols, temperature, loss + i,
+          cpu::kd_row<Acc>(rows_of<TS>(s, i), rows_of<TT>(t, i), s.cols, temperature, divergence, loss + i,
                            weight ? weight[i] : Acc(0), g);
         });
       });

@@ -158,6 +158,48 @@ struct FastExp {
   Acc operator()(Acc x) const { return fast_exp(x); }
 };
 
+// log for float, branch-free like fast_exp so that the divergences' loops vectorise (libm's logf is a scalar call
+// the compiler may not even drop where its result is unused): x = m 2^k with m in [sqrt(1/2), sqrt(2)), and Cephes'
+// polynomial for log(m), about 1 ulp, for positive normal x (the kernels take logs of numbers in (0, 1] away from 0
+// only, scalar_math.h's log_mixture_ratio); 0 gives -inf, a negative x or NaN gives NaN, +inf gives +inf.
+inline float fast_log(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  int32_t k = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;
+  const uint32_t mantissa_bits = (bits & 0x007fffffu) | 0x3f000000u;  // the mantissa as a float in [1/2, 1)
+  float m;
+  std::memcpy(&m, &mantissa_bits, sizeof m);
+  const bool low = m < 0.707106781186547524f;
+  k = low ? k - 1 : k;
+  const float f = low ? m + m - 1.0f : m - 1.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const float kf = static_cast<float>(k);
+  y = y + kf * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  const float r = (f + y) + kf * 0.693359375f;
+  // one select per statement (nested ones leave a branch, and the loops around unvectorised)
+  const float inf = std::numeric_limits<float>::infinity();
+  const float infinite = x == inf ? inf : std::numeric_limits<float>::quiet_NaN();
+  const float special = x == 0 ? -inf : infinite;
+  return x > 0 && x < inf ? r : special;
+}
+inline double fast_log(double x) { return std::log(x); }
+
+struct FastLog {
+  template <typename Acc>
+  Acc operator()(Acc x) const { return fast_log(x); }
+};
+
 // One softmax's running statistics over a row taken a chunk at a time: the max so far and sum_j w_j relative to it,
 // with (optionally) a second sum of terms scaled like w_j (KD's sum_j w_j x_j). A chunk that raises the max rescales
 // both sums once, by e^(old max - new max) (0 from an old max of -inf); chunks while the max is still -inf add
@@ -184,9 +226,13 @@ struct OnlineSoftmax {
 
 // KD for one row in the cancellation-free form of kernels/scalar_math.h: one pass for lse_t, lse_s and the q-mean c
 // of x (online maxima, each chunk read once), Delta - c refined from the mass excess where it is small (<= 1/2,
-// where the refinement cannot overflow), then one pass for the KL terms and the gradient T w (p - q).
-template <typename Acc, typename TS, typename TT>
-void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, Acc weight, TS* grad) {
+// where the refinement cannot overflow), then one pass for the divergence's terms (forward_kl: and the gradient
+// T w (p - q)); the other divergences' gradient p_j (g_j - sum_k p_k g_k) needs that pass's sum first, and takes
+// one more. The row stays in cache between the passes. `Kind` is the divergence's kind (the same as
+// divergence.kind), a template argument so that the per-element switch folds away and the loops stay branch-free.
+template <DivergenceKind Kind, typename Acc, typename TS, typename TT>
+void kd_row_of(const TS* s, const TT* t, int64_t cols, Acc temperature, const DivergenceParams<Acc>& divergence,
+               Acc* loss, Acc weight, TS* grad) {
   const Acc inv_temp = Acc(1) / temperature;
   const FastExp e;
   auto x = [&](int64_t j) { return (static_cast<Acc>(s[j]) - static_cast<Acc>(t[j])) * inv_temp; };
@@ -223,22 +269,57 @@ void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, Acc* loss, 
   // log p from lse_s itself: lse_t + c + d equals it but rounds like its largest part, which at a small temperature
   // (|lse| ~ 1e9) is an absolute error of tens, and exp of it wrong by as many orders of magnitude.
   auto log_p = [&](int64_t j) { return s_scaled(j) - lse_s; };
-  auto kl_term = [&](int64_t j) { return kd_kl_term(log_q(j), x(j) - c - d, log_p(j), e); };
-  const Acc g = weight * temperature;
-  Acc kl = 0;
+  const DivergenceParams<Acc> params{Kind, divergence.weight, divergence.loss_scale};
+  auto element = [&, params](int64_t j) {
+    return divergence_term(params, log_q(j), x(j) - c - d, log_p(j), e, FastLog{});
+  };
+  const Acc g = weight * divergence.loss_scale * inv_temp;
+  Acc total = 0, mean_score = 0;  // mean_score: sum_j p_j g_j
+  Acc weighted_scores[kRowChunk];
   for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
     const int64_t w = std::min(kRowChunk, cols - j0);
-    if (grad) {  // one loop for both: the exps of log q and log p are shared by the KL term and p - q
+    if (Kind == DivergenceKind::ForwardKL && grad) {  // one loop for both: the exps of log q and log p are shared
       for (int64_t j = j0; j < j0 + w; ++j) {
-        terms[j - j0] = kl_term(j);
+        terms[j - j0] = element(j).term;
         grad[j] = static_cast<TS>(g * kd_prob_difference(log_q(j), x(j) - c - d, log_p(j), e));
       }
+    } else if (Kind == DivergenceKind::ForwardKL) {
+      for (int64_t j = 0; j < w; ++j) terms[j] = element(j0 + j).term;
     } else {
-      for (int64_t j = 0; j < w; ++j) terms[j] = kl_term(j0 + j);
+      for (int64_t j = 0; j < w; ++j) {
+        const DivergenceTerm<Acc> r = element(j0 + j);
+        terms[j] = r.term;
+        weighted_scores[j] = e(log_p(j0 + j)) * r.score;
+      }
+      mean_score += sum_over<Acc>(w, [&](int64_t j) { return weighted_scores[j]; });
     }
-    kl += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
+    total += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
   }
-  *loss = temperature * temperature * kl;
+  if (Kind != DivergenceKind::ForwardKL && grad) {  // a chunk at a time, each loop simple enough to vectorise
+    for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
+      const int64_t w = std::min(kRowChunk, cols - j0);
+      for (int64_t j = 0; j < w; ++j) terms[j] = e(log_p(j0 + j)) * (element(j0 + j).score - mean_score);
+      for (int64_t j = 0; j < w; ++j) grad[j0 + j] = static_cast<TS>(g * terms[j]);
+    }
+  }
+  *loss = divergence.loss_scale * total;
+}
+
+template <typename Acc, typename TS, typename TT>
+void kd_row(const TS* s, const TT* t, int64_t cols, Acc temperature, const DivergenceParams<Acc>& divergence,
+            Acc* loss, Acc weight, TS* grad) {
+  switch (divergence.kind) {
+    case DivergenceKind::ForwardKL:
+      return kd_row_of<DivergenceKind::ForwardKL>(s, t, cols, temperature, divergence, loss, weight, grad);
+    case DivergenceKind::ReverseKL:
+      return kd_row_of<DivergenceKind::ReverseKL>(s, t, cols, temperature, divergence, loss, weight, grad);
+    case DivergenceKind::JSD:
+      return kd_row_of<DivergenceKind::JSD>(s, t, cols, temperature, divergence, loss, weight, grad);
+    case DivergenceKind::SkewKL:
+      return kd_row_of<DivergenceKind::SkewKL>(s, t, cols, temperature, divergence, loss, weight, grad);
+    case DivergenceKind::TVD:
+      return kd_row_of<DivergenceKind::TVD>(s, t, cols, temperature, divergence, loss, weight, grad);
+  }
 }
 
 // A mask as bytes: GCC has no vector type for bool, and leaves a loop that loads bools scalar.

@@ -65,15 +65,15 @@ class CudaBackend final : public KernelBackend<Acc> {
     check_launch();
   }
 
-  void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, const bool* valid, Acc* loss, const Acc* weight,
-               void* grad) override {
+  void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, DivergenceParams<Acc> divergence, const bool* valid,
+               Acc* loss, const Acc* weight, void* grad) override {
     if (s.rows == 0) return;
     visit_dtype(s.dtype, [&](auto ts) {
       visit_dtype(t.dtype, [&](auto tt) {
         using TS = decltype(ts);
         using TT = decltype(tt);
         launch_kernel(cuda::kd_rows_kernel<Acc, TS, TT>, rows_grid(s.rows), dim3(cuda::kRowThreads), 0, stream_,
-                      static_cast<const TS*>(s.data), static_cast<const TT*>(t.data), s.cols, temperature, valid,
+                      static_cast<const TS*>(s.data), static_cast<const TT*>(t.data), s.cols, temperature, divergence, valid,
                       loss, weight, static_cast<TS*>(grad));
       });
     });

@@ -132,6 +132,11 @@ struct DeviceExp {
   __device__ __forceinline__ Acc operator()(Acc x) const { return exp_acc(x); }
 };
 
+struct DeviceLog {
+  template <typename Acc>
+  __device__ __forceinline__ Acc operator()(Acc x) const { return log_acc(x); }
+};
+
 struct SumOp {
   template <typename Acc>
   __device__ __forceinline__ Acc operator()(Acc a, Acc b) const { return a + b; }
@@ -291,8 +296,9 @@ __global__ void softmax_stats_kernel(const T* x, int64_t cols, Acc inv_temp, Acc
 }
 
 template <typename Acc, typename TS, typename TT>
-__global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc temperature, const bool* valid, Acc* loss,
-                               const Acc* weight, TS* grad) {
+__global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc temperature,
+                               DivergenceParams<Acc> divergence, const bool* valid, Acc* loss, const Acc* weight,
+                               TS* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
@@ -325,18 +331,27 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     });
     d = log1p_acc(block_reduce(excess, SumOp{}, scratch));
   }
-  // log p from lse_s itself (see the CPU kernel: lse_t + c + d rounds like its largest part).
-  Acc kl = 0;
+  // log p from lse_s itself (see the CPU kernel: lse_t + c + d rounds like its largest part). The divergence's terms and, for all but forward_kl, sum_j p_j g_j, which their gradient needs first.
+  Acc total = 0, mean_score = 0;
   for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t, Acc sj, Acc tj) {
-    kl += kd_kl_term(tj * inv_temp - lse_t, (sj - tj) * inv_temp - c - d, sj * inv_temp - lse_s, e);
+    const Acc log_p = sj * inv_temp - lse_s;
+    const DivergenceTerm<Acc> r =
+        divergence_term(divergence, tj * inv_temp - lse_t, (sj - tj) * inv_temp - c - d, log_p, e, DeviceLog{});
+    total += r.term;
+    mean_score += e(log_p) * r.score;
   });
-  kl = block_reduce(kl, SumOp{}, scratch);
-  if (threadIdx.x == 0) loss[i] = temperature * temperature * kl;
+  total = block_reduce(total, SumOp{}, scratch);
+  const bool forward_kl = divergence.kind == DivergenceKind::ForwardKL;  // uniform across the block
+  if (!forward_kl && grad) mean_score = block_reduce(mean_score, SumOp{}, scratch);
+  if (threadIdx.x == 0) loss[i] = divergence.loss_scale * total;
   if (grad) {
-    const Acc g = weight[i] * temperature;
+    const Acc g = weight[i] * divergence.loss_scale * inv_temp;
     for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t j, Acc sj, Acc tj) {
-      const Acc delta = (sj - tj) * inv_temp - c - d;
-      store(grad, base + j, g * kd_prob_difference(tj * inv_temp - lse_t, delta, sj * inv_temp - lse_s, e));
+      const Acc log_q = tj * inv_temp - lse_t, delta = (sj - tj) * inv_temp - c - d, log_p = sj * inv_temp - lse_s;
+      const Acc value = forward_kl ? kd_prob_difference(log_q, delta, log_p, e)
+                                   : e(log_p) * (divergence_term(divergence, log_q, delta, log_p, e, DeviceLog{}).score -
+                                                 mean_score);
+      store(grad, base + j, g * value);
     });
   }
 }

@@ -92,16 +92,21 @@ void test_row_statistics(ckd::KernelBackend<float>& gpu, const Inputs& in) {
 }
 
 void test_kd_rows(ckd::KernelBackend<float>& gpu, const Inputs& in) {
-  std::vector<float> loss(kRows), grad(kRows * kCols), loss_ref(kRows, 0.0f), grad_ref(kRows * kCols, 0.0f);
-  gpu.kd_rows(matrix(in.s, kRows, kCols), matrix(in.t, kRows, kCols), 2.0f, in.valid, loss.data(), in.weight.data(),
-              grad.data());
-  for (int i = 0; i < kRows; ++i) {
-    if (!in.valid[i]) continue;
-    ckd::cpu::kd_row<float>(in.s.data() + i * kCols, in.t.data() + i * kCols, kCols, 2.0f, &loss_ref[i],
-                            in.weight[i], grad_ref.data() + i * kCols);
+  using ckd::DivergenceKind;
+  for (DivergenceKind kind : {DivergenceKind::ForwardKL, DivergenceKind::ReverseKL, DivergenceKind::JSD,
+                              DivergenceKind::SkewKL, DivergenceKind::TVD}) {
+    const ckd::DivergenceParams<float> divergence{kind, 0.3f, 4.0f};
+    std::vector<float> loss(kRows), grad(kRows * kCols), loss_ref(kRows, 0.0f), grad_ref(kRows * kCols, 0.0f);
+    gpu.kd_rows(matrix(in.s, kRows, kCols), matrix(in.t, kRows, kCols), 2.0f, divergence, in.valid, loss.data(),
+                in.weight.data(), grad.data());
+    for (int i = 0; i < kRows; ++i) {
+      if (!in.valid[i]) continue;
+      ckd::cpu::kd_row<float>(in.s.data() + i * kCols, in.t.data() + i * kCols, kCols, 2.0f, divergence,
+                              &loss_ref[i], in.weight[i], grad_ref.data() + i * kCols);
+    }
+    expect_close(loss, loss_ref, "kd_rows loss");
+    expect_close(grad, grad_ref, "kd_rows grad");
   }
-  expect_close(loss, loss_ref, "kd_rows loss");
-  expect_close(grad, grad_ref, "kd_rows grad");
 }
 
 void test_contrastive_epilogue(ckd::KernelBackend<float>& gpu, const Inputs& in) {
