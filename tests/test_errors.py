@@ -484,13 +484,11 @@ def test_vocab_parallel_dtensor(fn, head):
             expect("E-vocab-parallel-dtensor", lambda: fl_call(impl, fn, vocab_parallel_group=group, **inputs), fn=fn)
 
 
-@documents("E-vocab-parallel-divergence")
-@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "tvd"])
-def test_vocab_parallel_divergence(divergence):
-    """The vocabulary-parallel KD's check of its divergence (fused_linear_kd_loss passes its `divergence` through)."""
-    from ckd_ext.fused_linear import vocab_parallel
-    expect("E-vocab-parallel-divergence", lambda: vocab_parallel.divergence_of("fused_linear_kd_loss", divergence),
-           fn="fused_linear_kd_loss", choices="'forward_kl'", value=repr(divergence))
+test_vocab_parallel_divergence = fused_linear_test(
+    "E-vocab-parallel-divergence",
+    *[(FL_KD, dict(vocab_parallel_group=LONE_GROUP, divergence=d),
+       dict(choices="'forward_kl'", value=repr(d))) for d in ("reverse_kl", "jsd", "tvd")],
+    (FL_KD, dict(vocab_parallel_group=LONE_GROUP, scale_t2=False), dict(value="False")))
 
 
 test_ce_weight_range = fused_linear_test(
