@@ -50,7 +50,7 @@ def _kl(log_p: Tensor, log_m: Tensor) -> Tensor:
     """sum_c p_c (log p_c - log m_c) with 0 log 0 = 0 (a category p gives no mass contributes nothing, even where m
     has none either)."""
     p = log_p.exp()
-    mass = p > 0
+    mass = p != 0  # NaN (a row without a softmax) stays in, and stays NaN
     zero = torch.zeros((), dtype=p.dtype, device=p.device)
     # -inf entries are replaced inside the product too, or autograd's 0 * (-inf) would put NaN in the gradient
     difference = torch.where(mass, log_p, zero) - torch.where(mass, log_m, zero)
