@@ -315,8 +315,8 @@ FL_CKD, FL_KD = ("fused_linear_ckd_loss",), ("fused_linear_kd_loss",)
 FL_ALL = FL_CKD + FL_KD
 FL_MODULES = {"fused_linear_ckd_loss": ckd_ext.FusedLinearCKDLoss, "fused_linear_kd_loss": ckd_ext.FusedLinearKDLoss}
 FL_POSITIONAL = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
-FL_HYPERPARAMETERS = ("tau", "anchor", "temperature", "ce_weight", "ignore_index", "reduction", "global_batch",
-                      "vocab_parallel_group")
+FL_HYPERPARAMETERS = ("tau", "anchor", "temperature", "divergence", "beta", "alpha", "scale_t2", "ce_weight",
+                      "ignore_index", "reduction", "global_batch", "vocab_parallel_group")
 
 
 def fl_inputs():

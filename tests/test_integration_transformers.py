@@ -65,7 +65,9 @@ def oracle(student, teacher, inputs, loss_fn):
     s, t, y = logits_s[index[:, 0], index[:, 1]], logits_t[index[:, 0], index[:, 1]], torch.tensor(targets)
     n = len(rows)
     loss = (loss_fn.ce_weight * F.cross_entropy(s, y, reduction="sum")
-            + loss_fn.kd_weight * reference.kd_loss(s, t, temperature=loss_fn.temperature, reduction="sum")
+            + loss_fn.kd_weight * reference.kd_loss(s, t, temperature=loss_fn.temperature, reduction="sum",
+                                                    divergence=loss_fn.divergence, beta=loss_fn.beta,
+                                                    alpha=loss_fn.alpha)
             + loss_fn.ckd_weight * reference.ckd_loss(s, t, tau=loss_fn.tau, anchor=loss_fn.anchor,
                                                       reduction="sum")) / n
     loss.backward()
@@ -88,6 +90,8 @@ def assert_matches_oracle(student, teacher, inputs, loss_fn):
     dict(ce_weight=1.0, kd_weight=1.0, temperature=2.0),
     dict(ce_weight=0.5, kd_weight=0.0, ckd_weight=3.0, tau=0.5),
     dict(ce_weight=0.0, kd_weight=1.0, ckd_weight=1.0, anchor="teacher"),
+    dict(ce_weight=1.0, kd_weight=1.0, temperature=2.0, divergence="jsd", beta=0.3),
+    dict(ce_weight=1.0, kd_weight=2.0, divergence="reverse_kl"),
 ])
 @pytest.mark.parametrize("tie", [False, True])
 def test_loss_and_gradients_equal_the_materialised_logits(case, tie):

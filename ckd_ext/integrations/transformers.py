@@ -152,11 +152,15 @@ class CausalLMDistillationLoss:
     """``kd_weight * KD + ce_weight * CE + ckd_weight * CKD`` of a causal student LM against a teacher sharing its
     vocabulary, from their last hidden states and LM heads (module docstring: targets, masks, normalisation).
 
-    KD: ``temperature^2 * KL(teacher || student)`` of the tokens' softened distributions (ckd_ext.kd_loss); CKD:
+    KD: ``temperature^2 * D(teacher, student)`` of the tokens' softened distributions (ckd_ext.kd_loss), D the
+    `divergence` (forward KL by default; `beta` for "jsd", `alpha` for "skew_kl", docs/math.md 3.1); CKD:
     ckd_ext.ckd_loss with `tau` and `anchor` over the positions of the batch."""
     ce_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: Optional[float] = None
+    alpha: Optional[float] = None
     ckd_weight: float = 0.0
     tau: float = 1.0
     anchor: str = "student"
@@ -216,7 +220,8 @@ class CausalLMDistillationLoss:
             ce_ratio = 1.0
         combined = ckd_ext.fused_linear_kd_loss(
             hs, ws, teacher[0], teacher[1], student_bias=bs, teacher_bias=teacher[2], temperature=self.temperature,
-            labels=targets, ce_weight=ce_ratio, ignore_index=self.ignore_index, reduction="sum") / divisor
+            divergence=self.divergence, beta=self.beta, alpha=self.alpha, labels=targets, ce_weight=ce_ratio,
+            ignore_index=self.ignore_index, reduction="sum") / divisor
         if return_parts:  # the terms apart, for logging: one more pass without gradients
             with torch.no_grad():
                 ce = ckd_ext.fused_linear_kd_loss(hs, ws, hs, ws, student_bias=bs, teacher_bias=bs, labels=targets,
