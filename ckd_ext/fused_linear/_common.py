@@ -57,3 +57,18 @@ def _autocast_inputs(*tensors):
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _validation.FLOATING_DTYPES else t
                  for t in tensors)
+
+
+def _fold_chunk_gradient(grads, rows: slice, logit_grad: Tensor, weight: Tensor, hidden: Tensor,
+                         valid) -> None:
+    """grads (hidden, weight, bias) += what the logit gradient of the token chunk `rows` gives them: dH[rows] =
+    dZ W, dW += dZ^T H[rows], db += sum dZ. Both products are coefficient products of the GEMM policy (the fp32 logit
+    gradient times the rows as the policy takes them, `weight` already an operand: split in two GEMMs on tensor
+    cores), the head gradient accumulated in the accumulation dtype."""
+    chunk = _gemm_operand(hidden[rows])
+    if valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
+        chunk = torch.where(valid.unsqueeze(1), chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
+    torch.ops.ckd_ext.gemm_product(grads[0][rows], logit_grad, weight, False)
+    torch.ops.ckd_ext.gemm_product(grads[1], logit_grad.T, chunk, True)
+    if grads[2] is not None:
+        grads[2].add_(logit_grad.sum(0))

@@ -13,7 +13,7 @@ from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
 from . import sharded_heads, vocab_parallel
-from ._common import _autocast_inputs, _chunk_rows, _gemm_operand, _without_autocast
+from ._common import _autocast_inputs, _chunk_rows, _fold_chunk_gradient, _gemm_operand, _without_autocast
 
 
 def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
@@ -75,16 +75,7 @@ def _kd_pass(inputs, valid, labels, temperature, divergence, ce_weight, want, ro
         if grads is None:
             continue
         grad = grad * (row_weights if row_weights.dim() == 0 else row_weights[rows].unsqueeze(1))
-        hidden = _gemm_operand(hs[rows])
-        if chunk_valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
-            hidden = torch.where(chunk_valid.unsqueeze(1), hidden, torch.zeros((), dtype=hidden.dtype,
-                                                                               device=hidden.device))
-        # Both gradient products are coefficient products of the policy: the fp32 logit gradient times 16-bit rows
-        # (split in two GEMMs on tensor cores), the head gradient accumulated in the accumulation dtype.
-        torch.ops.ckd_ext.gemm_product(grads[0][rows], grad, ws_op, False)
-        torch.ops.ckd_ext.gemm_product(grads[1], grad.T, hidden, True)
-        if grads[2] is not None:
-            grads[2].add_(grad.sum(0))
+        _fold_chunk_gradient(grads, rows, grad, ws_op, hs, chunk_valid)
     return (None if want is None else value), grads
 
 

@@ -10,7 +10,7 @@ from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
 from ..divergences import resolve
-from ._common import _autocast_inputs, _gemm_operand, _without_autocast
+from ._common import _autocast_inputs, _fold_chunk_gradient, _gemm_operand, _without_autocast
 from .kd import _chunk_logits, _cross_entropy, _valid_tokens
 
 
@@ -54,15 +54,7 @@ def _walk(inputs, ids, logprobs, valid, labels, options, want, row_weights):
             value = value + terms.sum()
         if grads is None:
             continue
-        chunk_hidden = _gemm_operand(hidden[rows])
-        if chunk_valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
-            chunk_hidden = torch.where(chunk_valid.unsqueeze(1), chunk_hidden,
-                                       torch.zeros((), dtype=chunk_hidden.dtype, device=chunk_hidden.device))
-        # coefficient products of the GEMM policy, as fused-linear KD's (8.4)
-        torch.ops.ckd_ext.gemm_product(grads[0][rows], grad, weight_op, False)
-        torch.ops.ckd_ext.gemm_product(grads[1], grad.T, chunk_hidden, True)
-        if grads[2] is not None:
-            grads[2].add_(grad.sum(0))
+        _fold_chunk_gradient(grads, rows, grad, weight_op, hidden, chunk_valid)
     return (None if want is None else value), grads
 
 
