@@ -47,8 +47,8 @@ CKDFunction = _function(
     "with its autograd.")
 KDFunction = _function(
     "KDFunction", "kd_forward",
-    "apply(student, teacher, mask, temperature, reduction, compute_grad) -> (loss, grad): "
-    "torch.ops.ckd_ext.kd_forward with its autograd.")
+    "apply(student, teacher, mask, temperature, divergence, beta, alpha, scale_t2, reduction, compute_grad) -> "
+    "(loss, grad): torch.ops.ckd_ext.kd_forward with its autograd (beta / alpha 0.0 where the divergence has none).")
 BicKDFunction = _function(
     "BicKDFunction", "bickd_forward",
     "apply(student, teacher, mask, temperature, tau, w_sample, w_class, symmetric, reduction, compute_grad) -> "

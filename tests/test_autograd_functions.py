@@ -19,7 +19,7 @@ def apply(name, s, t, mask, reduction, compute_grad):
     if name == "ckd_teacher":
         return CKDFunction.apply(s, t, mask, 0.5, "teacher", reduction, compute_grad)[0]
     if name == "kd":
-        return KDFunction.apply(s, t, mask, 4.0, reduction, compute_grad)[0]
+        return KDFunction.apply(s, t, mask, 4.0, "forward_kl", 0.0, 0.0, True, reduction, compute_grad)[0]
     loss, class_terms, _ = BicKDFunction.apply(s, t, mask, 4.0, 0.1, 1.0, 1.0, False, reduction, compute_grad)
     return (loss, class_terms) if reduction == "none" else loss
 
@@ -72,7 +72,7 @@ def test_compiled_fullgraph_traces_the_functions():
     student, teacher = pair(16, 20, seed=3, dtype=torch.float32)
 
     def f(s, t):
-        return KDFunction.apply(s, t, None, 4.0, "mean", True)[0]
+        return KDFunction.apply(s, t, None, 4.0, "forward_kl", 0.0, 0.0, True, "mean", True)[0]
 
     s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
     eager = f(s1, teacher)
@@ -94,7 +94,7 @@ def test_gradient_output_never_changes_after_backward(name):
     if name == "ckd":
         loss, grad = CKDFunction.apply(s, teacher, None, 0.5, "student", "mean", True)
     elif name == "kd":
-        loss, grad = KDFunction.apply(s, teacher, None, 4.0, "mean", True)
+        loss, grad = KDFunction.apply(s, teacher, None, 4.0, "forward_kl", 0.0, 0.0, True, "mean", True)
     else:
         loss, _, grad = BicKDFunction.apply(s, teacher, None, 4.0, 0.1, 1.0, 1.0, False, "mean", True)
     handed_out = grad.clone()
