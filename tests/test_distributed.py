@@ -241,6 +241,21 @@ MISMATCHES = {
 }
 
 
+def every_rank_error(world, call):
+    """Runs `call` on this rank; returns every rank's ValueError message (None where a rank raised nothing) and
+    whether the group still works afterwards (an all-reduce)."""
+    message = None
+    try:
+        call()
+    except ValueError as error:
+        message = str(error)
+    messages = [None] * world
+    dist.all_gather_object(messages, message)
+    alive = torch.ones(1)
+    dist.all_reduce(alive)
+    return dict(messages=messages, alive=alive.item() == world)
+
+
 def mismatched_rank(world, rank, case):
     """The last rank calls with one argument different; returns every rank's error message (None where a rank raised
     nothing), and whether the group still works afterwards (an all-reduce)."""
@@ -250,8 +265,8 @@ def mismatched_rank(world, rank, case):
     classes = CLASSES + 1 if odd and case in ("classes", "bickd-classes-ring") else CLASSES
     student = torch.randn(4, classes, generator=generator, dtype=dtype, requires_grad=True)
     teacher = torch.randn(4, classes, generator=generator, dtype=dtype)
-    message = None
-    try:
+
+    def call():
         if case.startswith("fused-linear"):
             width = 5 if odd and case == "fused-linear-width" else 4
             bias = torch.randn(20, dtype=dtype) if odd and case == "fused-linear-bias" else None
@@ -265,13 +280,8 @@ def mismatched_rank(world, rank, case):
             ckd_ext.ckd_loss(student, teacher, global_batch="ring" if odd and case == "mode" else True,
                              anchor="teacher" if odd and case == "anchor" else "student",
                              tau=2.0 if odd and case == "tau" else 1.0)
-    except ValueError as error:
-        message = str(error)
-    messages = [None] * world
-    dist.all_gather_object(messages, message)
-    alive = torch.ones(1)
-    dist.all_reduce(alive)
-    return dict(messages=messages, alive=alive.item() == world)
+
+    return every_rank_error(world, call)
 
 
 # A rank whose own arguments are invalid: its error, and on the other ranks the error naming it.
@@ -289,8 +299,8 @@ def rejected_rank(world, rank, case):
     odd = rank == world - 1
     student = torch.randn(4, CLASSES, requires_grad=True)
     teacher = torch.randn(4, CLASSES)
-    message = None
-    try:
+
+    def call():
         if case == "ckd-tau":
             ckd_ext.ckd_loss(student, teacher, tau=-1.0 if odd else 1.0, global_batch="ring")
         elif case == "bickd-temperature":
@@ -301,13 +311,8 @@ def rejected_rank(world, rank, case):
             group = dict(vocab_parallel_group=dist.group.WORLD) if case.startswith("vocab") else dict(global_batch=True)
             ckd_ext.fused_linear_ckd_loss(torch.randn(4, 4), torch.randn(vocab, 4), torch.randn(4, 3),
                                           torch.randn(vocab, 3), mask=mask, **group)
-    except ValueError as error:
-        message = str(error)
-    messages = [None] * world
-    dist.all_gather_object(messages, message)
-    alive = torch.ones(1)
-    dist.all_reduce(alive)
-    return dict(messages=messages, alive=alive.item() == world)
+
+    return every_rank_error(world, call)
 
 
 def fused_linear_module_case(world, rank, mode):
