@@ -58,8 +58,13 @@ def _kl(log_p: Tensor, log_m: Tensor) -> Tensor:
 
 
 def _log_mixture(weight: float, log_p: Tensor, log_q: Tensor) -> Tensor:
-    """log(weight p + (1 - weight) q)."""
-    return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
+    """log(weight p + (1 - weight) q); -inf where neither has mass, with a zero derivative there (logaddexp's at
+    (-inf, -inf) is NaN, and would reach the gradient through the 0 * NaN of the masked product)."""
+    empty = (log_p == -math.inf) & (log_q == -math.inf)
+    zero = torch.zeros((), dtype=log_p.dtype, device=log_p.device)
+    mixed = torch.logaddexp(torch.where(empty, zero, log_p) + math.log(weight),
+                            torch.where(empty, zero, log_q) + math.log1p(-weight))
+    return torch.where(empty, torch.full_like(mixed, -math.inf), mixed)
 
 
 def divergence_terms(teacher_log_probs: Tensor, student_log_probs: Tensor, divergence: Divergence) -> Tensor:
