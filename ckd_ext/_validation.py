@@ -530,3 +530,89 @@ def prepare_teacher_topk(fn, hidden, weight, k, bias, temperature, moments) -> N
         raise ValueError(f"{fn}: k must be an int in [1, V] = [1, {weight.shape[0]}], got {k!r}")
     _check_positive(fn, "temperature", temperature)
     _check_bool(fn, "moments", moments)
+
+
+# --------------------------------------------------------------------------------------------------
+# CKD from an offline top-k teacher: the top-k and the moments of teacher_topk(..., moments=True)
+# --------------------------------------------------------------------------------------------------
+
+MOMENT_NAMES = ("log_normalizer", "logit_sum", "logit_square_sum")
+
+
+class TopKMoments(NamedTuple):
+    """The teacher's per-row moments, flattened to (N,) and detached."""
+
+    log_normalizer: Tensor    # LSE(teacher logits / temperature)
+    logit_sum: Tensor         # sum_v t_v
+    logit_square_sum: Tensor  # sum_v t_v^2
+
+
+class TopKCKDPrepared(NamedTuple):
+    """Validated inputs of a top-k CKD loss (logits: `student` is (N, V); fused-linear: (hidden, weight, bias))."""
+
+    student: object               # (N, V) logits, or the tuple (hidden (N, H), weight (V, H), bias (V,) or None)
+    teacher_ids: Tensor           # (N, k)
+    teacher_logprobs: Tensor      # (N, k), detached
+    moments: TopKMoments
+    mask: Optional[Tensor]        # (N,) bool or None
+    lead_shape: torch.Size
+
+
+def _check_topk_moments(fn: str, moments, teacher_ids: Tensor, like: Tensor, like_name: str) -> None:
+    for name, value in zip(MOMENT_NAMES, moments):
+        if not isinstance(value, Tensor) or value.dtype not in FLOATING_DTYPES:
+            got = f"dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"{fn}: {name} must be a floating-point torch.Tensor, the teacher's per-row moment that "
+                            f"teacher_topk(..., moments=True) returns, got {got}")
+        if value.shape != teacher_ids.shape[:-1]:
+            raise ValueError(f"{fn}: {name} must have shape {tuple(teacher_ids.shape[:-1])}, the shape of teacher_ids "
+                             f"without its last dimension (one number per row), got {tuple(value.shape)}")
+        if value.device != like.device:
+            raise ValueError(f"{fn}: {name} must be on the same device as {like_name} ({like.device}), "
+                             f"got {value.device}")
+
+
+def _topk_ckd_teacher(fn, teacher_ids, teacher_logprobs, moments, mask, like, like_name, vocab):
+    """The checks of the teacher and mask shared by both forms; the flattened teacher (ids, logprobs, moments)."""
+    _check_topk_teacher(fn, teacher_ids, teacher_logprobs, like, like_name)
+    _check_topk_moments(fn, moments, teacher_ids, like, like_name)
+    _check_mask(fn, mask, like, like_name)
+    k = teacher_ids.shape[-1]
+    ids, logprobs = teacher_ids.reshape(-1, k), teacher_logprobs.detach().reshape(-1, k)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    check_topk_values(fn, ids, logprobs, flat_mask, vocab)
+    return ids, logprobs, TopKMoments(*(m.detach().reshape(-1) for m in moments)), flat_mask
+
+
+def prepare_topk_ckd(fn, student, teacher_ids, teacher_logprobs, log_normalizer, logit_sum, logit_square_sum,
+                     temperature, tau, mask, reduction) -> TopKCKDPrepared:
+    """Validate the arguments of top-k CKD over logits (the teacher's values included) and flatten its inputs."""
+    _check_positive(fn, "temperature", temperature)
+    _check_positive(fn, "tau", tau)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    _check_floating_tensor(fn, "student", student)
+    if student.dim() < 1 or student.shape[-1] == 0:
+        raise ValueError(f"{fn}: student must have shape (..., V) with V >= 1, got {tuple(student.shape)}")
+    vocab = student.shape[-1]
+    ids, logprobs, moments, flat_mask = _topk_ckd_teacher(
+        fn, teacher_ids, teacher_logprobs, (log_normalizer, logit_sum, logit_square_sum), mask, student, "student",
+        vocab)
+    return TopKCKDPrepared(student.reshape(-1, vocab), ids, logprobs, moments, flat_mask, student.shape[:-1])
+
+
+def prepare_fused_linear_topk_ckd(fn, student_hidden, student_weight, teacher_ids, teacher_logprobs, log_normalizer,
+                                  logit_sum, logit_square_sum, student_bias, temperature, tau, mask,
+                                  reduction) -> TopKCKDPrepared:
+    """Validate the arguments of fused-linear top-k CKD (the teacher's values included) and flatten its inputs."""
+    _check_positive(fn, "temperature", temperature)
+    _check_positive(fn, "tau", tau)
+    _check_choice(fn, "reduction", reduction, REDUCTIONS)
+    _check_head(fn, "student", student_hidden, student_weight, student_bias, None)
+    for name, value in (("student_weight", student_weight), ("student_bias", student_bias)):
+        if value is not None:
+            _check_same_device(fn, name, value, student_hidden)
+    ids, logprobs, moments, flat_mask = _topk_ckd_teacher(
+        fn, teacher_ids, teacher_logprobs, (log_normalizer, logit_sum, logit_square_sum), mask, student_hidden,
+        "student_hidden", student_weight.shape[0])
+    student = (student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias)
+    return TopKCKDPrepared(student, ids, logprobs, moments, flat_mask, student_hidden.shape[:-1])

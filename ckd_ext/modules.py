@@ -1,7 +1,7 @@
 """nn.Module wrappers of the fused losses: hyperparameters at construction, tensors at call time."""
 from torch import nn
 
-from . import fused_linear, losses, topk
+from . import fused_linear, losses, topk, topk_ckd
 
 
 class _Distributed(nn.Module):
@@ -177,3 +177,31 @@ class FusedLinearTopKKDLoss(_TopKOptions):
 
     def extra_repr(self):
         return super().extra_repr() + f", ce_weight={self.ce_weight}, ignore_index={self.ignore_index}"
+
+
+class TopKCKDLoss(nn.Module):
+    """CKD (student anchor) from an offline top-k teacher with its moments, on student logits (``topk_ckd_loss``)."""
+
+    def __init__(self, *, temperature=1.0, tau=1.0, reduction="mean"):
+        super().__init__()
+        self.temperature, self.tau, self.reduction = temperature, tau, reduction
+
+    def forward(self, student, teacher_ids, teacher_logprobs, log_normalizer, logit_sum, logit_square_sum, mask=None):
+        return topk_ckd.topk_ckd_loss(student, teacher_ids, teacher_logprobs, log_normalizer, logit_sum,
+                                      logit_square_sum, temperature=self.temperature, tau=self.tau, mask=mask,
+                                      reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, tau={self.tau}, reduction={self.reduction!r}"
+
+
+class FusedLinearTopKCKDLoss(TopKCKDLoss):
+    """CKD (student anchor) from an offline top-k teacher with its moments, on the logits of a linear head
+    (``fused_linear_topk_ckd_loss``)."""
+
+    def forward(self, student_hidden, student_weight, teacher_ids, teacher_logprobs, log_normalizer, logit_sum,
+                logit_square_sum, *, student_bias=None, mask=None):
+        return fused_linear.fused_linear_topk_ckd_loss(
+            student_hidden, student_weight, teacher_ids, teacher_logprobs, log_normalizer, logit_sum, logit_square_sum,
+            student_bias=student_bias, temperature=self.temperature, tau=self.tau, mask=mask,
+            reduction=self.reduction)

@@ -24,12 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from ._validation import (Prepared, prepare_bickd, prepare_ckd, prepare_divergence, prepare_fused_linear_topk_kd,
-                          prepare_kd, prepare_teacher_topk, prepare_topk_kd)
+from ._validation import (Prepared, prepare_bickd, prepare_ckd, prepare_divergence, prepare_fused_linear_topk_ckd,
+                          prepare_fused_linear_topk_kd, prepare_kd, prepare_teacher_topk, prepare_topk_ckd,
+                          prepare_topk_kd)
 from .divergences import Divergence, divergence_terms, resolve
 from .rows import EPS, accumulation_dtype, scatter_rows
 
-__all__ = ["kd_loss", "ckd_loss", "bickd_loss", "topk_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk"]
+__all__ = ["kd_loss", "ckd_loss", "bickd_loss", "topk_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk",
+           "topk_ckd_loss", "fused_linear_topk_ckd_loss"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,3 +334,71 @@ def teacher_topk(hidden: Tensor, weight: Tensor, k: int, *, bias: Optional[Tenso
         return TeacherTopK(ids, values)
     return TeacherTopK(ids, values, torch.logsumexp(logits / temperature, dim=-1), logits.sum(-1),
                        logits.square().sum(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# CKD (student anchor) from an offline top-k teacher (docs/math.md 9.6)
+# --------------------------------------------------------------------------------------------------
+
+
+def topk_teacher_logits(ids: Tensor, logprobs: Tensor, log_normalizer: Tensor, logit_sum: Tensor, vocab: int,
+                        temperature: float) -> Tensor:
+    """The teacher's logit rows as the top-k teacher knows them, t~ (N, V), materialised: its raw logits
+    T (l_c + LSE(t / T)) at its top-k ids, and everywhere else the mean of its other logits,
+    mu = (sum_v t_v - sum_{c in S} t_c) / (V - |S|). A negative id is padding (not in S)."""
+    rows = []
+    for i in range(ids.shape[0]):
+        real = ids[i] >= 0
+        top_ids = ids[i][real].long()
+        top = temperature * (logprobs[i][real] + log_normalizer[i])
+        rest = vocab - top_ids.numel()
+        mean = (logit_sum[i] - top.sum()) / rest if rest > 0 else logit_sum[i] * 0
+        row = mean * torch.ones(vocab, dtype=top.dtype, device=top.device)
+        row[top_ids] = top
+        rows.append(row)
+    return torch.stack(rows) if rows else logprobs.new_zeros(0, vocab)
+
+
+def _topk_ckd_terms(logits: Tensor, teacher: Tensor, teacher_norms: Tensor, tau: float) -> Tensor:
+    """CKD's student-anchor terms (section 4.1) with the teacher's unit row u_i replaced by t~_i / |t_i|: the
+    positive <t~_i, v_i> / (|t_i| tau), the negatives <v_i, v_j> / tau exact."""
+    u = teacher / teacher_norms.clamp_min(EPS).unsqueeze(1)
+    v = F.normalize(logits, dim=1, eps=EPS)
+    positives = (u * v).sum(dim=1) / tau
+    return _diagonal_contrast(torch.diagonal_scatter(v @ v.T / tau, positives))
+
+
+def _topk_ckd(logits: Tensor, p, temperature: float, tau: float, reduction: str, like: Tensor) -> Tensor:
+    """The loss on the materialised student logits (N, V) of a validated top-k CKD call."""
+    ids, logprobs, moments = p.teacher_ids, p.teacher_logprobs.to(logits.dtype), [m.to(logits.dtype)
+                                                                                   for m in p.moments]
+    if p.mask is not None:
+        logits, ids, logprobs, moments = logits[p.mask], ids[p.mask], logprobs[p.mask], [m[p.mask] for m in moments]
+    teacher = topk_teacher_logits(ids, logprobs, moments[0], moments[1], logits.shape[1], temperature)
+    terms = _topk_ckd_terms(logits, teacher, moments[2].sqrt(), tau)
+    return _finish_rows(terms, Prepared(like, like, p.mask, p.lead_shape), reduction)
+
+
+def topk_ckd_loss(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, log_normalizer: Tensor,
+                  logit_sum: Tensor, logit_square_sum: Tensor, *, temperature: float = 1.0, tau: float = 1.0,
+                  mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """ckd_ext.topk_ckd_loss, materialised: CKD (student anchor) with the teacher row t~ of topk_teacher_logits and
+    its exact norm sqrt(logit_square_sum)."""
+    p = prepare_topk_ckd("topk_ckd_loss", student, teacher_ids, teacher_logprobs, log_normalizer, logit_sum,
+                         logit_square_sum, temperature, tau, mask, reduction)
+    return _topk_ckd(p.student.to(accumulation_dtype(p.student.dtype)), p, temperature, tau, reduction, p.student)
+
+
+def fused_linear_topk_ckd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_ids: Tensor,
+                               teacher_logprobs: Tensor, log_normalizer: Tensor, logit_sum: Tensor,
+                               logit_square_sum: Tensor, *, student_bias: Optional[Tensor] = None,
+                               temperature: float = 1.0, tau: float = 1.0, mask: Optional[Tensor] = None,
+                               reduction: str = "mean") -> Tensor:
+    """ckd_ext.fused_linear_topk_ckd_loss on the materialised logits hidden @ weight.T + bias."""
+    p = prepare_fused_linear_topk_ckd("fused_linear_topk_ckd_loss", student_hidden, student_weight, teacher_ids,
+                                      teacher_logprobs, log_normalizer, logit_sum, logit_square_sum, student_bias,
+                                      temperature, tau, mask, reduction)
+    hidden, weight, bias = p.student
+    dtype = accumulation_dtype(hidden.dtype)
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return _topk_ckd(logits, p, temperature, tau, reduction, hidden)

@@ -1258,6 +1258,7 @@ def test_raw_emulated_not_installed(extension_scenarios):
 
 # ---- top-k teachers: topk_kd_loss, fused_linear_topk_kd_loss (function, reference, module) and teacher_topk
 TOPK_LOGITS, TOPK_FL = ("topk_kd_loss",), ("fused_linear_topk_kd_loss",)
+TOPK_CKD = ("topk_ckd_loss", "fused_linear_topk_ckd_loss")  # CKD from a top-k teacher: the teacher's checks too
 TOPK_ALL = TOPK_LOGITS + TOPK_FL
 TOPK_MODULES = {"topk_kd_loss": ckd_ext.TopKKDLoss, "fused_linear_topk_kd_loss": ckd_ext.FusedLinearTopKKDLoss}
 TOPK_HYPERPARAMETERS = ("temperature", "divergence", "tail", "scale_t2", "ce_weight", "ignore_index", "reduction")
@@ -1273,6 +1274,8 @@ def topk_inputs(fn):
 
 
 def topk_call(impl: str, fn: str, **overrides):
+    if fn in TOPK_CKD:
+        return topk_ckd_call(impl, fn, **overrides)
     args = dict(topk_inputs(fn), **overrides)
     positional = [args.pop(k) for k in ("student", "student_hidden", "student_weight", "teacher_ids",
                                         "teacher_logprobs") if k in args]
@@ -1325,7 +1328,11 @@ test_topk_device = topk_test(
     (TOPK_LOGITS, dict(teacher_ids=torch.zeros(4, 2, dtype=torch.int64, device=META)),
      dict(name="teacher_ids", student="student", device="cpu", got="meta")),
     (TOPK_FL, dict(teacher_logprobs=torch.zeros(4, 2, device=META)),
-     dict(name="teacher_logprobs", student="student_hidden", device="cpu", got="meta")))
+     dict(name="teacher_logprobs", student="student_hidden", device="cpu", got="meta")),
+    (("topk_ckd_loss",), dict(logit_sum=torch.ones(4, device=META)),
+     dict(name="logit_sum", student="student", device="cpu", got="meta")),
+    (("fused_linear_topk_ckd_loss",), dict(teacher_ids=torch.zeros(4, 2, dtype=torch.int64, device=META)),
+     dict(name="teacher_ids", student="student_hidden", device="cpu", got="meta")))
 test_topk_ids_range = topk_test(
     "E-topk-ids-range",
     (TOPK_ALL, dict(teacher_ids=torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]])), dict(vocab="5", id="5", row="2")),
@@ -1342,8 +1349,50 @@ test_topk_logprobs_range = topk_test(
                                                       [-1.0, float("nan")]])), dict(value="nan", row="3")))
 test_topk_mass = topk_test(
     "E-topk-mass",
-    (TOPK_ALL, dict(teacher_logprobs=torch.tensor([[-0.1, -0.5], [-2.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])),
+    (TOPK_ALL + TOPK_CKD,
+     dict(teacher_logprobs=torch.tensor([[-0.1, -0.5], [-2.0, -1.0], [-1.0, -1.0], [-1.0, -1.0]])),
      dict(row="0", dtype="torch.float32", mass="1.51137")))
+
+
+# ---- CKD from a top-k teacher: topk_ckd_loss, fused_linear_topk_ckd_loss (function, reference, module)
+TOPK_CKD_MODULES = {"topk_ckd_loss": ckd_ext.TopKCKDLoss, "fused_linear_topk_ckd_loss": ckd_ext.FusedLinearTopKCKDLoss}
+MOMENTS = ("log_normalizer", "logit_sum", "logit_square_sum")
+
+
+def topk_ckd_call(impl: str, fn: str, **overrides):
+    """The top-k KD test inputs (4 rows, V = 5, k = 2) with moments of the right shape."""
+    base = topk_inputs("topk_kd_loss" if fn == "topk_ckd_loss" else "fused_linear_topk_kd_loss")
+    base.update({name: torch.full((4,), value) for name, value in zip(MOMENTS, (0.5, 1.0, 9.0))})
+    args = dict(base, **overrides)
+    positional = [args.pop(k) for k in ("student", "student_hidden", "student_weight", "teacher_ids",
+                                        "teacher_logprobs", *MOMENTS) if k in args]
+    if impl == "module":
+        hyper = {k: args.pop(k) for k in ("temperature", "tau", "reduction") if k in args}
+        return TOPK_CKD_MODULES[fn](**hyper)(*positional, **args)
+    return getattr(ckd_ext if impl == "fused" else reference, fn)(*positional, **args)
+
+
+def topk_ckd_test(entry_id, *items):
+    @documents(entry_id)
+    @pytest.mark.parametrize("fn, overrides, values", cases(*items))
+    def test(fn, overrides, values):
+        for impl in IMPLS:
+            try:
+                expect(entry_id, lambda: topk_ckd_call(impl, fn, **overrides), fn=fn, **values)
+            except BaseException as exc:
+                exc.add_note(f"implementation: {impl}")
+                raise
+    return test
+
+
+test_topk_moments_type = topk_ckd_test(
+    "E-topk-moments-type",
+    (TOPK_CKD, dict(log_normalizer=None), dict(name="log_normalizer", got="NoneType")),
+    (("topk_ckd_loss",), dict(logit_square_sum=torch.ones(4, dtype=torch.int64)),
+     dict(name="logit_square_sum", got="dtype torch.int64")))
+test_topk_moments_shape = topk_ckd_test(
+    "E-topk-moments-shape",
+    (TOPK_CKD, dict(logit_sum=torch.ones(4, 1)), dict(name="logit_sum", expected="(4,)", shape="(4, 1)")))
 
 
 @documents("E-topk-flag-type")

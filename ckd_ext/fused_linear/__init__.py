@@ -8,6 +8,9 @@ of two language-model heads, without ever holding the N x V logits (nor an N x N
     fused_linear_topk_kd_loss / teacher_topk
                             KD from an offline top-k teacher, and the producer of such teachers: chunked like
                             fused_linear_kd_loss (ckd_ext/topk.py, docs/math.md section 9).
+    fused_linear_topk_ckd_loss
+                            CKD (student anchor) from a top-k teacher with its moments: the negatives through
+                            B_s^T B_s as above, the positive from k gathered head rows per token (docs/math.md 9.6).
     fused_linear_kd_loss    row-separable: the tokens are walked in chunks, both models' logits of one chunk are
                             computed into a bounded buffer, the fused KD op (and cross-entropy) gives the chunk's
                             logit gradient, which is folded into the hidden / weight / bias gradients at once.
@@ -19,5 +22,7 @@ and call ``ckd_loss`` / ``kd_loss``.
 from .ckd import fused_linear_ckd_loss
 from .kd import fused_linear_kd_loss
 from .topk import fused_linear_topk_kd_loss, teacher_topk
+from .topk_ckd import fused_linear_topk_ckd_loss
 
-__all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk"]
+__all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk",
+           "fused_linear_topk_ckd_loss"]

@@ -66,12 +66,14 @@ def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Ten
 class _HeadGrams(torch.autograd.Function):
     """(G_ss, G_ts, G_tt) = (B_s^T B_s, B_t^T B_s, B_t^T B_t) of the scaled heads B_s = c_s [W_s | b_s],
     B_t = c_t [W_t | b_t], accumulated in `dtype` over vocabulary chunks (K x K each, never V x K beyond a chunk).
-    Backward: dB_s = B_s (dG_ss + dG_ss^T) + B_t dG_ts, times c_s, chunk by chunk; the teacher gets nothing."""
+    Backward: dB_s = B_s (dG_ss + dG_ss^T) + B_t dG_ts, times c_s, chunk by chunk; the teacher gets nothing.
+    Without a teacher head (teacher_weight None: the top-k teacher, docs/math.md 9.6) G_ts and G_tt are empty
+    (0 x K_s, 0 x 0) and only G_ss is formed."""
 
     @staticmethod
     def forward(ctx, student_weight, student_bias, teacher_weight, teacher_bias, scales, dtype):
         student = _head_columns(student_weight, student_bias)
-        teacher = _head_columns(teacher_weight, teacher_bias)
+        teacher = [] if teacher_weight is None else _head_columns(teacher_weight, teacher_bias)
         split = sum(b.shape[1] for b in student)
         width = split + sum(b.shape[1] for b in teacher)
         gram = torch.zeros(width, width, dtype=dtype, device=student_weight.device)
@@ -79,7 +81,8 @@ class _HeadGrams(torch.autograd.Function):
             # The student's rows [G_ss | G_st] and the teacher's diagonal block; G_ts is G_st^T. Products of the GEMM
             # policy (counted; float64 operands: float64 GEMMs).
             gram[:split].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, :split].T, chunk.T))
-            gram[split:, split:].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, split:].T, chunk[:, split:].T))
+            if teacher:
+                gram[split:, split:].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, split:].T, chunk[:, split:].T))
         student_gram = gram[:split, :split].clone()
         cross_gram = gram[:split, split:].T.contiguous()
         teacher_gram = gram[split:, split:].clone()
@@ -97,7 +100,7 @@ class _HeadGrams(torch.autograd.Function):
         if not (need_weight or need_bias):
             return None, None, None, None, None, None
         split = ctx.split
-        teacher_width = teacher_weight.shape[1] + (teacher_bias is not None)
+        teacher_width = 0 if teacher_weight is None else teacher_weight.shape[1] + (teacher_bias is not None)
         if grad_student_gram is None:
             grad_student_gram = torch.zeros(split, split, dtype=ctx.dtype, device=student_weight.device)
         if grad_cross_gram is None:
@@ -107,7 +110,7 @@ class _HeadGrams(torch.autograd.Function):
         grad_bias = torch.empty_like(student_bias) if student_bias is not None else None
         width = student_weight.shape[1]
         student = _head_columns(student_weight, student_bias)
-        teacher = _head_columns(teacher_weight, teacher_bias)
+        teacher = [] if teacher_weight is None else _head_columns(teacher_weight, teacher_bias)
         for rows, chunk in _vocabulary_chunks(student, teacher, scales, ctx.dtype):
             head_grad = chunk.new_empty(chunk.shape[0], split)
             torch.ops.ckd_ext.gemm_product(head_grad, chunk, combination, False)
@@ -137,13 +140,56 @@ def _clamped_norm(squared: Tensor, eps: Tensor) -> Tensor:
 
 
 def _strip_logits(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, start: int,
-                  stop: int) -> Tensor:
-    """<a_i, b_j> / tau for the anchors start..stop; -inf where j == i or j is not valid."""
-    logits = torch.ops.ckd_ext.gemm_similarity(anchors[start:stop], candidates).div_(tau)
+                  stop: int, scales: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """<a_i, b_j> / tau for the anchors start..stop, times alpha_i beta_j with `scales` = (alpha, beta) (rows given
+    raw, their inverse norms as scales: normalisation commutes with the GEMM, docs/math.md 6.1); -inf where j == i or
+    j is not valid."""
+    logits = torch.ops.ckd_ext.gemm_similarity(anchors[start:stop], candidates)
+    if scales is not None:
+        logits.mul_(scales[0][start:stop, None]).mul_(scales[1][None, :])
+    logits.div_(tau)
     if valid is not None:
         logits = logits.masked_fill(~valid.unsqueeze(0), float("-inf"))
     logits.diagonal(offset=start).fill_(float("-inf"))
     return logits
+
+
+def strip_lse(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float,
+              scales: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, int]:
+    """(lse, strip rows): lse_i = LSE over the valid rows j != i of alpha_i beta_j <a_i, b_j> / tau (-inf without
+    any; alpha = beta = 1 without `scales`), in the GEMM's accumulation dtype, walked in anchor strips whose R x N
+    logits fit a quarter of the workspace budget."""
+    rows = anchors.shape[0]
+    dtype = accumulation_dtype(anchors.dtype)
+    step = max(1, _workspace_bytes(str(anchors.device)) // max(1, 4 * rows * torch.finfo(dtype).bits // 8))
+    lse = torch.empty(rows, dtype=dtype, device=anchors.device)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        lse[start:stop] = torch.logsumexp(_strip_logits(anchors, candidates, valid, tau, start, stop, scales), dim=1)
+    return lse, step
+
+
+def strip_lse_backward(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, lse: Tensor,
+                       grad_lse: Tensor, step: int, scales: Optional[Tuple[Tensor, Tensor]],
+                       grad_anchors: Optional[Tensor], grad_candidates: Optional[Tensor]) -> None:
+    """Adds the gradient of sum_i grad_lse_i lse_i (strip_lse's) with respect to the scaled anchors alpha_i a_i into
+    `grad_anchors` and with respect to the scaled candidates beta_j b_j into `grad_candidates` (either None; they may
+    be one buffer, when anchors and candidates are the same rows): d(alpha a)_i += sum_j W_ij beta_j b_j,
+    d(beta b)_j += sum_i W_ij alpha_i a_i, W_ij = grad_lse_i exp(logit_ij - lse_i) / tau, recomputed strip by strip."""
+    # Anchors without a candidate (lse = -inf) have no gradient (not 0 * NaN).
+    weight = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse) / tau
+    lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    rows = anchors.shape[0]
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        logits = _strip_logits(anchors, candidates, valid, tau, start, stop, scales)
+        coefficients = torch.exp(logits - lse[start:stop, None]) * weight[start:stop, None]
+        if grad_anchors is not None:
+            anchor_coefficients = coefficients if scales is None else coefficients * scales[1][None, :]
+            torch.ops.ckd_ext.gemm_product(grad_anchors[start:stop], anchor_coefficients, candidates, True)
+        if grad_candidates is not None:
+            candidate_coefficients = coefficients if scales is None else coefficients * scales[0][start:stop, None]
+            torch.ops.ckd_ext.gemm_product(grad_candidates, candidate_coefficients.T, anchors[start:stop], True)
 
 
 class _StripLSE(torch.autograd.Function):
@@ -152,12 +198,7 @@ class _StripLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, candidates, valid, tau):
-        rows = anchors.shape[0]
-        step = max(1, _workspace_bytes(str(anchors.device)) // max(1, 4 * rows * anchors.element_size()))
-        lse = anchors.new_empty(rows)
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            lse[start:stop] = torch.logsumexp(_strip_logits(anchors, candidates, valid, tau, start, stop), dim=1)
+        lse, step = strip_lse(anchors, candidates, valid, tau)
         ctx.save_for_backward(anchors, candidates, valid, lse)
         ctx.tau, ctx.step = tau, step
         return lse
@@ -167,20 +208,10 @@ class _StripLSE(torch.autograd.Function):
     def backward(ctx, grad_lse):
         anchors, candidates, valid, lse = ctx.saved_tensors
         need_anchors, need_candidates = ctx.needs_input_grad[:2]
-        # Anchors without a candidate (lse = -inf) have no gradient (not 0 * NaN).
-        weight = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse) / ctx.tau
-        lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
         grad_anchors = torch.zeros_like(anchors) if need_anchors else None
         grad_candidates = torch.zeros_like(candidates) if need_candidates else None
-        rows = anchors.shape[0]
-        for start in range(0, rows, ctx.step):
-            stop = min(start + ctx.step, rows)
-            logits = _strip_logits(anchors, candidates, valid, ctx.tau, start, stop)
-            coefficients = torch.exp(logits - lse[start:stop, None]) * weight[start:stop, None]
-            if need_anchors:
-                torch.ops.ckd_ext.gemm_product(grad_anchors[start:stop], coefficients, candidates, False)
-            if need_candidates:
-                torch.ops.ckd_ext.gemm_product(grad_candidates, coefficients.T, anchors[start:stop], True)
+        strip_lse_backward(anchors, candidates, valid, ctx.tau, lse, grad_lse, ctx.step, None, grad_anchors,
+                           grad_candidates)
         return grad_anchors, grad_candidates, None, None
 
 
@@ -191,22 +222,36 @@ class _Grams(NamedTuple):
     scales: Tensor    # (c_s, c_t)
 
 
-def _ckd_terms(student_rows: Tensor, teacher_rows: Tensor, grams: _Grams, tau: float, anchor: str, dtype, lse_of):
-    """Per-row CKD terms from the rows [h, 1] of both models (docs/math.md 8.1), in `dtype`: every inner product of
-    logits is a bilinear form of the rows (FORMS_DTYPE) in the heads' Gram matrices. `lse_of(anchors, candidates)`,
-    on rows in `dtype`, is the log-sum-exp over the negatives (single process, or the ring)."""
+class _TeacherSide(NamedTuple):
+    """What CKD needs of the teacher's rows: products with the student's (scaled) head and the norms."""
+
+    products: Tensor  # pt_i (N x K_s) with <t_i, s'_j> = <pt_i, hs_j>, s' the student's logits as scaled (8.1)
+    norms: Tensor     # max(|t_i|, eps) (N,), of the same t_i as `products` (any positive scale of a row cancels)
+
+
+def _teacher_side(teacher_rows: Tensor, grams: _Grams) -> _TeacherSide:
+    """The teacher's side from its rows [h, 1] and the heads' Gram matrices (docs/math.md 8.1), FORMS_DTYPE."""
+    eps_floor = torch.finfo(teacher_rows.dtype).tiny
+    teacher_scale = _downscale(teacher_rows.detach().abs().amax(dim=1))
+    ht = teacher_rows * teacher_scale.unsqueeze(1)
+    # scaled by a power of two (no overflow of a square below the dtype's range); so is eps
+    teacher_eps = (EPS * grams.scales[1] * teacher_scale).clamp_min(eps_floor)
+    return _TeacherSide(ht @ grams.cross, _clamped_norm(((ht @ grams.teacher) * ht).sum(dim=1), teacher_eps))
+
+
+def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: float, anchor: str, dtype, lse_of):
+    """Per-row CKD terms from the student's rows [h, 1] and the teacher's side (docs/math.md 8.1), in `dtype`: every
+    inner product of logits is a bilinear form of the rows (FORMS_DTYPE) in the heads' Gram matrices.
+    `lse_of(anchors, candidates)`, on rows in `dtype`, is the log-sum-exp over the negatives (single process, or the
+    ring)."""
     eps_floor = torch.finfo(student_rows.dtype).tiny
     student_scale = _downscale(student_rows.detach().abs().amax(dim=1))
-    teacher_scale = _downscale(teacher_rows.detach().abs().amax(dim=1))
     hs = student_rows * student_scale.unsqueeze(1)
-    ht = teacher_rows * teacher_scale.unsqueeze(1)
     # The rows and heads were scaled by powers of two (no overflow of a square below the dtype's range); so is eps.
     student_eps = (EPS * grams.scales[0] * student_scale).clamp_min(eps_floor)
-    teacher_eps = (EPS * grams.scales[1] * teacher_scale).clamp_min(eps_floor)
     ps = hs @ grams.student                                # <s_i, s_j> = <ps_i, hs_j>
-    pt = ht @ grams.cross                                  # <t_i, s_j> = <pt_i, hs_j>
+    pt, teacher_norm = teacher                             # <t_i, s_j> = <pt_i, hs_j>
     student_norm = _clamped_norm((ps * hs).sum(dim=1), student_eps)
-    teacher_norm = _clamped_norm(((ht @ grams.teacher) * ht).sum(dim=1), teacher_eps)
     candidates = hs / student_norm.unsqueeze(1)
     positives = (pt * candidates).sum(dim=1) / (teacher_norm * tau)
     anchors = pt / teacher_norm.unsqueeze(1) if anchor == "teacher" else ps / student_norm.unsqueeze(1)
@@ -216,11 +261,16 @@ def _ckd_terms(student_rows: Tensor, teacher_rows: Tensor, grams: _Grams, tau: f
     return F.softplus(lse.to(positives.dtype) - positives).to(dtype)
 
 
-def _local_ckd(student_rows, teacher_rows, grams, tau, anchor, valid, dtype):
-    terms = _ckd_terms(student_rows, teacher_rows, grams, tau, anchor, dtype,
+def local_terms(student_rows, teacher: _TeacherSide, grams, tau, anchor, valid, dtype):
+    """Per-row CKD terms over this process's rows (0 on rows that take no part)."""
+    terms = _ckd_terms(student_rows, teacher, grams, tau, anchor, dtype,
                        lambda a, b: _StripLSE.apply(a, b, valid, float(tau)))
     return terms if valid is None else torch.where(valid, terms, torch.zeros((), dtype=terms.dtype,
                                                                                   device=terms.device))
+
+
+def _local_ckd(student_rows, teacher_rows, grams, tau, anchor, valid, dtype):
+    return local_terms(student_rows, _teacher_side(teacher_rows, grams), grams, tau, anchor, valid, dtype)
 
 
 def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, prepared, reduction, global_batch, group, signature,
@@ -234,7 +284,7 @@ def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, prepared, reduct
     terms = distributed.own_row_terms(
         student_rows, teacher_rows, layout, group, global_batch,
         lambda s, t, padding: _local_ckd(s, t, grams, tau, anchor, padding, dtype),
-        lambda: _ckd_terms(student_rows, teacher_rows, grams, tau, anchor, dtype,
+        lambda: _ckd_terms(student_rows, _teacher_side(teacher_rows, grams), grams, tau, anchor, dtype,
                            lambda a, b: distributed.ring_lse(a, b, float(tau), layout, group)))
     if reduction != "none":
         return distributed.row_share(terms, layout, reduction)
