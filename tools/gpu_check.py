@@ -420,7 +420,13 @@ def cmd_extension(_a) -> int:
 def cmd_build(_a) -> int:
     """The carried prebuilt, else the tree's build, else a quick build for this GPU only."""
     carried = prebuilt_dir() / "ckd_ext"
-    files = sorted(carried.glob("_C*.so")) + sorted(carried.glob("_build_info.py"))
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    files = sorted(carried.glob(f"_C{suffix}")) + sorted(carried.glob("_build_info.py"))
+    if files and not (carried / f"_C{suffix}").exists():
+        # A build for another Python (say a cp312 one carried for the GPU machine, found by a cp311 run here) would
+        # load nowhere, and copying its _build_info.py would disown the tree's own build.
+        print(f"ignoring the carried prebuilt in {carried}: it has no _C{suffix} for this Python")
+        files = []
     if files:
         manifest = prebuilt_dir() / "manifest.json"
         if manifest.exists():
