@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
+#include <type_traits>
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -33,6 +35,24 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
     case DType::BFloat16: break;
   }
   return f(c10::BFloat16{});
+}
+
+// Calls f(T{}) with T the C++ type of a student's `dtype` among those accumulation type Acc serves: a float64 student
+// accumulates in double and every other in float (orchestration/op_call.h), so a row kernel over (student, teacher)
+// pairs is instantiated for 4 + 12 pairs rather than 2 x 16, in every backend and instruction-set variant.
+template <typename Acc, typename F>
+void visit_student_dtype(DType dtype, F&& f) {
+  if constexpr (std::is_same_v<Acc, double>) {
+    if (dtype == DType::Float64) return f(double{});
+  } else {
+    switch (dtype) {
+      case DType::Float32: return f(float{});
+      case DType::Float16: return f(c10::Half{});
+      case DType::BFloat16: return f(c10::BFloat16{});
+      case DType::Float64: break;
+    }
+  }
+  throw std::logic_error("ckd_ext: a student dtype the accumulation type does not serve (op_call.h picks it)");
 }
 
 // The divergence KD minimises between the teacher's distribution q and the student's p (docs/math.md 3.1), with

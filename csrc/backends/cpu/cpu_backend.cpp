@@ -69,7 +69,7 @@ class CpuBackend final : public KernelBackend<Acc> {
 
   void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, DivergenceParams<Acc> divergence, const bool* valid,
                Acc* loss, const Acc* weight, void* grad) override {
-    visit_dtype(s.dtype, [&](auto ts) {
+    visit_student_dtype<Acc>(s.dtype, [&](auto ts) {
       visit_dtype(t.dtype, [&](auto tt) {
         using TS = decltype(ts);
         using TT = decltype(tt);

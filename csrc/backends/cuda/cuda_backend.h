@@ -68,7 +68,7 @@ class CudaBackend final : public KernelBackend<Acc> {
   void kd_rows(ConstMatrix s, ConstMatrix t, Acc temperature, DivergenceParams<Acc> divergence, const bool* valid,
                Acc* loss, const Acc* weight, void* grad) override {
     if (s.rows == 0) return;
-    visit_dtype(s.dtype, [&](auto ts) {
+    visit_student_dtype<Acc>(s.dtype, [&](auto ts) {
       visit_dtype(t.dtype, [&](auto tt) {
         using TS = decltype(ts);
         using TT = decltype(tt);
