@@ -17,7 +17,8 @@ that compute the same number. The providers are the runner's (benchmarks/provide
 
     python benchmarks/divergences.py                                   # both parts (about 30 min on 2 busy cores)
     python benchmarks/divergences.py --part logits --shapes cifar100-b64 --reps 3
-    python benchmarks/divergences.py --part lm --lm-shape smoke-lm-16x32 --reps 1     # a quick look
+    python benchmarks/divergences.py --shapes smoke-8x16 --lm-shape smoke-lm-16x32 --reps 1 --warmup 1 \
+        --compile-backend aot_eager                                    # a quick look (tests/test_benchmarks_smoke.py)
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def logits_part(a) -> None:
             oracle = grads_of(lambda: loss_fn("eager", loss)(oracle_student, teacher.double()), [oracle_student])
             calls, errors, compile_s = {"floor": floor_calls}, {}, None
             for provider in LOGIT_PROVIDERS[:-1]:
-                fn = loss_fn(provider, loss)
+                fn = loss_fn(provider, loss, compile_backend=a.compile_backend)
                 calls[provider] = mode_callables(provider, loss, student, teacher, "full", fn)
                 first = warm(*calls[provider], a.warmup)
                 compile_s = first if provider == "compiled" else compile_s
@@ -179,6 +180,8 @@ def main(argv=None) -> int:
     ap.add_argument("--agreement", type=float, default=1e-4,
                     help="largest relative error against the float64 oracle a compared provider may have")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: unchanged)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled provider "
+                    "(aot_eager: no code generation, for a quick check)")
     a = ap.parse_args(argv)
     a.shapes = [x for x in a.shapes.split(",") if x]
     a.losses = [x for x in a.losses.split(",") if x]

@@ -114,8 +114,8 @@ def test_objective_takes_the_divergence_and_its_parameter(method, divergence):
     (["--divergences", "kl"], "argument --divergences: expected some of forward_kl, reverse_kl, jsd, skew_kl, tvd, "
                               "got 'kl'"),
     (["--divergences", "jsd,jsd"], "argument --divergences: a value is listed twice in 'jsd,jsd'"),
-    (["--jsd-beta", "1"], "argument --jsd-beta: expected a number in the open interval (0, 1), got 1.0"),
-    (["--skew-alpha", "0"], "argument --skew-alpha: expected a number in the open interval (0, 1), got 0.0"),
+    (["--jsd-beta", "1"], "argument --jsd-beta: expected a number in the open interval (0, 1), got 1"),
+    (["--skew-alpha", "0"], "argument --skew-alpha: expected a number in the open interval (0, 1), got 0"),
     (["--methods", ""], "--methods must list some of"),
     (["--seeds", "a"], "--seeds expects a comma list of integers"),
     (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),
