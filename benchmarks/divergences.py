@@ -114,6 +114,9 @@ def logits_part(a) -> None:
         floor_calls = mode_callables("floor", "kd", student, teacher, "full", floor=floor)
         warm(*floor_calls, a.warmup)
         for loss in a.losses:
+            # a fresh compile per case, as the runner's fresh process per case has (one process would reuse
+            # reference.kd_loss's compiled code object and soon hit dynamo's recompile limit, falling back to eager)
+            torch._dynamo.reset()
             oracle_student = student.detach().double().requires_grad_()
             oracle = grads_of(lambda: loss_fn("eager", loss)(oracle_student, teacher.double()), [oracle_student])
             calls, errors, compile_s = {"floor": floor_calls}, {}, None
