@@ -70,10 +70,35 @@ def grads_of(fn: Callable, inputs) -> List[torch.Tensor]:
     return [loss.detach()] + [x.grad.detach().clone() for x in inputs]
 
 
-def check_agreement(name: str, got: List[torch.Tensor], oracle: List[torch.Tensor], limit: float) -> float:
-    """The largest relative error of the loss and gradients against the oracle's; SystemExit above `limit`."""
-    err = max(relative_error(g, o) for g, o in zip(got, oracle))
-    if not err <= limit:
+# tvd's gradient p_j (g_j - sum_k p_k g_k), g_j = sign(p_j - q_j) / 2, jumps by p_j where p_j = q_j: at a near-tie
+# (|p_j - q_j| below float32's resolution of p_j) float32 and float64 may take either side, both valid subgradients
+# (a float32 eager tvd differs from the float64 one by 0.13 normwise at tokens-2k-v8k, ckd_ext by 0.04, from one such
+# element). The logit gradient is compared away from those elements (TIE, relative to max(p_j, q_j)); the lm shape's
+# hidden-state and head gradients mix every element through the GEMMs, so there tvd's gradients get TVD_LM_AGREEMENT.
+TIE = 1e-5
+# The logit shapes' temperature: kd_loss's default, which every provider there takes.
+LOGIT_TEMPERATURE = 4.0
+TVD_LM_AGREEMENT = 1e-2
+
+
+def tvd_ties(student, teacher, temperature: float) -> torch.Tensor:
+    """Where p_j and q_j (float64) agree to TIE: the elements whose tvd subgradient is a choice."""
+    p, q = (x.detach().double().div(temperature).softmax(-1) for x in (student, teacher))
+    return (p - q).abs() <= TIE * torch.maximum(p, q)
+
+
+def check_agreement(name: str, got: List[torch.Tensor], oracle: List[torch.Tensor], limit: float,
+                    ignore=None, gradient_limit=None) -> float:
+    """The largest relative error of the loss and gradients against the oracle's; SystemExit above `limit`
+    (`gradient_limit` for the gradients when given). `ignore`: elements of the first gradient left out."""
+    if ignore is not None:
+        keep = ~ignore
+        got = [got[0], got[1] * keep] + got[2:]
+        oracle = [oracle[0], oracle[1] * keep] + oracle[2:]
+    errors = [relative_error(g, o) for g, o in zip(got, oracle)]
+    limits = [limit] + [limit if gradient_limit is None else gradient_limit] * (len(errors) - 1)
+    err = max(errors)
+    if not all(e <= bound for e, bound in zip(errors, limits)):
         raise SystemExit(f"divergences.py: {name} disagrees with the float64 oracle by {err:.2e} (> {limit:g}): "
                          "its timing would not compare the same loss")
     return err
@@ -125,9 +150,10 @@ def logits_part(a) -> None:
                 calls[provider] = mode_callables(provider, loss, student, teacher, "full", fn)
                 first = warm(*calls[provider], a.warmup)
                 compile_s = first if provider == "compiled" else compile_s
+                ties = tvd_ties(student, teacher, LOGIT_TEMPERATURE) if divergence_of(loss) == "tvd" else None
                 errors[provider] = check_agreement(f"{provider} {loss} at {shape_name}",
                                                    grads_of(lambda: fn(student, teacher), [student]), oracle,
-                                                   a.agreement)
+                                                   a.agreement, ignore=ties)
             p = {n: quantiles(ts) for n, ts in interleaved(calls, a.reps).items()}
             base = p["ckd_ext"][1]
             print(f"| {shape_name} ({shape.N} x {shape.C}) | {divergence_of(loss)} | {base:.2f} "
@@ -160,7 +186,8 @@ def lm_part(a) -> None:
             warm(*calls[provider], a.warmup)
             errors[provider] = check_agreement(f"{provider} {loss} at {shape.name}",
                                                grads_of(lambda: fn(hidden, teacher_hidden), [hidden, weight]),
-                                               oracle, a.agreement)
+                                               oracle, a.agreement, gradient_limit=TVD_LM_AGREEMENT
+                                               if divergence_of(loss) == "tvd" else None)
         p = {n: quantiles(ts) for n, ts in interleaved(calls, a.reps).items()}
         base = p["fused_linear"][1]
 

@@ -154,3 +154,8 @@ def test_divergences_refuses_a_provider_that_disagrees_with_the_oracle():
     assert check_agreement("close", [torch.tensor(1.0), torch.ones(3)], oracle, 1e-4) == 0.0
     with pytest.raises(SystemExit, match="wrong disagrees with the float64 oracle by 1.00e-02"):
         check_agreement("wrong", [torch.tensor(1.0), torch.tensor([1.0, 1.01, 1.0])], oracle, 1e-4)
+    # tvd: a gradient element at a tie of p and q is left out (either side is a subgradient), the others are not
+    tie = torch.tensor([False, True, False])
+    assert check_agreement("tie", [torch.tensor(1.0), torch.tensor([1.0, 0.5, 1.0])], oracle, 1e-4, ignore=tie) == 0
+    with pytest.raises(SystemExit, match="off-tie disagrees"):
+        check_agreement("off-tie", [torch.tensor(1.0), torch.tensor([0.5, 1.0, 1.0])], oracle, 1e-4, ignore=tie)
