@@ -224,7 +224,8 @@ def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher
         top_ids, top_logprobs = teacher_hidden
         return a.kd_weight * fused_linear_topk_kd_loss(
             hs, student.head.weight, top_ids.flatten(0, 1), top_logprobs.flatten(0, 1), temperature=a.kd_temperature,
-            tail=a.topk_tail, **divergence_kwargs(a, divergence), labels=labels.flatten(), ce_weight=a.ce_weight / a.kd_weight)
+            tail=a.topk_tail, **divergence_kwargs(a, divergence), labels=labels.flatten(),
+            ce_weight=a.ce_weight / a.kd_weight)
     ht = teacher_hidden.flatten(0, 1)
     # kd_weight * KD + ce_weight * CE, both means over the same tokens: the fused loss adds ce_weight' * CE to KD
     loss = a.kd_weight * fused_linear_kd_loss(
