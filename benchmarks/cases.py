@@ -49,9 +49,10 @@ PROVIDERS: Tuple[str, ...] = ("fused_linear", "ckd_ext", "eager", "compiled", "f
 LOGIT_PROVIDERS: Tuple[str, ...] = ("ckd_ext", "eager", "compiled", "floor")
 LM_PROVIDERS: Tuple[str, ...] = ("fused_linear", "ckd_ext", "eager", "compiled")
 # Providers a shape names itself (only_providers), with an optional dependency: Liger-Kernel's chunked fused-linear
-# JSD (beta = 0, i.e. KD; `pip install liger-kernel`). PROVIDER_LOSSES: the losses a provider implements.
+# JSD (`pip install liger-kernel`), whose beta = 0 / 1 are forward / reverse KL (providers.LIGER_BETA).
+# PROVIDER_LOSSES: the losses a provider implements (every loss where a provider is not listed).
 EXTRA_LM_PROVIDERS: Tuple[str, ...] = ("liger",)
-PROVIDER_LOSSES: Dict[str, Tuple[str, ...]] = {"liger": ("kd",)}
+PROVIDER_LOSSES: Dict[str, Tuple[str, ...]] = {"liger": ("kd", "kd_reverse_kl", "kd_jsd")}
 LM_GROUPS: Tuple[str, ...] = ("lm", "gpu-lm", "smoke-lm")
 # Order matters: `full` runs first so that torch.compile builds its forward+backward graphs there.
 MODES: Tuple[str, ...] = ("full", "forward", "backward", "no_grad")
@@ -96,7 +97,7 @@ class Shape:
     @property
     def providers(self) -> Tuple[str, ...]:
         listed = self.only_providers or (LM_PROVIDERS if self.group in LM_GROUPS else LOGIT_PROVIDERS)
-        return tuple(p for p in listed if base_loss(self.loss) in PROVIDER_LOSSES.get(p, (base_loss(self.loss),)))
+        return tuple(p for p in listed if self.loss in PROVIDER_LOSSES.get(p, (self.loss,)))
 
 
 def _mk(name, group, losses, N, C, dtype="float32", cuda_only=False, hidden=(), only_providers=()) -> List[Shape]:
@@ -134,14 +135,16 @@ SHAPES: List[Shape] = (
     # the CKD shape where the bilinear forms' float64 Gram matrices weigh most (docs/math.md 8.3)
     + _mk("lm-2k-v16k-h256-512", "lm", ("ckd",), 2048, 16000, hidden=(256, 512),
           only_providers=("fused_linear", "ckd_ext"))
-    # a quarter of the tokens and vocabulary, where the eager and compiled references finish on 2 cores
-    + _mk("lm-1k-v8k-h512-1024", "lm", ("ckd", "kd"), 1024, 8000, hidden=(512, 1024))
+    # a quarter of the tokens and vocabulary, where the eager and compiled references finish on 2 cores; KD in every
+    # divergence, against Liger where it computes the same loss
+    + _mk("lm-1k-v8k-h512-1024", "lm", ("ckd", "kd") + KD_DIVERGENCES, 1024, 8000, hidden=(512, 1024),
+          only_providers=LM_PROVIDERS + EXTRA_LM_PROVIDERS)
     + _mk("gpu-lm-16k-v128k-h2048-4096", "gpu-lm", ("ckd", "kd"), 16384, 128256, "bfloat16", True, (2048, 4096))
 )
 # --smoke: tiny, but still an N sweep (C = 16) and a C sweep (N = 16) so that every plot gets drawn.
 SMOKE_SHAPES: List[Shape] = (_mk("smoke-8x16", "smoke", NAMED, 8, 16) + _mk("smoke-16x16", "smoke", ALL, 16, 16)
                              + _mk("smoke-16x32", "smoke", ALL, 16, 32)
-                             + _mk("smoke-lm-16x32", "smoke-lm", ("ckd", "kd"), 16, 32, hidden=(4, 6)))
+                             + _mk("smoke-lm-16x32", "smoke-lm", ("ckd", "kd") + KD_DIVERGENCES, 16, 32, hidden=(4, 6)))
 
 # The shape groups some targets single out (the targets of docs/benchmarks.md, checked by benchmarks/run.py).
 TOKEN_GROUPS = ("tokens", "gpu-tokens")

@@ -58,7 +58,8 @@ def provider_status(provider: str, loss: Optional[str] = None) -> Tuple[bool, st
     if provider == "fused_linear":
         if not ckd_ext.is_available():
             return False, extension().unavailable_reason()
-        names = [f"fused_linear_{loss}_loss"] if loss else ["fused_linear_ckd_loss", "fused_linear_kd_loss"]
+        names = [f"fused_linear_{loss_call(loss)[0]}_loss"] if loss else ["fused_linear_ckd_loss",
+                                                                           "fused_linear_kd_loss"]
         missing = [n for n in names if not callable(getattr(ckd_ext, n, None))]
         return (False, f"ckd_ext has no {', '.join(missing)}") if missing else (True, "")
     if provider == "ckd_ext":
@@ -115,6 +116,9 @@ def loss_fn(provider: str, loss: str, compile_backend: str = "inductor", autocas
 
 # KD's temperature in the lm group, for every provider: 1, fused_linear_kd_loss's default (LLM distillation's usual).
 LM_KD_TEMPERATURE = 1.0
+# The divergences Liger-Kernel's LigerFusedLinearJSDLoss computes, and its beta for each (jsd at our default beta; the
+# benchmark's kd_jsd uses it). cases.PROVIDER_LOSSES lists the same losses for the liger provider.
+LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 
 
 def lm_loss_fn(provider: str, loss: str, student_weight, teacher_weight, compile_backend: str = "inductor"):
@@ -125,17 +129,19 @@ def lm_loss_fn(provider: str, loss: str, student_weight, teacher_weight, compile
     import torch
     import torch.nn.functional as F
     ckd_ext = import_ckd_ext()
-    kwargs = {"temperature": LM_KD_TEMPERATURE} if loss == "kd" else {}
+    stem, kwargs = loss_call(loss)
+    if stem == "kd":
+        kwargs = dict(kwargs, temperature=LM_KD_TEMPERATURE)
     if provider == "fused_linear":
-        fused = getattr(ckd_ext, f"fused_linear_{loss}_loss")
+        fused = getattr(ckd_ext, f"fused_linear_{stem}_loss")
 
         def fn(student_hidden, teacher_hidden):
             return fused(student_hidden, student_weight, teacher_hidden, teacher_weight, **kwargs)
     elif provider == "liger":
-        fn = liger_kd_fn(student_weight, teacher_weight)
+        fn = liger_kd_fn(student_weight, teacher_weight, kwargs.get("divergence", "forward_kl"))
     else:
         from ckd_ext import reference
-        logit_loss = getattr(ckd_ext if provider == "ckd_ext" else reference, f"{loss}_loss")
+        logit_loss = getattr(ckd_ext if provider == "ckd_ext" else reference, f"{stem}_loss")
 
         def materialised(student_hidden, teacher_hidden):
             return logit_loss(F.linear(student_hidden, student_weight), F.linear(teacher_hidden, teacher_weight),
@@ -149,13 +155,16 @@ def lm_loss_fn(provider: str, loss: str, student_weight, teacher_weight, compile
     return call
 
 
-def liger_kd_fn(student_weight, teacher_weight):
-    """Liger-Kernel's chunked fused-linear JSD with beta = 0, KL(teacher || student) at temperature 1 averaged over
-    the tokens: fused_linear_kd_loss's loss. Its chunks (1024 tokens, its default) are plain PyTorch; compiled=False,
-    as torch.compile of its chunk step would time the compiler on a CPU (`pip install liger-kernel`)."""
+def liger_kd_fn(student_weight, teacher_weight, divergence: str = "forward_kl"):
+    """Liger-Kernel's chunked fused-linear JSD computing fused_linear_kd_loss's loss with `divergence` at temperature 1
+    averaged over the tokens (docs/math.md 3.1, "Conventions elsewhere"): its beta weights the teacher in the mixture
+    as ours does, and it special-cases beta = 0 as KL(teacher || student) and beta = 1 as KL(student || teacher)
+    (LIGER_BETA). It does not scale by T^2, which at T = 1 is 1. Its chunks (1024 tokens, its default) are plain
+    PyTorch; compiled=False, as torch.compile of its chunk step would time the compiler on a CPU
+    (`pip install liger-kernel`)."""
     import torch
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,
+    loss = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=LIGER_BETA[divergence],
                                    temperature=LM_KD_TEMPERATURE, compiled=False)
 
     def fn(student_hidden, teacher_hidden):

@@ -124,3 +124,38 @@ def test_rerender_without_machine_file_uses_what_the_rows_record(tmp_path):
     assert "CPU not recorded, not recorded cores, not recorded GiB RAM" in section
     # device, threads, torch and ckd_ext versions are columns of every row of that CSV
     assert "- device `cpu`, threads 2 (torch.set_num_threads), torch 2.14.1+cu130 (CUDA not recorded)" in section
+
+
+@pytest.mark.skipif(not provider_status("ckd_ext", "kd")[0], reason="compares ckd_ext's KD with the references")
+def test_divergences_side_by_side_prints_a_row_per_divergence(tmp_path):
+    """benchmarks/divergences.py at the smoke shapes: a logits row and an lm row per divergence, each provider
+    checked against the float64 oracle first; Liger only where it computes the same loss."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "divergences.py"), "--shapes", "smoke-8x16",
+                           "--lm-shape", "smoke-lm-16x32", "--reps", "1", "--warmup", "1", "--threads", "1",
+                           "--compile-backend", "aot_eager"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| smoke-8x16")]
+    assert [r[1] for r in rows] == ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+    lm_rows = {r[0].strip("| "): r for r in (line.split(" | ") for line in proc.stdout.splitlines())
+               if r[0].strip("| ") in ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")}
+    assert list(lm_rows) == ["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"]
+    liger = provider_status("liger")[0]
+    for divergence, row in lm_rows.items():
+        computes_it = liger and divergence in ("forward_kl", "reverse_kl", "jsd")
+        assert (row[4] == "- (not the same loss)") == (liger and not computes_it), row
+        if computes_it:
+            assert float(row[4]) > 0, row
+
+
+def test_divergences_refuses_a_provider_that_disagrees_with_the_oracle():
+    import torch
+    from benchmarks.divergences import check_agreement
+    oracle = [torch.tensor(1.0, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    assert check_agreement("close", [torch.tensor(1.0), torch.ones(3)], oracle, 1e-4) == 0.0
+    with pytest.raises(SystemExit, match="wrong disagrees with the float64 oracle by 1.00e-02"):
+        check_agreement("wrong", [torch.tensor(1.0), torch.tensor([1.0, 1.01, 1.0])], oracle, 1e-4)
+    # tvd: a gradient element at a tie of p and q is left out (either side is a subgradient), the others are not
+    tie = torch.tensor([False, True, False])
+    assert check_agreement("tie", [torch.tensor(1.0), torch.tensor([1.0, 0.5, 1.0])], oracle, 1e-4, ignore=tie) == 0
+    with pytest.raises(SystemExit, match="off-tie disagrees"):
+        check_agreement("off-tie", [torch.tensor(1.0), torch.tensor([0.5, 1.0, 1.0])], oracle, 1e-4, ignore=tie)

@@ -52,9 +52,70 @@ def test_tiny_run_from_a_top_k_teacher_file(tmp_path):
         assert 1.0 < run["val_ppl"] < 4 * 300 and math.isfinite(run["val_ppl"])
 
 
+@pytest.mark.skipif(not ckd_ext.is_available(), reason="the demo runs the fused-linear losses")
+def test_tiny_run_gives_one_row_per_divergence_and_teacher_form(tmp_path, capsys):
+    """--divergences: each KD method (live teacher, teacher file) runs once per divergence, forward KL under the
+    method's own name; the same seed sees the same initialisation and batches, so only the loss tells rows apart."""
+    results = lm.main([*TINY, "--seeds", "0", "--methods", "ce,kd,kd-topk", "--topk-k", "8",
+                       "--divergences", "forward_kl,jsd,tvd", "--jsd-beta", "0.3", "--out", str(tmp_path)])
+    labels = ["ce", "kd", "kd/jsd", "kd/tvd", "kd-topk", "kd-topk/jsd", "kd-topk/tvd"]
+    assert list(results["methods"]) == labels
+    assert list(json.loads((tmp_path / "results.json").read_text())["methods"]) == labels
+    for label, runs in results["methods"].items():
+        (run,) = runs
+        assert run["method"] == label.split("/")[0]
+        assert run["divergence"] == (None if label == "ce" else label.split("/")[1] if "/" in label else "forward_kl")
+        assert 1.0 < run["val_ppl"] < 4 * 300 and math.isfinite(run["val_ppl"])
+    ppl = {label: runs[0]["val_ppl"] for label, runs in results["methods"].items()}
+    assert len(set(ppl.values())) == len(ppl), ppl  # every divergence trains a different student
+    table = capsys.readouterr().out.split("\n")
+    assert table[0].split()[:2] == ["method", "divergence"]
+    for label in labels[1:]:
+        method, divergence = (label.split("/") + ["forward_kl"])[:2]
+        assert any(line.split()[:2] == [method, divergence] for line in table), (label, table)
+
+
+@pytest.mark.skipif(not ckd_ext.is_available(), reason="the demo runs the fused-linear losses")
+@pytest.mark.parametrize("divergence", lm.DIVERGENCES)
+@pytest.mark.parametrize("method", ["kd", "kd-topk"])
+def test_objective_takes_the_divergence_and_its_parameter(method, divergence):
+    """distillation_loss against the float64 oracle (ckd_ext.reference on materialised logits): KD with the
+    divergence (and --jsd-beta / --skew-alpha, not their defaults) weighted by --kd-weight, plus --ce-weight CE."""
+    import torch
+    from ckd_ext import reference
+    from tolerances import assert_matches
+
+    a = lm.parse_args(["--jsd-beta", "0.3", "--skew-alpha", "0.4", "--kd-weight", "0.7", "--ce-weight", "0.2",
+                       "--kd-temperature", "2", "--topk-k", "5"])
+    g = torch.Generator().manual_seed(3)
+    vocab, tokens = 40, 12
+    student, teacher = lm.CausalLM(vocab, 8, 1, tokens), lm.CausalLM(vocab, 12, 1, tokens)
+    hidden = torch.randn(2, tokens // 2, 8, generator=g, requires_grad=True)
+    teacher_hidden = torch.randn(2, tokens // 2, 12, generator=g)
+    labels = torch.randint(0, vocab, (2, tokens // 2), generator=g)
+    chosen = dict(lm.divergence_kwargs(a, divergence), temperature=2.0)
+    hs, ws = hidden.detach().flatten(0, 1).double(), student.head.weight.detach().double()
+    ce = torch.nn.functional.cross_entropy(hs @ ws.T, labels.flatten())
+    if method == "kd":
+        given = teacher_hidden
+        kd = reference.kd_loss(hs @ ws.T, teacher_hidden.flatten(0, 1).double() @ teacher.head.weight.double().T,
+                               **chosen)
+    else:
+        top = lm.teacher_topk(teacher_hidden.flatten(0, 1), teacher.head.weight, a.topk_k, temperature=2.0)
+        given = (top.ids.unflatten(0, (2, tokens // 2)), top.logprobs.unflatten(0, (2, tokens // 2)))
+        kd = reference.fused_linear_topk_kd_loss(hs, ws, top.ids, top.logprobs.double(), tail=a.topk_tail, **chosen)
+    loss = lm.distillation_loss(method, a, hidden, labels, student, given, teacher, divergence)
+    assert_matches(loss.detach(), 0.7 * kd + 0.2 * ce, torch.float32, f"{method} {divergence}")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--methods", "kd,bickd"], "--methods must list some of ce, kd, kd+ckd, kd-topk, got 'kd,bickd'"),
     (["--topk-tail", "rest"], "argument --topk-tail: invalid choice: 'rest'"),
+    (["--divergences", "kl"], "argument --divergences: expected some of forward_kl, reverse_kl, jsd, skew_kl, tvd, "
+                              "got 'kl'"),
+    (["--divergences", "jsd,jsd"], "argument --divergences: a value is listed twice in 'jsd,jsd'"),
+    (["--jsd-beta", "1"], "argument --jsd-beta: expected a number in the open interval (0, 1), got 1"),
+    (["--skew-alpha", "0"], "argument --skew-alpha: expected a number in the open interval (0, 1), got 0"),
     (["--methods", ""], "--methods must list some of"),
     (["--seeds", "a"], "--seeds expects a comma list of integers"),
     (["--steps", "0"], "argument --steps: expected an integer >= 1, got 0"),

@@ -8,13 +8,15 @@ import math
 import torch
 
 
-def _number(kind, low, strict, what):
+def _number(kind, low, strict, what, high=None):
+    """An argparse type: a `kind` number >= low (> low when `strict`), and < high when given."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
+        if (not math.isfinite(value) or value < low or (strict and value == low)
+                or (high is not None and value >= high)):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
         return value
     return parse
@@ -24,6 +26,7 @@ weight = _number(float, 0.0, False, "a weight >= 0")
 positive = _number(float, 0.0, True, "a number > 0")
 count = _number(int, 1, False, "an integer >= 1")
 count0 = _number(int, 0, False, "an integer >= 0")
+open_unit = _number(float, 0.0, True, "a number in the open interval (0, 1)", high=1.0)
 
 
 def listed(parse):

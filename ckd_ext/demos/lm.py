@@ -16,7 +16,12 @@ trained from the same initialisation per seed with
              (the teacher's top --topk-k ids and log-probabilities of fixed training windows, written once by
              teacher_topk to a safetensors file; no teacher model while the student trains)
 
-and the validation perplexity (exp of the mean next-token cross-entropy) is printed per method, mean +- std over
+KD is each divergence of --divergences (forward_kl, reverse_kl, jsd with --jsd-beta, skew_kl with --skew-alpha, tvd;
+docs/math.md 3.1), one row per KD method and divergence:
+
+    ckd-train-lm --methods kd,kd-topk --divergences forward_kl,reverse_kl,jsd   # live teacher vs teacher file
+
+and the validation perplexity (exp of the mean next-token cross-entropy) is printed per row, mean +- std over
 seeds. See docs/training-lm.md. Needs the ``lm`` extra (tokenizers).
 """
 from __future__ import annotations
@@ -35,14 +40,28 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import require_extension
-from ..divergences import DIVERGENCES
+from ..divergences import DEFAULT_ALPHA, DEFAULT_BETA, DIVERGENCES
 from ..fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss, fused_linear_topk_kd_loss, teacher_topk
 from .._validation import TAILS
 from .models import CausalLM
-from .cli import Help, Threads, count, positive, seed_list, weight
+from .cli import Help, Threads, count, listed, open_unit, positive, seed_list, weight
 
 METHODS = ("ce", "kd", "kd+ckd", "kd-topk")
 DEFAULT_METHODS = ("ce", "kd", "kd+ckd")
+# The methods with a KD term: each runs once per divergence of --divergences.
+KD_METHODS = ("kd", "kd+ckd", "kd-topk")
+
+
+def divergence_name(text: str) -> str:
+    if text not in DIVERGENCES:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(DIVERGENCES)}, got {text!r}")
+    return text
+
+
+def row_label(method: str, divergence) -> str:
+    """A result row's name: the method, with the divergence where it is not forward KL (the KD of the methods'
+    table, so the default rows keep their names)."""
+    return method if divergence in (None, "forward_kl") else f"{method}/{divergence}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ckd-anchor", choices=("student", "teacher"), default="teacher")
     t.add_argument("--topk-k", type=count, default=32, help="kd-topk: classes kept per token in the teacher file")
     t.add_argument("--topk-tail", choices=TAILS, default="bucket", help="kd-topk: what the missing mass means")
-    t.add_argument("--topk-divergence", choices=DIVERGENCES, default="forward_kl", help="kd-topk: the divergence")
+    t.add_argument("--divergences", type=listed(divergence_name), default="forward_kl",
+                   help=f"comma list of KD's divergences ({', '.join(DIVERGENCES)}): each KD method runs once per "
+                        "divergence")
+    t.add_argument("--jsd-beta", type=open_unit, default=DEFAULT_BETA, help="jsd: the teacher's share of the mixture")
+    t.add_argument("--skew-alpha", type=open_unit, default=DEFAULT_ALPHA, help="skew_kl: the teacher's share")
     return p
 
 
@@ -183,9 +206,17 @@ def write_teacher_file(teacher: CausalLM, ids: torch.Tensor, a, path: Path, batc
     return path.stat().st_size
 
 
-def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher_hidden, teacher: CausalLM):
+def divergence_kwargs(a, divergence: str) -> dict:
+    """The KD losses' divergence arguments: jsd takes --jsd-beta, skew_kl --skew-alpha (the others neither)."""
+    extra = {"jsd": {"beta": a.jsd_beta}, "skew_kl": {"alpha": a.skew_alpha}}.get(divergence, {})
+    return dict(divergence=divergence, **extra)
+
+
+def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher_hidden, teacher: CausalLM,
+                      divergence: str = "forward_kl"):
     """The method's objective from the student's and the teacher's last hidden states (the heads' logits are never
-    materialised by the fused-linear losses); for kd-topk `teacher_hidden` is the stored (ids, logprobs) pair."""
+    materialised by the fused-linear losses), KD with `divergence`; for kd-topk `teacher_hidden` is the stored
+    (ids, logprobs) pair."""
     hs = hidden.flatten(0, 1)
     if method == "ce":
         return a.ce_weight * F.cross_entropy(F.linear(hs, student.head.weight), labels.flatten())
@@ -193,12 +224,13 @@ def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher
         top_ids, top_logprobs = teacher_hidden
         return a.kd_weight * fused_linear_topk_kd_loss(
             hs, student.head.weight, top_ids.flatten(0, 1), top_logprobs.flatten(0, 1), temperature=a.kd_temperature,
-            divergence=a.topk_divergence, tail=a.topk_tail, labels=labels.flatten(), ce_weight=a.ce_weight / a.kd_weight)
+            tail=a.topk_tail, **divergence_kwargs(a, divergence), labels=labels.flatten(),
+            ce_weight=a.ce_weight / a.kd_weight)
     ht = teacher_hidden.flatten(0, 1)
     # kd_weight * KD + ce_weight * CE, both means over the same tokens: the fused loss adds ce_weight' * CE to KD
     loss = a.kd_weight * fused_linear_kd_loss(
         hs, student.head.weight, ht, teacher.head.weight, temperature=a.kd_temperature, labels=labels.flatten(),
-        ce_weight=a.ce_weight / a.kd_weight)
+        ce_weight=a.ce_weight / a.kd_weight, **divergence_kwargs(a, divergence))
     if method == "kd+ckd" and a.ckd_weight:
         loss = loss + a.ckd_weight * fused_linear_ckd_loss(
             hs, student.head.weight, ht, teacher.head.weight, tau=a.ckd_tau, anchor=a.ckd_anchor)
@@ -206,7 +238,7 @@ def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher
 
 
 def train_model(model: CausalLM, ids, a, steps: int, seed: int, log, *, method="ce", teacher=None,
-                teacher_file=None) -> dict:
+                teacher_file=None, divergence="forward_kl") -> dict:
     """AdamW with a cosine schedule over `steps` windows batches drawn with `seed`; returns timing. kd-topk draws
     its batches from the windows of `teacher_file` (the loaded safetensors dict) and their stored top-k."""
     generator = torch.Generator().manual_seed(seed + 12345)
@@ -228,7 +260,7 @@ def train_model(model: CausalLM, ids, a, steps: int, seed: int, log, *, method="
             with torch.no_grad():
                 teacher_hidden = teacher(inputs)
         t0 = time.perf_counter()
-        loss = distillation_loss(method, a, hidden, labels, model, teacher_hidden, teacher)
+        loss = distillation_loss(method, a, hidden, labels, model, teacher_hidden, teacher, divergence)
         loss_seconds += time.perf_counter() - t0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -247,15 +279,15 @@ def new_model(a, role: str, vocab: int, seed: int) -> CausalLM:
 
 
 def format_table(results: dict) -> str:
-    rows = [("method", "val perplexity (mean +- std)", "per seed", "loss ms/step")]
+    rows = [("method", "divergence", "val perplexity (mean +- std)", "per seed", "loss ms/step")]
     t = results["teacher"]
-    rows.append(("teacher", f"{t['val_ppl']:.2f}", "", ""))
-    for method, runs in results["methods"].items():
+    rows.append(("teacher", "", f"{t['val_ppl']:.2f}", "", ""))
+    for label, runs in results["methods"].items():
         ppl = [r["val_ppl"] for r in runs]
         std = statistics.stdev(ppl) if len(ppl) > 1 else 0.0
-        rows.append((method, f"{statistics.mean(ppl):.2f} +- {std:.2f}", ", ".join(f"{x:.2f}" for x in ppl),
-                     f"{statistics.mean(r['loss_ms_per_step'] for r in runs):.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((runs[0]["method"], runs[0]["divergence"] or "", f"{statistics.mean(ppl):.2f} +- {std:.2f}",
+                     ", ".join(f"{x:.2f}" for x in ppl), f"{statistics.mean(r['loss_ms_per_step'] for r in runs):.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
@@ -282,14 +314,16 @@ def main(argv=None) -> dict:
         teacher_file = None
         if "kd-topk" in a.method_list:
             teacher_file = _teacher_file(teacher, train_ids, a, results, log)
-        for method in a.method_list:
+        for method, divergence in ((m, d) for m in a.method_list
+                                   for d in (a.divergences if m in KD_METHODS else [None])):
+            label = row_label(method, divergence)
             for seed in a.seed_list:
                 student = new_model(a, "student", vocab, seed)
-                log(f"{method} seed {seed} (student, {student.num_parameters()} parameters)")
+                log(f"{label} seed {seed} (student, {student.num_parameters()} parameters)")
                 timing = train_model(student, train_ids, a, a.steps, seed, log, method=method, teacher=teacher,
-                                     teacher_file=teacher_file)
-                run = dict(seed=seed, val_ppl=perplexity(student, val), **timing)
-                results["methods"].setdefault(method, []).append(run)
+                                     teacher_file=teacher_file, divergence=divergence)
+                run = dict(method=method, divergence=divergence, seed=seed, val_ppl=perplexity(student, val), **timing)
+                results["methods"].setdefault(label, []).append(run)
                 log(f"    validation perplexity {run['val_ppl']:.2f}")
     print(format_table(results))
     if a.out:
