@@ -20,3 +20,16 @@ def scatter_rows(row_terms: Tensor, prepared) -> Tensor:
     all_rows = row_terms.new_zeros(prepared.mask.shape[0])
     all_rows[prepared.mask] = row_terms
     return all_rows.reshape(prepared.lead_shape)
+
+
+def reduce_row_terms(terms: Tensor, prepared, reduction: str) -> Tensor:
+    """Per-row terms (0 on masked rows) -> the loss of `reduction`: the terms in the input's leading shape ("none"),
+    their sum, or their mean over the valid rows (0 without any), divided by a device tensor: no host
+    synchronisation."""
+    if reduction == "none":
+        return terms.reshape(prepared.lead_shape)
+    loss = terms.sum()
+    if reduction == "mean":
+        count = terms.new_tensor(terms.shape[0]) if prepared.mask is None else prepared.mask.sum().to(terms.dtype)
+        loss = loss / count.clamp_min(1)
+    return loss

@@ -11,7 +11,7 @@ from .. import _validation, distributed
 from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
-from ..rows import EPS, accumulation_dtype, scatter_rows
+from ..rows import EPS, accumulation_dtype, reduce_row_terms, scatter_rows
 from . import sharded_heads, vocab_parallel
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast, _workspace_bytes
 
@@ -355,14 +355,7 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
             ("reduction", reduction)))
         return _global_ckd(student_rows, teacher_rows, grams, tau, anchor, p, reduction, global_batch, group,
                            signature, dtype)
-    terms = _local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype)
-    if reduction == "none":
-        return terms.reshape(p.lead_shape)
-    loss = terms.sum()
-    if reduction == "mean":
-        count = terms.new_tensor(terms.shape[0]) if p.mask is None else p.mask.sum().to(dtype)
-        loss = loss / count.clamp_min(1)  # a device tensor: no host synchronisation
-    return loss
+    return reduce_row_terms(_local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype), p, reduction)
 
 
 def _head_magnitude(weight: Tensor, bias: Optional[Tensor]) -> Tensor:

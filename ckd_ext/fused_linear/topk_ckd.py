@@ -11,7 +11,7 @@ from .. import topk_ckd as _topk_ckd
 from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
-from ..rows import accumulation_dtype
+from ..rows import accumulation_dtype, reduce_row_terms
 from . import sharded_heads
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast
 from .ckd import (FORMS_DTYPE, _downscale, _Grams, _HeadGrams, _TeacherSide, _head_magnitude, _hidden_rows,
@@ -111,10 +111,4 @@ def _fused_linear_topk_ckd(hidden, weight, bias, p, temperature, tau, reduction)
                                            head_scales[0], FORMS_DTYPE)
     rows = _hidden_rows(hidden, bias is not None, FORMS_DTYPE, p.mask)
     terms = local_terms(rows, _TeacherSide(projection, teacher.norms), grams, tau, "student", p.mask, dtype)
-    if reduction == "none":
-        return terms.reshape(p.lead_shape)
-    loss = terms.sum()
-    if reduction == "mean":
-        count = terms.new_tensor(terms.shape[0]) if p.mask is None else p.mask.sum().to(dtype)
-        loss = loss / count.clamp_min(1)  # a device tensor: no host synchronisation
-    return loss
+    return reduce_row_terms(terms, p, reduction)
