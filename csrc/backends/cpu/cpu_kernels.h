@@ -237,6 +237,21 @@ struct OnlineSoftmax {
   }
 };
 
+// v where it is NaN, else 0: a chunk's kept exponentials before the row's first finite logit, where the NaNs that
+// max_over skips must still reach the loss (as e^(NaN - lse) does).
+template <typename Acc>
+inline Acc nan_or_zero(Acc v) {
+  return v == v ? Acc(0) : v;
+}
+
+// 0 for a subnormal v >= 0: kd_row_of's q_j and p_j are the product of two exponentials, which is subnormal where a
+// single exp of the sum (fast_exp: 0 below e^-87, no subnormals) is 0; subnormal, w q_j can round to 0 and
+// skew_kl's score (p_j - q_j) / (w q_j + (1 - w) p_j) divide by 0 (and subnormal arithmetic is slow).
+template <typename Acc>
+inline Acc flush_subnormal(Acc v) {
+  return v < std::numeric_limits<Acc>::min() ? Acc(0) : v;
+}
+
 // Per-thread scratch of at least `values` Acc for kd_row_of: kept between rows (a row's buffers are a few pages; an
 // allocation per row would cost as much as a small row's work).
 template <typename Acc>
@@ -287,15 +302,15 @@ void kd_row_of(const TS* s, const TT* t, int64_t cols, Acc temperature, const Di
       q_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return q[j0 + j]; });
       for (int64_t j = 0; j < w; ++j) terms[j] = kd_shift_term(q[j0 + j], x(j0 + j));
       q_stats.weighted += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
-    } else {
-      std::fill(q + j0, q + j0 + w, Acc(0));  // every logit so far -inf
+    } else {  // every logit so far -inf (or NaN, which max_over skips): 0, NaN kept NaN to reach the loss
+      for (int64_t j = 0; j < w; ++j) q[j0 + j] = nan_or_zero(t_scaled(j0 + j));
     }
     q_scale[k] = q_stats.max;
     if (p_stats.raise(max_over<Acc>(w, [&](int64_t j) { return s_scaled(j0 + j); }))) {
       for (int64_t j = 0; j < w; ++j) p[j0 + j] = fast_exp(s_scaled(j0 + j) - p_stats.max);
       p_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return p[j0 + j]; });
     } else {
-      std::fill(p + j0, p + j0 + w, Acc(0));
+      for (int64_t j = 0; j < w; ++j) p[j0 + j] = nan_or_zero(s_scaled(j0 + j));
     }
     p_scale[k] = p_stats.max;
   }
@@ -318,8 +333,8 @@ void kd_row_of(const TS* s, const TT* t, int64_t cols, Acc temperature, const Di
   for_chunks([&](int64_t j0, int64_t w, int64_t k) {
     const Acc qs = q_scale[k], ps = p_scale[k];
     for (int64_t j = j0; j < j0 + w; ++j) {
-      q[j] *= qs;
-      p[j] *= ps;
+      q[j] = flush_subnormal(q[j] * qs);
+      p[j] = flush_subnormal(p[j] * ps);
     }
   });
   Acc d = lse_s - lse_t - c;  // Delta - c
