@@ -152,6 +152,47 @@ def test_teacher_minus_inf_entries(backend, config):
 
 
 @pytest.mark.parametrize("config", KD_CONFIGS)
+def test_nan_logit_before_the_first_finite_one_gives_nan(backend, config):
+    """A NaN logit in a 512-class chunk that holds nothing but -inf besides (the CPU kernel's chunk width; the row
+    has finite logits later): the row's loss is NaN, as for a NaN anywhere else. The CPU kernel keeps each chunk's
+    exponentials from its first pass, and there the chunk's max skips NaNs."""
+    student, teacher = [x.detach().clone() for x in pair(3, 1100, seed=8, dtype=torch.float32)]
+    teacher[0, :512] = -math.inf
+    teacher[0, 5] = math.nan
+    student[1, :512] = -math.inf
+    student[1, 5] = math.nan
+    student[2, 7] = math.nan  # the control: a NaN among finite logits
+    s, t = _on(backend, student, teacher)
+    loss, _ = loss_and_grad(ckd_ext, config, s.requires_grad_(), t, reduction="none")
+    assert torch.isnan(loss.cpu()).all(), loss
+
+
+@pytest.mark.parametrize("config", KD_CONFIGS)
+def test_probability_below_float32s_normals_counts_as_zero(backend, config, request):
+    """Teacher classes whose q_j = e^-102.8 lies below float32's smallest normal, and the student without mass there:
+    the loss and gradient are the float64 oracle's. The CPU kernel forms q_j as e^(t_j/T - m) e^(m - lse_t), m the
+    running max of the class's 512-class chunk: here e^-50 e^-52.8, a product of two normal numbers that is
+    subnormal where one fast_exp of the sum gives 0 (before the kernel flushed such q_j to 0, skew_kl's
+    w q_j + (1 - w) p_j rounded to 0 and its gradient was NaN)."""
+    if config == "kd_skew_kl" and backend.name != "cpu":
+        # the CUDA kernels' single exp of log q_j gives the subnormal itself (measured on the emulated backend, on
+        # main before this test too; CUDA's expf keeps subnormals without fast math, not measured)
+        request.applymarker(pytest.mark.xfail(strict=backend.name == "emulated", reason="skew_kl's gradient is NaN "
+                                              "where q_j is subnormal and p_j = 0: w q_j + (1 - w) p_j rounds to 0"))
+    student, teacher = [x.detach().clone() for x in pair(2, 1100, seed=9, dtype=torch.float32)]
+    teacher[:, :512] = -100.0  # T = 2 (CONFIGS): t_j/T = -50 in the first chunk ...
+    teacher[:, 0] = 0.0  # ... whose max is 0
+    teacher[:, 600] = 105.6  # lse_t ~ 52.8
+    student[:, :512] = -400.0  # p_j = 0 there, in float32 and in float64 alike
+    s, t = _on(backend, student, teacher)
+    loss, grad = loss_and_grad(ckd_ext, config, s.requires_grad_(), t, reduction="none")
+    s64 = student.double().requires_grad_()
+    loss64, grad64 = loss_and_grad(ref, config, s64, teacher.double(), reduction="none")
+    assert_matches(loss.cpu(), loss64, torch.float32, f"{config} loss")
+    assert_matches(grad.cpu(), grad64, torch.float32, f"{config} grad")
+
+
+@pytest.mark.parametrize("config", KD_CONFIGS)
 def test_scale_t2_off_divides_by_t_squared(config):
     """scale_t2=False is the same divergence without the T^2 factor (Liger-Kernel's and TRL's convention)."""
     name, kwargs = CONFIGS[config]

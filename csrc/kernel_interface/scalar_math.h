@@ -127,27 +127,40 @@ CKD_HOST_DEVICE Acc kd_shift_term(Acc w, Acc x) {
 
 // One class's share of e^(Delta - c) - 1: q_j (e^y_j - 1), or e^(s_j/T - lse_t - c) - q_j where y_j is not small or
 // q_j is 0 (a teacher logit of -inf: y_j = +inf, or NaN when the student's is -inf too, and that class adds 0).
+// The *_from_probs forms here and below take q_j and p_j (and e^(s_j/T - lse_t - c)) as values, for a kernel that
+// holds them already (the CPU's keeps each softmax's exponentials from its first pass, so that no later pass
+// exponentiates them again); the forms taking logs exponentiate them and call those.
+template <typename Acc>
+CKD_HOST_DEVICE Acc kd_mass_excess_from_probs(Acc y, Acc q, Acc shifted_p) {
+  return kd_small(y) ? q * (y + exp_tail(y)) : shifted_p - q;
+}
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_mass_excess(Acc y, Acc log_q, Acc s_minus_lse_t_c, Exp e) {
-  return kd_small(y) ? e(log_q) * (y + exp_tail(y)) : e(s_minus_lse_t_c) - e(log_q);
+  return kd_mass_excess_from_probs(y, e(log_q), e(s_minus_lse_t_c));
 }
 
 // One class's KL term q_j (e^delta_j - 1 - delta_j): by the series where delta_j is small, else as p_j - q_j (1 +
 // delta_j) (q_j e^delta_j would overflow where q_j underflows), +inf where q_j > 0 and the student's logit is
 // -inf (the KL is then infinite); p_j where q_j = 0 (0 log 0 = 0; 0 too where the student's logit is -inf too).
 // A NaN q (a teacher row without a softmax) stays NaN.
+template <typename Acc>
+CKD_HOST_DEVICE Acc kd_kl_term_from_probs(Acc q, Acc delta, Acc p) {
+  const Acc term = kd_small(delta) ? q * exp_tail(delta) : p - q * (1 + delta);
+  return q == 0 ? p : term;  // one select per statement (see divergence_term)
+}
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_kl_term(Acc log_q, Acc delta, Acc log_p, Exp e) {
-  const Acc q = e(log_q);
-  if (q == 0) return e(log_p);
-  return kd_small(delta) ? q * exp_tail(delta) : e(log_p) - q * (1 + delta);
+  return kd_kl_term_from_probs(e(log_q), delta, e(log_p));
 }
 
-// p_j - q_j, the gradient's factor: q_j (e^delta_j - 1) where delta_j is small, else e(log p_j) - q_j.
+// p_j - q_j, the gradient's factor: q_j (e^delta_j - 1) where delta_j is small, else p_j - q_j.
+template <typename Acc>
+CKD_HOST_DEVICE Acc kd_prob_difference_from_probs(Acc q, Acc delta, Acc p) {
+  return q > 0 && kd_small(delta) ? q * (delta + exp_tail(delta)) : p - q;
+}
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_prob_difference(Acc log_q, Acc delta, Acc log_p, Exp e) {
-  const Acc q = e(log_q);
-  return q > 0 && kd_small(delta) ? q * (delta + exp_tail(delta)) : e(log_p) - q;
+  return kd_prob_difference_from_probs(e(log_q), delta, e(log_p));
 }
 
 template <typename Acc>
@@ -192,16 +205,14 @@ struct DivergenceTerm {
   Acc score;  // g_j (unused by forward_kl)
 };
 
-// One class's term and score; q_j = e(log_q), p_j = e(log_p), `l` the backend's log (only ever of numbers in
-// [min(w, 1 - w), 1]). Classes with q_j = 0 (a teacher logit of -inf) take the limits of the definitions:
+// One class's term and score from q_j and p_j, `l` the backend's log (only ever of numbers in [min(w, 1 - w), 1]). Classes with q_j = 0 (a teacher logit of -inf) take the limits of the definitions:
 // reverse_kl's term is +inf where p_j > 0, jsd's and skew_kl's are finite. Each case computes both of its forms (the
 // series where |delta_j| <= 1/2, the direct one elsewhere) and selects: no branch, so that the CPU's loops over it
 // vectorise; the form not taken may be inf or NaN, and is discarded.
 template <typename Acc, typename Exp, typename Log>
-CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term(const DivergenceParams<Acc>& d, Acc log_q, Acc delta,
-                                                            Acc log_p, Exp e, Log l) {
-  if (d.kind == DivergenceKind::ForwardKL) return {kd_kl_term(log_q, delta, log_p, e), Acc(0)};
-  const Acc q = e(log_q), p = e(log_p);
+CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term_from_probs(const DivergenceParams<Acc>& d, Acc q,
+                                                                       Acc delta, Acc p, Exp e, Log l) {
+  if (d.kind == DivergenceKind::ForwardKL) return {kd_kl_term_from_probs(q, delta, p), Acc(0)};
   const bool small = kd_small(delta);
   const Acc w = d.weight, rest = 1 - d.weight;
   const Acc tail = exp_tail(delta), expm1 = delta + tail;  // e^delta - 1 - delta and e^delta - 1, where small
@@ -251,6 +262,12 @@ CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term(const DivergencePara
   const Acc up = diff > 0 ? Acc(0.5) : Acc(0);
   const Acc down = diff < 0 ? Acc(0.5) : Acc(0);
   return {up * diff - down * diff, up - down};
+}
+// The same from log q_j and log p_j.
+template <typename Acc, typename Exp, typename Log>
+CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term(const DivergenceParams<Acc>& d, Acc log_q, Acc delta,
+                                                            Acc log_p, Exp e, Log l) {
+  return divergence_term_from_probs(d, e(log_q), delta, e(log_p), e, l);
 }
 
 }  // namespace ckd

@@ -94,20 +94,33 @@ inline Acc sum_mapped(int64_t n, F&& f) {
 }
 
 // The max of value(j), ignoring NaNs (std::max keeps its first argument when a comparison is false), as a single
-// running max would: max is exact, so the lanes change nothing but the speed.
+// running max would: max is exact, so the lanes change nothing but the speed. The lanes are one value of a vector
+// type: as an array of running maxima GCC leaves them scalar (a max that must ignore NaNs is no reduction it knows
+// without -ffinite-math-only), the select on vectors it compiles to vector max (or compare and blend); the values come
+// a chunk at a time from a buffer that a vectorised loop fills, which the vector loads read whole.
 template <typename Acc, typename F>
 inline Acc max_over(int64_t n, F&& value) {
-  Acc m[kLanes];
+  typedef Acc Lanes __attribute__((vector_size(kLanes * sizeof(Acc))));
+  Lanes m;
   for (int64_t l = 0; l < kLanes; ++l) m[l] = neg_inf<Acc>();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) m[l] = std::max(m[l], value(j + l));
+  Acc buffer[kRowChunk];
+  for (int64_t j0 = 0; j0 < n; j0 += kRowChunk) {
+    const int64_t w = std::min(kRowChunk, n - j0);
+    for (int64_t j = 0; j < w; ++j) buffer[j] = value(j0 + j);
+    int64_t j = 0;
+    for (; j + kLanes <= w; j += kLanes) {
+      Lanes v;
+      std::memcpy(&v, buffer + j, sizeof v);
+      m = m < v ? v : m;
+    }
+    for (int64_t l = 0; j + l < w; ++l) m[l] = std::max(m[l], buffer[j + l]);
   }
-  for (int64_t l = 0; j + l < n; ++l) m[l] = std::max(m[l], value(j + l));
+  Acc lanes[kLanes];
+  std::memcpy(lanes, &m, sizeof lanes);
   for (int64_t width = kLanes / 2; width > 0; width /= 2) {
-    for (int64_t l = 0; l < width; ++l) m[l] = std::max(m[l], m[l + width]);
+    for (int64_t l = 0; l < width; ++l) lanes[l] = std::max(lanes[l], lanes[l + width]);
   }
-  return m[0];
+  return lanes[0];
 }
 
 // Max-shifted LSE of value(j); -inf when every value is -inf.
@@ -224,11 +237,38 @@ struct OnlineSoftmax {
   }
 };
 
-// KD for one row in the cancellation-free form of kernels/scalar_math.h: one pass for lse_t, lse_s and the q-mean c
-// of x (online maxima, each chunk read once), Delta - c refined from the mass excess where it is small (<= 1/2,
-// where the refinement cannot overflow), then one pass for the divergence's terms (forward_kl: and the gradient
-// T w (p - q)); the other divergences' gradient p_j (g_j - sum_k p_k g_k) needs that pass's sum first, and takes
-// one more. The row stays in cache between the passes. `Kind` is the divergence's kind (the same as
+// v where it is NaN, else 0: a chunk's kept exponentials before the row's first finite logit, where the NaNs that
+// max_over skips must still reach the loss (as e^(NaN - lse) does).
+template <typename Acc>
+inline Acc nan_or_zero(Acc v) {
+  return v == v ? Acc(0) : v;
+}
+
+// 0 for a subnormal v >= 0: kd_row_of's q_j and p_j are the product of two exponentials, which is subnormal where a
+// single exp of the sum (fast_exp: 0 below e^-87, no subnormals) is 0; subnormal, w q_j can round to 0 and
+// skew_kl's score (p_j - q_j) / (w q_j + (1 - w) p_j) divide by 0 (and subnormal arithmetic is slow).
+template <typename Acc>
+inline Acc flush_subnormal(Acc v) {
+  return v < std::numeric_limits<Acc>::min() ? Acc(0) : v;
+}
+
+// Per-thread scratch of at least `values` Acc for kd_row_of: kept between rows (a row's buffers are a few pages; an
+// allocation per row would cost as much as a small row's work).
+template <typename Acc>
+Acc* kd_row_scratch(int64_t values) {
+  thread_local std::vector<Acc> buffer;
+  if (static_cast<int64_t>(buffer.size()) < values) buffer.resize(values);
+  return buffer.data();
+}
+
+// KD for one row in the cancellation-free form of kernels/scalar_math.h, each softmax exponentiated once per element:
+// * pass 1, a chunk at a time (online maxima, each chunk read once): lse_t, lse_s, the q-mean c of x, and each
+//   softmax's exponentials against the running max of their chunk, kept in a row buffer;
+// * where Delta - c is small (<= 1/2, where the refinement cannot overflow), Delta - c refined from the mass excess;
+// * pass 2: q_j and p_j as the kept exponential times its chunk's factor e^(max - lse) (one exp per chunk), then the
+//   divergence's terms and (forward_kl) the gradient T w (p - q); the other divergences keep p_j and the score g_j
+//   in the buffers, and pass 3 writes their gradient p_j (g_j - sum_k p_k g_k) from them, which needs pass 2's sum.
+// The row and its buffers stay in cache between the passes. `Kind` is the divergence's kind (the same as
 // divergence.kind), a template argument so that the per-element switch folds away and the loops stay branch-free.
 template <DivergenceKind Kind, typename Acc, typename TS, typename TT>
 void kd_row_of(const TS* s, const TT* t, int64_t cols, Acc temperature, const DivergenceParams<Acc>& divergence,
@@ -238,69 +278,96 @@ void kd_row_of(const TS* s, const TT* t, int64_t cols, Acc temperature, const Di
   auto x = [&](int64_t j) { return (static_cast<Acc>(s[j]) - static_cast<Acc>(t[j])) * inv_temp; };
   auto t_scaled = [&](int64_t j) { return static_cast<Acc>(t[j]) * inv_temp; };
   auto s_scaled = [&](int64_t j) { return static_cast<Acc>(s[j]) * inv_temp; };
+  const int64_t chunks = (cols + kRowChunk - 1) / kRowChunk;
+  // q and p: e^(t_j/T - m_t) and e^(s_j/T - m_s) (m the running max of j's chunk, kept in q_scale and p_scale), then
+  // q_j and p_j; after pass 2, for the divergences other than forward_kl, g_j and p_j.
+  Acc* const __restrict q = kd_row_scratch<Acc>(2 * cols + 2 * chunks);
+  Acc* const __restrict p = q + cols;
+  Acc* const q_scale = p + cols;
+  Acc* const p_scale = q_scale + chunks;
   OnlineSoftmax<Acc> q_stats, p_stats;  // q_stats.weighted: c's numerator sum_j w_j x_j
   Acc terms[kRowChunk];
-  for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
-    const int64_t w = std::min(kRowChunk, cols - j0);
+  for (int64_t k = 0; k < chunks; ++k) {
+    const int64_t j0 = k * kRowChunk, w = std::min(kRowChunk, cols - j0);
+    // the next chunk's lines requested now, so that this chunk's exps hide their latency (the loads of a pass this
+    // compute-heavy come too far apart for the hardware prefetcher to run ahead)
+    for (int64_t j = j0 + kRowChunk; j < std::min(cols, j0 + 2 * kRowChunk); j += 64 / sizeof(TS)) {
+      __builtin_prefetch(s + j);
+    }
+    for (int64_t j = j0 + kRowChunk; j < std::min(cols, j0 + 2 * kRowChunk); j += 64 / sizeof(TT)) {
+      __builtin_prefetch(t + j);
+    }
     if (q_stats.raise(max_over<Acc>(w, [&](int64_t j) { return t_scaled(j0 + j); }))) {
-      for (int64_t j = 0; j < w; ++j) terms[j] = fast_exp(t_scaled(j0 + j) - q_stats.max);
-      q_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
-      for (int64_t j = 0; j < w; ++j) terms[j] = kd_shift_term(terms[j], x(j0 + j));
+      for (int64_t j = 0; j < w; ++j) q[j0 + j] = fast_exp(t_scaled(j0 + j) - q_stats.max);
+      q_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return q[j0 + j]; });
+      for (int64_t j = 0; j < w; ++j) terms[j] = kd_shift_term(q[j0 + j], x(j0 + j));
       q_stats.weighted += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
+    } else {  // every logit so far -inf (or NaN, which max_over skips): 0, NaN kept NaN to reach the loss
+      for (int64_t j = 0; j < w; ++j) q[j0 + j] = nan_or_zero(t_scaled(j0 + j));
     }
+    q_scale[k] = q_stats.max;
     if (p_stats.raise(max_over<Acc>(w, [&](int64_t j) { return s_scaled(j0 + j); }))) {
-      for (int64_t j = 0; j < w; ++j) terms[j] = fast_exp(s_scaled(j0 + j) - p_stats.max);
-      p_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
+      for (int64_t j = 0; j < w; ++j) p[j0 + j] = fast_exp(s_scaled(j0 + j) - p_stats.max);
+      p_stats.sum += sum_over<Acc>(w, [&](int64_t j) { return p[j0 + j]; });
+    } else {
+      for (int64_t j = 0; j < w; ++j) p[j0 + j] = nan_or_zero(s_scaled(j0 + j));
     }
+    p_scale[k] = p_stats.max;
   }
   // A teacher row of -inf only has no softmax: NaN, as e^(-inf - -inf) gives. A student row of -inf only has
-  // lse_s = -inf.
+  // lse_s = -inf (and p_j = NaN, as e^(s_j/T - lse_s) gives).
   const Acc sum_t = q_stats.max == neg_inf<Acc>() ? std::numeric_limits<Acc>::quiet_NaN() : q_stats.sum;
   const Acc lse_t = q_stats.max + std::log(sum_t);
   const Acc c = q_stats.weighted / sum_t;
   const Acc lse_s = p_stats.max == neg_inf<Acc>() ? p_stats.max : p_stats.max + std::log(p_stats.sum);
-  auto log_q = [&](int64_t j) { return t_scaled(j) - lse_t; };
+  // p_j from lse_s itself: lse_t + c + d equals it but rounds like its largest part, which at a small temperature
+  // (|lse| ~ 1e9) is an absolute error of tens, and exp of it wrong by as many orders of magnitude.
+  for (int64_t k = 0; k < chunks; ++k) {
+    q_scale[k] = fast_exp(q_scale[k] - lse_t);
+    p_scale[k] = fast_exp(p_scale[k] - lse_s);
+  }
+  // a chunk at a time, so that each chunk's scale is one value in the loop
+  auto for_chunks = [&](auto&& body) {
+    for (int64_t k = 0; k < chunks; ++k) body(k * kRowChunk, std::min(kRowChunk, cols - k * kRowChunk), k);
+  };
+  for_chunks([&](int64_t j0, int64_t w, int64_t k) {
+    const Acc qs = q_scale[k], ps = p_scale[k];
+    for (int64_t j = j0; j < j0 + w; ++j) {
+      q[j] = flush_subnormal(q[j] * qs);
+      p[j] = flush_subnormal(p[j] * ps);
+    }
+  });
   Acc d = lse_s - lse_t - c;  // Delta - c
   if (kd_small(d)) {
-    d = log1p_acc(sum_mapped<Acc>(cols, [&](int64_t j) {
-      return kd_mass_excess(x(j) - c, log_q(j), s_scaled(j) - lse_t - c, e);
-    }));
+    const Acc shift = fast_exp(d);  // e^(s_j/T - lse_t - c) = p_j e^(lse_s - lse_t - c)
+    d = log1p_acc(sum_mapped<Acc>(cols, [&](int64_t j) { return kd_mass_excess_from_probs(x(j) - c, q[j], p[j] * shift); }));
   }
-  // log p from lse_s itself: lse_t + c + d equals it but rounds like its largest part, which at a small temperature
-  // (|lse| ~ 1e9) is an absolute error of tens, and exp of it wrong by as many orders of magnitude.
-  auto log_p = [&](int64_t j) { return s_scaled(j) - lse_s; };
   const DivergenceParams<Acc> params{Kind, divergence.weight, divergence.loss_scale};
-  auto element = [&, params](int64_t j) {
-    return divergence_term(params, log_q(j), x(j) - c - d, log_p(j), e, FastLog{});
-  };
   const Acc g = weight * divergence.loss_scale * inv_temp;
   Acc total = 0, mean_score = 0;  // mean_score: sum_j p_j g_j
   Acc weighted_scores[kRowChunk];
-  for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
-    const int64_t w = std::min(kRowChunk, cols - j0);
-    if (Kind == DivergenceKind::ForwardKL && grad) {  // one loop for both: the exps of log q and log p are shared
+  for_chunks([&](int64_t j0, int64_t w, int64_t) {
+    if (Kind == DivergenceKind::ForwardKL && grad) {  // one loop for both
       for (int64_t j = j0; j < j0 + w; ++j) {
-        terms[j - j0] = element(j).term;
-        grad[j] = static_cast<TS>(g * kd_prob_difference(log_q(j), x(j) - c - d, log_p(j), e));
+        const Acc delta = x(j) - c - d;
+        terms[j - j0] = kd_kl_term_from_probs(q[j], delta, p[j]);
+        grad[j] = static_cast<TS>(g * kd_prob_difference_from_probs(q[j], delta, p[j]));
       }
     } else if (Kind == DivergenceKind::ForwardKL) {
-      for (int64_t j = 0; j < w; ++j) terms[j] = element(j0 + j).term;
+      for (int64_t j = j0; j < j0 + w; ++j) terms[j - j0] = kd_kl_term_from_probs(q[j], x(j) - c - d, p[j]);
     } else {
-      for (int64_t j = 0; j < w; ++j) {
-        const DivergenceTerm<Acc> r = element(j0 + j);
-        terms[j] = r.term;
-        weighted_scores[j] = e(log_p(j0 + j)) * r.score;
+      for (int64_t j = j0; j < j0 + w; ++j) {
+        const DivergenceTerm<Acc> r = divergence_term_from_probs(params, q[j], x(j) - c - d, p[j], e, FastLog{});
+        terms[j - j0] = r.term;
+        weighted_scores[j - j0] = p[j] * r.score;
+        q[j] = r.score;
       }
       mean_score += sum_over<Acc>(w, [&](int64_t j) { return weighted_scores[j]; });
     }
     total += sum_over<Acc>(w, [&](int64_t j) { return terms[j]; });
-  }
-  if (Kind != DivergenceKind::ForwardKL && grad) {  // a chunk at a time, each loop simple enough to vectorise
-    for (int64_t j0 = 0; j0 < cols; j0 += kRowChunk) {
-      const int64_t w = std::min(kRowChunk, cols - j0);
-      for (int64_t j = 0; j < w; ++j) terms[j] = e(log_p(j0 + j)) * (element(j0 + j).score - mean_score);
-      for (int64_t j = 0; j < w; ++j) grad[j0 + j] = static_cast<TS>(g * terms[j]);
-    }
+  });
+  if (Kind != DivergenceKind::ForwardKL && grad) {
+    for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<TS>(g * (p[j] * (q[j] - mean_score)));
   }
   *loss = divergence.loss_scale * total;
 }
