@@ -48,8 +48,8 @@ def test_tiny_run_from_a_top_k_teacher_file(tmp_path):
     windows = stored["windows"].shape[0]
     assert stored["ids"].shape == (windows, 16, 8) and stored["ids"].dtype.is_floating_point is False
     assert stored["logprobs"].dtype.is_floating_point and (stored["logprobs"].float() <= 0).all()
-    # kd+ckd-topk's moments, float32: the log-normaliser is at least the largest log-probability's -logprob,
-    # the sum of squares at least the square of the sum over the vocabulary of 300
+    # kd+ckd-topk's moments, float32, one of each per token; Cauchy-Schwarz over the vocabulary of 300 ties the sum
+    # of squares to the sum (V * sum of squares >= sum^2)
     for name in ("log_normalizer", "logit_sum", "logit_square_sum"):
         assert stored[name].shape == (windows, 16) and stored[name].dtype == torch.float32, name
     assert (stored["logit_square_sum"] * 300 >= stored["logit_sum"].square() * (1 - 1e-5)).all()
