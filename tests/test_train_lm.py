@@ -39,15 +39,22 @@ def test_tiny_run_prints_perplexities_and_writes_json(tmp_path, capsys):
 def test_tiny_run_from_a_top_k_teacher_file(tmp_path):
     """kd-topk: the teacher's top-k written once to a safetensors file (int32 ids, bfloat16 log-probabilities of
     every training window) and the student trained from it; its perplexity is reported beside the live teacher's."""
+    import torch
     from safetensors.torch import load_file
 
-    results = lm.main([*TINY, "--seeds", "0", "--methods", "kd,kd-topk", "--topk-k", "8", "--out", str(tmp_path)])
+    results = lm.main([*TINY, "--seeds", "0", "--methods", "kd,kd-topk,kd+ckd-topk", "--ckd-anchor", "student",
+                       "--topk-k", "8", "--out", str(tmp_path)])
     stored = load_file(str(tmp_path / "teacher_topk.safetensors"))
     windows = stored["windows"].shape[0]
     assert stored["ids"].shape == (windows, 16, 8) and stored["ids"].dtype.is_floating_point is False
     assert stored["logprobs"].dtype.is_floating_point and (stored["logprobs"].float() <= 0).all()
+    # kd+ckd-topk's moments, float32, one of each per token; Cauchy-Schwarz over the vocabulary of 300 ties the sum
+    # of squares to the sum (V * sum of squares >= sum^2)
+    for name in ("log_normalizer", "logit_sum", "logit_square_sum"):
+        assert stored[name].shape == (windows, 16) and stored[name].dtype == torch.float32, name
+    assert (stored["logit_square_sum"] * 300 >= stored["logit_sum"].square() * (1 - 1e-5)).all()
     assert results["teacher"]["topk_file"]["windows"] == windows
-    for method in ("kd", "kd-topk"):
+    for method in ("kd", "kd-topk", "kd+ckd-topk"):
         (run,) = results["methods"][method]
         assert 1.0 < run["val_ppl"] < 4 * 300 and math.isfinite(run["val_ppl"])
 
@@ -77,16 +84,18 @@ def test_tiny_run_gives_one_row_per_divergence_and_teacher_form(tmp_path, capsys
 
 @pytest.mark.skipif(not ckd_ext.is_available(), reason="the demo runs the fused-linear losses")
 @pytest.mark.parametrize("divergence", lm.DIVERGENCES)
-@pytest.mark.parametrize("method", ["kd", "kd-topk"])
+@pytest.mark.parametrize("method", ["kd", "kd-topk", "kd+ckd-topk"])
 def test_objective_takes_the_divergence_and_its_parameter(method, divergence):
     """distillation_loss against the float64 oracle (ckd_ext.reference on materialised logits): KD with the
-    divergence (and --jsd-beta / --skew-alpha, not their defaults) weighted by --kd-weight, plus --ce-weight CE."""
+    divergence (and --jsd-beta / --skew-alpha, not their defaults) weighted by --kd-weight, plus --ce-weight CE, and
+    for kd+ckd-topk --ckd-weight top-k CKD at --ckd-tau from the same top-k teacher and its moments."""
     import torch
     from ckd_ext import reference
     from tolerances import assert_matches
 
     a = lm.parse_args(["--jsd-beta", "0.3", "--skew-alpha", "0.4", "--kd-weight", "0.7", "--ce-weight", "0.2",
-                       "--kd-temperature", "2", "--topk-k", "5"])
+                       "--kd-temperature", "2", "--topk-k", "5", "--ckd-weight", "0.6", "--ckd-tau", "0.5",
+                       "--ckd-anchor", "student"])
     g = torch.Generator().manual_seed(3)
     vocab, tokens = 40, 12
     student, teacher = lm.CausalLM(vocab, 8, 1, tokens), lm.CausalLM(vocab, 12, 1, tokens)
@@ -101,15 +110,22 @@ def test_objective_takes_the_divergence_and_its_parameter(method, divergence):
         kd = reference.kd_loss(hs @ ws.T, teacher_hidden.flatten(0, 1).double() @ teacher.head.weight.double().T,
                                **chosen)
     else:
-        top = lm.teacher_topk(teacher_hidden.flatten(0, 1), teacher.head.weight, a.topk_k, temperature=2.0)
-        given = (top.ids.unflatten(0, (2, tokens // 2)), top.logprobs.unflatten(0, (2, tokens // 2)))
+        top = lm.teacher_topk(teacher_hidden.flatten(0, 1), teacher.head.weight, a.topk_k, temperature=2.0,
+                              moments=True)
+        stored = top if method == "kd+ckd-topk" else top[:2]  # the file holds the moments only for kd+ckd-topk
+        given = tuple(x.unflatten(0, (2, tokens // 2)) for x in stored)
         kd = reference.fused_linear_topk_kd_loss(hs, ws, top.ids, top.logprobs.double(), tail=a.topk_tail, **chosen)
+    expected = 0.7 * kd + 0.2 * ce
+    if method == "kd+ckd-topk":
+        expected = expected + 0.6 * reference.fused_linear_topk_ckd_loss(
+            hs, ws, top.ids, *(x.double() for x in top[1:]), temperature=2.0, tau=0.5)
     loss = lm.distillation_loss(method, a, hidden, labels, student, given, teacher, divergence)
-    assert_matches(loss.detach(), 0.7 * kd + 0.2 * ce, torch.float32, f"{method} {divergence}")
+    assert_matches(loss.detach(), expected, torch.float32, f"{method} {divergence}")
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "kd,bickd"], "--methods must list some of ce, kd, kd+ckd, kd-topk, got 'kd,bickd'"),
+    (["--methods", "kd,bickd"], "--methods must list some of ce, kd, kd+ckd, kd-topk, kd+ckd-topk, got 'kd,bickd'"),
+    (["--methods", "kd+ckd,kd+ckd-topk"], "--methods kd+ckd-topk needs --ckd-anchor student"),
     (["--topk-tail", "rest"], "argument --topk-tail: invalid choice: 'rest'"),
     (["--divergences", "kl"], "argument --divergences: expected some of forward_kl, reverse_kl, jsd, skew_kl, tvd, "
                               "got 'kl'"),

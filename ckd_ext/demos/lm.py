@@ -15,6 +15,8 @@ trained from the same initialisation per seed with
     kd-topk  ce_weight * CE + kd_weight * top-k KD against a teacher file            fused_linear_topk_kd_loss
              (the teacher's top --topk-k ids and log-probabilities of fixed training windows, written once by
              teacher_topk to a safetensors file; no teacher model while the student trains)
+    kd+ckd-topk  kd-topk + ckd_weight * top-k CKD (student anchor) from the same file   + fused_linear_topk_ckd_loss
+             (the file then also holds each token's log-normaliser and logit sum and sum of squares)
 
 KD is each divergence of --divergences (forward_kl, reverse_kl, jsd with --jsd-beta, skew_kl with --skew-alpha, tvd;
 docs/math.md 3.1), one row per KD method and divergence:
@@ -41,15 +43,22 @@ import torch.nn.functional as F
 
 from .._extension import require_extension
 from ..divergences import DEFAULT_ALPHA, DEFAULT_BETA, DIVERGENCES
-from ..fused_linear import fused_linear_ckd_loss, fused_linear_kd_loss, fused_linear_topk_kd_loss, teacher_topk
+from ..fused_linear import (fused_linear_ckd_loss, fused_linear_kd_loss, fused_linear_topk_ckd_loss,
+                            fused_linear_topk_kd_loss, teacher_topk)
 from .._validation import TAILS
 from .models import CausalLM
 from .cli import Help, Threads, count, listed, open_unit, positive, seed_list, weight
 
-METHODS = ("ce", "kd", "kd+ckd", "kd-topk")
+METHODS = ("ce", "kd", "kd+ckd", "kd-topk", "kd+ckd-topk")
 DEFAULT_METHODS = ("ce", "kd", "kd+ckd")
 # The methods with a KD term: each runs once per divergence of --divergences.
-KD_METHODS = ("kd", "kd+ckd", "kd-topk")
+KD_METHODS = ("kd", "kd+ckd", "kd-topk", "kd+ckd-topk")
+# The methods trained from the teacher file instead of the teacher model.
+TEACHER_FILE_METHODS = ("kd-topk", "kd+ckd-topk")
+# The teacher file's per-token tensors in teacher_topk's order (TeacherTopK's fields); the last three, the moments
+# top-k CKD needs, only when a method uses them.
+TEACHER_FILE_TENSORS = ("ids", "logprobs", "log_normalizer", "logit_sum", "logit_square_sum")
+STORED_DTYPES = {"ids": torch.int32, "logprobs": torch.bfloat16}  # the moments: float32
 
 
 def divergence_name(text: str) -> str:
@@ -93,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kd-temperature", type=positive, default=1.0)
     t.add_argument("--ckd-weight", type=weight, default=1.0)
     t.add_argument("--ckd-tau", type=positive, default=1.0)
-    t.add_argument("--ckd-anchor", choices=("student", "teacher"), default="teacher")
+    t.add_argument("--ckd-anchor", choices=("student", "teacher"), default="teacher",
+                   help="kd+ckd's anchor; kd+ckd-topk has only the student anchor and needs 'student'")
     t.add_argument("--topk-k", type=count, default=32, help="kd-topk: classes kept per token in the teacher file")
     t.add_argument("--topk-tail", choices=TAILS, default="bucket", help="kd-topk: what the missing mass means")
     t.add_argument("--divergences", type=listed(divergence_name), default="forward_kl",
@@ -111,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [x for x in a.method_list if x not in METHODS]
     if not a.method_list or unknown:
         p.error(f"--methods must list some of {', '.join(METHODS)}, got {a.methods!r}")
+    if "kd+ckd-topk" in a.method_list and a.ckd_anchor != "student":
+        # no silent switch: kd+ckd beside it would keep the teacher anchor, and the rows would differ in two things
+        p.error("--methods kd+ckd-topk needs --ckd-anchor student (top-k CKD has no teacher anchor, docs/topk.md)")
     a.seed_list = seed_list(a.seeds, p)
     return a
 
@@ -190,18 +203,21 @@ def perplexity(model: CausalLM, val: torch.Tensor, batch: int = 64) -> float:
 
 def write_teacher_file(teacher: CausalLM, ids: torch.Tensor, a, path: Path, batch: int = 64) -> int:
     """The teacher's top-k (int32 ids, bfloat16 log-probabilities at --kd-temperature, as a top-k dataset stores
-    them) of every non-overlapping training window, with the windows, in one safetensors file. Returns its bytes."""
+    them) of every non-overlapping training window, with the windows, in one safetensors file; for kd+ckd-topk also
+    the moments (float32: the positive is rebuilt from the sum and the norm is the square root of the sum of squares
+    of up to V logits, which bfloat16's 8 bits would spoil, docs/topk.md). Returns its bytes."""
     from safetensors.torch import save_file
 
     train = validation_windows(ids, a.context, ids.numel())
-    top_ids, top_logprobs = [], []
+    moments = "kd+ckd-topk" in a.method_list
+    stored = {name: [] for name in (TEACHER_FILE_TENSORS if moments else TEACHER_FILE_TENSORS[:2])}
     with torch.no_grad():
         for i in range(0, train.shape[0], batch):
             top = teacher_topk(teacher(train[i:i + batch, :-1]), teacher.head.weight, a.topk_k,
-                               temperature=a.kd_temperature)
-            top_ids.append(top.ids.int())
-            top_logprobs.append(top.logprobs.bfloat16())
-    save_file({"windows": train.contiguous(), "ids": torch.cat(top_ids), "logprobs": torch.cat(top_logprobs)}, str(path),
+                               temperature=a.kd_temperature, moments=moments)
+            for name, values in stored.items():
+                values.append(getattr(top, name).to(STORED_DTYPES.get(name, torch.float32)))
+    save_file({"windows": train.contiguous(), **{name: torch.cat(v) for name, v in stored.items()}}, str(path),
               metadata={"k": str(a.topk_k), "temperature": str(a.kd_temperature)})
     return path.stat().st_size
 
@@ -215,17 +231,20 @@ def divergence_kwargs(a, divergence: str) -> dict:
 def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher_hidden, teacher: CausalLM,
                       divergence: str = "forward_kl"):
     """The method's objective from the student's and the teacher's last hidden states (the heads' logits are never
-    materialised by the fused-linear losses), KD with `divergence`; for kd-topk `teacher_hidden` is the stored
-    (ids, logprobs) pair."""
+    materialised by the fused-linear losses), KD with `divergence`; for the teacher-file methods `teacher_hidden`
+    is the stored (ids, logprobs) and for kd+ckd-topk the three moments after them."""
     hs = hidden.flatten(0, 1)
     if method == "ce":
         return a.ce_weight * F.cross_entropy(F.linear(hs, student.head.weight), labels.flatten())
-    if method == "kd-topk":
-        top_ids, top_logprobs = teacher_hidden
-        return a.kd_weight * fused_linear_topk_kd_loss(
-            hs, student.head.weight, top_ids.flatten(0, 1), top_logprobs.flatten(0, 1), temperature=a.kd_temperature,
-            tail=a.topk_tail, **divergence_kwargs(a, divergence), labels=labels.flatten(),
-            ce_weight=a.ce_weight / a.kd_weight)
+    if method in TEACHER_FILE_METHODS:
+        top = [x.flatten(0, 1) for x in teacher_hidden]
+        loss = a.kd_weight * fused_linear_topk_kd_loss(
+            hs, student.head.weight, top[0], top[1], temperature=a.kd_temperature, tail=a.topk_tail,
+            **divergence_kwargs(a, divergence), labels=labels.flatten(), ce_weight=a.ce_weight / a.kd_weight)
+        if method == "kd+ckd-topk" and a.ckd_weight:
+            loss = loss + a.ckd_weight * fused_linear_topk_ckd_loss(
+                hs, student.head.weight, *top, temperature=a.kd_temperature, tau=a.ckd_tau)
+        return loss
     ht = teacher_hidden.flatten(0, 1)
     # kd_weight * KD + ce_weight * CE, both means over the same tokens: the fused loss adds ce_weight' * CE to KD
     loss = a.kd_weight * fused_linear_kd_loss(
@@ -239,14 +258,15 @@ def distillation_loss(method: str, a, hidden, labels, student: CausalLM, teacher
 
 def train_model(model: CausalLM, ids, a, steps: int, seed: int, log, *, method="ce", teacher=None,
                 teacher_file=None, divergence="forward_kl") -> dict:
-    """AdamW with a cosine schedule over `steps` windows batches drawn with `seed`; returns timing. kd-topk draws
-    its batches from the windows of `teacher_file` (the loaded safetensors dict) and their stored top-k."""
+    """AdamW with a cosine schedule over `steps` windows batches drawn with `seed`; returns timing. The teacher-file
+    methods draw their batches from the windows of `teacher_file` (the loaded safetensors dict) and their stored
+    top-k."""
     generator = torch.Generator().manual_seed(seed + 12345)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     loss_seconds, started = 0.0, time.perf_counter()
     for step in range(steps):
-        if method == "kd-topk":
+        if method in TEACHER_FILE_METHODS:
             rows = torch.randint(0, teacher_file["windows"].shape[0], (a.batch,), generator=generator)
             w = teacher_file["windows"][rows]
         else:
@@ -254,8 +274,8 @@ def train_model(model: CausalLM, ids, a, steps: int, seed: int, log, *, method="
         inputs, labels = w[:, :-1], w[:, 1:]
         hidden = model(inputs)
         teacher_hidden = None
-        if method == "kd-topk":
-            teacher_hidden = (teacher_file["ids"][rows], teacher_file["logprobs"][rows])
+        if method in TEACHER_FILE_METHODS:
+            teacher_hidden = tuple(teacher_file[name][rows] for name in TEACHER_FILE_TENSORS if name in teacher_file)
         elif teacher is not None and method != "ce":
             with torch.no_grad():
                 teacher_hidden = teacher(inputs)
@@ -312,7 +332,7 @@ def main(argv=None) -> dict:
                    "methods": {}}
         log(f"teacher validation perplexity {results['teacher']['val_ppl']:.2f}")
         teacher_file = None
-        if "kd-topk" in a.method_list:
+        if any(m in TEACHER_FILE_METHODS for m in a.method_list):
             teacher_file = _teacher_file(teacher, train_ids, a, results, log)
         for method, divergence in ((m, d) for m in a.method_list
                                    for d in (a.divergences if m in KD_METHODS else [None])):
