@@ -59,3 +59,17 @@ def bickd_large_logit_gradients(shape, seed, symmetric, reduction):
     s64 = student.detach().double().requires_grad_()
     (grad64,) = torch.autograd.grad(weighted_total(ref.bickd_loss(s64, teacher.double(), **kwargs)), s64)
     return grad, grad64
+
+
+def saved_by(fn, *args, **kwargs):
+    """fn(*args, **kwargs) and every tensor autograd saved for its backward (saved_tensors_hooks): what the memory
+    tests bound."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args, **kwargs)
+    return out, saved

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ckd_ext
 from ckd_ext import reference
-from inputs import random_mask, weighted_total
+from inputs import random_mask, saved_by, weighted_total
 from switches import on_backend, skip_unless
 from tolerances import TOLERANCE, assert_matches
 
@@ -504,15 +504,9 @@ def test_saved_for_backward_is_bounded(loss):
     for KD the finished gradients (one hidden-, weight- and bias-sized buffer). Never N x V."""
     student, teacher = heads(dtype=torch.float32, seed=19, **MEMORY_SHAPE)
     tokens, vocab = MEMORY_SHAPE["tokens"][0], MEMORY_SHAPE["vocab"]
-    saved = []
-
-    def pack(x):
-        saved.append(x.numel())
-        return x
-
     fused = ckd_fns()[0] if loss == "ckd" else kd_fns()[0]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = fused(student, teacher)
+    out, saved_tensors = saved_by(fused, student, teacher)
+    saved = [x.numel() for x in saved_tensors]
     width = sum(x.shape[-1] for x in (student[0], teacher[0])) + 2
     inputs = sum(x.numel() for x in student + teacher if x is not None)
     assert max(saved) < tokens * vocab // 8

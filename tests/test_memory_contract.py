@@ -6,22 +6,10 @@ import pytest
 import torch
 
 import ckd_ext
-from inputs import CONFIGS, pair
+from inputs import CONFIGS, pair, saved_by
 
 CASES = [("ckd_student", 4096, 64), ("ckd_teacher", 4096, 64), ("kd", 4096, 64),
          ("bickd", 64, 4096), ("bickd_symmetric", 64, 4096)]
-
-
-def saved_by(fn, *args, **kwargs):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    return out, saved
 
 
 def same_storage(a, b):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import ckd_ext
 from ckd_ext import reference
 from ckd_ext.divergences import DIVERGENCES, Divergence, divergence_terms
-from inputs import logits, random_mask, weighted_total
+from inputs import logits, random_mask, saved_by, weighted_total
 from test_fused_linear import LargestTensor, token_labels
 from tolerances import TOLERANCE, assert_matches
 
@@ -356,20 +356,12 @@ def test_saved_for_backward(form, reduction):
     weight = torch.randn(vocab, width, generator=g, requires_grad=True)
     teacher = ckd_ext.teacher_topk(hidden.detach(), weight.detach(), 32)
     student = (hidden @ weight.T).detach().requires_grad_()
-    saved = []
-
-    def pack(x):
-        saved.append(x)
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        if form == "logits":
-            out = ckd_ext.topk_kd_loss(student, teacher.ids, teacher.logprobs, reduction=reduction)
-            inputs = (student, teacher.ids, teacher.logprobs)
-        else:
-            out = ckd_ext.fused_linear_topk_kd_loss(hidden, weight, teacher.ids, teacher.logprobs,
-                                                    reduction=reduction)
-            inputs = (hidden, weight, teacher.ids, teacher.logprobs)
+    if form == "logits":
+        inputs = (student, teacher.ids, teacher.logprobs)
+        out, saved = saved_by(ckd_ext.topk_kd_loss, *inputs, reduction=reduction)
+    else:
+        inputs = (hidden, weight, teacher.ids, teacher.logprobs)
+        out, saved = saved_by(ckd_ext.fused_linear_topk_kd_loss, *inputs, reduction=reduction)
     storages = {x.untyped_storage().data_ptr() for x in inputs}
     copies = [x for x in saved if x is not None and x.untyped_storage().data_ptr() not in storages]
     if reduction == "none":

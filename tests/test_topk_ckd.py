@@ -9,7 +9,7 @@ import torch
 
 import ckd_ext
 from ckd_ext import reference
-from inputs import random_mask, weighted_total
+from inputs import random_mask, saved_by, weighted_total
 from test_fused_linear import LargestTensor
 from test_topk import compare, loss_and_grads
 from tolerances import TOLERANCE
@@ -318,19 +318,12 @@ def test_saved_for_backward(form, reduction):
     weight = torch.randn(vocab, width, generator=g, requires_grad=True)
     teacher = ckd_ext.teacher_topk(torch.randn(tokens, width, generator=g), weight.detach(), k, moments=True)
     student = (hidden @ weight.T).detach().requires_grad_()
-    saved = []
-
-    def pack(x):
-        saved.append(x)
-        return x
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        if form == "logits":
-            out = ckd_ext.topk_ckd_loss(student, *teacher, reduction=reduction)
-            inputs = (student, *teacher)
-        else:
-            out = ckd_ext.fused_linear_topk_ckd_loss(hidden, weight, *teacher, reduction=reduction)
-            inputs = (hidden, weight, *teacher)
+    if form == "logits":
+        inputs = (student, *teacher)
+        out, saved = saved_by(ckd_ext.topk_ckd_loss, *inputs, reduction=reduction)
+    else:
+        inputs = (hidden, weight, *teacher)
+        out, saved = saved_by(ckd_ext.fused_linear_topk_ckd_loss, *inputs, reduction=reduction)
     storages = {x.untyped_storage().data_ptr() for x in inputs}
     copies = [x for x in saved if x is not None and x.untyped_storage().data_ptr() not in storages]
     limit = vocab * width if form == "fused_linear" else tokens
