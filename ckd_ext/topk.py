@@ -25,10 +25,6 @@ from .rows import accumulation_dtype
 # The category log-probabilities and the divergence are computed in float64 whatever the inputs: they are (rows,
 # k + 1) numbers, and the textbook sums of divergence_terms lose digits near convergence in float32.
 CATEGORY_DTYPE = torch.float64
-# Stands for log 0 in a category that neither side gives mass (a padding slot, an empty tail): exp() of it is exactly
-# 0 in float64 (so it contributes 0 to every divergence, as 0 log 0 = 0), but unlike -inf it gives the divergences'
-# log-mixtures finite derivatives (logaddexp(-inf, -inf) has a NaN one).
-NO_MASS = -1e4
 
 
 class TopKTeacher(NamedTuple):
@@ -109,9 +105,10 @@ def chunk_terms(teacher: TopKTeacher, student: StudentChunk, divergence: Diverge
     """Per-row divergences (R,) and, with per-row `weights`, d(sum_i weights_i D_i) / d(student category log-probs)
     (R, k + 1 or k), by autograd through divergence_terms (the one definition of the divergences), inside the
 forward: a graph of (R, k + 1) tensors, freed before the next chunk."""
+    # a category neither side gives mass (a padding slot, an empty tail) adds 0 with a zero derivative in every
+    # divergence (divergences.py takes 0 log 0 = 0 and log-mixtures of two -inf as -inf)
     empty = torch.isneginf(teacher.log_probs) & torch.isneginf(student.log_probs)
-    log_p = teacher.log_probs.masked_fill(empty, NO_MASS)
-    log_q = student.log_probs.masked_fill(empty, NO_MASS)
+    log_p, log_q = teacher.log_probs, student.log_probs
     if weights is None:
         return divergence_terms(log_p, log_q, divergence), None
     if torch.compiler.is_compiling():  # torch.compile traces torch.func's transforms, not torch.autograd.grad
