@@ -103,10 +103,11 @@ def positive_numerators(teacher: TopKTeacherRows, sums: Tensor, top: Tensor) -> 
 
 def _anchor_weights(grad: Tensor, valid: Optional[Tensor], rows: int, reduction: str) -> Tensor:
     """w_i of docs/math.md section 2 (ROW_DTYPE): g / n ("mean"), g ("sum"), g_i ("none"); 0 on masked rows."""
+    from .topk import _mean_scale
+
     grad = grad.to(ROW_DTYPE)
-    if reduction == "mean":
-        count = torch.tensor(rows, device=grad.device) if valid is None else valid.sum()
-        grad = grad / count.clamp_min(1).to(ROW_DTYPE)
+    if reduction != "none":
+        grad = grad * _mean_scale(valid, rows, reduction, grad.device)
     weights = grad.expand(rows) if grad.dim() == 0 else grad
     return weights if valid is None else torch.where(valid, weights, 0.0)
 
