@@ -23,9 +23,9 @@ that compute the same number. The providers are the runner's (benchmarks/provide
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -34,7 +34,7 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: an installed ckd_ext still wins
 from benchmarks.cases import (KD_DIVERGENCES, PROVIDER_LOSSES, SHAPES, SMOKE_SHAPES, loss_call,  # noqa: E402
                               make_inputs, make_lm_inputs)
-from benchmarks.measure import quantiles, time_call  # noqa: E402
+from benchmarks.measure import quantiles, time_call, warm_up  # noqa: E402
 from benchmarks.providers import (LM_KD_TEMPERATURE, Floor, lm_loss_fn, loss_fn, mode_callables,  # noqa: E402
                                   provider_status)
 
@@ -79,6 +79,8 @@ TIE = 1e-5
 # The logit shapes' temperature: kd_loss's default, which every provider there takes.
 LOGIT_TEMPERATURE = 4.0
 TVD_LM_AGREEMENT = 1e-2
+# --warmup calls each, however long they take (the runner's warm_up stops after a second)
+WARM_UP_SECONDS = math.inf
 
 
 def tvd_ties(student, teacher, temperature: float) -> torch.Tensor:
@@ -114,18 +116,6 @@ def interleaved(calls: Dict[str, tuple], reps: int) -> Dict[str, List[float]]:
     return times
 
 
-def warm(setup, run, calls: int) -> float:
-    """`calls` untimed calls; the first one's wall time in s (the compile, for compiled)."""
-    t0 = time.perf_counter()
-    setup()
-    run()
-    first = time.perf_counter() - t0
-    for _ in range(calls - 1):
-        setup()
-        run()
-    return first
-
-
 def logits_part(a) -> None:
     print(f"\n### KD's divergences at the named shapes: full forward + backward, float32, temperature 4 (the "
           f"losses' default), {torch.get_num_threads()} threads\n")
@@ -137,7 +127,7 @@ def logits_part(a) -> None:
         student, teacher = make_inputs(shape.N, shape.C, "float32", "cpu")
         floor = Floor("kd", student, teacher)
         floor_calls = mode_callables("floor", "kd", student, teacher, "full", floor=floor)
-        warm(*floor_calls, a.warmup)
+        warm_up(*floor_calls, "cpu", a.warmup, WARM_UP_SECONDS)
         for loss in a.losses:
             # a fresh compile per case, as the runner's fresh process per case has (one process would reuse
             # reference.kd_loss's compiled code object and soon hit dynamo's recompile limit, falling back to eager)
@@ -148,7 +138,7 @@ def logits_part(a) -> None:
             for provider in LOGIT_PROVIDERS[:-1]:
                 fn = loss_fn(provider, loss, compile_backend=a.compile_backend)
                 calls[provider] = mode_callables(provider, loss, student, teacher, "full", fn)
-                first = warm(*calls[provider], a.warmup)
+                first = warm_up(*calls[provider], "cpu", a.warmup, WARM_UP_SECONDS)
                 compile_s = first if provider == "compiled" else compile_s
                 ties = tvd_ties(student, teacher, LOGIT_TEMPERATURE) if divergence_of(loss) == "tvd" else None
                 errors[provider] = check_agreement(f"{provider} {loss} at {shape_name}",
@@ -183,7 +173,7 @@ def lm_part(a) -> None:
         for provider in providers:
             fn = lm_loss_fn(provider, loss, weight, teacher_weight)
             calls[provider] = mode_callables(provider, loss, hidden, teacher_hidden, "full", fn)
-            warm(*calls[provider], a.warmup)
+            warm_up(*calls[provider], "cpu", a.warmup, WARM_UP_SECONDS)
             errors[provider] = check_agreement(f"{provider} {loss} at {shape.name}",
                                                grads_of(lambda: fn(hidden, teacher_hidden), [hidden, weight]),
                                                oracle, a.agreement, gradient_limit=TVD_LM_AGREEMENT
