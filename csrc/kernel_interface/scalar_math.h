@@ -205,8 +205,9 @@ struct DivergenceTerm {
   Acc score;  // g_j (unused by forward_kl)
 };
 
-// One class's term and score from q_j and p_j, `l` the backend's log (only ever of numbers in [min(w, 1 - w), 1]). Classes with q_j = 0 (a teacher logit of -inf) take the limits of the definitions:
-// reverse_kl's term is +inf where p_j > 0, jsd's and skew_kl's are finite. Each case computes both of its forms (the
+// One class's term and score from q_j and p_j, `l` the backend's log (only ever of numbers in [min(w, 1 - w),
+// 1]). Classes with q_j = 0 (a teacher logit of -inf) take the limits of the definitions: reverse_kl's term is
+// +inf where p_j > 0, jsd's and skew_kl's are finite. Each case computes both of its forms (the
 // series where |delta_j| <= 1/2, the direct one elsewhere) and selects: no branch, so that the CPU's loops over it
 // vectorise; the form not taken may be inf or NaN, and is discarded.
 template <typename Acc, typename Exp, typename Log>

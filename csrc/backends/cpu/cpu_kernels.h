@@ -340,7 +340,8 @@ void kd_row_of(const TS* s, const TT* t, int64_t cols, Acc temperature, const Di
   Acc d = lse_s - lse_t - c;  // Delta - c
   if (kd_small(d)) {
     const Acc shift = fast_exp(d);  // e^(s_j/T - lse_t - c) = p_j e^(lse_s - lse_t - c)
-    d = log1p_acc(sum_mapped<Acc>(cols, [&](int64_t j) { return kd_mass_excess_from_probs(x(j) - c, q[j], p[j] * shift); }));
+    d = log1p_acc(sum_mapped<Acc>(
+        cols, [&](int64_t j) { return kd_mass_excess_from_probs(x(j) - c, q[j], p[j] * shift); }));
   }
   const DivergenceParams<Acc> params{Kind, divergence.weight, divergence.loss_scale};
   const Acc g = weight * divergence.loss_scale * inv_temp;
