@@ -1285,18 +1285,24 @@ def topk_call(impl: str, fn: str, **overrides):
     return getattr(ckd_ext if impl == "fused" else reference, fn)(*positional, **args)
 
 
-def topk_test(entry_id, *items):
-    """A test of `entry_id` raised by the function, the reference and the module of every top-k loss in `items`."""
+def every_impl_test(entry_id, call, *items):
+    """A test of `entry_id` raised by the function, the reference and the module of every loss in `items`, each
+    called as `call(impl, fn, **overrides)`."""
     @documents(entry_id)
     @pytest.mark.parametrize("fn, overrides, values", cases(*items))
     def test(fn, overrides, values):
         for impl in IMPLS:
             try:
-                expect(entry_id, lambda: topk_call(impl, fn, **overrides), fn=fn, **values)
+                expect(entry_id, lambda: call(impl, fn, **overrides), fn=fn, **values)
             except BaseException as exc:
                 exc.add_note(f"implementation: {impl}")
                 raise
     return test
+
+
+def topk_test(entry_id, *items):
+    """every_impl_test of the top-k KD losses (and the producer)."""
+    return every_impl_test(entry_id, topk_call, *items)
 
 
 test_tail = topk_test(
@@ -1373,16 +1379,8 @@ def topk_ckd_call(impl: str, fn: str, **overrides):
 
 
 def topk_ckd_test(entry_id, *items):
-    @documents(entry_id)
-    @pytest.mark.parametrize("fn, overrides, values", cases(*items))
-    def test(fn, overrides, values):
-        for impl in IMPLS:
-            try:
-                expect(entry_id, lambda: topk_ckd_call(impl, fn, **overrides), fn=fn, **values)
-            except BaseException as exc:
-                exc.add_note(f"implementation: {impl}")
-                raise
-    return test
+    """every_impl_test of the top-k CKD losses."""
+    return every_impl_test(entry_id, topk_ckd_call, *items)
 
 
 test_topk_moments_type = topk_ckd_test(
