@@ -168,17 +168,13 @@ def test_nan_logit_before_the_first_finite_one_gives_nan(backend, config):
 
 
 @pytest.mark.parametrize("config", KD_CONFIGS)
-def test_probability_below_float32s_normals_counts_as_zero(backend, config, request):
+def test_probability_below_float32s_normals_counts_as_zero(backend, config):
     """Teacher classes whose q_j = e^-102.8 lies below float32's smallest normal, and the student without mass there:
     the loss and gradient are the float64 oracle's. The CPU kernel forms q_j as e^(t_j/T - m) e^(m - lse_t), m the
     running max of the class's 512-class chunk: here e^-50 e^-52.8, a product of two normal numbers that is
-    subnormal where one fast_exp of the sum gives 0 (before the kernel flushed such q_j to 0, skew_kl's
-    w q_j + (1 - w) p_j rounded to 0 and its gradient was NaN)."""
-    if config == "kd_skew_kl" and backend.name != "cpu":
-        # the CUDA kernels' single exp of log q_j gives the subnormal itself (measured on the emulated backend, on
-        # main before this test too; CUDA's expf keeps subnormals without fast math, not measured)
-        request.applymarker(pytest.mark.xfail(strict=backend.name == "emulated", reason="skew_kl's gradient is NaN "
-                                              "where q_j is subnormal and p_j = 0: w q_j + (1 - w) p_j rounds to 0"))
+    subnormal where one fast_exp of the sum gives 0; the CUDA kernels' single exp of log q_j gives the subnormal
+    itself. Unflushed, skew_kl's w q_j + (1 - w) p_j rounded to 0 and its gradient was NaN (scalar_math.h's
+    flush_subnormal, which every backend now applies)."""
     student, teacher = [x.detach().clone() for x in pair(2, 1100, seed=9, dtype=torch.float32)]
     teacher[:, :512] = -100.0  # T = 2 (CONFIGS): t_j/T = -50 in the first chunk ...
     teacher[:, 0] = 0.0  # ... whose max is 0

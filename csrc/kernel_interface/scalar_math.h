@@ -125,6 +125,22 @@ CKD_HOST_DEVICE Acc kd_shift_term(Acc w, Acc x) {
   return w > 0 && x > neg_inf<Acc>() && x < -neg_inf<Acc>() ? w * x : Acc(0);
 }
 
+// 0 for a subnormal probability v >= 0. Subnormal, w q_j can round to 0 and skew_kl's score (p_j - q_j) / (w q_j +
+// (1 - w) p_j) divide by 0 (and subnormal arithmetic is slow on CPUs). Every KD kernel flushes its q_j and p_j, so
+// that all backends agree below float's normals: the CPU's (a product of two exponentials, subnormal where one
+// exp of the sum would be 0) and the CUDA kernels' (expf keeps subnormals) alike; what is dropped is < 1.2e-38 of a
+// row's mass.
+template <typename Acc>
+CKD_HOST_DEVICE Acc flush_subnormal(Acc v) {
+  return v < std::numeric_limits<Acc>::min() ? Acc(0) : v;
+}
+
+// A probability from its log, as the forms below take it.
+template <typename Acc, typename Exp>
+CKD_HOST_DEVICE Acc prob_of(Acc log_x, Exp e) {
+  return flush_subnormal(e(log_x));
+}
+
 // One class's share of e^(Delta - c) - 1: q_j (e^y_j - 1), or e^(s_j/T - lse_t - c) - q_j where y_j is not small or
 // q_j is 0 (a teacher logit of -inf: y_j = +inf, or NaN when the student's is -inf too, and that class adds 0).
 // The *_from_probs forms here and below take q_j and p_j (and e^(s_j/T - lse_t - c)) as values, for a kernel that
@@ -136,7 +152,7 @@ CKD_HOST_DEVICE Acc kd_mass_excess_from_probs(Acc y, Acc q, Acc shifted_p) {
 }
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_mass_excess(Acc y, Acc log_q, Acc s_minus_lse_t_c, Exp e) {
-  return kd_mass_excess_from_probs(y, e(log_q), e(s_minus_lse_t_c));
+  return kd_mass_excess_from_probs(y, prob_of(log_q, e), prob_of(s_minus_lse_t_c, e));
 }
 
 // One class's KL term q_j (e^delta_j - 1 - delta_j): by the series where delta_j is small, else as p_j - q_j (1 +
@@ -150,7 +166,7 @@ CKD_HOST_DEVICE Acc kd_kl_term_from_probs(Acc q, Acc delta, Acc p) {
 }
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_kl_term(Acc log_q, Acc delta, Acc log_p, Exp e) {
-  return kd_kl_term_from_probs(e(log_q), delta, e(log_p));
+  return kd_kl_term_from_probs(prob_of(log_q, e), delta, prob_of(log_p, e));
 }
 
 // p_j - q_j, the gradient's factor: q_j (e^delta_j - 1) where delta_j is small, else p_j - q_j.
@@ -160,7 +176,7 @@ CKD_HOST_DEVICE Acc kd_prob_difference_from_probs(Acc q, Acc delta, Acc p) {
 }
 template <typename Acc, typename Exp>
 CKD_HOST_DEVICE Acc kd_prob_difference(Acc log_q, Acc delta, Acc log_p, Exp e) {
-  return kd_prob_difference_from_probs(e(log_q), delta, e(log_p));
+  return kd_prob_difference_from_probs(prob_of(log_q, e), delta, prob_of(log_p, e));
 }
 
 template <typename Acc>
@@ -268,7 +284,7 @@ CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term_from_probs(const Div
 template <typename Acc, typename Exp, typename Log>
 CKD_HOST_DEVICE_FLATTEN DivergenceTerm<Acc> divergence_term(const DivergenceParams<Acc>& d, Acc log_q, Acc delta,
                                                             Acc log_p, Exp e, Log l) {
-  return divergence_term_from_probs(d, e(log_q), delta, e(log_p), e, l);
+  return divergence_term_from_probs(d, prob_of(log_q, e), delta, prob_of(log_p, e), e, l);
 }
 
 }  // namespace ckd

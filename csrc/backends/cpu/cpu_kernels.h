@@ -244,14 +244,6 @@ inline Acc nan_or_zero(Acc v) {
   return v == v ? Acc(0) : v;
 }
 
-// 0 for a subnormal v >= 0: kd_row_of's q_j and p_j are the product of two exponentials, which is subnormal where a
-// single exp of the sum (fast_exp: 0 below e^-87, no subnormals) is 0; subnormal, w q_j can round to 0 and
-// skew_kl's score (p_j - q_j) / (w q_j + (1 - w) p_j) divide by 0 (and subnormal arithmetic is slow).
-template <typename Acc>
-inline Acc flush_subnormal(Acc v) {
-  return v < std::numeric_limits<Acc>::min() ? Acc(0) : v;
-}
-
 // Per-thread scratch of at least `values` Acc for kd_row_of: kept between rows (a row's buffers are a few pages; an
 // allocation per row would cost as much as a small row's work).
 template <typename Acc>

@@ -338,7 +338,7 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     const DivergenceTerm<Acc> r =
         divergence_term(divergence, tj * inv_temp - lse_t, (sj - tj) * inv_temp - c - d, log_p, e, DeviceLog{});
     total += r.term;
-    mean_score += e(log_p) * r.score;
+    mean_score += prob_of(log_p, e) * r.score;
   });
   total = block_reduce(total, SumOp{}, scratch);
   const bool forward_kl = divergence.kind == DivergenceKind::ForwardKL;  // uniform across the block
@@ -348,9 +348,10 @@ __global__ void kd_rows_kernel(const TS* s, const TT* t, int64_t cols, Acc tempe
     const Acc g = weight[i] * divergence.loss_scale * inv_temp;
     for_row_pair<Acc>(s + base, t + base, cols, [&](int64_t j, Acc sj, Acc tj) {
       const Acc log_q = tj * inv_temp - lse_t, delta = (sj - tj) * inv_temp - c - d, log_p = sj * inv_temp - lse_s;
-      const Acc value = forward_kl ? kd_prob_difference(log_q, delta, log_p, e)
-                                   : e(log_p) * (divergence_term(divergence, log_q, delta, log_p, e, DeviceLog{}).score -
-                                                 mean_score);
+      const Acc value =
+          forward_kl ? kd_prob_difference(log_q, delta, log_p, e)
+                     : prob_of(log_p, e) * (divergence_term(divergence, log_q, delta, log_p, e, DeviceLog{}).score -
+                                            mean_score);
       store(grad, base + j, g * value);
     });
   }
