@@ -276,7 +276,7 @@ at::Tensor bickd_backward(const at::Tensor& grad_sample, const at::Tensor& grad_
                                     cfg.w_class;
     at::Tensor sample_terms = at::zeros({in.rows}, call.acc_options);
     at::Tensor class_terms = at::zeros({in.cols}, call.acc_options);
-    at::Tensor grad = at::empty_like(in.student);
+    at::Tensor grad = empty_gradient_like(in.student);
     bickd_core<Acc>(in, call.count, cfg, sample_weight, class_weight, sample_terms, class_terms, grad);
     return grad;
   });

@@ -334,7 +334,7 @@ at::Tensor ckd_backward(const at::Tensor& grad_loss, const at::Tensor& student, 
   return run_op("ckd_backward", student, teacher, mask, reduction, [&](auto tag, const OpCall& call) {
     using Acc = decltype(tag);
     const Inputs& in = call.in;
-    at::Tensor grad = at::empty_like(in.student);
+    at::Tensor grad = empty_gradient_like(in.student);
     if (in.rows == 0) return grad;
     const at::Tensor weight =
         anchor_weights(grad_loss, call.reduction, call.count, in.mask, in.rows, call.acc_options);

@@ -70,7 +70,7 @@ at::Tensor kd_backward(const at::Tensor& grad_loss, const at::Tensor& student, c
     using Acc = decltype(tag);
     const Inputs& in = call.in;
     at::Tensor row_loss = at::empty({in.rows}, call.acc_options);
-    at::Tensor grad = at::empty_like(in.student);
+    at::Tensor grad = empty_gradient_like(in.student);
     kd_core<Acc>(in, temperature, d,
                  anchor_weights(grad_loss, call.reduction, call.count, in.mask, in.rows, call.acc_options),
                  row_loss, grad);

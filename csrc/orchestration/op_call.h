@@ -61,6 +61,10 @@ at::Tensor unit_weights(const OpCall& call, const at::Tensor& divisor, const at:
 at::Tensor reduce_terms(const at::Tensor& terms, Reduction reduction, const at::Tensor& divisor);
 // A 0-dim divisor known on the host (BicKD's class count), as a tensor like call.count.
 at::Tensor constant_divisor(const OpCall& call, int64_t value);
+// An uninitialised tensor like `x` for a gradient the kernels write in full, its whole 2 MiB pages advised huge on
+// the CPU (advise_huge_pages).
+at::Tensor empty_gradient_like(const at::Tensor& x);
+// empty_gradient_like(in.student) where the forward computes the gradient, else an empty tensor.
 at::Tensor forward_grad(const Inputs& in, bool want_grad);
 
 // A reusable work buffer of one dtype handed out as (rows, cols) views.
