@@ -2,6 +2,8 @@
 and backward is the inputs themselves (no copies) or the student gradient, plus O(N + C) floats; never an
 N x N or C x C matrix or a normalised / softmaxed copy of an input. Shapes are chosen so that N^2 (CKD)
 or C^2 (BicKD) is 64x larger than N * C, so any such matrix would stand out."""
+import os
+
 import pytest
 import torch
 
@@ -64,3 +66,39 @@ def test_backward_returns_the_kept_gradient_scaled_in_place(config):
     # recomputed one with the upstream 3 inside its coefficients and sums): they differ by roundings of sums over
     # 32-48 terms, bounded well within 1e-5 of the largest element (about 80 float32 ulps; measured: below 1e-6).
     torch.testing.assert_close(second, first, rtol=0, atol=1e-5 * first.abs().max().item())
+
+
+def _advised_huge(address: int) -> bool:
+    """Whether the mapping holding `address` carries madvise(MADV_HUGEPAGE) ("hg" in /proc/self/smaps' VmFlags)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                begin, end = (int(x, 16) for x in head.split("-"))
+                inside = begin <= address < end
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not (os.path.exists("/proc/self/smaps") and os.path.isdir("/sys/kernel/mm/transparent_hugepage")),
+                    reason="needs Linux's /proc/self/smaps and transparent huge pages")
+@pytest.mark.parametrize("config", ["kd", "kd_jsd", "ckd_student", "bickd"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cpu_gradient_pages_advised_huge(config, reduction):
+    """The gradient the CPU kernels write (in the forward for mean, in backward for none) has its whole 2 MiB pages
+    advised huge (orchestration/op_call.cpp, empty_gradient_like): one page fault per 2 MiB where the system grants
+    them, instead of one per 4 KiB, which cost as much as KD's kernel itself (docs/benchmarks.md)."""
+    name, kwargs = CONFIGS[config]
+    student, teacher = pair(2048, 1024, dtype=torch.float32, seed=3)  # an 8 MiB gradient
+    student.requires_grad_()
+    loss = getattr(ckd_ext, f"{name}_loss")(student, teacher, reduction=reduction, **kwargs)
+    if reduction == "none":  # BicKD's are (sample terms, class terms)
+        loss = sum(part.sum() for part in loss) if isinstance(loss, tuple) else loss.sum()
+    loss.backward()
+    grad = student.grad
+    huge = 1 << 21
+    first_whole_page = (grad.data_ptr() + huge - 1) & ~(huge - 1)
+    assert first_whole_page + huge <= grad.data_ptr() + grad.nbytes
+    assert _advised_huge(first_whole_page)
