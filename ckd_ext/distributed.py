@@ -372,7 +372,7 @@ def _strips(rows: int, cols: int, element_size: int):
 def _block_logits(anchors: Tensor, block: Tensor, tau: float, start: int, stop: int, own: bool) -> Tensor:
     """<a_i, b_j> / tau for anchors start..stop against a block; -inf at j == i (the same global row) when the
     block is the rank's own."""
-    logits = anchors[start:stop] @ block.T / tau
+    logits = torch.ops.ckd_ext.gemm_similarity(anchors[start:stop], block).div_(tau)
     if own:
         index = torch.arange(stop - start, device=logits.device)
         logits[index, index + start] = float("-inf")
@@ -390,9 +390,10 @@ class RingLSE(torch.autograd.Function):
     from the saved lse); after `world` hops that gradient is back at the block's owner. A rank holds its own rows
     and two blocks (forward) or two (block, gradient) pairs (backward), never the global batch.
 
-    This is ATen, not the fused kernels, because the custom ops end at a loss: a ring step needs a partial result
-    (each anchor's running max and sum of exp over one visiting block, own columns excluded at an offset) and a
-    backward against an lse that only exists after the last block. Running the strip engine per ring block takes
+    This is ATen around the GEMM policy's ops (gemm_similarity, gemm_product), not the fused kernels, because the
+    custom ops end at a loss: a ring step needs a partial result (each anchor's running max and sum of exp over one
+    visiting block, own columns excluded at an offset) and a backward against an lse that only exists after the
+    last block. Running the strip engine per ring block takes
     two ops the engine's tiles already compute internally: block_lse(anchors, block, tau, diagonal_offset) ->
     (max, sum) and block_backward(anchors, block, lse, weight, tau, diagonal_offset) -> (grad_anchors, grad_block),
     with the CKD positives and BicKD's softmax rows kept in Python around them."""
@@ -448,9 +449,9 @@ class RingLSE(torch.autograd.Function):
                 logits = _block_logits(anchors, valid, tau, start, stop, source == layout.rank)
                 coefficients = torch.exp(logits - lse[start:stop, None]) * weight[start:stop, None]
                 if need_anchors:
-                    grad_anchors[start:stop] += coefficients @ valid
+                    torch.ops.ckd_ext.gemm_product(grad_anchors[start:stop], coefficients, valid, True)
                 if need_candidates:
-                    contribution[:count] += coefficients.T @ anchors[start:stop]
+                    torch.ops.ckd_ext.gemm_product(contribution[:count], coefficients.T, anchors[start:stop], True)
             if need_candidates:
                 grad_block = wait_grad() if wait_grad is not None else grad_block
                 grad_block += contribution

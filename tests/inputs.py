@@ -73,3 +73,36 @@ def saved_by(fn, *args, **kwargs):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args, **kwargs)
     return out, saved
+
+
+class GemmsIssued:
+    """Within the block, the matrix products issued: `policy`, those of the GEMM policy (ckd_ext's gemm_calls(), the
+    products inside its ops and fused kernels), and `aten`, ATen matrix products dispatched from Python around them
+    (mm, addmm, bmm, ... as a TorchDispatchMode sees them: the policy ops' own GEMMs run below it). Code that keeps
+    every product in the policy has aten == 0."""
+
+    NAMES = {"mm", "addmm", "bmm", "baddbmm", "matmul", "dot", "mv", "addmv", "addbmm", "linear", "_scaled_mm"}
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        import ckd_ext
+
+        counter = self
+
+        class _Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.namespace == "aten" and func._opname.rstrip("_") in GemmsIssued.NAMES:
+                    counter.aten += 1
+                return func(*args, **(kwargs or {}))
+
+        self.aten, self.policy = 0, 0
+        self._ext = ckd_ext.require_extension()
+        self._start = self._ext.gemm_calls()
+        self._mode = _Count()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        self.policy = self._ext.gemm_calls() - self._start
+        return False

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import ckd_ext
 import gloo_ranks
+from inputs import GemmsIssued
 from ckd_ext import distributed, reference
 
 FEATURES, CLASSES = 6, 7
@@ -183,6 +184,27 @@ def no_valid_rows(world, rank, loss, mode):
 
 
 FUSED_LINEAR = dict(vocab=20, student_hidden=4, teacher_hidden=3)
+
+
+def ring_gemms(world, rank, call):
+    """[the most ATen matrix products a rank issued around the GEMM policy's ops, 1 if the policy issued none on any
+    rank] in a call's forward and backward (inputs.GemmsIssued; a rank without rows may issue none):
+    [0, 0] where every product is the policy's."""
+    with GemmsIssued() as gemms:
+        call().backward()
+    aten = torch.tensor([float(gemms.aten)], dtype=torch.float64)
+    policy = torch.tensor([float(gemms.policy)], dtype=torch.float64)
+    dist.all_reduce(aten, op=dist.ReduceOp.MAX)
+    dist.all_reduce(policy)
+    return [aten.item(), float(policy.item() == 0)]
+
+
+def logit_ring_call(world, rank, loss):
+    batches, weight, bias = global_batch(world, torch.float32)
+    features, teacher, mask = batches[rank]
+    logits = (features @ weight.T + bias).detach().requires_grad_()
+    name, kwargs = LOSSES[loss]
+    return lambda: getattr(ckd_ext, name)(logits, teacher, mask=mask, global_batch="ring", **kwargs)
 
 
 def fused_linear_case(world, rank, anchor, mode):
@@ -374,6 +396,14 @@ def worker(rank, world, port, out_dir):
                 results[f"ring-strips-fused-linear-{anchor}"] = fused_linear_case(world, rank, anchor, "ring")
         finally:
             distributed.STRIP_BYTES = strip_bytes
+        for loss in LOSSES:
+            results[f"ring-gemms-{loss}"] = ring_gemms(world, rank, logit_ring_call(world, rank, loss))
+        generator = torch.Generator().manual_seed(rank)
+        hidden = torch.randn(6, 4, generator=generator, requires_grad=True)
+        head = torch.randn(20, 4, generator=generator, requires_grad=True)
+        results["ring-gemms-fused-linear"] = ring_gemms(world, rank, lambda: ckd_ext.fused_linear_ckd_loss(
+            hidden, head, torch.randn(6, 3, generator=generator), torch.randn(20, 3, generator=generator),
+            global_batch="ring"))
         with distributed.count_bytes() as counter:
             batches, weight, bias = global_batch(world, torch.float32)
             features, teacher, mask = batches[rank]
@@ -422,6 +452,14 @@ def test_ring_equals_all_gather(group_results, loss):
     world, results = group_results
     errors = results[f"ring-vs-gather-{loss}"]
     assert max(errors.values()) <= 1e-10, f"{world} ranks, {loss}: {errors}"
+
+
+@pytest.mark.parametrize("loss", list(LOSSES) + ["fused-linear"])
+def test_ring_products_go_through_the_gemm_policy(group_results, loss):
+    """Every matrix product of the ring's forward and backward is one of the GEMM policy's (counted by gemm_calls; no
+    ATen product around them), as in the fused ops."""
+    world, results = group_results
+    assert results[f"ring-gemms-{loss}"] == [0.0, 0.0], (world, loss)
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -23,6 +23,7 @@ import ckd_ext
 import gloo_ranks
 from ckd_ext import distributed, reference
 from test_fused_linear import as_oracle, grads_of, heads, logits_of, reference_kd, token_labels
+from inputs import GemmsIssued
 from tolerances import TOLERANCE, assert_matches
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -186,9 +187,10 @@ def vocab_parallel_case(world, rank, group, loss, dtype_name, reduction, anchor=
     hs = student[0].clone().requires_grad_()
     shard = (hs, student[1][rows].clone().requires_grad_(), student[2][rows].clone().requires_grad_())
     teacher_shard = (teacher[0], teacher[1][rows], teacher[2][rows])
-    out = _call(loss, shard, teacher_shard, mask, labels, reduction, vocab_parallel_group=group,
-                **({} if loss == "kd" else {"anchor": anchor}))
-    got = grads_of(out, shard)
+    with GemmsIssued() as gemms:
+        out = _call(loss, shard, teacher_shard, mask, labels, reduction, vocab_parallel_group=group,
+                    **({} if loss == "kd" else {"anchor": anchor}))
+        got = grads_of(out, shard)
     expected, expected_grads = _oracle(loss, student, teacher, mask, labels, reduction, anchor)
     everyone = [torch.empty_like(out) for _ in range(world)]
     dist.all_gather(everyone, out.detach().contiguous(), group=group)
@@ -198,7 +200,8 @@ def vocab_parallel_case(world, rank, group, loss, dtype_name, reduction, anchor=
                   hidden=relative_error(got[0][valid], expected_grads[0][valid]),
                   masked_hidden=float(got[0][~valid].abs().max()),
                   weight=relative_error(got[1], expected_grads[1][rows]),
-                  bias=relative_error(got[2], expected_grads[2][rows]))
+                  bias=relative_error(got[2], expected_grads[2][rows]),
+                  aten_gemms=float(gemms.aten), no_policy_gemms=float(gemms.policy == 0))  # every rank has a shard
     return _max_over_ranks(errors, group)
 
 
@@ -410,6 +413,8 @@ def test_vocab_parallel_equals_the_whole_vocabulary(group_results, case):
     tolerance = TOLERANCE[DTYPES[case.split("-")[1]]]
     assert errors.pop("same_on_every_rank") == 0.0, (world, case)
     assert errors.pop("masked_hidden") == 0.0, (world, case)
+    # every matrix product through the GEMM policy's ops (counted; none issued by ATen around them)
+    assert errors.pop("aten_gemms") == 0.0 and errors.pop("no_policy_gemms") == 0.0, (world, case)
     assert max(errors.values()) <= tolerance, (world, case, errors)
 
 

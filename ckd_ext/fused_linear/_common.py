@@ -3,6 +3,7 @@ policy's operand rule, and the autocast rules (inputs cast as F.linear would tak
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +31,13 @@ def _gemm_operand(x: Tensor) -> Tensor:
     this once per call, so that a backend converting 16-bit heads (the CPU's) converts them once, not in every chunk's
     product, and one multiplying them (CUDA) never converts a whole head."""
     return x.to(accumulation_dtype(x.dtype)) if _gemm_converts(x.dtype, str(x.device)) else x
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """hidden @ weight.T + bias for one chunk in the accumulation dtype `dtype`: one similarity product of the GEMM
+    policy (16-bit operands as they are on tensor cores, fp32 results), `weight` already a GEMM operand."""
+    logits = torch.ops.ckd_ext.gemm_similarity(_gemm_operand(hidden), weight).to(dtype)
+    return logits if bias is None else logits.add_(bias)
 
 
 def _chunk_rows(row_bytes: int, device: torch.device) -> int:

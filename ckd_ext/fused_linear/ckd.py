@@ -229,6 +229,24 @@ class _TeacherSide(NamedTuple):
     norms: Tensor     # max(|t_i|, eps) (N,), of the same t_i as `products` (any positive scale of a row cancels)
 
 
+class _FormProduct(torch.autograd.Function):
+    """rows @ gram for the forms (FORMS_DTYPE, N x K by K x K): forward and backward as the GEMM policy's similarity
+    products (counted, and the emulated backend's arithmetic), like every other product of the fused-linear ops."""
+
+    @staticmethod
+    def forward(ctx, rows, gram):
+        ctx.save_for_backward(rows, gram)
+        return torch.ops.ckd_ext.gemm_similarity(rows, gram.T)
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, grad):
+        rows, gram = ctx.saved_tensors
+        grad_rows = torch.ops.ckd_ext.gemm_similarity(grad, gram) if ctx.needs_input_grad[0] else None
+        grad_gram = torch.ops.ckd_ext.gemm_similarity(rows.T, grad.T) if ctx.needs_input_grad[1] else None
+        return grad_rows, grad_gram
+
+
 def _teacher_side(teacher_rows: Tensor, grams: _Grams) -> _TeacherSide:
     """The teacher's side from its rows [h, 1] and the heads' Gram matrices (docs/math.md 8.1), FORMS_DTYPE."""
     eps_floor = torch.finfo(teacher_rows.dtype).tiny
@@ -236,7 +254,8 @@ def _teacher_side(teacher_rows: Tensor, grams: _Grams) -> _TeacherSide:
     ht = teacher_rows * teacher_scale.unsqueeze(1)
     # scaled by a power of two (no overflow of a square below the dtype's range); so is eps
     teacher_eps = (EPS * grams.scales[1] * teacher_scale).clamp_min(eps_floor)
-    return _TeacherSide(ht @ grams.cross, _clamped_norm(((ht @ grams.teacher) * ht).sum(dim=1), teacher_eps))
+    return _TeacherSide(_FormProduct.apply(ht, grams.cross),
+                        _clamped_norm((_FormProduct.apply(ht, grams.teacher) * ht).sum(dim=1), teacher_eps))
 
 
 def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: float, anchor: str, dtype, lse_of):
@@ -249,7 +268,7 @@ def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: 
     hs = student_rows * student_scale.unsqueeze(1)
     # The rows and heads were scaled by powers of two (no overflow of a square below the dtype's range); so is eps.
     student_eps = (EPS * grams.scales[0] * student_scale).clamp_min(eps_floor)
-    ps = hs @ grams.student                                # <s_i, s_j> = <ps_i, hs_j>
+    ps = _FormProduct.apply(hs, grams.student)             # <s_i, s_j> = <ps_i, hs_j>
     pt, teacher_norm = teacher                             # <t_i, s_j> = <pt_i, hs_j>
     student_norm = _clamped_norm((ps * hs).sum(dim=1), student_eps)
     candidates = hs / student_norm.unsqueeze(1)

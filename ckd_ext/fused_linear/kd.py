@@ -13,14 +13,8 @@ from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
 from . import sharded_heads, vocab_parallel
-from ._common import _autocast_inputs, _chunk_rows, _fold_chunk_gradient, _gemm_operand, _without_autocast
-
-
-def _chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
-    """hidden @ weight.T + bias for one chunk in the accumulation dtype `dtype`: one similarity product of the GEMM
-    policy (16-bit operands as they are on tensor cores, fp32 results), `weight` already a GEMM operand."""
-    logits = torch.ops.ckd_ext.gemm_similarity(_gemm_operand(hidden), weight).to(dtype)
-    return logits if bias is None else logits.add_(bias)
+from ._common import (_autocast_inputs, _chunk_logits, _chunk_rows, _fold_chunk_gradient, _gemm_operand,
+                      _without_autocast)
 
 
 def _cross_entropy(logits: Tensor, labels: Tensor, valid: Optional[Tensor]) -> Tuple[Tensor, Tensor]:

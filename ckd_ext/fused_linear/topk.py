@@ -10,8 +10,8 @@ from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import accumulation_dtype
 from ..divergences import resolve
-from ._common import _autocast_inputs, _fold_chunk_gradient, _gemm_operand, _without_autocast
-from .kd import _chunk_logits, _cross_entropy, _valid_tokens
+from ._common import _autocast_inputs, _chunk_logits, _fold_chunk_gradient, _gemm_operand, _without_autocast
+from .kd import _cross_entropy, _valid_tokens
 
 
 def _walk(inputs, ids, logprobs, valid, labels, options, want, row_weights):

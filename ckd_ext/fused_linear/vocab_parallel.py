@@ -25,7 +25,7 @@ from .. import _validation, distributed
 from ..custom_ops import _once_differentiable
 from ..rows import accumulation_dtype
 from . import sharded_heads
-from ._common import _chunk_rows, _workspace_bytes
+from ._common import _chunk_logits, _chunk_rows, _fold_chunk_gradient, _gemm_operand, _workspace_bytes
 
 # The divergences the vocabulary-parallel KD computes (a subset of ckd_ext.divergences.DIVERGENCES).
 DIVERGENCES = ("forward_kl",)
@@ -151,11 +151,6 @@ def divergence_of(fn: str, name: str):
     return _DIVERGENCE_CLASSES[name]
 
 
-def _shard_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    h = hidden.to(weight.dtype)
-    return h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-
-
 def _kd_pass(inputs, valid, labels, layout, group, divergence, temperature, ce_weight, want, row_weights):
     """One walk over the token chunks, every rank in step (the same chunks: the budget and the largest shard are the
     same on every rank). Returns (value, grads) as kd._kd_pass: `value` the per-token terms ("terms"), their sum
@@ -163,8 +158,7 @@ def _kd_pass(inputs, valid, labels, layout, group, divergence, temperature, ce_w
     gradient summed over the shards, or None when `row_weights` is None."""
     hs, ws, bs, ht, wt, bt = inputs
     dtype = accumulation_dtype(hs.dtype)
-    ws_acc, bs_acc = ws.to(dtype), None if bs is None else bs.to(dtype)
-    wt_acc, bt_acc = wt.to(dtype), None if bt is None else bt.to(dtype)
+    ws_op, wt_op = _gemm_operand(ws), _gemm_operand(wt)
     tokens, shard = hs.shape[0], ws.shape[0]
     offset = layout.offset(layout.rank)
     with_ce = labels is not None and ce_weight != 0
@@ -174,11 +168,11 @@ def _kd_pass(inputs, valid, labels, layout, group, divergence, temperature, ce_w
     grads = None
     if row_weights is not None:
         grads = (torch.zeros(tokens, hs.shape[1], dtype=dtype, device=hs.device),
-                 torch.zeros_like(ws_acc), None if bs is None else torch.zeros_like(bs_acc))
+                 torch.zeros_like(ws, dtype=dtype), None if bs is None else torch.zeros_like(bs, dtype=dtype))
     for start in range(0, tokens, step):
         rows = slice(start, min(start + step, tokens))
-        student = _shard_logits(hs[rows], ws_acc, bs_acc)
-        teacher = _shard_logits(ht[rows], wt_acc, bt_acc)
+        student = _chunk_logits(hs[rows], ws_op, bs, dtype)
+        teacher = _chunk_logits(ht[rows], wt_op, bt, dtype)
         maxima = distributed.all_reduce(torch.stack([student.amax(dim=1), teacher.amax(dim=1)], dim=1), group,
                                         dist.ReduceOp.MAX)
         # A row whose maximum is not finite (-inf everywhere: an empty vocabulary; inf; NaN) is shifted by 0
@@ -211,14 +205,9 @@ def _kd_pass(inputs, valid, labels, layout, group, divergence, temperature, ce_w
                               torch.where(owned, torch.full((), -ce_weight, dtype=dtype, device=grad.device),
                                           zero).unsqueeze(1))
         grad = grad * (row_weights if row_weights.dim() == 0 else row_weights[rows].unsqueeze(1))
-        hidden = hs[rows].to(dtype)
-        if chunk_valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
+        if chunk_valid is not None:  # the gradient's formulas read the masked rows' (garbage) logits
             grad = torch.where(chunk_valid.unsqueeze(1), grad, zero)
-            hidden = torch.where(chunk_valid.unsqueeze(1), hidden, zero)
-        grads[0][rows] = grad @ ws_acc
-        grads[1].addmm_(grad.T, hidden)
-        if grads[2] is not None:
-            grads[2].add_(grad.sum(0))
+        _fold_chunk_gradient(grads, rows, grad, ws_op, hs, chunk_valid)
     if grads is not None:
         grads = (distributed.all_reduce(grads[0], group),) + grads[1:]
     return (None if want is None else value), grads
