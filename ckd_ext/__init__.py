@@ -5,6 +5,7 @@
     ckd_ext.fused_linear_ckd_loss / fused_linear_kd_loss
                                                 the same losses on hidden states and LM heads, no logits held
     ckd_ext.FusedLinearCKDLoss / FusedLinearKDLoss   their nn.Module wrappers
+    ckd_ext.fused_linear_teacher_gram           a frozen teacher head's Gram matrix, once, for fused-linear CKD
     ckd_ext.topk_kd_loss / fused_linear_topk_kd_loss / teacher_topk
                                                 KD from an offline top-k teacher (ids + log-probabilities), and
                                                 its producer; TopKKDLoss / FusedLinearTopKKDLoss their modules
@@ -22,8 +23,8 @@
 from . import autograd, reference  # noqa: F401
 from ._extension import is_available, require_extension  # noqa: F401  (require_extension: _C, for tools)
 from ._version import __version__  # noqa: F401
-from .fused_linear import (fused_linear_ckd_loss, fused_linear_kd_loss, fused_linear_topk_ckd_loss,
-                           fused_linear_topk_kd_loss, teacher_topk)
+from .fused_linear import (TeacherGram, fused_linear_ckd_loss, fused_linear_kd_loss, fused_linear_teacher_gram,
+                           fused_linear_topk_ckd_loss, fused_linear_topk_kd_loss, teacher_topk)
 from .modules import (BicKDLoss, CKDLoss, FusedLinearCKDLoss, FusedLinearKDLoss, FusedLinearTopKCKDLoss,
                       FusedLinearTopKKDLoss, KDLoss, TopKCKDLoss, TopKKDLoss)
 from .losses import bickd_loss, ckd_loss, kd_loss
@@ -34,6 +35,7 @@ from .settings import available_cpu_isas, cpu_isa, set_cpu_isa, set_workspace_by
 __all__ = [
     "ckd_loss", "bickd_loss", "kd_loss", "CKDLoss", "BicKDLoss", "KDLoss", "reference",
     "fused_linear_ckd_loss", "fused_linear_kd_loss", "FusedLinearCKDLoss", "FusedLinearKDLoss",
+    "fused_linear_teacher_gram", "TeacherGram",
     "topk_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk", "TeacherTopK", "TopKKDLoss", "FusedLinearTopKKDLoss",
     "topk_ckd_loss", "fused_linear_topk_ckd_loss", "TopKCKDLoss", "FusedLinearTopKCKDLoss",
     "is_available", "workspace_bytes", "set_workspace_bytes", "cpu_isa", "available_cpu_isas", "set_cpu_isa",

@@ -94,11 +94,12 @@ class FusedLinearCKDLoss(_FusedLinear):
         self.tau, self.anchor, self.reduction = tau, anchor, reduction
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
-                teacher_bias=None, mask=None):
+                teacher_bias=None, mask=None, teacher_gram=None):
         return fused_linear.fused_linear_ckd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, tau=self.tau, anchor=self.anchor, mask=mask, reduction=self.reduction,
-            global_batch=self.global_batch, group=self.group, vocab_parallel_group=self.vocab_parallel_group)
+            global_batch=self.global_batch, group=self.group, vocab_parallel_group=self.vocab_parallel_group,
+            teacher_gram=teacher_gram)
 
     def extra_repr(self):
         return f"tau={self.tau}, anchor={self.anchor!r}, reduction={self.reduction!r}" + self._distributed_repr()

@@ -159,3 +159,15 @@ def test_divergences_refuses_a_provider_that_disagrees_with_the_oracle():
     assert check_agreement("tie", [torch.tensor(1.0), torch.tensor([1.0, 0.5, 1.0])], oracle, 1e-4, ignore=tie) == 0
     with pytest.raises(SystemExit, match="off-tie disagrees"):
         check_agreement("off-tie", [torch.tensor(1.0), torch.tensor([0.5, 1.0, 1.0])], oracle, 1e-4, ignore=tie)
+
+
+@pytest.mark.skipif(not provider_status("ckd_ext", "ckd")[0], reason="runs ckd_ext's fused-linear CKD")
+def test_teacher_gram_benchmark_prints_its_three_providers():
+    """benchmarks/teacher_gram.py at a tiny shape: the three providers agree on the loss (it stops otherwise) and get a
+    row each."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "teacher_gram.py"), "--tokens", "64", "--vocab",
+                           "300", "--student-width", "8", "--teacher-width", "16", "--reps", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ")[0].strip("| ") for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert rows == ["provider", "fused_linear", "fused_linear + teacher_gram", "materialise + ckd_loss"], proc.stdout

@@ -449,6 +449,78 @@ def test_emulated_backend(loss):
         compare(*fns, student, teacher, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("anchor", ("student", "teacher"))
+@pytest.mark.parametrize("bias", (True, False))
+def test_teacher_gram_is_the_uncached_loss(dtype, anchor, bias, workspace):
+    """fused_linear_teacher_gram, passed back as teacher_gram=: the loss and every gradient equal the float64 oracle
+    as the uncached call does, and within the float64 rounding of the cached Gram's own vocabulary chunks of the
+    uncached call (1e-12; its chunks hold the teacher columns alone); each vocabulary chunk issues one GEMM less (the
+    teacher's diagonal block). Reusable across calls while the teacher is unchanged."""
+    vocab, rows = 40, 8
+    workspace(rows * 4 * 24 * 8)  # vocabulary chunks of 8 rows for the uncached K = 7 + 10 (fp64): several chunks
+    student, teacher = heads(vocab=vocab, dtype=dtype, seed=23, bias=bias)
+    mask = random_mask((5, 7), seed=23)
+    fused, oracle = ckd_fns(anchor=anchor, mask=mask)
+    gram = ckd_ext.fused_linear_teacher_gram(teacher[1], teacher[2])
+    ext = ckd_ext.require_extension()
+
+    def cached(s, t):
+        return ckd_ext.fused_linear_ckd_loss(s[0], s[1], t[0], t[1], student_bias=s[2], teacher_bias=t[2], tau=0.5,
+                                             anchor=anchor, mask=mask, teacher_gram=gram)
+
+    calls = ext.gemm_calls()
+    plain = fused(student, teacher)
+    plain_grads = grads_of(plain, student)
+    calls = ext.gemm_calls() - calls
+    compare(cached, oracle, student, teacher, dtype)
+    fewer = ext.gemm_calls()  # the same TeacherGram again
+    out = cached(student, teacher)
+    cached_grads = grads_of(out, student)
+    fewer = ext.gemm_calls() - fewer
+    chunk_rows = ckd_ext.fused_linear.ckd._chunk_rows(4 * (sum(x.shape[-1] for x in (student[0], teacher[0])) + 2 *
+                                                           bias) * 8, student[0].device)
+    assert calls - fewer == -(-vocab // min(vocab, chunk_rows)), (calls, fewer)
+    torch.testing.assert_close(out.double(), plain.detach().double(), rtol=1e-12 if dtype == torch.float64 else 0,
+                               atol=0 if dtype == torch.float64 else 2 * torch.finfo(dtype).eps * abs(plain.item()))
+    for got, want in zip(cached_grads, plain_grads):
+        if want is not None:
+            assert float((got.double() - want.double()).abs().max()) <= (
+                1e-12 if dtype == torch.float64 else 2 * torch.finfo(dtype).eps) * float(want.double().abs().max())
+
+
+def test_teacher_gram_refused_for_another_or_a_changed_head():
+    """A TeacherGram is only taken with the head it was made from, unchanged (its version counters): anything else
+    raises before any work, naming the argument."""
+    student, teacher = heads(seed=24)
+    hs, ws, bs = student
+    ht, wt, bt = teacher
+    gram = ckd_ext.fused_linear_teacher_gram(wt, bt)
+
+    def call(weight=wt, bias=bt, teacher_gram=gram):
+        return ckd_ext.fused_linear_ckd_loss(hs, ws, ht, weight, student_bias=bs, teacher_bias=bias,
+                                             teacher_gram=teacher_gram)
+
+    with pytest.raises(ValueError, match="teacher_gram was made from another"):
+        call(weight=wt.clone())
+    with pytest.raises(ValueError, match="teacher_gram was made from another"):
+        call(bias=None)
+    with pytest.raises(TypeError, match="teacher_gram must be a TeacherGram"):
+        call(teacher_gram=gram.gram)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="autocast"):
+        call()
+    call()  # still fine: nothing changed
+    module = ckd_ext.FusedLinearCKDLoss()
+    torch.testing.assert_close(module(hs, ws, ht, wt, student_bias=bs, teacher_bias=bt, teacher_gram=gram), call(),
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        wt.mul_(2.0)
+    with pytest.raises(ValueError, match="teacher_gram is stale"):
+        call()
+    with pytest.raises(ValueError, match="teacher_weight must have shape"):
+        ckd_ext.fused_linear_teacher_gram(wt[0])
+
+
 # --------------------------------------------------------------------------------------------------
 # Memory: nothing N x V or N x N
 # --------------------------------------------------------------------------------------------------

@@ -19,10 +19,10 @@ Both are Python orchestration over ATen GEMMs and the ckd_ext ops, so they run w
 emulated CUDA backend). They assume a linear head: with logit soft-capping or any non-linear head, compute the logits
 and call ``ckd_loss`` / ``kd_loss``.
 """
-from .ckd import fused_linear_ckd_loss
+from .ckd import TeacherGram, fused_linear_ckd_loss, fused_linear_teacher_gram
 from .kd import fused_linear_kd_loss
 from .topk import fused_linear_topk_kd_loss, teacher_topk
 from .topk_ckd import fused_linear_topk_ckd_loss
 
-__all__ = ["fused_linear_ckd_loss", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk",
+__all__ = ["fused_linear_ckd_loss", "fused_linear_teacher_gram", "TeacherGram", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk",
            "fused_linear_topk_ckd_loss"]

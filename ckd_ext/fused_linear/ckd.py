@@ -1,6 +1,8 @@
 """Fused-linear CKD through the heads' bilinear forms (docs/math.md 8)."""
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -71,21 +73,21 @@ class _HeadGrams(torch.autograd.Function):
     (0 x K_s, 0 x 0) and only G_ss is formed."""
 
     @staticmethod
-    def forward(ctx, student_weight, student_bias, teacher_weight, teacher_bias, scales, dtype):
+    def forward(ctx, student_weight, student_bias, teacher_weight, teacher_bias, scales, dtype, cached_teacher_gram):
         student = _head_columns(student_weight, student_bias)
         teacher = [] if teacher_weight is None else _head_columns(teacher_weight, teacher_bias)
         split = sum(b.shape[1] for b in student)
         width = split + sum(b.shape[1] for b in teacher)
         gram = torch.zeros(width, width, dtype=dtype, device=student_weight.device)
         for _, chunk in _vocabulary_chunks(student, teacher, scales, dtype):
-            # The student's rows [G_ss | G_st] and the teacher's diagonal block; G_ts is G_st^T. Products of the GEMM
-            # policy (counted; float64 operands: float64 GEMMs).
+            # The student's rows [G_ss | G_st] and (unless cached) the teacher's diagonal block; G_ts is G_st^T.
+            # Products of the GEMM policy (counted; float64 operands: float64 GEMMs).
             gram[:split].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, :split].T, chunk.T))
-            if teacher:
+            if teacher and cached_teacher_gram is None:
                 gram[split:, split:].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, split:].T, chunk[:, split:].T))
         student_gram = gram[:split, :split].clone()
         cross_gram = gram[:split, split:].T.contiguous()
-        teacher_gram = gram[split:, split:].clone()
+        teacher_gram = gram[split:, split:].clone() if cached_teacher_gram is None else cached_teacher_gram.clone()
         ctx.mark_non_differentiable(teacher_gram)
         ctx.dtype, ctx.split = dtype, split
         ctx.save_for_backward(student_weight, student_bias, teacher_weight, teacher_bias, scales)
@@ -98,7 +100,7 @@ class _HeadGrams(torch.autograd.Function):
                                             teacher_bias)
         need_weight, need_bias = ctx.needs_input_grad[:2]
         if not (need_weight or need_bias):
-            return None, None, None, None, None, None
+            return (None,) * 7
         split = ctx.split
         teacher_width = 0 if teacher_weight is None else teacher_weight.shape[1] + (teacher_bias is not None)
         if grad_student_gram is None:
@@ -117,7 +119,7 @@ class _HeadGrams(torch.autograd.Function):
             grad_weight[rows] = head_grad[:, :width]
             if grad_bias is not None:
                 grad_bias[rows] = head_grad[:, width]
-        return (grad_weight if need_weight else None), (grad_bias if need_bias else None), None, None, None, None
+        return (grad_weight if need_weight else None), (grad_bias if need_bias else None), None, None, None, None, None
 
 
 def _hidden_rows(hidden: Tensor, with_bias: bool, dtype: torch.dtype, mask: Optional[Tensor]) -> Tensor:
@@ -310,9 +312,79 @@ def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, prepared, reduct
     return scatter_rows(terms, prepared)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class TeacherGram:
+    """A frozen teacher head's own Gram matrix G_tt = c^2 B_t^T B_t (docs/math.md 8.1), for ``fused_linear_ckd_loss(
+    ..., teacher_gram=)``: made by ``fused_linear_teacher_gram`` from the head it is then passed with. It holds
+    references to that head's tensors (weakly) and their version counters, and the loss refuses it for any other
+    head or after an in-place change of it (an optimizer step, ``copy_``): compute it again then. A write through
+    ``.data`` bypasses the version counter and is not seen."""
+    gram: Tensor            # K_t x K_t, FORMS_DTYPE, of the head scaled by c = _downscale(magnitude)
+    magnitude: Tensor       # the head's largest |entry| (0-dim, FORMS_DTYPE)
+    operand_dtype: torch.dtype  # the head's dtype as the loss takes it (the autocast dtype under torch.autocast)
+    weight: "weakref.ref"
+    bias: Optional["weakref.ref"]
+    versions: Tuple[int, Optional[int]]
+
+
+def fused_linear_teacher_gram(teacher_weight: Tensor, teacher_bias: Optional[Tensor] = None) -> TeacherGram:
+    """The teacher head's part of fused-linear CKD's Gram matrices, computed once for a teacher that does not change
+    between calls: passed as ``teacher_gram=``, each call skips the teacher's ``V K_t^2`` multiply-adds (the largest
+    of the three Gram blocks whenever ``H_t > H_s``) and one read of its head. Under ``torch.autocast`` make it
+    under the same autocast state as the calls."""
+    fn = "fused_linear_teacher_gram"
+    _validation._check_floating_tensor(fn, "teacher_weight", teacher_weight)
+    if teacher_weight.dim() != 2 or teacher_weight.shape[0] == 0:
+        raise ValueError(f"{fn}: teacher_weight must have shape (V, H_t) with V > 0, got {tuple(teacher_weight.shape)}")
+    if teacher_bias is not None:
+        _validation._check_floating_tensor(fn, "teacher_bias", teacher_bias)
+        if tuple(teacher_bias.shape) != (teacher_weight.shape[0],) or teacher_bias.dtype != teacher_weight.dtype:
+            raise ValueError(f"{fn}: teacher_bias must have shape (V,) = ({teacher_weight.shape[0]},) and "
+                             f"teacher_weight's dtype {teacher_weight.dtype}, got {tuple(teacher_bias.shape)} "
+                             f"{teacher_bias.dtype}")
+    weight, bias = map(sharded_heads.full_head, (teacher_weight, teacher_bias))
+    weight, bias = _autocast_inputs(weight, bias)
+    require_extension()
+    with _without_autocast(weight), torch.no_grad():
+        magnitude = _head_magnitude(weight, bias).to(FORMS_DTYPE)
+        scales = torch.stack([_downscale(magnitude), torch.ones_like(magnitude)])
+        blocks = _head_columns(weight, bias)
+        width = sum(b.shape[1] for b in blocks)
+        gram = torch.zeros(width, width, dtype=FORMS_DTYPE, device=weight.device)
+        for _, chunk in _vocabulary_chunks(blocks, [], scales, FORMS_DTYPE):
+            gram.add_(torch.ops.ckd_ext.gemm_similarity(chunk.T, chunk.T))
+    return TeacherGram(gram, magnitude, weight.dtype, weakref.ref(teacher_weight),
+                       None if teacher_bias is None else weakref.ref(teacher_bias),
+                       (teacher_weight._version, None if teacher_bias is None else teacher_bias._version))
+
+
+def _check_teacher_gram(fn: str, teacher_gram, teacher_weight, teacher_bias, operand_dtype, vocab_parallel_group):
+    """The head `teacher_gram` was made from is the one passed, unchanged; before any work."""
+    if teacher_gram is None:
+        return
+    if not isinstance(teacher_gram, TeacherGram):
+        raise TypeError(f"{fn}: teacher_gram must be a TeacherGram from ckd_ext.fused_linear_teacher_gram or None, "
+                        f"got {type(teacher_gram).__name__}")
+    if vocab_parallel_group is not None:
+        raise ValueError(f"{fn}: teacher_gram is not supported with vocab_parallel_group (each rank's shard holds part "
+                         "of the teacher's Gram matrix)")
+    same_bias = (teacher_gram.bias is None) == (teacher_bias is None) and (
+        teacher_bias is None or teacher_gram.bias() is teacher_bias)
+    if teacher_gram.weight() is not teacher_weight or not same_bias:
+        raise ValueError(f"{fn}: teacher_gram was made from another teacher_weight / teacher_bias than the ones "
+                         "passed; make it with ckd_ext.fused_linear_teacher_gram(teacher_weight, teacher_bias)")
+    versions = (teacher_weight._version, None if teacher_bias is None else teacher_bias._version)
+    if versions != teacher_gram.versions:
+        raise ValueError(f"{fn}: teacher_gram is stale: teacher_weight / teacher_bias changed in place since it was "
+                         f"made (versions {teacher_gram.versions} -> {versions}); make it again")
+    if operand_dtype != teacher_gram.operand_dtype:
+        raise ValueError(f"{fn}: teacher_gram was made from the head in {teacher_gram.operand_dtype}, but this call "
+                         f"takes it in {operand_dtype} (torch.autocast on in one and not the other?)")
+
+
 def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, *, student_bias=None,
                           teacher_bias=None, tau=1.0, anchor="student", mask=None, reduction="mean",
-                          global_batch=False, group=None, vocab_parallel_group=None):
+                          global_batch=False, group=None, vocab_parallel_group=None, teacher_gram=None):
     """``ckd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias)``
     without the logits: loss and gradients (hidden, weight, bias of the student) equal those of the logit loss.
 
@@ -323,25 +395,31 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
     not N V. DTensor heads (FSDP2) are taken whole once per call, their gradient averaged back to the shards; with
     `vocab_parallel_group` each rank passes its shard of the vocabulary rows of both heads (docs/distributed.md).
     For "mean" and "sum" every gradient is finished during the forward (a gathered head may be freed before
-    backward)."""
+    backward). `teacher_gram` (``fused_linear_teacher_gram(teacher_weight, teacher_bias)``) skips the teacher head's
+    own Gram matrix for a teacher that does not change between calls."""
     fn = "fused_linear_ckd_loss"
     vocab_parallel.check_arguments(fn, vocab_parallel_group, global_batch, student_weight, teacher_weight,
                                    student_bias, teacher_bias)
+    given_teacher = (teacher_weight, teacher_bias)
     student_weight, teacher_weight, student_bias, teacher_bias = map(
         sharded_heads.full_head, (student_weight, teacher_weight, student_bias, teacher_bias))
     inputs = _autocast_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias)
+    if teacher_gram is not None:
+        operand_dtype = inputs[3].dtype if isinstance(inputs[3], Tensor) else None
+        _check_teacher_gram(fn, teacher_gram, *given_teacher, operand_dtype, vocab_parallel_group)
 
     def compute(*tensors):
         return _fused_linear_ckd(fn, tensors, tau, anchor, mask, reduction, global_batch, group,
-                                 vocab_parallel_group)
+                                 vocab_parallel_group, teacher_gram)
 
     with _without_autocast(inputs[0]):
         loss = compute(*inputs) if reduction == "none" else sharded_heads.finish_in_forward(compute, inputs)
     return _output(loss, inputs[0])  # outside: under autocast the loss stays float32
 
 
-def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group, vocab_parallel_group):
+def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group, vocab_parallel_group,
+                      teacher_gram=None):
     if vocab_parallel_group is not None:
         checks = distributed.checked_together(vocab_parallel_group, communicates=True)
     else:
@@ -351,14 +429,16 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
         distributed.check_arguments(fn, global_batch, group)
     require_extension()  # the workspace budget that sizes the strips is the extension's
     dtype = accumulation_dtype(p.student_hidden.dtype)
-    magnitudes = torch.stack([_head_magnitude(p.student_weight, p.student_bias),
-                              _head_magnitude(p.teacher_weight, p.teacher_bias)]).to(FORMS_DTYPE)
+    teacher_magnitude = (_head_magnitude(p.teacher_weight, p.teacher_bias) if teacher_gram is None
+                         else teacher_gram.magnitude)
+    magnitudes = torch.stack([_head_magnitude(p.student_weight, p.student_bias).to(FORMS_DTYPE),
+                              teacher_magnitude.to(FORMS_DTYPE)])
     if vocab_parallel_group is not None:  # the Gram matrices are sums over the vocabulary (docs/math.md 8.5)
         vocab_parallel.ckd_layout(fn, p, tau, anchor, reduction, vocab_parallel_group)
         magnitudes = vocab_parallel.max_over_shards(magnitudes, vocab_parallel_group)
     head_scales = _downscale(magnitudes)
     head_grams = _HeadGrams.apply(p.student_weight, p.student_bias, p.teacher_weight, p.teacher_bias, head_scales,
-                                  FORMS_DTYPE)
+                                  FORMS_DTYPE, None if teacher_gram is None else teacher_gram.gram)
     if vocab_parallel_group is not None:
         head_grams = vocab_parallel.sum_over_shards(head_grams, vocab_parallel_group)
     grams = _Grams(*head_grams, head_scales)

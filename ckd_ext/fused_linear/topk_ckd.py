@@ -103,7 +103,7 @@ def _fused_linear_topk_ckd(hidden, weight, bias, p, temperature, tau, reduction)
     # the student head's scale (8.1, "Scaling"); there is no teacher head (its slot's scale is 1)
     magnitudes = torch.stack([_head_magnitude(weight, bias), torch.zeros((), device=weight.device)]).to(FORMS_DTYPE)
     head_scales = _downscale(magnitudes)
-    student_gram, cross, teacher_gram = _HeadGrams.apply(weight, bias, None, None, head_scales, FORMS_DTYPE)
+    student_gram, cross, teacher_gram = _HeadGrams.apply(weight, bias, None, None, head_scales, FORMS_DTYPE, None)
     grams = _Grams(student_gram, cross, teacher_gram, head_scales)
     teacher = _topk_ckd.teacher_rows(p.teacher_ids, p.teacher_logprobs, *p.moments, p.mask, temperature,
                                      weight.shape[0])
