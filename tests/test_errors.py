@@ -491,6 +491,50 @@ test_vocab_parallel_divergence = fused_linear_test(
     (FL_KD, dict(vocab_parallel_group=LONE_GROUP, scale_t2=False), dict(value="False")))
 
 
+def teacher_gram_inputs(bias=False):
+    """fl_inputs() with a teacher bias (if asked) and a TeacherGram made from that teacher head."""
+    inputs = fl_inputs()
+    if bias:
+        inputs["teacher_bias"] = torch.randn(5)
+    inputs["teacher_gram"] = ckd_ext.fused_linear_teacher_gram(inputs["teacher_weight"], inputs.get("teacher_bias"))
+    return inputs
+
+
+@documents("E-teacher-gram-type")
+def test_teacher_gram_type():
+    inputs = teacher_gram_inputs()
+    for impl in ("fused", "module"):
+        expect("E-teacher-gram-type", lambda: fl_call(impl, FL_CKD[0], **dict(
+            inputs, teacher_gram=inputs["teacher_gram"].gram)), fn=FL_CKD[0], type="Tensor")
+
+
+@documents("E-teacher-gram")
+def test_teacher_gram():
+    fn = FL_CKD[0]
+    for impl in ("fused", "module"):
+        inputs = teacher_gram_inputs(bias=True)
+        expect("E-teacher-gram", lambda: fl_call(impl, fn, vocab_parallel_group=LONE_GROUP, **inputs), form=0, fn=fn)
+        for other in (dict(teacher_weight=inputs["teacher_weight"].clone()), dict(teacher_bias=None)):
+            expect("E-teacher-gram", lambda: fl_call(impl, fn, **dict(inputs, **other)), form=1, fn=fn)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expect("E-teacher-gram", lambda: fl_call(impl, fn, **inputs), form=3, fn=fn, made="torch.float32",
+                   now="torch.bfloat16")
+        inputs["teacher_bias"].add_(1.0)
+        expect("E-teacher-gram", lambda: fl_call(impl, fn, **inputs), form=2, fn=fn, made="(0, 0)", now="(0, 1)")
+
+
+@documents("E-teacher-gram-head")
+def test_teacher_gram_head():
+    weight = torch.randn(5, 2)
+    expect("E-teacher-gram-head", lambda: ckd_ext.fused_linear_teacher_gram(weight[0]), form=0, shape="(2,)")
+    expect("E-teacher-gram-head", lambda: ckd_ext.fused_linear_teacher_gram(torch.randn(0, 2)), form=0,
+           shape="(0, 2)")
+    expect("E-teacher-gram-head", lambda: ckd_ext.fused_linear_teacher_gram(weight, torch.randn(4)), form=1,
+           vocab="5", dtype="torch.float32", shape="(4,)", got="torch.float32")
+    expect("E-teacher-gram-head", lambda: ckd_ext.fused_linear_teacher_gram(weight, torch.randn(5).double()),
+           form=1, shape="(5,)", got="torch.float64")
+
+
 test_ce_weight_range = fused_linear_test(
     "E-ce-weight-range",
     *[(FL_KD, dict(ce_weight=v, labels=torch.zeros(4, dtype=torch.int64)), dict(value=repr(v)))
