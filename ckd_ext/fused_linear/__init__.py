@@ -24,5 +24,6 @@ from .kd import fused_linear_kd_loss
 from .topk import fused_linear_topk_kd_loss, teacher_topk
 from .topk_ckd import fused_linear_topk_ckd_loss
 
-__all__ = ["fused_linear_ckd_loss", "fused_linear_teacher_gram", "TeacherGram", "fused_linear_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk",
+__all__ = ["fused_linear_ckd_loss", "fused_linear_teacher_gram", "TeacherGram", "fused_linear_kd_loss",
+           "fused_linear_topk_kd_loss", "teacher_topk",
            "fused_linear_topk_ckd_loss"]

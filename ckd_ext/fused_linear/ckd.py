@@ -405,13 +405,10 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
         sharded_heads.full_head, (student_weight, teacher_weight, student_bias, teacher_bias))
     inputs = _autocast_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                               teacher_bias)
-    if teacher_gram is not None:
-        operand_dtype = inputs[3].dtype if isinstance(inputs[3], Tensor) else None
-        _check_teacher_gram(fn, teacher_gram, *given_teacher, operand_dtype, vocab_parallel_group)
 
     def compute(*tensors):
         return _fused_linear_ckd(fn, tensors, tau, anchor, mask, reduction, global_batch, group,
-                                 vocab_parallel_group, teacher_gram)
+                                 vocab_parallel_group, teacher_gram, given_teacher)
 
     with _without_autocast(inputs[0]):
         loss = compute(*inputs) if reduction == "none" else sharded_heads.finish_in_forward(compute, inputs)
@@ -419,7 +416,7 @@ def fused_linear_ckd_loss(student_hidden, student_weight, teacher_hidden, teache
 
 
 def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, group, vocab_parallel_group,
-                      teacher_gram=None):
+                      teacher_gram=None, given_teacher=(None, None)):
     if vocab_parallel_group is not None:
         checks = distributed.checked_together(vocab_parallel_group, communicates=True)
     else:
@@ -427,6 +424,7 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
     with checks:
         p = _validation.prepare_fused_linear_ckd(fn, *inputs, tau, anchor, mask, reduction)
         distributed.check_arguments(fn, global_batch, group)
+        _check_teacher_gram(fn, teacher_gram, *given_teacher, p.teacher_weight.dtype, vocab_parallel_group)
     require_extension()  # the workspace budget that sizes the strips is the extension's
     dtype = accumulation_dtype(p.student_hidden.dtype)
     teacher_magnitude = (_head_magnitude(p.teacher_weight, p.teacher_bias) if teacher_gram is None
