@@ -398,6 +398,22 @@ inline void with_epilogue_raw_factor(const EpilogueParams<Acc>& p, int64_t i, in
   }
 }
 
+// sum_{j != i} e^(z_j - m) over a row. The diagonal is left out by setting z_i to -inf for the sum (its e^(-inf - m)
+// is exactly the 0 a test j == i would give) rather than by that test, which, per element, left the loop scalar where
+// GCC specialised contrastive_epilogue_row's gradient path (measured: 5-6x slower than the vectorised copy).
+template <typename Acc>
+inline Acc negatives_exp_sum(Acc* __restrict z, int64_t cols, int64_t i, Acc m) {
+  if (!(m > neg_inf<Acc>() && m < -neg_inf<Acc>())) {  // e^(-inf - m) is not 0 there: the test, on a rare row
+    return sum_mapped<Acc>(cols, [&](int64_t j) { return j == i ? Acc(0) : fast_exp(z[j] - m); });
+  }
+  const Acc zi = z[i];
+  z[i] = neg_inf<Acc>();
+  const Acc* __restrict row = z;
+  const Acc sum = sum_mapped<Acc>(cols, [row, m](int64_t j) { return fast_exp(row[j] - m); });
+  z[i] = zi;
+  return sum;
+}
+
 template <typename Acc>
 void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   const int64_t i = p.row0 + r;
@@ -421,7 +437,7 @@ void contrastive_epilogue_row(const EpilogueParams<Acc>& p, int64_t r) {
   // positive dominates.
   const Acc zi = z[i];
   const Acc m = max_over<Acc>(cols, [&](int64_t j) { return z[j]; });
-  const Acc negatives = sum_mapped<Acc>(cols, [&](int64_t j) { return j == i ? Acc(0) : fast_exp(z[j] - m); });
+  const Acc negatives = negatives_exp_sum(z, cols, i, m);
   const Acc d = (m - zi) + std::log(negatives);
   p.loss[i] = softplus_acc(d);
   if (!want_grad) return;
