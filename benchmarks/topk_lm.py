@@ -13,6 +13,8 @@ process's high-water mark during one forward + backward beyond the inputs (bench
 
     python benchmarks/topk_lm.py                     # N = 4096, V = 32000, H = 512, k = 64, float32 and bfloat16
     python benchmarks/topk_lm.py --tokens 256 --reps 2   # a quick look
+    python benchmarks/topk_lm.py --device cuda --tokens 16384 --vocab 128256 --hidden 2048 --dtypes bfloat16
+                                                     # the GPU shape (tools/gpu_check.py's topk step)
 """
 from __future__ import annotations
 
@@ -64,39 +66,50 @@ def main():
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(f"N = {args.tokens}, V = {args.vocab}, H = {args.hidden}, k = {args.k}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start")
+    print(f"N = {args.tokens}, V = {args.vocab}, H = {args.hidden}, k = {args.k}, torch {torch.__version__}, {where}")
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     print("| dtype | provider | p50 ms [p20 .. p80] | x fused_linear | peak MiB beyond inputs | loss |")
     print("|---|---|---|---|---|---|")
     for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
         g = torch.Generator().manual_seed(1)
-        hidden = torch.randn(args.tokens, args.hidden, generator=g).to(dtype).requires_grad_()
-        weight = (torch.randn(args.vocab, args.hidden, generator=g) * args.hidden ** -0.5 * 2).to(dtype)
+        hidden = torch.randn(args.tokens, args.hidden, generator=g).to(device, dtype).requires_grad_()
+        weight = (torch.randn(args.vocab, args.hidden, generator=g) * args.hidden ** -0.5 * 2).to(device, dtype)
         weight.requires_grad_()
         # a teacher close to the student: its hidden states perturbed, its top-k written by the producer
-        teacher = ckd_ext.teacher_topk(hidden.detach() + 0.3 * torch.randn(hidden.shape, generator=g).to(dtype),
-                                       weight.detach(), args.k)
+        noise = 0.3 * torch.randn(hidden.shape, generator=g).to(device, dtype)
+        teacher = ckd_ext.teacher_topk(hidden.detach() + noise, weight.detach(), args.k)
         ids, logprobs = teacher.ids, teacher.logprobs
         fns = providers(hidden, weight, ids, logprobs)
         losses = {name: step(fn, hidden, weight) for name, fn in fns.items()}  # warm-up, and the values
         times = {name: [] for name in fns}
         for _ in range(args.reps):  # interleaved
             for name, fn in fns.items():
+                synchronize()
                 start = time.perf_counter()
                 step(fn, hidden, weight)
+                synchronize()
                 times[name].append((time.perf_counter() - start) * 1e3)
         peaks = {}
         for name, fn in fns.items():
             peaks[name], _ = measure_peak(lambda: setattr(hidden, "grad", None) or setattr(weight, "grad", None),
-                                          lambda fn=fn: fn().backward(), "cpu")
+                                          lambda fn=fn: fn().backward(), device.type)
         base = quantiles(times["fused_linear"])[1]
         for name in fns:
             p20, p50, p80 = quantiles(times[name])
             print(f"| {str(dtype).replace('torch.', '')} | {name} | {p50:.0f} [{p20:.0f} .. {p80:.0f}] | "
                   f"{p50 / base:.2f} | {peaks[name]:.0f} | {losses[name].item():.6f} |")
-    print(f"load average {os.getloadavg()[0]:.2f} at the end")
+    if device.type == "cpu":
+        print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -171,3 +171,16 @@ def test_teacher_gram_benchmark_prints_its_three_providers():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split(" | ")[0].strip("| ") for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert rows == ["provider", "fused_linear", "fused_linear + teacher_gram", "materialise + ckd_loss"], proc.stdout
+
+
+@pytest.mark.skipif(not provider_status("ckd_ext", "kd")[0], reason="runs ckd_ext's top-k KD")
+def test_topk_lm_benchmark_runs_its_three_providers():
+    """benchmarks/topk_lm.py at a tiny shape on the CPU (the GPU check runs it with --device cuda): a row per
+    provider, all with the same loss."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "topk_lm.py"), "--device", "cpu", "--tokens", "64",
+                           "--vocab", "500", "--hidden", "16", "--reps", "1", "--dtypes", "float32"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| float32")]
+    assert [r[1] for r in rows] == ["fused_linear", "logits", "eager"], proc.stdout
+    assert len({r[-1] for r in rows}) == 1, rows  # the same loss from every provider

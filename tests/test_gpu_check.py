@@ -29,7 +29,7 @@ from ckd_ext import testing  # noqa: E402
 
 FIRST_CALL_ORDER = ("preflight", "build", "test_cuda", "graph_sync", "headline", "peaks", "shapes_32k", "fused_linear",
                     "memcheck", "racecheck")
-SECOND_CALL = ("bickd_128k", "compiled", "ddp_nccl")
+SECOND_CALL = ("bickd_128k", "topk", "compiled", "ddp_nccl")
 
 
 def dry_run() -> str:
@@ -62,7 +62,8 @@ def test_dry_run_plans_fit_one_call_each_with_the_headline_first():
                    "--timeout 60", "--only shape=gpu-tokens-16k-v128k --only provider=ckd_ext,eager,floor "
                    "--only mode=full --only loss=ckd,kd", "compute-sanitizer --tool memcheck --kernel-name kns=ckd",
                    "compute-sanitizer --tool racecheck", "--only shape=gpu-lm-16k-v128k-h2048-4096",
-                   "--only provider=compiled", "$OUT/gpu-check.tar.gz"):
+                   "--only provider=compiled", "$OUT/gpu-check.tar.gz",
+                   "benchmarks/topk_lm.py --device cuda --tokens 16384 --vocab 128256 --hidden 2048 --k 64"):
         assert needle in plan, needle
     assert "pip install" not in plan  # the GPU machine has no network
 

@@ -111,6 +111,10 @@ def _bench_step(name: str, budget: int, sizing: str) -> Step:
                 _bench_args(shape, providers, case_timeout, loss) + f" --out $WORK/bench_{name}", elastic=True)
 
 
+TOPK_ARGS = ["--device", "cuda", "--tokens", "16384", "--vocab", "128256", "--hidden", "2048", "--k", "64", "--reps",
+             "3", "--dtypes", "bfloat16"]
+TOPK_SHOWS = "benchmarks/topk_lm.py " + " ".join(TOPK_ARGS)
+
 SANITIZE_SHOWS = ("PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool {tool} --kernel-name kns=ckd "
                   "--error-exitcode 1 python3 tools/gpu_check.py ops --check run --dtypes float32,bfloat16,float16")
 
@@ -151,7 +155,11 @@ FIRST_CALL = COMMON_STEPS + [
 SECOND_CALL = COMMON_STEPS + [
     _bench_step("bickd_128k", 120, "BicKD at 16384 x 128256 bf16 x ckd_ext / eager / floor: ckd_ext ~27 s a call on "
                 "fp32 GEMMs today, so 1 warm-up + 2 timed calls of it, cut at 90 s"),
-    _bench_step("compiled", 195, "the compiled provider (torch.compile of the bf16 autocast reference, inductor; "
+    Step("topk", 30, "top-k KD at the GPU shape (16384 tokens, V = 128256, H = 2048, k = 64, bf16): "
+         "fused_linear_topk_kd_loss against materialised logits + topk_kd_loss and an eager top-k KD, time and peak "
+         "memory, 3 interleaved calls each after the producer teacher_topk; start-up ~10 s",
+         ["topk", "--out", "$WORK/topk_lm.md"], "python3 " + TOPK_SHOWS + " | tee $WORK/topk_lm.md"),
+    _bench_step("compiled", 165, "the compiled provider (torch.compile of the bf16 autocast reference, inductor; "
                 "compiles single-threaded in the worker, ~20-40 s per loss and shape) on the gpu-tokens shapes, "
                 "each case cut at 60 s, the rest recorded as 'deadline'"),
     Step("ddp_nccl", 45, "the distributed losses on NCCL when the machine has 2 GPUs (torchrun, digits demo, "
@@ -542,6 +550,14 @@ def cmd_ddp(_a) -> int:
     return 0
 
 
+def cmd_topk(a) -> int:
+    """benchmarks/topk_lm.py at the GPU shape; its table also written to --out."""
+    rc, text = stream([sys.executable, "-u", str(ROOT / "benchmarks" / "topk_lm.py"), *TOPK_ARGS])
+    if a.out:
+        Path(a.out).write_text(text)
+    return rc
+
+
 def cmd_bench(a) -> int:
     shape, providers, loss, case_timeout = BENCHES[a.name]
     budget = int(os.environ.get("GPU_CHECK_STEP_BUDGET_S", "60"))
@@ -794,6 +810,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p = sub.add_parser("peaks")
     p.add_argument("--json", default=None)
+    p = sub.add_parser("topk")
+    p.add_argument("--out", default=None)
     p = sub.add_parser("bench-check")
     p.add_argument("dir")
     p = sub.add_parser("summary")
@@ -801,7 +819,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     return {"run": cmd_run, "preflight": cmd_preflight, "arch": cmd_arch, "extension": cmd_extension,
             "build": cmd_build, "ddp": cmd_ddp, "pytest": cmd_pytest, "bench": cmd_bench, "sanitize": cmd_sanitize,
-            "ops": cmd_ops, "peaks": cmd_peaks, "bench-check": cmd_bench_check, "summary": cmd_summary}[a.cmd](a)
+            "ops": cmd_ops, "peaks": cmd_peaks, "topk": cmd_topk, "bench-check": cmd_bench_check,
+            "summary": cmd_summary}[a.cmd](a)
 
 
 if __name__ == "__main__":
