@@ -155,11 +155,11 @@ FIRST_CALL = COMMON_STEPS + [
 SECOND_CALL = COMMON_STEPS + [
     _bench_step("bickd_128k", 120, "BicKD at 16384 x 128256 bf16 x ckd_ext / eager / floor: ckd_ext ~27 s a call on "
                 "fp32 GEMMs today, so 1 warm-up + 2 timed calls of it, cut at 90 s"),
-    Step("topk", 30, "top-k KD at the GPU shape (16384 tokens, V = 128256, H = 2048, k = 64, bf16): "
+    Step("topk", 40, "top-k KD at the GPU shape (16384 tokens, V = 128256, H = 2048, k = 64, bf16): "
          "fused_linear_topk_kd_loss against materialised logits + topk_kd_loss and an eager top-k KD, time and peak "
          "memory, 3 interleaved calls each after the producer teacher_topk; start-up ~10 s",
          ["topk", "--out", "$WORK/topk_lm.md"], "python3 " + TOPK_SHOWS + " | tee $WORK/topk_lm.md"),
-    _bench_step("compiled", 165, "the compiled provider (torch.compile of the bf16 autocast reference, inductor; "
+    _bench_step("compiled", 155, "the compiled provider (torch.compile of the bf16 autocast reference, inductor; "
                 "compiles single-threaded in the worker, ~20-40 s per loss and shape) on the gpu-tokens shapes, "
                 "each case cut at 60 s, the rest recorded as 'deadline'"),
     Step("ddp_nccl", 45, "the distributed losses on NCCL when the machine has 2 GPUs (torchrun, digits demo, "
