@@ -348,11 +348,8 @@ def fused_linear_teacher_gram(teacher_weight: Tensor, teacher_bias: Optional[Ten
     with _without_autocast(weight), torch.no_grad():
         magnitude = _head_magnitude(weight, bias).to(FORMS_DTYPE)
         scales = torch.stack([_downscale(magnitude), torch.ones_like(magnitude)])
-        blocks = _head_columns(weight, bias)
-        width = sum(b.shape[1] for b in blocks)
-        gram = torch.zeros(width, width, dtype=FORMS_DTYPE, device=weight.device)
-        for _, chunk in _vocabulary_chunks(blocks, [], scales, FORMS_DTYPE):
-            gram.add_(torch.ops.ckd_ext.gemm_similarity(chunk.T, chunk.T))
+        # the head in _HeadGrams' first slot, alone: its own block is G_tt, over the same vocabulary chunks
+        gram, _, _ = _HeadGrams.apply(weight, bias, None, None, scales, FORMS_DTYPE, None)
     return TeacherGram(gram, magnitude, weight.dtype, weakref.ref(teacher_weight),
                        None if teacher_bias is None else weakref.ref(teacher_bias),
                        (teacher_weight._version, None if teacher_bias is None else teacher_bias._version))
