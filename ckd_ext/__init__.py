@@ -16,7 +16,8 @@
     ckd_ext.autograd                            CKDFunction / KDFunction / BicKDFunction over the ops
     ckd_ext.distributed                         global_batch=True / "ring" across ranks (docs/distributed.md)
     ckd_ext.testing                             test-only switches (the emulated CUDA backend)
-    ckd_ext.workspace_bytes / set_workspace_bytes / cpu_isa / available_cpu_isas / set_cpu_isa
+    ckd_ext.workspace_bytes / set_workspace_bytes / forward_gradient_bytes / set_forward_gradient_bytes /
+        cpu_isa / available_cpu_isas / set_cpu_isa
                                                 process-wide settings of the fused ops (ckd_ext.settings)
     ckd_ext.demos                               the ckd-train and ckd-train-lm demos (not the library's API)
 """
@@ -30,7 +31,8 @@ from .modules import (BicKDLoss, CKDLoss, FusedLinearCKDLoss, FusedLinearKDLoss,
 from .losses import bickd_loss, ckd_loss, kd_loss
 from .topk import TeacherTopK, topk_kd_loss
 from .topk_ckd import topk_ckd_loss
-from .settings import available_cpu_isas, cpu_isa, set_cpu_isa, set_workspace_bytes, workspace_bytes
+from .settings import (available_cpu_isas, cpu_isa, forward_gradient_bytes, set_cpu_isa, set_forward_gradient_bytes,
+                       set_workspace_bytes, workspace_bytes)
 
 __all__ = [
     "ckd_loss", "bickd_loss", "kd_loss", "CKDLoss", "BicKDLoss", "KDLoss", "reference",
@@ -38,6 +40,7 @@ __all__ = [
     "fused_linear_teacher_gram", "TeacherGram",
     "topk_kd_loss", "fused_linear_topk_kd_loss", "teacher_topk", "TeacherTopK", "TopKKDLoss", "FusedLinearTopKKDLoss",
     "topk_ckd_loss", "fused_linear_topk_ckd_loss", "TopKCKDLoss", "FusedLinearTopKCKDLoss",
-    "is_available", "workspace_bytes", "set_workspace_bytes", "cpu_isa", "available_cpu_isas", "set_cpu_isa",
+    "is_available", "workspace_bytes", "set_workspace_bytes", "forward_gradient_bytes", "set_forward_gradient_bytes",
+    "cpu_isa", "available_cpu_isas", "set_cpu_isa",
 ]
 

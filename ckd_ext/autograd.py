@@ -4,7 +4,8 @@ uses): the same setup and backward functions that `torch.library.register_autogr
 
 Each `apply` takes the forward op's arguments on (N, C) rows, with `compute_grad` (whether the forward also computes
 the student gradient; `ckd_ext.losses._grad_needed` says when that pays) and returns the op's outputs; the gradient
-output is not differentiable. The public losses call these in eager mode, where an autograd.Function costs less per
+output (for an upstream gradient of 1; CKD and BicKD keep a 16-bit student's in float32, KD in its dtype) is not
+differentiable. The public losses call these in eager mode, where an autograd.Function costs less per
 call than the op's registered autograd (docs/benchmarks.md, "Per-call overhead"); traced code (torch.compile, opcheck)
 sees the ops themselves either way.
 

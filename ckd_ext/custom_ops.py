@@ -14,16 +14,25 @@ DOUBLE_BACKWARD = ("double backward through ckd_ext losses is not supported; use
                    "PyTorch) for higher-order gradients")
 
 
-def _loss_and_gradient_fake(student, teacher, mask, *hyperparameters):
-    reduction, compute_grad = hyperparameters[-2:]
-    dtype = accumulation_dtype(student.dtype)
-    loss = student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=dtype)
-    grad = torch.empty_like(student) if compute_grad and reduction != "none" else student.new_empty((0,))
-    return loss, grad
+def _forward_gradient(student, reduction, compute_grad, in_acc):
+    """The forward op's gradient output: empty unless it computes one; in the accumulation dtype (`in_acc`: CKD, BicKD)
+    or the student's."""
+    if not compute_grad or reduction == "none":
+        return student.new_empty((0,))
+    return torch.empty_like(student, dtype=accumulation_dtype(student.dtype) if in_acc else student.dtype)
+
+
+def _loss_and_gradient_fake(gradient_in_acc: bool):
+    def fake(student, teacher, mask, *hyperparameters):
+        reduction, compute_grad = hyperparameters[-2:]
+        loss = student.new_empty((student.shape[0],) if reduction == "none" else (),
+                                 dtype=accumulation_dtype(student.dtype))
+        return loss, _forward_gradient(student, reduction, compute_grad, gradient_in_acc)
+    return fake
 
 
 def _bickd_forward_fake(student, teacher, mask, *hyperparameters):
-    loss, grad = _loss_and_gradient_fake(student, teacher, mask, *hyperparameters)
+    loss, grad = _loss_and_gradient_fake(True)(student, teacher, mask, *hyperparameters)
     reduction = hyperparameters[-2]
     class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,),
                                     dtype=accumulation_dtype(student.dtype))
@@ -69,11 +78,12 @@ def _scaled_precomputed(ctx, grad_loss):
     backwards ran."""
     if not ctx.precomputed or grad_loss is None:
         return None
-    grad = ctx.saved_tensors[3]
+    student, grad = ctx.saved_tensors[0], ctx.saved_tensors[3]
+    # a 16-bit student's gradient is kept in float32 (CKD, BicKD) and rounded here, once, after the upstream scale
     if not (_is_eager(grad) and getattr(ctx, "gradient_private", False)):
-        return grad * grad_loss
+        return (grad * grad_loss).to(student.dtype)
     ctx.precomputed = False
-    return grad.data.mul_(grad_loss)
+    return grad.data.mul_(grad_loss).to(student.dtype)
 
 
 def _once_differentiable(backward):
@@ -142,18 +152,19 @@ class ForwardOp(NamedTuple):
     backward: Callable
 
 
-def _row_loss(name: str) -> ForwardOp:
-    """A loss whose forward op returns (loss, grad) and whose backward op takes one upstream gradient."""
+def _row_loss(name: str, gradient_in_acc: bool) -> ForwardOp:
+    """A loss whose forward op returns (loss, grad) and whose backward op takes one upstream gradient; the forward's
+    gradient in the accumulation dtype (`gradient_in_acc`) or the student's."""
     backward_op = f"{name}_backward"
-    return ForwardOp(_loss_and_gradient_fake, backward_op, _gradient_fake(1), _row_loss_setup,
+    return ForwardOp(_loss_and_gradient_fake(gradient_in_acc), backward_op, _gradient_fake(1), _row_loss_setup,
                      _once_differentiable(_row_loss_backward(lambda: getattr(torch.ops.ckd_ext, backward_op))))
 
 
 # One row per forward op: registered on the ops below, and the same setup and backward make the autograd.Function
 # classes of ckd_ext.autograd.
 FORWARD_OPS = {
-    "ckd_forward": _row_loss("ckd"),
-    "kd_forward": _row_loss("kd"),
+    "ckd_forward": _row_loss("ckd", gradient_in_acc=True),
+    "kd_forward": _row_loss("kd", gradient_in_acc=False),
     "bickd_forward": ForwardOp(_bickd_forward_fake, "bickd_backward", _gradient_fake(2), _bickd_setup,
                                _once_differentiable(_bickd_backward)),
 }

@@ -5,7 +5,8 @@ serve.
 Each forward op can return the student gradient along with the loss (for "mean" and "sum", when the
 student requires grad): the loss is nearly always the last node of the graph, so computing the gradient
 while the similarity strips are in cache saves recomputing them, and backward only scales it. For
-"none" the upstream weights are only known in backward, which then recomputes; so do 16-bit students (below).
+"none" the upstream weights are only known in backward, which then recomputes; so does KD for 16-bit students,
+and CKD / BicKD for 16-bit students whose float32 gradient would exceed `forward_gradient_bytes` (below).
 
 The ops return the loss in float32 (float64 for float64 students), as they accumulate it; it is rounded to the
 student's dtype here, except under torch.autocast, where the losses behave like torch's own losses on autocast's
@@ -16,15 +17,26 @@ import torch
 from . import _validation, distributed
 from ._extension import require_extension
 from .autograd import _BICKD_LOSS, _CKD_LOSS, _KD_LOSS
+from .settings import forward_gradient_bytes
 
-def _grad_needed(student: torch.Tensor) -> bool:
-    """Whether the forward computes the gradient: for float32 and float64 students. A 16-bit gradient computed for
-    an upstream gradient of 1 would be rounded twice once backward scales it: in float16 its small entries (below
-    2^-24) are already 0 when GradScaler's 2^16 arrives, and in bfloat16 (float32's range, no underflow) a quarter
-    of the entries end one ulp off for an upstream gradient that is not a power of two. Recomputed in backward, the
-    gradient is rounded once, after the upstream scale (measured: 1.3-1.8x the forward + backward time, no saved
-    bytes beyond the inputs; keeping a float32 gradient instead would save 2x a 16-bit input)."""
-    return torch.is_grad_enabled() and student.requires_grad and student.dtype not in (torch.float16, torch.bfloat16)
+@torch.compiler.assume_constant_result
+def _forward_gradient_limit(device: str) -> int:
+    # A constant for torch.compile: a graph is specialised to the limit (as the fused-linear ops are to the workspace).
+    return forward_gradient_bytes(device)
+
+
+def _grad_needed(student: torch.Tensor, keeps_float32: bool = False) -> bool:
+    """Whether the forward computes the gradient: for float32 and float64 students, and for 16-bit ones where the
+    op keeps that gradient in float32 (`keeps_float32`: CKD, BicKD) and it fits `forward_gradient_bytes`. A 16-bit
+    gradient computed for an upstream gradient of 1 would be rounded twice once backward scales it (in float16 its
+    entries below 2^-24 are 0 before GradScaler's 2^16 arrives); kept in float32 it is rounded once, after the
+    upstream scale, as when backward recomputes it, and the similarity GEMMs run once instead of twice (KD has no
+    GEMMs to save: it recomputes)."""
+    if not (torch.is_grad_enabled() and student.requires_grad):
+        return False
+    if student.dtype not in (torch.float16, torch.bfloat16):
+        return True
+    return keeps_float32 and 4 * student.numel() <= _forward_gradient_limit(str(student.device))
 
 
 def _output(loss: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -55,7 +67,7 @@ def ckd_loss(student, teacher, *, tau=1.0, anchor="student", mask=None, reductio
         return _output(distributed.run(ckd_loss, p, reduction=reduction, global_batch=global_batch, group=group,
                                        tau=tau, anchor=anchor), student)
     loss, _ = _forward(_CKD_LOSS, "ckd_forward", p.student, p.teacher, p.mask, float(tau), anchor, reduction,
-                       _grad_needed(p.student))
+                       _grad_needed(p.student, keeps_float32=True))
     loss = _output(loss, student)
     return loss.reshape(p.lead_shape) if reduction == "none" else loss
 
@@ -93,7 +105,7 @@ def bickd_loss(student, teacher, *, temperature=4.0, tau=0.1, w_sample=1.0, w_cl
         return tuple(_output(o, student) for o in out) if reduction == "none" else _output(out, student)
     loss, class_terms, _ = _forward(
         _BICKD_LOSS, "bickd_forward", p.student, p.teacher, p.mask, float(temperature), float(tau), float(w_sample),
-        float(w_class), bool(symmetric), reduction, _grad_needed(p.student),
+        float(w_class), bool(symmetric), reduction, _grad_needed(p.student, keeps_float32=True),
     )
     loss = _output(loss, student)
     if reduction == "none":

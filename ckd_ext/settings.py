@@ -42,3 +42,28 @@ def set_cpu_isa(name: str) -> None:
     """Runs the CPU kernels with instruction set `name` from now on, process-wide (as CKD_EXT_CPU_ISA does at
     import); one not in available_cpu_isas() is a RuntimeError."""
     require_extension().set_cpu_isa(name)
+
+
+_forward_gradient_setting = None
+
+
+def forward_gradient_bytes(device=None) -> int:
+    """The largest gradient CKD and BicKD compute in their forward for a 16-bit student and keep, in float32, until
+    backward (docs/math.md 6.3): the value set by set_forward_gradient_bytes, else the device's default (CUDA: a
+    quarter of the device's memory; CPU: no limit). Above it the forward computes the loss alone and backward
+    computes the gradient again, which costs the similarity GEMMs a second time but holds nothing beyond the inputs.
+    float32 and float64 students always get their gradient in the forward (it is no larger than the student)."""
+    if _forward_gradient_setting is not None:
+        return _forward_gradient_setting
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // 4
+    return 2 ** 63 - 1
+
+
+def set_forward_gradient_bytes(nbytes) -> None:
+    """Sets that limit for every device (0: always recompute in backward); None returns to each device's default."""
+    global _forward_gradient_setting
+    if nbytes is not None and (isinstance(nbytes, bool) or int(nbytes) != nbytes or nbytes < 0):
+        raise ValueError(f"set_forward_gradient_bytes: nbytes must be a non-negative integer or None, got {nbytes!r}")
+    _forward_gradient_setting = None if nbytes is None else int(nbytes)

@@ -2,9 +2,10 @@
 // (p_ic = exp(s_ic/T - LSE(2 s_i/T)/2), pbar_ic = exp(s_ic/T - LSE(s_i/T) - log|P_.c|)), so nothing underflows that
 // float64 would keep, and only work buffers within the budget ever hold them. Each row's log-sum-exps are kept as
 // (row max, log of the max-shifted sum) and applied as (s_ic/T - max) - rest (KernelBackend::softmax_stats): one
-// float LSE of ~5e3 would be rounded by 2.4e-4, a factor common to the row's probabilities. The blocks are fp32
-// values, not inputs, so their GEMMs are fp32 on every device (TF32 on CUDA only where the user allowed it):
-// rounding them to 16 bits would cost more than the inputs' own rounding (docs/cuda.md, "GEMM policy").
+// float LSE of ~5e3 would be rounded by 2.4e-4, a factor common to the row's probabilities. The blocks are built in
+// the GEMM policy's operand dtype: for a 16-bit student on tensor cores the student's dtype (each probability
+// rounded once, as eager autocast rounds its softmax blocks before the GEMM, whose similarities it also rounds),
+// else fp32 (docs/cuda.md, "GEMM policy").
 #include <ATen/ATen.h>
 
 #include "losses.h"
@@ -30,19 +31,22 @@ struct BicKDConfig {
 template <typename Acc>
 class BicKDPass {
  public:
-  BicKDPass(const Inputs& in, const BicKDConfig& cfg, bool want_grad)
+  BicKDPass(const Inputs& in, const BicKDConfig& cfg, bool want_grad, bool grad_in_input_dtype)
       : in_(in),
         k_(backend_for<Acc>(in.student)),
-        gemm_(acc_type<Acc>(), acc_type<Acc>(), device_kind(in.student)),
+        gemm_(in.student.scalar_type(), acc_type<Acc>(), device_kind(in.student)),
         N_(in.rows),
         C_(in.cols),
         opts_(in.student.options().dtype(acc_type<Acc>())),
+        operand_opts_(in.student.options().dtype(gemm_.operand_dtype())),
         inv_temp_(static_cast<Acc>(1.0 / cfg.temperature)),
         inv_tau_(static_cast<Acc>(1.0 / cfg.tau)),
         symmetric_(cfg.symmetric) {
     const PlanInputs p = bickd_plan_inputs({N_, C_, in.student.scalar_type(), in.teacher.scalar_type(),
                                             in.mask.defined(), device_kind(in.student), want_grad,
-                                            bickd_workspace_for(in.student, N_, C_, sizeof(Acc))});
+                                            bickd_workspace_for(in.student, N_, C_, sizeof(Acc)),
+                                            grad_in_input_dtype},
+                                           gemm_);
     plan_ = plan_bickd(p, cfg.symmetric, cfg.w_sample != 0, cfg.w_class != 0);
     for (auto* side : {&s_, &t_}) {
       for (auto* t : {&side->row_max, &side->row_log_sum, &side->row_log_norm}) *t = at::empty({N_}, opts_);
@@ -82,7 +86,7 @@ class BicKDPass {
                            s_.row_max.data_ptr<Acc>(), s_.row_log_sum.data_ptr<Acc>(),
                            dpbar.defined() ? s_.col_log_norm.data_ptr<Acc>() : nullptr,
                            dpbar.defined() ? col_projection.data_ptr<Acc>() : nullptr, inv_temp_, in_.valid(),
-                           grad.data_ptr());
+                           grad.data_ptr(), storage_dtype(grad));
   }
 
  private:
@@ -106,10 +110,11 @@ class BicKDPass {
   // The two builders below write into a work buffer they own: what they return stays valid until their next call.
   // Normalised rows [row0, row0 + rows) of softmax(x / T): p = exp((x / T - max) - log_norm).
   OperandRows normalised_rows(const at::Tensor& x, const BicKDStats& st) {
-    return [this, buffer = WorkBuffer(opts_), &x, &st](int64_t row0, int64_t rows) mutable {
+    return [this, buffer = WorkBuffer(operand_opts_), &x, &st](int64_t row0, int64_t rows) mutable {
       at::Tensor out = buffer.view(rows, C_);
       k_.exp_block(as_matrix(x), row0, rows, 0, C_, inv_temp_, st.row_max.template data_ptr<Acc>(),
-                   st.row_log_norm.template data_ptr<Acc>(), nullptr, in_.valid(), out.template data_ptr<Acc>());
+                   st.row_log_norm.template data_ptr<Acc>(), nullptr, in_.valid(), out.data_ptr(),
+                   storage_dtype(out));
       return out;
     };
   }
@@ -117,11 +122,11 @@ class BicKDPass {
   // Normalised columns [col0, col0 + cols) of softmax(x / T) over every row, as (cols, N) operand rows (a
   // transposed view of an (N, cols) block): pbar = exp(((x / T - max) - log_sum) - log|P_.c|).
   OperandRows normalised_columns(const at::Tensor& x, const BicKDStats& st) {
-    return [this, buffer = WorkBuffer(opts_), &x, &st](int64_t col0, int64_t cols) mutable {
+    return [this, buffer = WorkBuffer(operand_opts_), &x, &st](int64_t col0, int64_t cols) mutable {
       at::Tensor out = buffer.view(N_, cols);
       k_.exp_block(as_matrix(x), 0, N_, col0, cols, inv_temp_, st.row_max.template data_ptr<Acc>(),
                    st.row_log_sum.template data_ptr<Acc>(), st.col_log_norm.template data_ptr<Acc>(), in_.valid(),
-                   out.template data_ptr<Acc>());
+                   out.data_ptr(), storage_dtype(out));
       return out.t();
     };
   }
@@ -180,7 +185,7 @@ class BicKDPass {
   KernelBackend<Acc>& k_;
   const Gemm gemm_;
   const int64_t N_, C_;
-  const at::TensorOptions opts_;
+  const at::TensorOptions opts_, operand_opts_;
   const Acc inv_temp_, inv_tau_;
   const bool symmetric_;
   BicKDPlan plan_;
@@ -201,7 +206,7 @@ void bickd_core(const Inputs& in, const at::Tensor& count, const BicKDConfig& cf
     if (want_grad) grad.zero_();
     return;
   }
-  BicKDPass<Acc> pass(in, cfg, want_grad);
+  BicKDPass<Acc> pass(in, cfg, want_grad, want_grad && grad.scalar_type() != acc_type<Acc>());
   const auto acc_options = in.student.options().dtype(acc_type<Acc>());
   const at::Tensor has_rows = count.gt(0).to(acc_type<Acc>());
   at::Tensor dp, dpbar;
@@ -243,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& s
     const at::Tensor classes = constant_divisor(call, in.cols);
     at::Tensor sample_terms = at::zeros({in.rows}, call.acc_options);
     at::Tensor class_terms = at::zeros({in.cols}, call.acc_options);
-    at::Tensor grad = forward_grad(in, want_grad);
+    at::Tensor grad = forward_grad(in, want_grad, /*in_acc=*/true, acc_type<Acc>());
     at::Tensor sample_weight, class_weight;
     if (want_grad) {
       sample_weight = unit_weights(call, call.count, in.mask, in.rows) * cfg.w_sample;

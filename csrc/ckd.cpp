@@ -14,12 +14,20 @@
 namespace ckd {
 namespace {
 
+// The dtype the GEMM policy multiplies: the student's, unless teacher anchors make teacher rows of another dtype GEMM
+// operands, which the student's 16 bits would round (an fp32 teacher beside a bf16 student): then both are converted
+// to the accumulation dtype exactly (student anchors multiply student rows only).
+at::ScalarType gemm_input_dtype(const Inputs& in, bool student_anchor) {
+  const at::ScalarType student = in.student.scalar_type();
+  return student_anchor || in.teacher.scalar_type() == student ? student : accumulation_type(student);
+}
+
 template <typename Acc>
 struct Ckd {
   Ckd(const Inputs& in, double tau, bool student_anchor, bool want_grad, const at::Tensor& grad)
       : in(in),
         k(backend_for<Acc>(in.student)),
-        gemm(in.student.scalar_type(), acc_type<Acc>(), device_kind(in.student)),
+        gemm(gemm_input_dtype(in, student_anchor), acc_type<Acc>(), device_kind(in.student)),
         N(in.rows),
         C(in.cols),
         acc_options(in.student.options().dtype(acc_type<Acc>())),
@@ -30,7 +38,8 @@ struct Ckd {
         grad(grad) {
     const PlanInputs p = ckd_plan_inputs({N, C, in.student.scalar_type(), in.teacher.scalar_type(),
                                           in.mask.defined(), device_kind(in.student), want_grad,
-                                          workspace_for(in.student)},
+                                          workspace_for(in.student),
+                                          grad.defined() && grad.scalar_type() != acc_type<Acc>()},
                                          gemm);
     plan = plan_ckd(p, student_anchor);
     operands_are_inputs = p.operands_are_inputs;
@@ -59,7 +68,7 @@ struct Ckd {
     k.normalize_backward(d.template data_ptr<Acc>(), row_block(as_matrix(in.student), r0, n),
                          extra_coef.defined() ? extra_coef.template const_data_ptr<Acc>() + r0 : nullptr,
                          row_block(as_matrix(in.teacher), r0, n), in.valid() ? in.valid() + r0 : nullptr,
-                         static_cast<char*>(grad.data_ptr()) + r0 * C * grad.element_size());
+                         static_cast<char*>(grad.data_ptr()) + r0 * C * grad.element_size(), storage_dtype(grad));
   }
 
   // The gradient by output blocks of rows J (whole and recompute plans): d_J = sum over blocks K of the product rows
@@ -73,7 +82,7 @@ struct Ckd {
     const at::Tensor all_rows = one_block ? rows(0, N) : at::Tensor();
     for (int64_t o0 = 0; o0 < N; o0 += plan.output_block) {
       const int64_t n = std::min(plan.output_block, N - o0);
-      at::Tensor d = in.student.scalar_type() == acc_type<Acc>() ? grad.narrow(0, o0, n) : out_buffer.view(n, C);
+      at::Tensor d = grad.scalar_type() == acc_type<Acc>() ? grad.narrow(0, o0, n) : out_buffer.view(n, C);
       for (int64_t k0 = 0; k0 < N; k0 += plan.gradient_block) {
         const int64_t kb = std::min(plan.gradient_block, N - k0);
         const at::Tensor rows_k = one_block ? all_rows : rows(k0, kb);
@@ -102,7 +111,7 @@ struct Ckd {
   }
 
   at::Tensor accumulator() {
-    TORCH_INTERNAL_ASSERT(in.student.scalar_type() == acc_type<Acc>(), "ckd: only a gradient in acc accumulates");
+    TORCH_INTERNAL_ASSERT(grad.scalar_type() == acc_type<Acc>(), "ckd: only a gradient in acc accumulates");
     return grad.zero_();
   }
 
@@ -319,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const 
     const Inputs& in = call.in;
     const bool want_grad = compute_grad && call.reduction != Reduction::None;
     at::Tensor row_loss = at::zeros({in.rows}, call.acc_options);
-    at::Tensor grad = forward_grad(in, want_grad);
+    at::Tensor grad = forward_grad(in, want_grad, /*in_acc=*/true, acc_type<Acc>());
     const at::Tensor weight = want_grad ? unit_weights(call, call.count, in.mask, in.rows) : at::Tensor();
     if (in.rows > 0) ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, want_grad ? grad : at::Tensor());
     return {reduce_terms(row_loss, call.reduction, call.count), grad};

@@ -13,7 +13,8 @@ namespace ckd {
 // Forward ops return the loss in the accumulation dtype, float32 (float64 for float64 students), 0-dim for
 // "mean"/"sum", per row for "none"; the Python layer rounds it to the student's dtype outside autocast. And,
 // when compute_grad is set and the reduction is not "none", the student gradient for an upstream
-// gradient of 1 (else an empty tensor).
+// gradient of 1 (else an empty tensor): in the accumulation dtype for CKD and BicKD (a 16-bit student's is rounded
+// once, after backward's upstream scale), in the student's for KD. Backward ops return it in the student's dtype.
 std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                                const std::optional<at::Tensor>& mask, double tau,
                                                std::string_view anchor, std::string_view reduction,

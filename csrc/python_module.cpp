@@ -55,14 +55,14 @@ PYBIND11_MODULE(_C, module) {
   module.def(
       "strip_plan",
       [](const std::string& loss, int64_t rows, int64_t cols, const std::string& dtype, const std::string& device,
-         int64_t workspace, bool masked, bool want_grad, bool symmetric) {
+         int64_t workspace, bool masked, bool want_grad, bool symmetric, bool backward) {
         const auto scalar = dtype == "float64"    ? at::kDouble
                             : dtype == "float32"  ? at::kFloat
                             : dtype == "float16"  ? at::kHalf
                             : dtype == "bfloat16" ? at::kBFloat16
                                                   : throw std::invalid_argument("strip_plan: unknown dtype " + dtype);
         const ckd::DeviceKind kind = ckd::parse_device_kind(device);
-        const ckd::PlanCall call{rows, cols, scalar, scalar, masked, kind, want_grad, workspace};
+        const ckd::PlanCall call{rows, cols, scalar, scalar, masked, kind, want_grad, workspace, want_grad && backward};
         pybind11::dict out;
         auto counts = [&out](const auto& plan) {  // what both plan types report
           out["gemms"] = plan.gemms;
@@ -72,7 +72,9 @@ PYBIND11_MODULE(_C, module) {
           out["transient_bytes"] = plan.transient_bytes;
         };
         if (loss == "bickd") {
-          const ckd::BicKDPlan plan = ckd::plan_bickd(ckd::bickd_plan_inputs(call), symmetric, true, true);
+          const ckd::Gemm gemm(scalar, ckd::accumulation_type(scalar), kind);
+          const ckd::BicKDPlan plan = ckd::plan_bickd(ckd::bickd_plan_inputs(call, gemm), symmetric, true, true);
+          out["tensor_cores"] = plan.gemms > 0 && gemm.tensor_cores();
           auto side = [&out](const char* name, const ckd::BicKDSide& s) {
             const std::string prefix(name);
             out[(prefix + "_operands").c_str()] = s.operands == ckd::BicKDOperands::Whole        ? "whole"
@@ -101,10 +103,12 @@ PYBIND11_MODULE(_C, module) {
         out["tensor_cores"] = plan.gemms > 0 && gemm.tensor_cores();
         return out;
       },
-      "The strip plan of one call (orchestration/plan.h), as a dict: sizes, GEMMs, kernel launches, transient bytes.",
+      "The strip plan of one call (orchestration/plan.h), as a dict: sizes, GEMMs, kernel launches, transient bytes. "
+      "A forward computing the gradient keeps it in the accumulation dtype; backward=True plans the backward op, "
+      "which writes it in the student's dtype.",
       pybind11::arg("loss"), pybind11::arg("rows"), pybind11::arg("cols"), pybind11::arg("dtype"),
       pybind11::arg("device"), pybind11::arg("workspace"), pybind11::arg("masked") = false,
-      pybind11::arg("want_grad") = true, pybind11::arg("symmetric") = false);
+      pybind11::arg("want_grad") = true, pybind11::arg("symmetric") = false, pybind11::arg("backward") = false);
   module.def(
       "install_emulated_backend",
       [](const pybind11::capsule& table) {

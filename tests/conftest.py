@@ -24,6 +24,8 @@ The option --hypothesis-profile comes from hypothesis' pytest plugin and overrid
 import pytest
 from hypothesis import HealthCheck, settings
 
+import ckd_ext
+
 from switches import BACKENDS, on_backend, restored_workspace, set_workspace
 
 _COMMON = dict(
@@ -49,3 +51,11 @@ def workspace():
     """Sets the test's workspace budget when called; restores the previous setting after the test."""
     with restored_workspace():
         yield set_workspace
+
+
+@pytest.fixture
+def forward_gradient_bytes():
+    """Sets ckd_ext.set_forward_gradient_bytes when called (0: 16-bit CKD / BicKD gradients recomputed in backward);
+    restores the device defaults after the test."""
+    yield ckd_ext.set_forward_gradient_bytes
+    ckd_ext.set_forward_gradient_bytes(None)

@@ -21,9 +21,10 @@ from tolerances import check_against_oracle
 ALL = list(CONFIGS)
 
 
-def plan(loss, n, c, dtype, backend, workspace, masked=False):
+def plan(loss, n, c, dtype, backend, workspace, masked=False, backward=False):
     name = str(dtype).removeprefix("torch.")
-    return ckd_ext.require_extension().strip_plan(loss, n, c, name, backend, workspace, masked=masked)
+    return ckd_ext.require_extension().strip_plan(loss, n, c, name, backend, workspace, masked=masked,
+                                                  backward=backward)
 
 
 def test_the_cpu_budget_splits_every_kind_of_chunk():
@@ -90,20 +91,25 @@ WHOLE_BUDGET = 13 << 10  # N = 40, C = 24: the 6400-byte matrix is whole, the ou
 
 @pytest.mark.parametrize("anchor", ["student", "teacher"])
 @pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.float16, True), (torch.float32, True)])
-def test_whole_matrix_by_output_blocks(anchor, backend, workspace, dtype, masked):
-    """The whole-matrix gradient in several output blocks (16-bit gradients are not in acc, so they get an output
-    buffer) and several operand blocks (converted or masked copies), on both backends: on the emulated one the 16-bit
-    GEMMs take the inputs as operands and split the coefficients into high and low parts (orchestration/gemm.h)."""
+@pytest.mark.parametrize("forward_gradient", [True, False])
+def test_whole_matrix_by_output_blocks(anchor, backend, workspace, forward_gradient_bytes, dtype, masked,
+                                       forward_gradient):
+    """The whole-matrix gradient in output blocks and several operand blocks (converted or masked copies), on both
+    backends: on the emulated one the 16-bit GEMMs take the inputs as operands and the coefficients rounded to their
+    dtype (orchestration/gemm.h). A 16-bit gradient computed in the forward is kept in acc and written in place;
+    recomputed by the backward op (forward_gradient_bytes 0) it is not in acc, so it gets output buffers of several
+    blocks."""
     n, c = 40, 24
-    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, WHOLE_BUDGET, masked)
+    recomputed = dtype != torch.float32 and not forward_gradient
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, WHOLE_BUDGET, masked, backward=recomputed)
     assert p["whole"], p
-    if dtype != torch.float32:
-        assert p["output_block"] < n, p
+    assert (p["output_block"] < n) == recomputed, p
     if backend.name == "cpu" or masked:
         assert p["operand_block"] < n, p
     student, teacher = pair(n, c, seed=11)
     mask = random_mask(n, seed=4).to(backend.device) if masked else None
     workspace(WHOLE_BUDGET)
+    forward_gradient_bytes(None if forward_gradient else 0)
     check_against_oracle(f"ckd_{anchor}", student.to(backend.device), teacher.to(backend.device), dtype=dtype,
                          mask=mask)
 
@@ -114,14 +120,16 @@ RECOMPUTE_BUDGET = 6 << 10  # N = 40, C = 24: the 6400-byte matrix is not whole;
 @pytest.mark.parametrize("anchor", ["student", "teacher"])
 @pytest.mark.parametrize("dtype,masked,reduction", [(torch.bfloat16, False, "mean"), (torch.float16, True, "mean"),
                                                     (torch.bfloat16, True, "none")])
-def test_recomputed_gradient_by_output_blocks(anchor, backend, workspace, dtype, masked, reduction):
-    """16-bit inputs whose N x N matrix does not fit: the first pass keeps each row's log-sum-exp and the gradient is
-    computed by output blocks, their similarities recomputed against every operand block (the plan's "recompute"
-    mode, orchestration/plan.h), with no fp32 N x C buffer. "none" recomputes it in backward with per-anchor
-    weights. The tolerance is the suite's (tolerances.tolerance): recomputing a similarity rounds it as the first pass
-    did, so the error model is that of the other modes."""
+def test_recomputed_gradient_by_output_blocks(anchor, backend, workspace, forward_gradient_bytes, dtype, masked,
+                                              reduction):
+    """16-bit inputs whose N x N matrix does not fit, their gradient recomputed by the backward op (forward_gradient_
+    bytes 0, or "none"): the first pass keeps each row's log-sum-exp and the gradient is computed by output blocks,
+    their similarities recomputed against every operand block (the plan's "recompute" mode, orchestration/plan.h),
+    with no fp32 N x C buffer. "none" recomputes it in backward with per-anchor weights. The tolerance is the
+    suite's (tolerances.tolerance): recomputing a similarity rounds it as the first pass did, so the error model is
+    that of the other modes."""
     n, c = 40, 24
-    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, RECOMPUTE_BUDGET, masked)
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, RECOMPUTE_BUDGET, masked, backward=True)
     assert p["recompute"] and not p["whole"], p
     assert p["output_block"] < n, p
     assert p["transient_bytes"] <= RECOMPUTE_BUDGET, p
@@ -130,8 +138,25 @@ def test_recomputed_gradient_by_output_blocks(anchor, backend, workspace, dtype,
     student, teacher = pair(n, c, seed=13)
     mask = random_mask(n, seed=5).to(backend.device) if masked else None
     workspace(RECOMPUTE_BUDGET)
+    forward_gradient_bytes(0)
     check_against_oracle(f"ckd_{anchor}", student.to(backend.device), teacher.to(backend.device), dtype=dtype,
                          mask=mask, reduction=reduction)
+
+
+@pytest.mark.parametrize("anchor", ["student", "teacher"])
+@pytest.mark.parametrize("dtype,masked", [(torch.bfloat16, False), (torch.float16, True)])
+def test_forward_gradient_accumulates_in_fp32(anchor, backend, workspace, dtype, masked):
+    """The same 16-bit inputs with the gradient computed in the forward (the default): kept in fp32, the strips'
+    or tiles' products accumulate into it (the plan's "accumulate" mode, no recompute), rounded once in backward."""
+    n, c = 40, 24
+    p = plan(f"ckd_{anchor}", n, c, dtype, backend.name, RECOMPUTE_BUDGET, masked)
+    assert not p["recompute"] and not p["whole"], p
+    assert p["transient_bytes"] <= RECOMPUTE_BUDGET, p
+    student, teacher = pair(n, c, seed=17)
+    mask = random_mask(n, seed=6).to(backend.device) if masked else None
+    workspace(RECOMPUTE_BUDGET)
+    check_against_oracle(f"ckd_{anchor}", student.to(backend.device), teacher.to(backend.device), dtype=dtype,
+                         mask=mask)
 
 
 def test_workspace_none_returns_to_the_device_defaults(workspace):

@@ -241,7 +241,7 @@ def run_case(case, device="cpu"):
     up = upstream if case.reduction == "none" and case.loss == "bickd" else upstream[0]
     loss_bound, grad_bound = error_bounds(case.loss, s, t, mask=mask, reduction=case.reduction,
                                           upstream=tuple(u.cpu() for u in up) if isinstance(up, tuple) else up.cpu(),
-                                          hyper=case.kwargs)
+                                          hyper=case.kwargs, tensor_cores=device != "cpu")
     loss_bounds = (loss_bound,) if isinstance(loss_bound, Bound) else loss_bound
     parts = ("sample terms", "class terms") if len(outputs) == 2 else ("loss",)
     loss_checks = [check_within(a, e.detach(), b, case.dtype, f"{case.loss} {part}")

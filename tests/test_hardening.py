@@ -150,7 +150,9 @@ def test_real_gradscaler_step_with_fp16_logits():
 
 def test_loss_is_float32_under_autocast(backend):
     """Like torch's cross_entropy / kl_div under autocast: a float32 loss from 16-bit logits (not rounded to 16 bits),
-    equal to the float32 value the op accumulates; outside autocast, the student's dtype."""
+    equal to the float32 value the op accumulates; outside autocast, the student's dtype. Within 1e-5 of float64,
+    except BicKD on tensor cores (CUDA, emulated), whose similarities multiply operand blocks rounded to bf16: within
+    bf16's unit roundoff 2^-8 (measured 1e-6 to 5e-5 of the loss, docs/cuda.md "GEMM policy")."""
     student, teacher = pair(6, 10, seed=11, dtype=torch.bfloat16)
     on_device = student.detach().to(backend.device).requires_grad_(), teacher.to(backend.device)
     with torch.autocast(backend.device.type, dtype=torch.bfloat16):
@@ -160,7 +162,8 @@ def test_loss_is_float32_under_autocast(backend):
         assert inside[n].dtype == torch.float32 and outside[n].dtype == torch.bfloat16
         assert outside[n] == inside[n].to(torch.bfloat16)
         exact = getattr(ref, f"{n}_loss")(student.double(), teacher.double())
-        assert abs(inside[n].item() - exact.item()) <= 1e-5 * abs(exact.item())
+        bf16_blocks = n == "bickd" and backend.name != "cpu"
+        assert abs(inside[n].item() - exact.item()) <= (2.0 ** -8 if bf16_blocks else 1e-5) * abs(exact.item())
 
 
 @pytest.mark.parametrize("config", ["kd", "ckd_student", "ckd_teacher", "bickd"])

@@ -230,7 +230,7 @@ def _kd_bounds(s, t, temperature, w, u):
 # its row; the oracle computes the textbook LSE_i - z_ii and pi_ii - 1, whose error is absolute, eps_pi (1 + |term|).
 # (The fuzzer found the textbook form's loss in the kernels: a term of 6e-10 returned as 0 at tau = 0.05.)
 
-def _ckd_bounds(s, t, tau, anchor, w, u):
+def _ckd_bounds(s, t, tau, anchor, w, u, u_operand=0.0, operand_floor=0.0):
     """CKD on valid rows s, t (float64). z are the candidate logits of each anchor row (docs/math.md section 4),
     pi = softmax_row(z), n the valid rows.
     * z_ij = <t_i, s_j> (1/|t_i|) (1/|s_j|) (1/tau): the dot product errs by acc(C) u |t_i| |s_j|, each inverse norm
@@ -248,6 +248,13 @@ def _ckd_bounds(s, t, tau, anchor, w, u):
       3 more roundings): |d ds_jc| <= eps_g R_jc, eps_g = eps_pi + u (acc(n) + 2 acc(C) + 8), with R the same
       expression on magnitudes: R_jc = (D_jc + (sum_c' D_jc' |v_jc'|) |v_jc|) / |s_j| (D / eps where the norm is
       clamped), D = sum_i |coefficient_ij| |operand_i|. A flushed pi (< UNDERFLOW) adds up to n UNDERFLOW w / tau.
+    * Tensor cores (`u_operand`: the 16-bit unit roundoff where the products take 16-bit rows): the product's fp32
+      coefficients are rounded to the 16-bit dtype (csrc/orchestration/gemm.h), eps_g + u_operand; in fp16, below
+      each coefficient row's power-of-two scale, also by `operand_floor` (half the subnormal spacing) times that
+      scale. The GEMM multiplies raw rows x_j (t for teacher anchors, s for student anchors) by coefficients carrying
+      their inverse norms, so that scale is max over the nonzero rows j of |coefficient_kj| / |x_j| (zero rows are
+      left out), and D_floor = operand_floor (that max) sum_j |x_j| (in the units of D), at most D itself (a
+      flushed term is lost, no more), through the same normalisation.
     """
     n, C = s.shape
     rs = s.norm(dim=1).clamp_min(EPS)
@@ -265,7 +272,12 @@ def _ckd_bounds(s, t, tau, anchor, w, u):
     terms = lse - z.diagonal()
     w = w.expand(n) if w.dim() == 0 else w
     out = []
+
+    def through_normalisation(d):
+        return torch.where(clamped, d / EPS, (d + (d * v.abs()).sum(dim=1, keepdim=True) * v.abs()) / rs[:, None])
+
     for unit, oracle in ((u, False), (U64, True)):
+        operand = 0.0 if oracle else u_operand
         eps_z = unit * (2 * acc(C) + 7) / tau
         eps_pi = 2 * eps_z + unit * (3 / tau + 2 * math.log(n) + acc(n) + 2)
         if oracle:  # logsumexp - positive: absolute error eps_pi; autograd's positive coefficient pi_ii - 1
@@ -278,16 +290,23 @@ def _ckd_bounds(s, t, tau, anchor, w, u):
         coef.diagonal().copy_(diagonal)
         coef = coef * w.abs()[:, None] / tau  # |w_i (pi_ij - delta_ij)| / tau, anchor i, candidate j
         if anchor == "teacher":
-            d = coef.T @ uu.abs()
+            products, rows, raw, raw_norms = coef.T, uu.abs(), t, rt
+            d = products @ rows
         else:
             diag = coef.diagonal().clone()
             sym = coef.clone()
             sym.diagonal().zero_()
-            sym = sym + sym.T  # (w_k pi_kj + w_j pi_jk) / tau for j != k
-            d = sym @ v.abs() + diag[:, None] * uu.abs()
-        r = torch.where(clamped, d / EPS, (d + (d * v.abs()).sum(dim=1, keepdim=True) * v.abs()) / rs[:, None])
-        eps_g = eps_pi + unit * (acc(n) + 2 * acc(C) + 8)
+            products, rows, raw, raw_norms = sym + sym.T, v.abs(), s, rs  # (w_k pi_kj + w_j pi_jk) / tau, j != k
+            d = products @ rows + diag[:, None] * uu.abs()
+        r = through_normalisation(d)
+        eps_g = eps_pi + unit * (acc(n) + 2 * acc(C) + 8) + operand
         flush = n * UNDERFLOW[compute_for_unit(unit)] * w.abs().max() / tau / rs[:, None]
+        if operand and operand_floor:
+            live = (raw.abs().amax(dim=1) > 0)[None, :]
+            scale = torch.where(live, products / raw_norms[None, :], torch.zeros_like(products)).amax(dim=1,
+                                                                                                  keepdim=True)
+            floor = operand_floor * scale * raw.abs().sum(dim=0, keepdim=True)
+            flush = flush + through_normalisation(torch.minimum(floor, products @ rows))
         out.append((term, eps_g * r + flush))
     return terms, out
 
@@ -319,7 +338,8 @@ def _contrast_side(z, w, symmetric):
     return terms, om, coef, extra
 
 
-def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, u):
+def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, u, u_operand=0.0,
+                  operand_floor=0.0):
     """BicKD on valid rows s, t (float64) (docs/math.md section 5). A = max |logit| / T over the valid rows (the
     columns mix all of them).
     * Row entries (section 6.4): log P_ic = x_ic - LSE1_i errs by u (7A + 2 log C + acc(C)) (as in KD), and p_ic =
@@ -341,6 +361,11 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
       eps_g = max(eps_piA, eps_piG) + 3 eps_row + 2 eps_col + u (2 acc(n) + 2 acc(C) + 10).
       Where P_ic < UNDERFLOW the float32 kernels may return 0: the whole Ds_ic; a flushed coefficient (pi <
       UNDERFLOW) adds at most (n sqrt(C) max ws + C max wc) UNDERFLOW / (tau T), twice.
+    * Tensor cores (`u_operand`, the 16-bit unit roundoff where the GEMMs take 16-bit operands): every p, q, pbar,
+      qbar entry is rounded once more before its GEMM (eps_row, eps_col + u_operand in the cosines), and each
+      product's fp32 coefficients and 16-bit operand rows carry one rounding each (eps_g + 2 u_operand). fp16's
+      subnormals (`operand_floor`, absolute, for entries <= 1) add at most 2 operand_floor sqrt(depth) to a cosine
+      of unit vectors, counted as a relative error of the same size.
     """
     n, C = s.shape
     x, y = s / temperature, t / temperature
@@ -373,17 +398,23 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
     ds_oracle = abs_backward(dp + (extra_a / tau)[:, None] * q, dpbar + qbar * (extra_g / tau)[None, :])
     out = []
     for unit, scale, oracle in ((u, ds, False), (U64, ds_oracle, True)):
+        operand = 0.0 if oracle else u_operand
+        floor_row, floor_col = ((0.0, 0.0) if oracle or not u_operand else
+                                (2 * operand_floor * math.sqrt(C), 2 * operand_floor * math.sqrt(n)))
         eps_row = unit * (7 * a + 2 * math.log(C) + acc(C) + 2)
         eps_col = unit * (18 * a + 6 * math.log(C) + math.log(n) + 2 * acc(C) + acc(n) + 2)
-        eps_pi_a = 2 * (2 * eps_row + unit * (acc(C) + 2)) / tau + unit * (3 / tau + 2 * math.log(n) + acc(n) + 2)
-        eps_pi_g = 2 * (2 * eps_col + unit * (acc(n) + 2)) / tau + unit * (3 / tau + 2 * math.log(C) + acc(C) + 2)
+        eps_pi_a = (2 * (2 * (eps_row + operand) + floor_row + unit * (acc(C) + 2)) / tau
+                    + unit * (3 / tau + 2 * math.log(n) + acc(n) + 2))
+        eps_pi_g = (2 * (2 * (eps_col + operand) + floor_col + unit * (acc(n) + 2)) / tau
+                    + unit * (3 / tau + 2 * math.log(C) + acc(C) + 2))
         if oracle:  # logsumexp - positive: absolute error eps_pi
             smp_bound = eps_pi_a * (1 + smp.abs()) + unit * smp.abs()
             cls_bound = eps_pi_g * (1 + cls.abs()) + unit * cls.abs()
         else:
             smp_bound = om_a * eps_pi_a + unit * smp.abs()
             cls_bound = om_g * eps_pi_g + unit * cls.abs()
-        eps_g = max(eps_pi_a, eps_pi_g) + 3 * eps_row + 2 * eps_col + unit * (2 * acc(n) + 2 * acc(C) + 10)
+        eps_g = (max(eps_pi_a, eps_pi_g) + 3 * eps_row + 2 * eps_col + 2 * operand + floor_row + floor_col
+                 + unit * (2 * acc(n) + 2 * acc(C) + 10))
         floor = UNDERFLOW[compute_for_unit(unit)]
         flush = 2 * (n * math.sqrt(C) * ws.abs().max() + C * wc.abs().max()) * floor / (tau * temperature)
         grad = eps_g * scale + torch.where(P < floor, scale, torch.zeros_like(scale)) + flush
@@ -391,8 +422,26 @@ def _bickd_bounds(s, t, temperature, tau, w_sample, w_class, symmetric, ws, wc, 
     return w_sample * smp, w_class * cls, out
 
 
-def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper):
+def _tensor_core_operand_roundoff(student, tensor_cores):
+    """The unit roundoff of the 16-bit operands the GEMMs take on tensor cores (a 16-bit student on a CUDA device or
+    the emulated backend, csrc/orchestration/gemm.h: CKD's coefficients, BicKD's blocks and coefficients), else 0.
+    `tensor_cores` None: whether the student is on a CUDA device or the emulated backend is on now."""
+    import ckd_ext
+    if tensor_cores is None:
+        tensor_cores = student.device.type == "cuda" or ckd_ext.require_extension().emulated_cuda()
+    sixteen_bit = student.dtype in (torch.float16, torch.bfloat16)
+    return UNIT_ROUNDOFF[student.dtype] if sixteen_bit and tensor_cores else 0.0
+
+
+def _operand_floor(student):
+    """Half the subnormal spacing of a 16-bit operand dtype (the absolute rounding of values below its smallest
+    normal, relative to a row's power-of-two scale where the policy scales: fp16 2^-25, bf16 negligible)."""
+    return SUBNORMAL_SPACING[student.dtype] / 2 if student.dtype in (torch.float16, torch.bfloat16) else 0.0
+
+
+def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper, tensor_cores=None):
     """error_bounds without the underflow floor."""
+    u_operand = _tensor_core_operand_roundoff(student, tensor_cores)
     cdtype = accumulation_dtype(student.dtype)
     u = UNIT_ROUNDOFF[cdtype]
     s_all = student.detach().cpu().double().reshape(-1, student.shape[-1])
@@ -417,7 +466,8 @@ def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstre
             parts = [(smp, cls, grad[0][valid]) for _ in range(2)]
         else:
             smp, cls, parts = _bickd_bounds(s, t, hyper.get("temperature", 4.0), hyper.get("tau", 0.1), w_sample,
-                                            w_class, hyper.get("symmetric", False), ws, wc, u)
+                                            w_class, hyper.get("symmetric", False), ws, wc, u, u_operand,
+                                            _operand_floor(student))
         for k, (unit, (smp_b, cls_b, g)) in enumerate(zip((u, U64), parts)):
             grad[k][valid] = g
             if reduction == "none":
@@ -441,7 +491,8 @@ def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstre
         if loss == "kd":
             terms, parts = _kd_bounds(s, t, hyper.get("temperature", 4.0), w, u)
         else:
-            terms, parts = _ckd_bounds(s, t, hyper.get("tau", 1.0), hyper.get("anchor", "student"), w, u)
+            terms, parts = _ckd_bounds(s, t, hyper.get("tau", 1.0), hyper.get("anchor", "student"), w, u,
+                                       u_operand, _operand_floor(student))
         term_bounds = []
         for k, (tb, g) in enumerate(parts):
             grad[k][valid] = g
@@ -457,7 +508,7 @@ def _error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstre
     return Bound(*loss_bounds), Bound(grad[0].reshape(student.shape), grad[1].reshape(student.shape))
 
 
-def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper):
+def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstream, hyper, tensor_cores=None):
     """Element-wise bounds (Bound(compute, oracle)) of the loss output(s) and of the student gradient of the fused
     `loss` ("kd", "ckd" or "bickd", keyword arguments `hyper`) against the float64 oracle, for rounded inputs
     `student`, `teacher` (any dtype, any device; rows with mask False may hold anything) and upstream gradient
@@ -468,9 +519,11 @@ def error_bounds(loss, student, teacher, *, mask=None, reduction="mean", upstrea
     result is below the smallest normal errs by up to half the subnormal spacing, absolutely (BicKD weights of
     5e-324 give subnormal float64 losses). Each computed element depends on at most N + C + 8 operations (a sum over
     the rows or the classes, a few scalings), so that many spacings of the compute (and of the oracle's float64) are
-    added; elements that are not computed (masked rows, an empty batch) keep their bound of 0: they must be 0."""
+    added; elements that are not computed (masked rows, an empty batch) keep their bound of 0: they must be 0.
+    `tensor_cores`: whether the op ran on a tensor-core backend (CUDA, emulated), where 16-bit GEMM operands add
+    their rounding; None: as the student's device and the current backend say."""
     loss_bound, grad_bound = _error_bounds(loss, student, teacher, mask=mask, reduction=reduction, upstream=upstream,
-                                           hyper=hyper)
+                                           hyper=hyper, tensor_cores=tensor_cores)
     rows, C = student.reshape(-1, student.shape[-1]).shape
     valid = torch.ones(rows, dtype=torch.bool) if mask is None else mask.cpu().reshape(-1)
     ops = rows + C + 8

@@ -71,8 +71,8 @@ def _fold_chunk_gradient(grads, rows: slice, logit_grad: Tensor, weight: Tensor,
                          valid) -> None:
     """grads (hidden, weight, bias) += what the logit gradient of the token chunk `rows` gives them: dH[rows] =
     dZ W, dW += dZ^T H[rows], db += sum dZ. Both products are coefficient products of the GEMM policy (the fp32 logit
-    gradient times the rows as the policy takes them, `weight` already an operand: split in two GEMMs on tensor
-    cores), the head gradient accumulated in the accumulation dtype."""
+    gradient times the rows as the policy takes them, `weight` already an operand: on tensor cores the gradient
+    rounded to the rows' 16-bit dtype, one GEMM), the head gradient accumulated in the accumulation dtype."""
     chunk = _gemm_operand(hidden[rows])
     if valid is not None:  # masked rows may hold NaN or inf: 0 * NaN would reach every weight
         chunk = torch.where(valid.unsqueeze(1), chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))

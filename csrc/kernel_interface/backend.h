@@ -38,10 +38,11 @@ class KernelBackend {
   // out[r][c] = valid(i) ? exp(((x[i][col0+c] * inv_temp - row_max[i]) - row_rest[i]) - max(col_shift[col0+c],
   // log eps)) : 0 with i = row0 + r, for the block rows x cols, stored row-major with leading dimension `cols`
   // (col_shift may be null: no column term). row_max is softmax_stats' row_max; row_rest its row_log_norm (rows
-  // of p = P / |P|) or row_log_sum (P, for columns with col_shift = column_log_norms' log_norm).
+  // of p = P / |P|) or row_log_sum (P, for columns with col_shift = column_log_norms' log_norm). `out` holds
+  // out_dtype: Acc's, or (float accumulation) a 16-bit dtype, the GEMM policy's operands on tensor cores.
   virtual void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
                          const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
-                         Acc* out) = 0;
+                         void* out, DType out_dtype) = 0;
   virtual void contrastive_epilogue(const EpilogueParams<Acc>& p) = 0;
   // In place, a block of raw similarities (anchors p.row0.., candidates p.col0..) whose anchors' full log-sum-exps
   // lse[i] (positive included) a first pass found: the epilogue's coefficients weight[i] pi_ij * scale * row_scale[i]
@@ -57,10 +58,10 @@ class KernelBackend {
   virtual void symmetric_tile_coefficients(const SymmetricTile<Acc>& t, const Acc* lse, const Acc* weight) = 0;
   // Backward of v = x / max(||x||, eps) for every row, given d_i = dv_i / max(||x_i||, eps) (what the GEMMs on raw
   // rows produce: their coefficients carry the inverse norms), after adding extra_coef[i] * extra_x_i to d_i when
-  // extra_coef is given: grad_i = d_i - [unclamped] <d_i, x_i> x_i / ||x_i||^2, written in x's dtype (grad may alias
-  // d when that dtype is Acc). Rows with !valid[i] get 0.
+  // extra_coef is given: grad_i = d_i - [unclamped] <d_i, x_i> x_i / ||x_i||^2, written in grad_dtype: x's dtype or
+  // Acc's (grad may alias d when it is Acc's). Rows with !valid[i] get 0.
   virtual void normalize_backward(Acc* d, ConstMatrix x, const Acc* extra_coef, ConstMatrix extra_x,
-                                  const bool* valid, void* grad) = 0;
+                                  const bool* valid, void* grad, DType grad_dtype) = 0;
   // log_norm[c] = 0.5 * LSE_{valid i} 2 log P_ic with log P_ic = (x_ic * inv_temp - row_max[i]) - row_log_sum[i]
   // (softmax_stats' statistics): the log of the L2 norm of column c of softmax(x * inv_temp), unclamped (-inf for
   // an empty column).
@@ -71,12 +72,12 @@ class KernelBackend {
                            const Acc* log_norm, Acc inv_temp, const bool* valid, Acc* out) = 0;
   // BicKD's last pass: through the row normalisation (dp, may be null), the column normalisation (dpbar,
   // may be null; col_log_norm as column_log_norms gives it and col_projection = <dpbar_c, pbar_c>, 0 where the
-  // norm is clamped) and the softmax, into grad (x's dtype; may alias dp). P and p are exp(x_i * inv_temp -
+  // norm is clamped) and the softmax, into grad (grad_dtype: x's or Acc's; may alias dp in Acc). P and p are exp(x_i * inv_temp -
   // row_max[i]) over its own sum and norm, pbar is column_dots' pbar_ic (row_log_sum is only read for it): see
   // cpu::bickd_backward_row.
   virtual void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max,
                                    const Acc* row_log_sum, const Acc* col_log_norm, const Acc* col_projection,
-                                   Acc inv_temp, const bool* valid, void* grad) = 0;
+                                   Acc inv_temp, const bool* valid, void* grad, DType grad_dtype) = 0;
 };
 
 }  // namespace ckd

@@ -37,6 +37,37 @@ decltype(auto) visit_dtype(DType dtype, F&& f) {
   return f(c10::BFloat16{});
 }
 
+// The DType tag of C++ type T.
+template <typename T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return DType::Float32;
+  else if constexpr (std::is_same_v<T, double>) return DType::Float64;
+  else if constexpr (std::is_same_v<T, c10::Half>) return DType::Float16;
+  else return DType::BFloat16;
+}
+
+// Calls f(G{}) with G the C++ type of a gradient stored in `dtype`: the input's own type T, or the accumulation type
+// Acc (a 16-bit input's gradient computed in a forward is kept in Acc until the upstream gradient scales it).
+template <typename Acc, typename T, typename F>
+void visit_gradient_dtype(DType dtype, F&& f) {
+  if (dtype == dtype_of<T>()) return f(T{});
+  if (dtype == dtype_of<Acc>()) return f(Acc{});
+  throw std::logic_error("ckd_ext: a gradient dtype that is neither the input's nor the accumulation dtype");
+}
+
+// Calls f(O{}) with O the C++ type of a GEMM operand block stored in `dtype`: Acc, or a 16-bit type where the GEMMs
+// run on tensor cores (float accumulation only; BicKD's blocks are built in the student's 16-bit dtype, the teacher's
+// too whatever its own dtype).
+template <typename Acc, typename F>
+void visit_operand_dtype(DType dtype, F&& f) {
+  if (dtype == dtype_of<Acc>()) return f(Acc{});
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (dtype == DType::Float16) return f(c10::Half{});
+    if (dtype == DType::BFloat16) return f(c10::BFloat16{});
+  }
+  throw std::logic_error("ckd_ext: an operand dtype that is neither the accumulation dtype nor a 16-bit one");
+}
+
 // Calls f(T{}) with T the C++ type of a student's `dtype` among those accumulation type Acc serves: a float64 student
 // accumulates in double and every other in float (orchestration/op_call.h), so a row kernel over (student, teacher)
 // pairs is instantiated for 4 + 12 pairs rather than 2 x 16, in every backend and instruction-set variant.

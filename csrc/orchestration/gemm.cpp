@@ -57,21 +57,22 @@ void Gemm::product(at::Tensor out, const at::Tensor& coef, const at::Tensor& row
     mm(out, coef, rows, accumulate);
     return;
   }
-  // coef = hi + lo in the rows' dtype. fp16's exponent range is too narrow for coefficients (w / n times softmax
+  // coef rounded to the rows' dtype. fp16's exponent range is too narrow for coefficients (w / n times softmax
   // weights times inverse norms reach 1e-12), so each row is first scaled by a power of two that brings its largest
-  // entry into [1, 2), and the output row scaled back: both exact. bf16 has fp32's range and needs no scaling.
+  // entry into [1, 2), and the output row scaled back: both exact. bf16 has fp32's range and needs no scaling. A
+  // row of `rows` that is exactly 0 adds nothing whatever its coefficient, but CKD gives a zero row the coefficient
+  // of its clamped inverse norm (1 / eps = 1e12), which would set every coefficient row's scale and flush the other
+  // coefficients below fp16's range: such columns are left out (0; a NaN row still gives NaN through the GEMM).
   at::Tensor c = coef;
   at::Tensor row_scale;
   if (operand_dtype_ == at::kHalf) {
-    const at::Tensor row_max = coef.abs().amax(1, /*keepdim=*/true);
+    c = at::where(rows.abs().amax(1).gt(0).unsqueeze(0), coef, at::zeros({}, coef.options()));
+    const at::Tensor row_max = c.abs().amax(1, /*keepdim=*/true);
     row_scale = at::where(row_max > 0, at::exp2(at::floor(at::log2(row_max))), at::ones_like(row_max));
-    c = coef / row_scale;
+    c = c / row_scale;
     if (accumulate) out.div_(row_scale);
   }
-  const at::Tensor hi = c.to(operand_dtype_);
-  const at::Tensor lo = (c - hi.to(at::kFloat)).to(operand_dtype_);
-  mm(out, hi, rows, accumulate);
-  mm(out, lo, rows, /*accumulate=*/true);
+  mm(out, c.to(operand_dtype_), rows, accumulate);
   if (row_scale.defined()) out.mul_(row_scale);
 }
 

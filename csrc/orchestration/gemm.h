@@ -5,9 +5,11 @@
 //   CUDA / emulated     fp16 / bf16 inputs are the operands as they are, products accumulated in fp32 (tensor
 //                       cores; the emulator converts them to fp32 exactly and runs an fp32 GEMM, which is the same
 //                       arithmetic up to the order of the sums). A product of an fp32 coefficient block with 16-bit
-//                       rows splits the coefficients into high and low 16-bit parts, two GEMMs: about 16 (bf16) or
-//                       22 (fp16) bits of the coefficient, the rows exact. fp32 inputs run fp32 GEMMs, which follow
-//                       torch.backends.cuda.matmul (TF32 only where the user allowed it); fp64 stays fp64.
+//                       rows is one GEMM of the coefficients rounded to the rows' dtype (fp16: each row scaled by a
+//                       power of two first), the rows exact: what eager autograd multiplies (a 16-bit gradient of
+//                       16-bit logits), and measured as accurate once the gradient is rounded to 16 bits (docs/cuda.md,
+//                       "GEMM policy"). fp32 inputs run fp32 GEMMs, which follow torch.backends.cuda.matmul (TF32 only
+//                       where the user allowed it); fp64 stays fp64.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -37,8 +39,6 @@ class Gemm {
   void similarity(at::Tensor out, const at::Tensor& a, const at::Tensor& b) const;
   // out (m x k, acc) = [out +] coef (m x n, acc) @ rows (n x k, operand_dtype()).
   void product(at::Tensor out, const at::Tensor& coef, const at::Tensor& rows, bool accumulate) const;
-  // GEMMs one product() call issues.
-  int64_t gemms_per_product() const { return tensor_cores_ ? 2 : 1; }
 
  private:
   void mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, bool accumulate) const;
@@ -56,7 +56,7 @@ int64_t gemm_calls();
 // once, so a 16-bit V x H head is never copied whole.
 //   gemm_similarity   a (m x k) @ b (n x k)^T, a new m x n tensor in accumulation_type(a's dtype); a, b one dtype.
 //   gemm_product      out (m x k) [+]= coef (m x n) @ rows (n x k): coef and out in the accumulation dtype of the
-//                     rows' dtype, the rows in theirs (16-bit rows on tensor cores split coef in two GEMMs).
+//                     rows' dtype, the rows in theirs (16-bit rows on tensor cores: coef rounded to their dtype).
 at::Tensor gemm_similarity(const at::Tensor& a, const at::Tensor& b);
 void gemm_product(const at::Tensor& out, const at::Tensor& coef, const at::Tensor& rows, bool accumulate);
 

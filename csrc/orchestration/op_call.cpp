@@ -140,14 +140,15 @@ at::Tensor constant_divisor(const OpCall& call, int64_t value) {
   return at::full({}, static_cast<double>(value), call.acc_options);
 }
 
-at::Tensor empty_gradient_like(const at::Tensor& x) {
-  at::Tensor out = at::empty_like(x);
+at::Tensor empty_gradient_like(const at::Tensor& x, at::ScalarType dtype) {
+  at::Tensor out = at::empty_like(x, x.options().dtype(dtype));
   advise_huge_pages(out);
   return out;
 }
 
-at::Tensor forward_grad(const Inputs& in, bool want_grad) {
-  return want_grad ? empty_gradient_like(in.student) : at::empty({0}, in.student.options());
+at::Tensor forward_grad(const Inputs& in, bool want_grad, bool in_acc, at::ScalarType acc) {
+  if (!want_grad) return at::empty({0}, in.student.options());
+  return empty_gradient_like(in.student, in_acc ? acc : in.student.scalar_type());
 }
 
 at::Tensor WorkBuffer::view(int64_t rows, int64_t cols) {

@@ -61,11 +61,14 @@ at::Tensor unit_weights(const OpCall& call, const at::Tensor& divisor, const at:
 at::Tensor reduce_terms(const at::Tensor& terms, Reduction reduction, const at::Tensor& divisor);
 // A 0-dim divisor known on the host (BicKD's class count), as a tensor like call.count.
 at::Tensor constant_divisor(const OpCall& call, int64_t value);
-// An uninitialised tensor like `x` for a gradient the kernels write in full, its whole 2 MiB pages advised huge on
-// the CPU (advise_huge_pages).
-at::Tensor empty_gradient_like(const at::Tensor& x);
-// empty_gradient_like(in.student) where the forward computes the gradient, else an empty tensor.
-at::Tensor forward_grad(const Inputs& in, bool want_grad);
+// An uninitialised tensor like `x` (in `dtype`, x's by default) for a gradient the kernels write in full, its whole
+// 2 MiB pages advised huge on the CPU (advise_huge_pages).
+at::Tensor empty_gradient_like(const at::Tensor& x, at::ScalarType dtype);
+inline at::Tensor empty_gradient_like(const at::Tensor& x) { return empty_gradient_like(x, x.scalar_type()); }
+// Where the forward computes the gradient, an empty one like in.student: in the student's dtype, or (`in_acc`) in
+// the accumulation dtype `acc`, so that a 16-bit gradient is rounded once, after backward's upstream scale (CKD,
+// BicKD: docs/math.md 6.3); else an empty tensor.
+at::Tensor forward_grad(const Inputs& in, bool want_grad, bool in_acc = false, at::ScalarType acc = at::kFloat);
 
 // A reusable work buffer of one dtype handed out as (rows, cols) views.
 class WorkBuffer {

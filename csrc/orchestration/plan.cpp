@@ -47,7 +47,6 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
   const bool accumulate = in.want_grad && !plan.whole && !plan.recompute;
   const int64_t rest = plan.whole ? W - matrix_bytes : W;
   const int64_t operand_row = C * in.operand_bytes, acc_row = C * in.acc_bytes;
-  const int64_t products = in.tensor_cores ? 2 : 1;
   Counter n;
   // Setup: both inverse norms (and the positives' dot products for student anchors, or for the recomputed
   // coefficients of teacher anchors).
@@ -74,7 +73,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
         n.gemm(rows, kb, C);
       });
       n.launches += 2;  // epilogue: chunk statistics, then losses and coefficients
-      if (accumulate) n.gemm(N, C, rows, products);
+      if (accumulate) n.gemm(N, C, rows);
     });
     first_pass_bytes = (plan.whole ? matrix_bytes : plan.strip * N * in.acc_bytes) +
                        (in.operands_are_inputs ? 0 : (plan.strip + plan.operand_block) * operand_row);
@@ -120,8 +119,8 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
           n.gemm(ri, rj, C);
         }
         n.launches += 1;  // coefficients
-        n.gemm(ri, C, rj, products);
-        if (!diagonal) n.gemm(rj, C, ri, products);
+        n.gemm(ri, C, rj);
+        if (!diagonal) n.gemm(rj, C, ri);
       });
     }
     first_pass_bytes = (plan.whole ? matrix_bytes : plan.strip * plan.strip * in.acc_bytes) +
@@ -156,7 +155,7 @@ CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor) {
           n.gemm(out_rows, kb, C);
           n.launches += 1;  // coefficients
         }
-        n.gemm(out_rows, C, kb, products);
+        n.gemm(out_rows, C, kb);
       });
       n.launches += 1;  // normalisation backward
     });
@@ -186,8 +185,9 @@ struct BicKDSideWork {
 
 int64_t last_block(int64_t total, int64_t block) { return total - (blocks_of(total, block) - 1) * block; }
 
-BicKDSideWork bickd_side_work(const BicKDSide& side, int64_t count, int64_t depth, int64_t acc, int64_t directions,
-                              bool want_grad) {
+// `operand`: bytes of a built operand element (the GEMM policy's operand dtype); `acc`: of a similarity.
+BicKDSideWork bickd_side_work(const BicKDSide& side, int64_t count, int64_t depth, int64_t operand, int64_t acc,
+                              int64_t directions, bool want_grad) {
   BicKDSideWork w;
   const int64_t strips = blocks_of(count, side.strip), blocks = blocks_of(count, side.block);
   const int64_t matrix = count * depth;
@@ -213,7 +213,7 @@ BicKDSideWork bickd_side_work(const BicKDSide& side, int64_t count, int64_t dept
             static_cast<double>(directions * (want_grad ? 2 : 1));
   w.min_dim = std::min(last_block(count, side.strip), last_block(count, side.block));
   if (want_grad) w.min_dim = std::min(w.min_dim, depth);  // the products' outputs are (rows, depth)
-  w.work_bytes = ((whole ? 2 * count : side.strip + side.block) * depth + side.strip * count) * acc;
+  w.work_bytes = (whole ? 2 * count : side.strip + side.block) * depth * operand + side.strip * count * acc;
   return w;
 }
 
@@ -228,19 +228,19 @@ double bickd_gemm_cost(DeviceKind device) {
 // The cheapest walk of one side within the workspace: Whole when both operand matrices fit beside a strip, else
 // every strip size (as a number of balanced strips) with the largest candidate blocks beside it.
 BicKDSide plan_bickd_side(int64_t count, int64_t depth, const PlanInputs& in, int64_t directions) {
-  const int64_t W = in.workspace, acc = in.acc_bytes;
+  const int64_t W = in.workspace, acc = in.acc_bytes, operand = in.operand_bytes;
   const double per_gemm = bickd_gemm_cost(in.device);
   BicKDSide best{BicKDOperands::Blocks, 1, 1};  // when nothing fits: one anchor against one candidate at a time
   double best_cost = std::numeric_limits<double>::infinity();
   auto consider = [&](const BicKDSide& side) {
-    const BicKDSideWork w = bickd_side_work(side, count, depth, acc, directions, in.want_grad);
+    const BicKDSideWork w = bickd_side_work(side, count, depth, operand, acc, directions, in.want_grad);
     const double cost = static_cast<double>(w.gemms) * per_gemm + static_cast<double>(w.built);
     if (w.work_bytes <= W && cost < best_cost) {
       best = side;
       best_cost = cost;
     }
   };
-  const int64_t matrix_bytes = count * depth * acc;
+  const int64_t matrix_bytes = count * depth * operand;
   if (2 * matrix_bytes < W) {
     consider({BicKDOperands::Whole, balanced(count, rows_within(W - 2 * matrix_bytes, count * acc, count)), count});
   }
@@ -248,9 +248,9 @@ BicKDSide plan_bickd_side(int64_t count, int64_t depth, const PlanInputs& in, in
     if (static_cast<double>(strips) * per_gemm >= best_cost) break;  // every strip issues a GEMM
     const int64_t strip = blocks_of(count, strips);
     if (blocks_of(count, strip) != strips) continue;  // the same strips as a smaller count
-    const int64_t rest = W - strip * (depth + count) * acc;
-    if (rest < depth * acc) continue;
-    const int64_t block = balanced(count, rows_within(rest, depth * acc, count));
+    const int64_t rest = W - strip * (depth * operand + count * acc);
+    if (rest < depth * operand) continue;
+    const int64_t block = balanced(count, rows_within(rest, depth * operand, count));
     consider({block >= count ? BicKDOperands::Candidates : BicKDOperands::Blocks, strip, block});
   }
   return best;
@@ -265,7 +265,7 @@ BicKDPlan plan_bickd(const PlanInputs& in, bool symmetric, bool sample_side, boo
   int64_t min_dim = INT64_MAX;
   auto side = [&](BicKDSide& out, int64_t count, int64_t depth) {
     out = plan_bickd_side(count, depth, in, directions);
-    const BicKDSideWork w = bickd_side_work(out, count, depth, acc, directions, in.want_grad);
+    const BicKDSideWork w = bickd_side_work(out, count, depth, in.operand_bytes, acc, directions, in.want_grad);
     plan.gemms += w.gemms;
     plan.launches += w.launches;
     plan.built_elements += w.built;

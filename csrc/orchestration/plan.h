@@ -13,7 +13,6 @@ struct PlanInputs {
   int64_t operand_bytes = 4;   // bytes of one GEMM operand element (gemm.h: the input's for tensor cores, else acc)
   int64_t acc_bytes = 4;
   bool operands_are_inputs = true;  // the inputs serve as operands as they are (no conversion, no masked row)
-  bool tensor_cores = false;        // coefficient products are two GEMMs (gemm.h)
   DeviceKind device = DeviceKind::Cpu;  // runs_cuda_kernels: larger tiles
   bool grad_in_acc = true;          // the student gradient's dtype is the accumulation dtype
   bool want_grad = true;
@@ -48,8 +47,9 @@ struct CkdPlan {
 CkdPlan plan_ckd(const PlanInputs& in, bool student_anchor);
 
 // BicKD, per side: `count` anchors (student rows p_i or columns pbar_c) against as many candidates (teacher rows or
-// columns), normalised probability vectors of `depth` acc elements built from the logits by exp_block, walked by the
-// strip engine in strips of anchors against blocks of candidates. Which operands are built how often:
+// columns), normalised probability vectors of `depth` elements built from the logits by exp_block in the GEMM
+// policy's operand dtype (operand_bytes: 16-bit on tensor cores, else acc), walked by the strip engine in strips of
+// anchors against blocks of candidates. Which operands are built how often:
 //   Whole       both inputs' operand matrices (count x depth each) built once per call, shared by both directions;
 //               strips are views.
 //   Candidates  the candidates built once per direction (one block), each strip's anchors once per strip.

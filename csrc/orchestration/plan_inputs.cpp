@@ -7,7 +7,7 @@ PlanInputs common(const PlanCall& call, at::ScalarType acc) {
   p.rows = call.rows;
   p.cols = call.cols;
   p.acc_bytes = at::elementSize(acc);
-  p.grad_in_acc = call.student == acc;
+  p.grad_in_acc = call.student == acc || !call.grad_in_input_dtype;
   p.want_grad = call.want_grad;
   p.workspace = call.workspace;
   p.device = call.device;
@@ -19,13 +19,12 @@ PlanInputs ckd_plan_inputs(const PlanCall& call, const Gemm& gemm) {
   PlanInputs p = common(call, gemm.acc_dtype());
   p.operand_bytes = at::elementSize(gemm.operand_dtype());
   p.operands_are_inputs = !call.masked && call.student == gemm.operand_dtype() && call.teacher == gemm.operand_dtype();
-  p.tensor_cores = gemm.tensor_cores();
   return p;
 }
 
-PlanInputs bickd_plan_inputs(const PlanCall& call) {
-  PlanInputs p = common(call, accumulation_type(call.student));
-  p.operand_bytes = p.acc_bytes;
+PlanInputs bickd_plan_inputs(const PlanCall& call, const Gemm& gemm) {
+  PlanInputs p = common(call, gemm.acc_dtype());
+  p.operand_bytes = at::elementSize(gemm.operand_dtype());
   p.operands_are_inputs = false;
   return p;
 }

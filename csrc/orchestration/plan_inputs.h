@@ -18,11 +18,14 @@ struct PlanCall {
   DeviceKind device = DeviceKind::Cpu;
   bool want_grad = true;
   int64_t workspace = 0;
+  // The backward op writes a 16-bit student's gradient in its dtype; a forward that computes the gradient keeps it in
+  // the accumulation dtype (op_call.h, forward_grad).
+  bool grad_in_input_dtype = false;
 };
 
 // CKD's GEMM operands are the inputs themselves when the policy multiplies the inputs' dtype and no row is masked.
 PlanInputs ckd_plan_inputs(const PlanCall& call, const Gemm& gemm);
-// BicKD's operands are softmax blocks it builds, always in the accumulation dtype.
-PlanInputs bickd_plan_inputs(const PlanCall& call);
+// BicKD's operands are softmax blocks it builds in the policy's operand dtype (16-bit on tensor cores, else acc).
+PlanInputs bickd_plan_inputs(const PlanCall& call, const Gemm& gemm);
 
 }  // namespace ckd

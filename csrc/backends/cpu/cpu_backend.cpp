@@ -106,25 +106,29 @@ class CpuBackend final : public KernelBackend<Acc> {
 
   void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
                  const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
-                 Acc* out) override {
+                 void* out, DType out_dtype) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
+      visit_operand_dtype<Acc>(out_dtype, [&](auto out_tag) {
+      using TO = decltype(out_tag);
       parallel_rows(rows, cols, [&](int64_t r) {
         const int64_t i = row0 + r;
-        Acc* o = out + r * cols;
+        TO* o = static_cast<TO*>(out) + r * cols;
         if (valid && !valid[i]) {
-          std::fill(o, o + cols, Acc(0));
+          std::fill(o, o + cols, TO(0));
           return;
         }
         const T* xi = rows_of<T>(x, i) + col0;
         const Acc m = row_max[i], rest = row_rest[i];
         if (col_shift) {
           for (int64_t c = 0; c < cols; ++c) {
-            o[c] = cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest) - clamped_log_norm(col_shift[col0 + c]));
+            o[c] = static_cast<TO>(
+                cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest) - clamped_log_norm(col_shift[col0 + c])));
           }
         } else {
-          for (int64_t c = 0; c < cols; ++c) o[c] = cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest));
+          for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<TO>(cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest)));
         }
+      });
       });
     });
   }
@@ -154,21 +158,24 @@ class CpuBackend final : public KernelBackend<Acc> {
   }
 
   void normalize_backward(Acc* d, ConstMatrix x, const Acc* extra_coef, ConstMatrix extra_x, const bool* valid,
-                          void* grad) override {
+                          void* grad, DType grad_dtype) override {
     visit_dtype(x.dtype, [&](auto tx) {
+      using T = decltype(tx);
+      visit_gradient_dtype<Acc, T>(grad_dtype, [&](auto tg) {
       visit_dtype(extra_x.dtype, [&](auto te) {
-        using T = decltype(tx);
         using TE = decltype(te);
+        using TG = decltype(tg);
         parallel_rows(x.rows, x.cols, [&](int64_t i) {
-          T* g = static_cast<T*>(grad) + i * x.cols;
+          TG* g = static_cast<TG*>(grad) + i * x.cols;
           if (valid && !valid[i]) {
-            std::fill(g, g + x.cols, T(0));
+            std::fill(g, g + x.cols, TG(0));
             return;
           }
           const bool extra = extra_coef != nullptr;
           cpu::normalize_backward_row<Acc>(d + i * x.cols, rows_of<T>(x, i), x.cols, extra ? extra_coef[i] : Acc(0),
                                            extra ? rows_of<TE>(extra_x, i) : nullptr, g);
         });
+      });
       });
     });
   }
@@ -197,21 +204,24 @@ class CpuBackend final : public KernelBackend<Acc> {
 
   void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum,
                            const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
-                           void* grad) override {
+                           void* grad, DType grad_dtype) override {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
+      visit_gradient_dtype<Acc, T>(grad_dtype, [&](auto tg) {
+      using TG = decltype(tg);
       at::parallel_for(0, x.rows, row_grain(x.cols), [&](int64_t begin, int64_t end) {
         std::vector<Acc> scratch(2 * x.cols);
         for (int64_t i = begin; i < end; ++i) {
-          T* g = static_cast<T*>(grad) + i * x.cols;
+          TG* g = static_cast<TG*>(grad) + i * x.cols;
           if (valid && !valid[i]) {
-            std::fill(g, g + x.cols, T(0));
+            std::fill(g, g + x.cols, TG(0));
             continue;
           }
           cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
                                        rows_of<T>(x, i), x.cols, row_max[i], row_log_sum[i], col_log_norm,
                                        col_projection, inv_temp, scratch.data(), g);
         }
+      });
       });
     });
   }

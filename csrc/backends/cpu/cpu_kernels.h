@@ -570,18 +570,18 @@ void symmetric_tile_coefficients_row(const SymmetricTile<Acc>& t, int64_t r, con
 
 // d = dv / max(|x|, eps) (KernelBackend::normalize_backward): grad = d - <d, x> x / |x|^2, or d itself where the norm
 // is clamped (a constant there).
-template <typename Acc, typename T, typename TE>
-void normalize_backward_row(Acc* d, const T* x, int64_t cols, Acc extra_coef, const TE* extra_x, T* grad) {
+template <typename Acc, typename T, typename TE, typename TG>
+void normalize_backward_row(Acc* d, const T* x, int64_t cols, Acc extra_coef, const TE* extra_x, TG* grad) {
   if (extra_x) {
     for (int64_t j = 0; j < cols; ++j) d[j] += extra_coef * static_cast<Acc>(extra_x[j]);
   }
   const Acc sq = sum_over<Acc>(cols, [&](int64_t j) { const Acc v = static_cast<Acc>(x[j]); return v * v; });
   if (std::sqrt(sq) < static_cast<Acc>(kNormEps)) {
-    for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(d[j]);
+    for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<TG>(d[j]);
     return;
   }
   const Acc proj = row_dot<Acc>(d, x, cols) / sq;
-  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>(d[j] - proj * static_cast<Acc>(x[j]));
+  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<TG>(d[j] - proj * static_cast<Acc>(x[j]));
 }
 
 // log P_ic from softmax_stats' row statistics, in the order every kernel uses: (x * inv_temp - max) - log_sum.
@@ -644,9 +644,9 @@ void column_dots_block(const Acc* a, const T* x, int64_t rows, int64_t cols, int
 //   one nonzero entry has pbar = 1 and k = dpbar exactly: its term is 0, as it should be, not dpbar rounding
 //   divided by |P_.c| and multiplied back by P.
 // `scratch` holds 2 * cols values.
-template <typename Acc, typename T>
+template <typename Acc, typename T, typename TG>
 void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols, Acc row_max, Acc row_log_sum,
-                        const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, Acc* scratch, T* grad) {
+                        const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, Acc* scratch, TG* grad) {
   Acc* e = scratch;
   Acc* u = scratch + cols;
   for (int64_t j = 0; j < cols; ++j) e[j] = fast_exp(static_cast<Acc>(x[j]) * inv_temp - row_max);
@@ -667,7 +667,7 @@ void bickd_backward_row(const Acc* dp, const Acc* dpbar, const T* x, int64_t col
     }
   }
   const Acc total = sum_over<Acc>(cols, [&](int64_t j) { return u[j]; });
-  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<T>((u[j] - e[j] * inv_sum * total) * inv_temp);
+  for (int64_t j = 0; j < cols; ++j) grad[j] = static_cast<TG>((u[j] - e[j] * inv_sum * total) * inv_temp);
 }
 
 }  // namespace CKD_CPU_ISA

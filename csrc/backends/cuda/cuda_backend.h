@@ -92,13 +92,16 @@ class CudaBackend final : public KernelBackend<Acc> {
 
   void exp_block(ConstMatrix x, int64_t row0, int64_t rows, int64_t col0, int64_t cols, Acc inv_temp,
                  const Acc* row_max, const Acc* row_rest, const Acc* col_shift, const bool* valid,
-                 Acc* out) override {
+                 void* out, DType out_dtype) override {
     if (rows * cols == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(cuda::exp_block_kernel<Acc, T>, element_grid(rows, cols), element_block(cols), 0, stream_,
-                    static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
-                    row_rest, col_shift, valid, out);
+      visit_operand_dtype<Acc>(out_dtype, [&](auto out_tag) {
+        using TO = decltype(out_tag);
+        launch_kernel(cuda::exp_block_kernel<Acc, T, TO>, element_grid(rows, cols), element_block(cols), 0, stream_,
+                      static_cast<const T*>(x.data), x.cols, row0, rows, col0, cols, inv_temp, row_max,
+                      row_rest, col_shift, valid, static_cast<TO*>(out));
+      });
     });
     check_launch();
   }
@@ -148,15 +151,18 @@ class CudaBackend final : public KernelBackend<Acc> {
   }
 
   void normalize_backward(Acc* d, ConstMatrix x, const Acc* extra_coef, ConstMatrix extra_x, const bool* valid,
-                          void* grad) override {
+                          void* grad, DType grad_dtype) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tx) {
-      visit_dtype(extra_x.dtype, [&](auto te) {
-        using T = decltype(tx);
-        using TE = decltype(te);
-        launch_kernel(cuda::normalize_backward_kernel<Acc, T, TE>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0,
-                      stream_, d, static_cast<const T*>(x.data), x.cols, extra_coef,
-                      static_cast<const TE*>(extra_x.data), valid, static_cast<T*>(grad));
+      using T = decltype(tx);
+      visit_gradient_dtype<Acc, T>(grad_dtype, [&](auto tg) {
+        using TG = decltype(tg);
+        visit_dtype(extra_x.dtype, [&](auto te) {
+          using TE = decltype(te);
+          launch_kernel(cuda::normalize_backward_kernel<Acc, T, TE, TG>, rows_grid(x.rows), dim3(cuda::kRowThreads),
+                        0, stream_, d, static_cast<const T*>(x.data), x.cols, extra_coef,
+                        static_cast<const TE*>(extra_x.data), valid, static_cast<TG*>(grad));
+        });
       });
     });
     check_launch();
@@ -188,13 +194,16 @@ class CudaBackend final : public KernelBackend<Acc> {
 
   void bickd_backward_rows(Acc* dp, const Acc* dpbar, ConstMatrix x, const Acc* row_max, const Acc* row_log_sum,
                            const Acc* col_log_norm, const Acc* col_projection, Acc inv_temp, const bool* valid,
-                           void* grad) override {
+                           void* grad, DType grad_dtype) override {
     if (x.rows == 0) return;
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
-      launch_kernel(cuda::bickd_backward_rows_kernel<Acc, T>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0, stream_,
-                    static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, row_max, row_log_sum,
-                    col_log_norm, col_projection, inv_temp, valid, static_cast<T*>(grad));
+      visit_gradient_dtype<Acc, T>(grad_dtype, [&](auto tg) {
+        using TG = decltype(tg);
+        launch_kernel(cuda::bickd_backward_rows_kernel<Acc, T, TG>, rows_grid(x.rows), dim3(cuda::kRowThreads), 0,
+                      stream_, static_cast<const Acc*>(dp), dpbar, static_cast<const T*>(x.data), x.cols, row_max,
+                      row_log_sum, col_log_norm, col_projection, inv_temp, valid, static_cast<TG*>(grad));
+      });
     });
     check_launch();
   }

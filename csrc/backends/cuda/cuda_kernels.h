@@ -382,21 +382,21 @@ __global__ void load_rows_kernel(const T* x, int64_t cols, int64_t row0, int64_t
   });
 }
 
-template <typename Acc, typename T>
+template <typename Acc, typename T, typename TO>
 __global__ void exp_block_kernel(const T* x, int64_t ldx, int64_t row0, int64_t rows, int64_t col0, int64_t cols,
                                  Acc inv_temp, const Acc* row_max, const Acc* row_rest, const Acc* col_shift,
-                                 const bool* valid, Acc* out) {
+                                 const bool* valid, TO* out) {
   for_elements(rows, cols, [&](int64_t r) {
     const int64_t i = row0 + r;
     const bool masked = valid && !valid[i];
     const Acc m = masked ? Acc(0) : row_max[i], rest = masked ? Acc(0) : row_rest[i];
     return [=](int64_t c) {
       if (masked) {
-        out[r * cols + c] = 0;
+        store(out, r * cols + c, Acc(0));
         return;
       }
       const Acc v = log_prob(load<Acc>(x, i * ldx + col0 + c), inv_temp, m, rest);
-      out[r * cols + c] = exp_acc(col_shift ? v - clamped_log_norm(col_shift[col0 + c]) : v);
+      store(out, r * cols + c, exp_acc(col_shift ? v - clamped_log_norm(col_shift[col0 + c]) : v));
     };
   });
 }
@@ -551,9 +551,9 @@ __global__ void contrastive_coefficients_kernel(EpilogueParams<Acc> p, const Acc
 // One block per row, d = dv / max(|x|, eps): grad = d' - [unclamped] <d', x> x / |x|^2 with d' = d + extra (formed
 // in each of the two passes, not written back). Each pass reads d, x and extra_x once, four elements per vector load
 // where the rows allow (for_rows); each thread writes only the elements it read, so grad may alias d.
-template <typename Acc, typename T, typename TE>
+template <typename Acc, typename T, typename TE, typename TG>
 __global__ void normalize_backward_kernel(const Acc* d, const T* x, int64_t cols, const Acc* extra_coef,
-                                          const TE* extra_x, const bool* valid, T* grad) {
+                                          const TE* extra_x, const bool* valid, TG* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;
@@ -619,10 +619,10 @@ __global__ void column_dots_kernel(const Acc* a, const T* x, int64_t rows, int64
 // softmax), pbar by column_dots' own expression. Three passes (sums, sum(u), grad), each reading x, dp, dpbar and
 // the column statistics once with vector loads where the rows allow (for_rows; a null dp / dpbar reads as 0 and is
 // not used). Each thread writes only the elements it read, so grad may alias dp.
-template <typename Acc, typename T>
+template <typename Acc, typename T, typename TG>
 __global__ void bickd_backward_rows_kernel(const Acc* dp, const Acc* dpbar, const T* x, int64_t cols,
                                            const Acc* row_max, const Acc* row_log_sum, const Acc* col_log_norm,
-                                           const Acc* col_projection, Acc inv_temp, const bool* valid, T* grad) {
+                                           const Acc* col_projection, Acc inv_temp, const bool* valid, TG* grad) {
   __shared__ Acc scratch[32];
   const int64_t i = blockIdx.x;
   const int64_t base = i * cols;

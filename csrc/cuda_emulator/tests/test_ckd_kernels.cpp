@@ -223,7 +223,7 @@ void test_normalize_backward(ckd::KernelBackend<float>& gpu, const Inputs& in) {
       std::vector<float> dv = random_values(kRows * cols, 6), dv_ref = dv, grad(kRows * cols), grad_ref(kRows * cols, 0);
       std::vector<float> extra_coef = random_values(kRows, 7);
       gpu.normalize_backward(dv.data(), matrix(in.s, kRows, cols), extra ? extra_coef.data() : nullptr,
-                             matrix(in.t, kRows, cols), in.valid, grad.data());
+                             matrix(in.t, kRows, cols), in.valid, grad.data(), ckd::DType::Float32);
       for (int i = 0; i < kRows; ++i) {
         if (!in.valid[i]) continue;
         ckd::cpu::normalize_backward_row<float>(dv_ref.data() + i * cols, in.s.data() + i * cols, cols,
@@ -264,7 +264,8 @@ void test_bickd_kernels(ckd::KernelBackend<float>& gpu, const Inputs& in) {
     float* dp_in = sides & 1 ? dp.data() : nullptr;
     std::vector<float> scratch(2 * kCols);
     gpu.bickd_backward_rows(dp_in, dpbar_in, matrix(in.s, kRows, kCols), row_max.data(), log_sum.data(),
-                            log_norm_ref.data(), col_projection.data(), inv_temp, in.valid, grad.data());
+                            log_norm_ref.data(), col_projection.data(), inv_temp, in.valid, grad.data(),
+                            ckd::DType::Float32);
     for (int i = 0; i < kRows; ++i) {
       if (!in.valid[i]) continue;
       ckd::cpu::bickd_backward_row<float>(dp_in ? dp_in + i * kCols : nullptr, dpbar_in ? dpbar_in + i * kCols : nullptr,
@@ -282,7 +283,7 @@ void test_elementwise(ckd::KernelBackend<float>& gpu, const Inputs& in) {
   std::vector<float> block(3 * 40), block_ref(3 * 40);
   for (const float* cs : {static_cast<const float*>(col_shift.data()), static_cast<const float*>(nullptr)}) {
     gpu.exp_block(matrix(in.s, kRows, kCols), 2, 3, 50, 40, 0.5f, shift.data(), rest.data(), cs, in.valid,
-                  block.data());
+                  block.data(), ckd::DType::Float32);
     for (int r = 0; r < 3; ++r)
       for (int c = 0; c < 40; ++c)
         block_ref[r * 40 + c] =
