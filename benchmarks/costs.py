@@ -15,10 +15,12 @@ Counting rules
 plus one C x C x N GEMM each way; KD none. Bytes: the inputs read once, the gradient written once. Achieved
 rates divide this by a measured time, so providers compare on the same numerator.
 
-The per-implementation models (`fused_op`, `eager`) describe one forward + backward with a 16-bit student, which
-ckd_ext runs as a forward without the gradient and a backward that recomputes (ckd_ext/losses.py, `_grad_needed`): the
-forward's similarity GEMMs are paid twice. The fused op's earlier implementation (csrc/losses.cpp) is a frozen
-table in docs/cuda.md, not a model here.
+The per-implementation models (`fused_op`, `eager`) describe one forward + backward with a 16-bit student. ckd_ext
+computes CKD's and BicKD's gradient in the forward and keeps it in fp32 where it fits `forward_gradient_bytes` (a
+quarter of the device's memory: `FORWARD_GRADIENT_BYTES` for the 80 GB device modelled here), and backward only
+scales it; above that, the forward computes no gradient and the backward op recomputes, paying the similarity GEMMs
+twice (ckd_ext/losses.py, `_grad_needed`). The fused op's earlier implementation (csrc/losses.cpp) is a frozen table
+in docs/cuda.md, not a model here.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ WORKSPACE = 4 * GIB
 ACC_BYTES = 4  # fp32 accumulation: similarities, coefficients, converted operands
 # Host cost of one kernel or cuBLAS launch through ATen; at millions of tiny launches it, not the GPU, sets the time.
 LAUNCH_SECONDS = 10e-6
+# ckd_ext.forward_gradient_bytes() on an 80 GB device (a quarter of its memory): the largest fp32 gradient of a
+# 16-bit student that CKD and BicKD compute in their forward.
+FORWARD_GRADIENT_BYTES = 80 * 10 ** 9 // 4
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -158,28 +163,36 @@ def fused_op(loss: str, N: int, C: int, dtype: str = "bfloat16", anchor: str = "
              budget: int = WORKSPACE) -> Tuple[Work, Work]:
     """(forward, backward) calls of the fused op: GEMMs, their FLOPs and the kernel launches come from
     the extension's strip plan (`ckd_ext._C.strip_plan`, csrc/orchestration/plan.h), the plan the op follows and
-    tests/test_strip_plans.py checks against what calls issue. A 16-bit student's forward computes no gradient and
-    its backward recomputes (ckd_ext/losses.py, `_grad_needed`). Bytes stay this module's model (`_contrastive_bytes`).
-    CKD's 16-bit GEMMs run on tensor cores; BicKD's are fp32 (docs/cuda.md, "GEMM policy")."""
+    tests/test_strip_plans.py checks against what calls issue. The forward computes the gradient, in fp32, where it
+    fits FORWARD_GRADIENT_BYTES, and backward scales and rounds it; else the forward computes the loss alone and the
+    backward op recomputes (ckd_ext/losses.py, `_grad_needed`). Bytes stay this module's model
+    (`_contrastive_bytes`). 16-bit GEMMs run on tensor cores, BicKD's on its operand blocks built in the 16-bit dtype
+    (docs/cuda.md, "GEMM policy")."""
     b = dtype_bytes(dtype)
     if loss == "kd":
         return _kd(N, C, b, False), _kd(N, C, b, True)
     import ckd_ext
     ext = ckd_ext.require_extension()
     name = "bickd" if loss == "bickd" else f"ckd_{anchor}"
-    calls = []
-    for want_grad in (False, True):
+    in_forward = ACC_BYTES * N * C <= FORWARD_GRADIENT_BYTES
+
+    def call(want_grad: bool, backward: bool) -> Work:
         bytes_model = Work()
         bytes_model.kernel(2 * N * C * b, 4 * (N + C) * ACC_BYTES, 2)
-        _contrastive_bytes(bytes_model, N, N, C, b if loss != "bickd" else ACC_BYTES, want_grad, budget)
-        if loss == "bickd":
-            _contrastive_bytes(bytes_model, C, C, N, ACC_BYTES, want_grad, budget)
-        if want_grad:
-            bytes_model.kernel(N * C * (2 * b + ACC_BYTES), N * C * b)
-        plan = ext.strip_plan(name, N, C, dtype, "cuda", budget, want_grad=want_grad)
-        calls.append(Work(flops=plan["gemm_flops"], bytes=bytes_model.bytes, gemms=plan["gemms"],
-                          launches=plan["launches"] + plan["gemms"]))
-    return calls[0], calls[1]
+        _contrastive_bytes(bytes_model, N, N, C, b, want_grad, budget)
+        if loss == "bickd":  # its operand blocks are built in the 16-bit dtype too (and written once more)
+            _contrastive_bytes(bytes_model, C, C, N, b, want_grad, budget)
+        if want_grad:  # the normalisation backward: inputs and d read, the gradient written
+            bytes_model.kernel(N * C * (2 * b + ACC_BYTES), N * C * (b if backward else ACC_BYTES))
+        plan = ext.strip_plan(name, N, C, dtype, "cuda", budget, want_grad=want_grad, backward=backward)
+        return Work(flops=plan["gemm_flops"], bytes=bytes_model.bytes, gemms=plan["gemms"],
+                    launches=plan["launches"] + plan["gemms"])
+
+    if in_forward:
+        scale = Work()
+        scale.kernel(N * C * ACC_BYTES, N * C * b)  # backward: the kept gradient times the upstream, rounded once
+        return call(True, False), scale
+    return call(False, False), call(True, True)
 
 
 # -------------------------------------------------------------------------------------------------- eager
@@ -234,8 +247,7 @@ def estimate_rows(shapes: Iterable[Tuple[int, int]] = GPU_SHAPES, dtype: str = "
             minimum = loss_work(loss, N, C, dtype)
             fused = sum(fused_op(loss, N, C, dtype, anchor), Work())
             impls = [("minimum (floor)", minimum, peak.tensor_tflops),
-                     ("fused (strip plan, 4 GiB)", fused,
-                      peak.fp32_tflops if loss == "bickd" else peak.tensor_tflops),
+                     ("fused (strip plan, 4 GiB)", fused, peak.tensor_tflops),
                      ("eager bf16", eager(loss, N, C, dtype, anchor), peak.tensor_tflops)]
             for name, w, rate in impls:
                 sim = similarity_elements(loss, N, C)

@@ -13,8 +13,8 @@ matrix, P = H~ G the products the strips read:
     float64 forms      G and P accumulated in float64 (what the package runs)
     TC Gram, f64 P     G from fp32-accumulated GEMMs of the 16-bit head over vocabulary chunks of 4096 rows, the
                        chunks summed in float64; P in float64
-    TC Gram, split P   the same G, P = H~ (G_hi + G_lo): G split in two 16-bit parts (the GEMM policy's coefficient
-                       product), fp32 accumulation: every GEMM on tensor cores
+    TC Gram, split P   the same G, P = H~ (G_hi + G_lo): G split in two 16-bit parts (two tensor-core
+                       GEMMs, more precise than the GEMM policy's one-GEMM product), fp32 accumulation
     fp32 forms         G and P accumulated in fp32
 """
 from __future__ import annotations

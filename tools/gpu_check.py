@@ -153,8 +153,9 @@ FIRST_CALL = COMMON_STEPS + [
 ]
 
 SECOND_CALL = COMMON_STEPS + [
-    _bench_step("bickd_128k", 120, "BicKD at 16384 x 128256 bf16 x ckd_ext / eager / floor: ckd_ext ~27 s a call on "
-                "fp32 GEMMs today, so 1 warm-up + 2 timed calls of it, cut at 90 s"),
+    _bench_step("bickd_128k", 120, "BicKD at 16384 x 128256 bf16 x ckd_ext / eager / floor: ckd_ext ~1.2 s a call by "
+                "the cost model (bf16 operand blocks on tensor cores; eager's C x C matrices do not fit), 1 warm-up + "
+                "2 timed calls, cut at 90 s"),
     Step("topk", 40, "top-k KD at the GPU shape (16384 tokens, V = 128256, H = 2048, k = 64, bf16): "
          "fused_linear_topk_kd_loss against materialised logits + topk_kd_loss and an eager top-k KD, time and peak "
          "memory, 3 interleaved calls each after the producer teacher_topk; start-up ~10 s",
