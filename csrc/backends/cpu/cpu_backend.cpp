@@ -110,25 +110,27 @@ class CpuBackend final : public KernelBackend<Acc> {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       visit_operand_dtype<Acc>(out_dtype, [&](auto out_tag) {
-      using TO = decltype(out_tag);
-      parallel_rows(rows, cols, [&](int64_t r) {
-        const int64_t i = row0 + r;
-        TO* o = static_cast<TO*>(out) + r * cols;
-        if (valid && !valid[i]) {
-          std::fill(o, o + cols, TO(0));
-          return;
-        }
-        const T* xi = rows_of<T>(x, i) + col0;
-        const Acc m = row_max[i], rest = row_rest[i];
-        if (col_shift) {
-          for (int64_t c = 0; c < cols; ++c) {
-            o[c] = static_cast<TO>(
-                cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest) - clamped_log_norm(col_shift[col0 + c])));
+        using TO = decltype(out_tag);
+        parallel_rows(rows, cols, [&](int64_t r) {
+          const int64_t i = row0 + r;
+          TO* o = static_cast<TO*>(out) + r * cols;
+          if (valid && !valid[i]) {
+            std::fill(o, o + cols, TO(0));
+            return;
           }
-        } else {
-          for (int64_t c = 0; c < cols; ++c) o[c] = static_cast<TO>(cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest)));
-        }
-      });
+          const T* xi = rows_of<T>(x, i) + col0;
+          const Acc m = row_max[i], rest = row_rest[i];
+          if (col_shift) {
+            for (int64_t c = 0; c < cols; ++c) {
+              o[c] = static_cast<TO>(
+                  cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest) - clamped_log_norm(col_shift[col0 + c])));
+            }
+          } else {
+            for (int64_t c = 0; c < cols; ++c) {
+              o[c] = static_cast<TO>(cpu::fast_exp(cpu::log_prob(xi[c], inv_temp, m, rest)));
+            }
+          }
+        });
       });
     });
   }
@@ -162,20 +164,20 @@ class CpuBackend final : public KernelBackend<Acc> {
     visit_dtype(x.dtype, [&](auto tx) {
       using T = decltype(tx);
       visit_gradient_dtype<Acc, T>(grad_dtype, [&](auto tg) {
-      visit_dtype(extra_x.dtype, [&](auto te) {
-        using TE = decltype(te);
-        using TG = decltype(tg);
-        parallel_rows(x.rows, x.cols, [&](int64_t i) {
-          TG* g = static_cast<TG*>(grad) + i * x.cols;
-          if (valid && !valid[i]) {
-            std::fill(g, g + x.cols, TG(0));
-            return;
-          }
-          const bool extra = extra_coef != nullptr;
-          cpu::normalize_backward_row<Acc>(d + i * x.cols, rows_of<T>(x, i), x.cols, extra ? extra_coef[i] : Acc(0),
-                                           extra ? rows_of<TE>(extra_x, i) : nullptr, g);
+        visit_dtype(extra_x.dtype, [&](auto te) {
+          using TE = decltype(te);
+          using TG = decltype(tg);
+          parallel_rows(x.rows, x.cols, [&](int64_t i) {
+            TG* g = static_cast<TG*>(grad) + i * x.cols;
+            if (valid && !valid[i]) {
+              std::fill(g, g + x.cols, TG(0));
+              return;
+            }
+            const bool extra = extra_coef != nullptr;
+            cpu::normalize_backward_row<Acc>(d + i * x.cols, rows_of<T>(x, i), x.cols, extra ? extra_coef[i] : Acc(0),
+                                             extra ? rows_of<TE>(extra_x, i) : nullptr, g);
+          });
         });
-      });
       });
     });
   }
@@ -208,20 +210,20 @@ class CpuBackend final : public KernelBackend<Acc> {
     visit_dtype(x.dtype, [&](auto tag) {
       using T = decltype(tag);
       visit_gradient_dtype<Acc, T>(grad_dtype, [&](auto tg) {
-      using TG = decltype(tg);
-      at::parallel_for(0, x.rows, row_grain(x.cols), [&](int64_t begin, int64_t end) {
-        std::vector<Acc> scratch(2 * x.cols);
-        for (int64_t i = begin; i < end; ++i) {
-          TG* g = static_cast<TG*>(grad) + i * x.cols;
-          if (valid && !valid[i]) {
-            std::fill(g, g + x.cols, TG(0));
-            continue;
+        using TG = decltype(tg);
+        at::parallel_for(0, x.rows, row_grain(x.cols), [&](int64_t begin, int64_t end) {
+          std::vector<Acc> scratch(2 * x.cols);
+          for (int64_t i = begin; i < end; ++i) {
+            TG* g = static_cast<TG*>(grad) + i * x.cols;
+            if (valid && !valid[i]) {
+              std::fill(g, g + x.cols, TG(0));
+              continue;
+            }
+            cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
+                                         rows_of<T>(x, i), x.cols, row_max[i], row_log_sum[i], col_log_norm,
+                                         col_projection, inv_temp, scratch.data(), g);
           }
-          cpu::bickd_backward_row<Acc>(dp ? dp + i * x.cols : nullptr, dpbar ? dpbar + i * x.cols : nullptr,
-                                       rows_of<T>(x, i), x.cols, row_max[i], row_log_sum[i], col_log_norm,
-                                       col_projection, inv_temp, scratch.data(), g);
-        }
-      });
+        });
       });
     });
   }
