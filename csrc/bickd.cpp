@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bickd_forward(const at::Tensor& s
     const at::Tensor classes = constant_divisor(call, in.cols);
     at::Tensor sample_terms = at::zeros({in.rows}, call.acc_options);
     at::Tensor class_terms = at::zeros({in.cols}, call.acc_options);
-    at::Tensor grad = forward_grad(in, want_grad, /*in_acc=*/true, acc_type<Acc>());
+    at::Tensor grad = forward_grad(in, want_grad, /*in_acc=*/true);
     at::Tensor sample_weight, class_weight;
     if (want_grad) {
       sample_weight = unit_weights(call, call.count, in.mask, in.rows) * cfg.w_sample;

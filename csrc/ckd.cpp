@@ -328,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor> ckd_forward(const at::Tensor& student, const 
     const Inputs& in = call.in;
     const bool want_grad = compute_grad && call.reduction != Reduction::None;
     at::Tensor row_loss = at::zeros({in.rows}, call.acc_options);
-    at::Tensor grad = forward_grad(in, want_grad, /*in_acc=*/true, acc_type<Acc>());
+    at::Tensor grad = forward_grad(in, want_grad, /*in_acc=*/true);
     const at::Tensor weight = want_grad ? unit_weights(call, call.count, in.mask, in.rows) : at::Tensor();
     if (in.rows > 0) ckd_core<Acc>(in, tau, student_anchor, weight, row_loss, want_grad ? grad : at::Tensor());
     return {reduce_terms(row_loss, call.reduction, call.count), grad};

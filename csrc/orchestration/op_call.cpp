@@ -146,9 +146,10 @@ at::Tensor empty_gradient_like(const at::Tensor& x, at::ScalarType dtype) {
   return out;
 }
 
-at::Tensor forward_grad(const Inputs& in, bool want_grad, bool in_acc, at::ScalarType acc) {
+at::Tensor forward_grad(const Inputs& in, bool want_grad, bool in_acc) {
   if (!want_grad) return at::empty({0}, in.student.options());
-  return empty_gradient_like(in.student, in_acc ? acc : in.student.scalar_type());
+  const at::ScalarType student = in.student.scalar_type();
+  return empty_gradient_like(in.student, in_acc ? accumulation_type(student) : student);
 }
 
 at::Tensor WorkBuffer::view(int64_t rows, int64_t cols) {

@@ -66,9 +66,9 @@ at::Tensor constant_divisor(const OpCall& call, int64_t value);
 at::Tensor empty_gradient_like(const at::Tensor& x, at::ScalarType dtype);
 inline at::Tensor empty_gradient_like(const at::Tensor& x) { return empty_gradient_like(x, x.scalar_type()); }
 // Where the forward computes the gradient, an empty one like in.student: in the student's dtype, or (`in_acc`) in
-// the accumulation dtype `acc`, so that a 16-bit gradient is rounded once, after backward's upstream scale (CKD,
-// BicKD: docs/math.md 6.3); else an empty tensor.
-at::Tensor forward_grad(const Inputs& in, bool want_grad, bool in_acc = false, at::ScalarType acc = at::kFloat);
+// its accumulation dtype, so that a 16-bit gradient is rounded once, after backward's upstream scale (CKD, BicKD:
+// docs/math.md 6.3); else an empty tensor.
+at::Tensor forward_grad(const Inputs& in, bool want_grad, bool in_acc = false);
 
 // A reusable work buffer of one dtype handed out as (rows, cols) views.
 class WorkBuffer {
