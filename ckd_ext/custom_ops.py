@@ -31,8 +31,11 @@ def _loss_and_gradient_fake(gradient_in_acc: bool):
     return fake
 
 
+_ACC_GRADIENT_FAKE = _loss_and_gradient_fake(gradient_in_acc=True)  # CKD's, and the first part of BicKD's
+
+
 def _bickd_forward_fake(student, teacher, mask, *hyperparameters):
-    loss, grad = _loss_and_gradient_fake(True)(student, teacher, mask, *hyperparameters)
+    loss, grad = _ACC_GRADIENT_FAKE(student, teacher, mask, *hyperparameters)
     reduction = hyperparameters[-2]
     class_terms = student.new_empty((student.shape[1],) if reduction == "none" else (0,),
                                     dtype=accumulation_dtype(student.dtype))
@@ -152,19 +155,19 @@ class ForwardOp(NamedTuple):
     backward: Callable
 
 
-def _row_loss(name: str, gradient_in_acc: bool) -> ForwardOp:
-    """A loss whose forward op returns (loss, grad) and whose backward op takes one upstream gradient; the forward's
-    gradient in the accumulation dtype (`gradient_in_acc`) or the student's."""
+def _row_loss(name: str, forward_fake: Callable) -> ForwardOp:
+    """A loss whose forward op returns (loss, grad), faked by `forward_fake`, and whose backward op takes one upstream
+    gradient."""
     backward_op = f"{name}_backward"
-    return ForwardOp(_loss_and_gradient_fake(gradient_in_acc), backward_op, _gradient_fake(1), _row_loss_setup,
+    return ForwardOp(forward_fake, backward_op, _gradient_fake(1), _row_loss_setup,
                      _once_differentiable(_row_loss_backward(lambda: getattr(torch.ops.ckd_ext, backward_op))))
 
 
 # One row per forward op: registered on the ops below, and the same setup and backward make the autograd.Function
 # classes of ckd_ext.autograd.
 FORWARD_OPS = {
-    "ckd_forward": _row_loss("ckd", gradient_in_acc=True),
-    "kd_forward": _row_loss("kd", gradient_in_acc=False),
+    "ckd_forward": _row_loss("ckd", _ACC_GRADIENT_FAKE),
+    "kd_forward": _row_loss("kd", _loss_and_gradient_fake(gradient_in_acc=False)),
     "bickd_forward": ForwardOp(_bickd_forward_fake, "bickd_backward", _gradient_fake(2), _bickd_setup,
                                _once_differentiable(_bickd_backward)),
 }
