@@ -15,11 +15,13 @@ float32 list (cross_entropy, kl_div): the loss stays float32, the 16-bit inputs 
 import torch
 
 from . import _validation, distributed
+from ._compile import assume_constant_result
 from ._extension import require_extension
 from .autograd import _BICKD_LOSS, _CKD_LOSS, _KD_LOSS
 from .settings import forward_gradient_bytes
 
-@torch.compiler.assume_constant_result
+
+@assume_constant_result
 def _forward_gradient_limit(device: str) -> int:
     # A constant for torch.compile: a graph is specialised to the limit (as the fused-linear ops are to the workspace).
     return forward_gradient_bytes(device)

@@ -222,6 +222,52 @@ def test_torch_compile_fullgraph(config):
     torch.testing.assert_close(grad_actual, grad_expected)
 
 
+
+@pytest.mark.parametrize("name", ["ckd", "bickd"])
+def test_torch_compile_fullgraph_16_bit_student(name):
+    """A bfloat16 student's CKD / BicKD under torch.compile(fullgraph=True): the forward's choice to compute the
+    gradient (forward_gradient_bytes, a constant of the graph) is traced, and loss and gradient are eager's."""
+    fn = getattr(ckd_ext, f"{name}_loss")
+    student, teacher = pair(16, 12, seed=17, dtype=torch.bfloat16)
+
+    def step(s, t):
+        return fn(s, t) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    expected = step(student, teacher)
+    (grad_expected,) = torch.autograd.grad(expected, student)
+    actual = compiled(student, teacher)
+    (grad_actual,) = torch.autograd.grad(actual, student)
+    torch.testing.assert_close(actual, expected)
+    torch.testing.assert_close(grad_actual, grad_expected)
+
+
+def test_assume_constant_result_marks_a_function_as_torch_does():
+    """ckd_ext._compile.assume_constant_result stands in for torch.compiler.assume_constant_result (which imports
+    torch._dynamo): it must leave a function exactly as torch's decorator does."""
+    from ckd_ext._compile import assume_constant_result
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    assert assume_constant_result(ours) is ours
+    assert torch.compiler.assume_constant_result(torchs) is torchs
+    assert vars(ours) == vars(torchs) and vars(ours)
+
+
+def test_importing_ckd_ext_leaves_torch_dynamo_unimported():
+    """`import ckd_ext` costs no import of torch._dynamo (about as long as `import torch`)."""
+    import subprocess
+    import sys
+    code = "import sys, ckd_ext; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
 def test_teacher_never_gets_a_gradient():
     student, teacher = pair(8, 6, seed=14, dtype=torch.float32)
     teacher.requires_grad_()

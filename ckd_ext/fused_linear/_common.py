@@ -9,17 +9,19 @@ import torch
 from torch import Tensor
 
 from .. import _validation
+from .._compile import assume_constant_result
 from .._extension import require_extension
 from ..rows import accumulation_dtype
 from ..settings import workspace_bytes
 
-@torch.compiler.assume_constant_result
+
+@assume_constant_result
 def _workspace_bytes(device: str) -> int:
     # A constant for torch.compile (which cannot trace the pybind11 call): a graph is specialised to the budget.
     return workspace_bytes(device)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _gemm_converts(dtype: torch.dtype, device: str) -> bool:
     # A constant for torch.compile too (the emulated backend's switch is read when the graph is traced).
     return require_extension().gemm_converts(torch.empty(0, dtype=dtype, device=device))
