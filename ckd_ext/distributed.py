@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rows import EPS, accumulation_dtype, scatter_rows
+from .rows import EPS, accumulation_dtype, scatter_rows, softplus_contrast
 
 MODES = (False, True, "ring")
 STRIP_BYTES = 64 << 20  # similarity strip budget of the ring's GEMMs, as the fused ops' default workspace
@@ -491,11 +491,6 @@ def row_share(terms: Tensor, layout: Layout, reduction: str) -> Tensor:
     return total.to(terms.dtype)
 
 
-def _softplus_contrast(lse_negatives: Tensor, positives: Tensor) -> Tensor:
-    """LSE({pos} U negatives) - pos, without cancellation where the positive dominates (as the fused ops)."""
-    return F.softplus(lse_negatives - positives)
-
-
 @contextlib.contextmanager
 def _no_autocast(device: torch.device):
     with torch.autocast(device.type, enabled=False):
@@ -541,7 +536,7 @@ def _global_ckd(local_loss, prepared, *, tau, anchor, reduction, global_batch, g
             u = F.normalize(teacher.to(dtype), dim=1, eps=EPS)
             v = F.normalize(student.to(dtype), dim=1, eps=EPS)
             positives = (u * v).sum(dim=1) / tau
-            return _softplus_contrast(ring_lse(u if anchor == "teacher" else v, v, tau, layout, group), positives)
+            return softplus_contrast(ring_lse(u if anchor == "teacher" else v, v, tau, layout, group), positives)
 
     terms = own_row_terms(student, teacher, layout, group, global_batch,
                           lambda s, t, padding: local_loss(s, t, tau=tau, anchor=anchor, mask=padding,
@@ -588,9 +583,9 @@ def _diagonal_ring_terms(student_side: Tensor, teacher_side: Tensor, tau: float,
     """InfoNCE terms of the student-anchored rows of <student_side_i, teacher_side_k> / tau (diagonal positives),
     averaged with the teacher-anchored twin when `symmetric`; both sides already L2-normalised."""
     positives = (student_side * teacher_side).sum(dim=1) / tau
-    terms = _softplus_contrast(ring_lse(student_side, teacher_side, tau, layout, group), positives)
+    terms = softplus_contrast(ring_lse(student_side, teacher_side, tau, layout, group), positives)
     if symmetric:
-        twin = _softplus_contrast(ring_lse(teacher_side, student_side, tau, layout, group), positives)
+        twin = softplus_contrast(ring_lse(teacher_side, student_side, tau, layout, group), positives)
         terms = 0.5 * (terms + twin)
     return terms
 

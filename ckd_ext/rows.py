@@ -12,6 +12,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def softplus_contrast(lse_negatives: Tensor, positives: Tensor) -> Tensor:
+    """LSE({pos} U negatives) - pos = log(1 + exp(lse_negatives - pos)) (docs/math.md 6.2): no cancellation where the
+    positive dominates, and none of F.softplus's linear cut-off above 20, which drops the exp(-20) ~ 2e-9 a float64
+    loss keeps (the fused ops' kernels keep it too). Its derivative is sigmoid(lse_negatives - pos)."""
+    x = lse_negatives - positives
+    return torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def scatter_rows(row_terms: Tensor, prepared) -> Tensor:
     """Per-valid-row terms (n,) -> per-row terms of the input's leading shape, 0 for masked rows; `prepared` is the
     loss's validated inputs (ckd_ext._validation.Prepared)."""

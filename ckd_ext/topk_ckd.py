@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _validation
 from .custom_ops import _once_differentiable
-from .rows import EPS, accumulation_dtype
+from .rows import EPS, accumulation_dtype, softplus_contrast
 
 # The teacher's row quantities (its top-k logits, mu, the coefficients t_c - mu), the student's row statistics
 # (norm, sum, gathered logits) and the positives are O(N k) numbers, formed in float64 whatever the inputs: the
@@ -141,7 +140,7 @@ class _TopKCKD(torch.autograd.Function):
         positives = positive_numerators(teacher, stats.sums, stats.top) / (teacher.norms * stats.norms * tau)
         inverse = (1.0 / stats.norms).to(accumulation_dtype(student.dtype))
         lse, step = strip_lse(operand, operand, valid, tau, (inverse, inverse))
-        terms = F.softplus(lse.to(ROW_DTYPE) - positives)
+        terms = softplus_contrast(lse.to(ROW_DTYPE), positives)
         if valid is not None:
             terms = torch.where(valid, terms, 0.0)
         ctx.save_for_backward(student, ids, logprobs, log_normalizer, logit_sum, logit_square_sum, valid, lse,

@@ -440,6 +440,26 @@ def test_torch_compile_fullgraph(loss):
         torch.testing.assert_close(a, e)
 
 
+def test_float64_terms_past_twenty_keep_their_exponential_tail():
+    """A term LSE - pos = softplus(d) with d > 20 (one-dimensional heads: cosines of exactly +-1, tau 1/32) is
+    d + log1p(exp(-d)) in float64, not d (F.softplus's linear cut-off, which drops 1.4e-9 at d = 20.4): the loss
+    equals the oracle's to float64 rounding (found by the fuzzer: 2.2e-11 off before); the gradients are 0 (the
+    cosines of one-dimensional rows do not move), to 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    hs = torch.randn(4, 1, generator=g, dtype=torch.float64).requires_grad_()
+    ws = torch.randn(2, 1, generator=g, dtype=torch.float64).requires_grad_()
+    ht, wt = torch.randn(4, 1, generator=g, dtype=torch.float64), torch.randn(2, 1, generator=g, dtype=torch.float64)
+    tau = 1 / 32
+    fused = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, tau=tau, reduction="none")
+    s64, w64 = hs.detach().clone().requires_grad_(), ws.detach().clone().requires_grad_()
+    expected = reference.ckd_loss(s64 @ w64.T, ht @ wt.T, tau=tau, reduction="none")
+    assert (expected > 20).any()
+    torch.testing.assert_close(fused, expected, rtol=1e-14, atol=0)
+    grads = torch.autograd.grad(fused.sum(), (hs, ws))
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (s64, w64))):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 @skip_unless("emulated")
 @pytest.mark.parametrize("loss", ("ckd", "kd"))
 def test_emulated_backend(loss):

@@ -6,14 +6,13 @@ import weakref
 from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _validation, distributed
 from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
-from ..rows import EPS, accumulation_dtype, reduce_row_terms, scatter_rows
+from ..rows import EPS, accumulation_dtype, reduce_row_terms, scatter_rows, softplus_contrast
 from . import sharded_heads, vocab_parallel
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast, _workspace_bytes
 
@@ -279,7 +278,7 @@ def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: 
     # LSE over all candidates minus the positive = softplus(LSE over the negatives - positive), without cancellation
     # where the positive dominates (as the fused ops, docs/math.md 6.2); the teacher anchor's negatives are j != i.
     lse = lse_of(anchors.to(dtype), candidates.to(dtype))
-    return F.softplus(lse.to(positives.dtype) - positives).to(dtype)
+    return softplus_contrast(lse.to(positives.dtype), positives).to(dtype)
 
 
 def local_terms(student_rows, teacher: _TeacherSide, grams, tau, anchor, valid, dtype):
