@@ -1,36 +1,45 @@
 #!/usr/bin/env python3
-"""Which products fused-linear CKD's bilinear forms can run in (docs/math.md 8.3): the error of each candidate
-formulation's similarity logits `cos(s_i, s_j) / tau` and `cos(t_i, s_j) / tau` against float64, next to the
-materialised routes (logits from a GEMM of the inputs with fp32 accumulation, kept in fp32 or rounded to the inputs'
-16-bit dtype), for well- and ill-conditioned student heads and hidden states that lean on the head's small singular
-directions (large cancellation ratios R_i = |W_s|_2 |h_i| / |W_s h_i|); then the gradients of the factor
-formulation against those of the logit op on materialised 16-bit logits.
+"""Which products fused-linear CKD's bilinear forms and strips can run in (docs/math.md 8.3): the error of each
+candidate formulation's similarity logits `cos(s_i, s_j) / tau` and `cos(t_i, s_j) / tau` against float64, next to
+the materialised routes (logits from a GEMM of the inputs with fp32 accumulation, kept in fp32 or rounded to the
+inputs' 16-bit dtype), for well- and ill-conditioned student heads and hidden states that lean on the head's small
+singular directions (large cancellation ratios R_i = |W_s|_2 |h_i| / |W_s h_i|); then the loss and gradients of
+fused_linear_ckd_loss itself on the emulated CUDA backend (its tensor-core path) and on the CPU backend, against the
+materialised 16-bit route through ckd_loss.
 
     python benchmarks/precision_forms.py          # prints the two markdown tables of docs/math.md 8.3
 
 Tensor-core arithmetic is reproduced as the emulated backend does (16-bit operands are exact in fp32, fp32
 accumulation): a GEMM of 16-bit operands is an fp32 GEMM of their fp32 copies; an int8 GEMM with int32 accumulation
 is exact (checked). Candidates, G = B^T B the heads' Gram matrix, P = H~ G the products the strips read:
-    float64 forms      G and P accumulated in float64 (what the package runs)
+    float64 forms      G and P accumulated in float64, fp32 strips (the CPU backend's)
     TC Gram, f64 P     G from fp32-accumulated GEMMs of the 16-bit head over vocabulary chunks of 4096 rows, the
                        chunks summed in float64; P in float64
     TC Gram, split P   the same G, P = H~ (G_hi + G_lo): G split in two 16-bit parts (two tensor-core
                        GEMMs, more precise than the GEMM policy's one-GEMM product), fp32 accumulation
     fp32 forms         G and P accumulated in fp32
-    factor, f64 Gram   G in float64, G = F^T F (Cholesky, float64, K x K), the rows x_i = F h~_i from GEMMs of the
-                       16-bit hidden states with F in three 16-bit parts, the unit rows x_i / |x_i| in two 16-bit
-                       parts for the strips (hi hi + hi lo + lo hi): every N-sized product on tensor cores
-    factor, int8 Gram  the same with G exact from 15 int8 GEMMs of 7-bit slices of the head (docs/math.md 8.3)
+    TC strips          float64 forms, the strips' logits from the package's own tensor-core operands
+                       (ckd_ext.fused_linear.ckd._strip_operands: the unit rows of the student's logit space in two
+                       16-bit parts, from G_ss = F^T F): what CUDA runs for 16-bit inputs
+    TC strips, int8 G  the same with G exact from 15 int8 GEMMs of 7-bit slices of the heads (not built yet)
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # appended: an installed ckd_ext still wins
+import ckd_ext  # noqa: E402
+from ckd_ext import reference, testing  # noqa: E402
+from ckd_ext.fused_linear import ckd as fused_ckd  # noqa: E402
+from ckd_ext.fused_linear import split_operands  # noqa: E402
+
 N, V, H_S, H_T, TAU = 256, 4000, 64, 128, 0.5
 VOCAB_CHUNK = 4096
-FACTOR_OPERAND_PARTS, FACTOR_STRIP_PARTS = 3, 2
 INT8_SLICES, INT8_MAX_ORDER = 5, 4  # slices a, b of 7 bits each, products with a + b <= 4: 15 GEMMs
 INT32_EXACT_ROWS = (2 ** 31 - 1) // 127 ** 2  # 133144 products of two int8 slices sum exactly in int32
 
@@ -40,35 +49,28 @@ def _mm(a, b):
     return a.float() @ b.float()
 
 
-def split(x, dtype, parts, dim=1):
-    """x (fp32 or float64) as `parts` 16-bit tensors and their scales, x ~ sum part / scale. float16 parts are each
-    scaled by a power of two per slice along `dim` (per row of a left operand: dim 1; per column of a right one:
-    dim 0) that puts the slice's largest entry at 2^14, inside float16's range (bfloat16 has float32's)."""
-    out, rest = [], x.double()
-    for _ in range(parts):
-        if dtype == torch.float16:
-            largest = rest.abs().amax(dim, keepdim=True).clamp_min(1e-300)
-            scale = torch.pow(2.0, 14 - torch.ceil(torch.log2(largest)))
-        else:
-            scale = torch.ones((), dtype=torch.float64)
-        part = (rest * scale).to(dtype)
-        out.append((part, scale))
-        rest = rest - part.double() / scale
-    return out
-
-
 def split_mm(a, b, dtype, a_parts, b_parts):
-    """a @ b on tensor cores: `a` in a_parts 16-bit parts (0: a is 16-bit and taken as it is), `b` in b_parts; the
-    part products i + j < max(a_parts, b_parts) (hi hi, hi lo, lo hi, ...), each fp32-accumulated, summed in fp32."""
-    ones = torch.ones((), dtype=torch.float64)
-    a_split = split(a, dtype, a_parts, 1) if a_parts else [(a, ones)]
-    b_split = split(b, dtype, b_parts, 0) if b_parts else [(b, ones)]
-    terms = max(a_parts, b_parts, 1)
+    """a @ b on tensor cores as the emulated backend computes it: `a` in a_parts 16-bit parts of the package's split
+    (ckd_ext.fused_linear.split_operands; 0: `a` is 16-bit and taken as it is), `b`'s columns likewise; the part
+    products i + j < max(a_parts, b_parts), each fp32-accumulated, summed in fp32."""
+    a_split = split_operands.split(a, dtype, a_parts) if a_parts else split_operands.as_they_are(a)
+    b_split = split_operands.split(b.T, dtype, b_parts) if b_parts else split_operands.as_they_are(b.T)
+    return emulated_similarity(a_split, b_split)
+
+
+def emulated_similarity(a, b):
+    """split_operands.similarity(a, b) in the emulated backend's arithmetic, without the extension's ops."""
+    terms = max(len(a.parts), len(b.parts))
     out = 0
-    for i, (x, x_scale) in enumerate(a_split):
-        for j, (y, y_scale) in enumerate(b_split):
+    for i, (x, x_scale) in enumerate(zip(a.parts, a.scales)):
+        for j, (y, y_scale) in enumerate(zip(b.parts, b.scales)):
             if i + j < terms:
-                out = out + (_mm(x, y).double() / (x_scale * y_scale)).float()
+                term = _mm(x, y.T)
+                if x_scale is not None:
+                    term = term / x_scale[:, None]
+                if y_scale is not None:
+                    term = term / y_scale[None, :]
+                out = out + term
     return out
 
 
@@ -107,14 +109,6 @@ def int8_gram(b, slices=INT8_SLICES, max_order=INT8_MAX_ORDER):
     return gram * scale[:, None] * scale[None], gemms
 
 
-def cholesky_factor(gram):
-    """F, upper triangular, F^T F = G + delta I: delta = K 2^-52 max_k G_kk, float64's rounding of the Gram, keeps a
-    rank-deficient G (shared heads, K > V) factorable; it moves a similarity by delta |h_i| |h_j|, ~1e-16 K R_i R_j."""
-    k = gram.shape[0]
-    delta = k * 2.0 ** -52 * gram.diagonal().max()
-    return torch.linalg.cholesky(gram + delta * torch.eye(k, dtype=torch.float64)).T
-
-
 def _cosines(s, t):
     s, t = s / s.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
     return s @ s.T / TAU, t @ s.T / TAU
@@ -129,28 +123,21 @@ def _form_cosines(ps, pt, hs, ht, gram_tt):
     return (ps @ hs.T) / ns[:, None] / ns[None] / TAU, (pt @ hs.T) / nt[:, None] / ns[None] / TAU
 
 
-def _embedded(hs, ht):
-    """The hidden rows in the K = H_s + H_t columns of B = [B_s | B_t]: [h_s, 0] and [0, h_t]."""
-    return (torch.cat([hs, hs.new_zeros(hs.shape[0], H_T)], 1), torch.cat([ht.new_zeros(ht.shape[0], H_S), ht], 1))
-
-
-def _factor_unit_rows(factor, hs, ht, dtype):
-    """x = h~ F^T (F in three 16-bit parts, the hidden rows as they are) and the unit rows x / |x| with |x|; the
-    student's x has zeros past column H_s (F is upper triangular), the teacher's norm takes all K columns."""
-    es, et = _embedded(hs, ht)
-    xs = split_mm(es, factor.T, dtype, 0, FACTOR_OPERAND_PARTS)
-    xt = split_mm(et, factor.T, dtype, 0, FACTOR_OPERAND_PARTS)
-    ns, nt = xs.norm(dim=1, keepdim=True), xt.norm(dim=1, keepdim=True)
-    return xs / ns, xt / nt, ns, nt
-
-
-def _factor_cosines(gram, hs, ht, dtype):
-    us, ut, _, _ = _factor_unit_rows(cholesky_factor(gram), hs, ht, dtype)
-
-    def strip(a, c):
-        return split_mm(a, c.T, dtype, FACTOR_STRIP_PARTS, FACTOR_STRIP_PARTS).double() / TAU
-
-    return strip(us, us), strip(ut, us)
+def _tensor_core_strip_logits(gram, hs, ht, dtype):
+    """The strips' logits from the package's tensor-core operands (fused_ckd._strip_operands) built on the forms of
+    `gram` (float64), both anchors: the student's (student-student) and the teacher's (teacher-student)."""
+    sl, tl = slice(0, H_S), slice(H_S, H_S + H_T)
+    hs64, ht64 = hs.double(), ht.double()
+    ps, pt = hs64 @ gram[sl, sl], ht64 @ gram[tl, sl]
+    ns, nt = (ps * hs64).sum(1).sqrt(), ((ht64 @ gram[tl, tl]) * ht64).sum(1).sqrt()
+    ones = torch.ones(N, dtype=torch.float64)
+    out = []
+    for anchor in ("student", "teacher"):
+        anchors = ps / ns[:, None] if anchor == "student" else pt / nt[:, None]
+        operands = fused_ckd._strip_operands(dtype, hs64, ones, ns, anchors, gram[sl, sl],
+                                             nt if anchor == "teacher" else None, pt)
+        out.append(emulated_similarity(operands.logit_anchors, operands.logit_candidates).double() / TAU)
+    return tuple(out)
 
 
 def inputs(dtype, cond, lean, seed=1, shared=False):
@@ -190,73 +177,45 @@ def case(dtype, cond, lean, seed=1, shared=False):
         ps = split_mm(hs, gtc[sl, sl].float(), dtype, 0, 2)
         pt = split_mm(ht, gtc[tl, sl].float(), dtype, 0, 2)
         got["TC Gram, split P"] = _form_cosines(ps, pt, hs, ht, gtc[tl, tl])
-        got["factor, f64 Gram"] = _factor_cosines(g64, hs, ht, dtype)
-        got["factor, int8 Gram"] = _factor_cosines(int8_gram(b)[0], hs, ht, dtype)
+        got["TC strips"] = _tensor_core_strip_logits(g64, hs, ht, dtype)
+        got["TC strips, int8 G"] = _tensor_core_strip_logits(int8_gram(b)[0], hs, ht, dtype)
     g32 = _mm(b.T, b)
     got["fp32 forms"] = _form_cosines(_mm(hs, g32[sl, sl]), _mm(ht, g32[tl, sl]), hs, ht, g32[tl, tl].double())
     errors = {k: max((a - e).abs().max().item() for a, e in zip(v, expected)) for k, v in got.items()}
     return ratio, errors
 
 
-def _test_loss(s, t, css, cts):
-    s, t = s / s.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
-    return ((css * (s @ s.T)).sum() + (cts * (t @ s.T)).sum()) / TAU
+def _ckd(route, hs, ws, ht, wt, anchor):
+    """The CKD loss (tau, mean) and the gradients of the student's hidden states and head by `route`."""
+    hs, ws = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+    # under autocast a 16-bit route's loss stays float32 (its own error, not the rounding of the result)
+    sixteen_bit = hs.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast("cpu", dtype=hs.dtype) if sixteen_bit else contextlib.nullcontext():
+        if route == "fused":
+            loss = ckd_ext.fused_linear_ckd_loss(hs, ws, ht, wt, tau=TAU, anchor=anchor)
+        else:  # "materialised": the 16-bit logits of a 16-bit GEMM, then the logit op; "oracle": float64
+            fn = ckd_ext.ckd_loss if route == "materialised" else reference.ckd_loss
+            loss = fn(hs @ ws.T, ht @ wt.T, tau=TAU, anchor=anchor)
+    loss.backward()
+    return loss.detach(), hs.grad, ws.grad
 
 
-def gradient_case(dtype, cond, lean, seed=1):
-    """Normwise relative errors of (d hidden, d head) of L = sum c_ss cos(s_a, s_b)/tau + sum c_ts cos(t_a, s_b)/tau
-    (random coefficients of CKD's size) against float64: the logit op's route on materialised 16-bit logits (its
-    GEMM policy: coefficients rounded to 16 bits, one GEMM; the logit gradient rounded to 16 bits, then the F.linear
-    backward's 16-bit GEMMs) and the factor formulation's (docs/math.md 8.3)."""
+def gradient_case(dtype, cond, lean, anchor, seed=1):
+    """Relative errors (loss; d hidden, d head normwise) against float64 of fused_linear_ckd_loss on the emulated
+    backend (None where it is not built) and on the CPU backend, and of the materialised 16-bit route (on the CPU
+    backend)."""
     hs, ws, ht, wt, _ = inputs(dtype, cond, lean, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    css = torch.randn(N, N, generator=g, dtype=torch.float64) / N
-    cts = torch.randn(N, N, generator=g, dtype=torch.float64) / N
-    h64, w64 = hs.double().requires_grad_(), ws.double().requires_grad_()
-    _test_loss(h64 @ w64.T, ht.double() @ wt.double().T, css, cts).backward()
-    expected = (h64.grad, w64.grad)
-    coef_ss, coef_ts = ((css + css.T) / TAU).float(), (cts / TAU).float()
+    expected = _ckd("oracle", hs.double(), ws.double(), ht.double(), wt.double(), anchor)
 
-    # the logit op on 16-bit logits: d(unit s) = C (S / |S|), the column scale 1/|s_j| folded into the coefficients,
-    # rounded to 16 bits once (row-scaled in float16), the logit rows as they are
-    s, t = _mm(hs, ws.T).to(dtype), _mm(ht, wt.T).to(dtype)
-    ns, nt = s.float().norm(dim=1, keepdim=True), t.float().norm(dim=1, keepdim=True)
-    d_unit = split_mm(coef_ss / ns.T, s, dtype, 1, 0) + split_mm(coef_ts.T / nt.T, t, dtype, 1, 0)
-    unit = s.float() / ns
-    ds = ((d_unit - unit * (d_unit * unit).sum(1, keepdim=True)) / ns).to(dtype)
-    logit_op = (_mm(ds, ws), _mm(ds.T, hs))
+    def errors(got):
+        return [(abs(got[0].double() - expected[0]) / abs(expected[0])).item()] + [
+            ((g.double() - e).norm() / e.norm()).item() for g, e in zip(got[1:], expected[1:])]
 
-    # the factor formulation: the strips' coefficient products take the unit rows in two parts, the coefficients
-    # rounded to 16 bits (the GEMM policy's one-GEMM rule); u = F^-1 dL/dx from h-space operands (F^-1 x_j = h~_j),
-    # so that dL/dB = B (M + M^T) with M = sum_j u_j h~_j^T needs no inverse
-    b = torch.cat([ws, wt], 1)
-    factor = cholesky_factor(b.double().T @ b.double())
-    us, ut, ns, nt = _factor_unit_rows(factor, hs, ht, dtype)
-    es, et = _embedded(hs, ht)
-
-    def coefficient_product(coef, rows, row_parts):
-        """coef @ rows, the coefficients rounded to 16 bits once (row-scaled in float16), rows in row_parts."""
-        return split_mm(coef, rows, dtype, 1, row_parts)
-
-    parts = FACTOR_STRIP_PARTS
-    d_us = coefficient_product(coef_ss, us, parts) + coefficient_product(coef_ts.T, ut, parts)
-    d_ut = coefficient_product(coef_ts, us, parts)
-    gamma_s, gamma_t = (d_us * us).sum(1, keepdim=True), (d_ut * ut).sum(1, keepdim=True)
-    dxs = (d_us - us * gamma_s) / ns
-    d_hidden = split_mm(dxs, factor[:, :H_S], dtype, FACTOR_STRIP_PARTS, FACTOR_OPERAND_PARTS)
-    # F^-1 of a unit row is h~ / |x|: the 1/|x_j| folded into the coefficients, the hidden rows as they are
-    cs, ct = ns.T.double(), nt.T.double()
-    u_s = coefficient_product(coef_ss / cs, es, 0) + coefficient_product(coef_ts.T / ct, et, 0)
-    u_s = (u_s - es.float() * (gamma_s / ns)) / ns
-    u_t = (coefficient_product(coef_ts / cs, es, 0) - et.float() * (gamma_t / nt)) / nt
-    m = split_mm(u_s.T, es, dtype, FACTOR_OPERAND_PARTS, 0) + split_mm(u_t.T, et, dtype, FACTOR_OPERAND_PARTS, 0)
-    d_head = split_mm(b, ((m + m.T)[:, :H_S] / 2).contiguous(), dtype, 0, FACTOR_OPERAND_PARTS)
-    factored = (d_hidden, d_head)
-
-    def error(a, e):
-        return ((a.double() - e).norm() / e.norm()).item()
-
-    return [error(a, e) for a, e in zip(logit_op, expected)] + [error(a, e) for a, e in zip(factored, expected)]
+    emulated = testing.emulated_cuda() if testing.emulated_available() else None
+    with emulated or contextlib.nullcontext():
+        tensor_cores = errors(_ckd("fused", hs, ws, ht, wt, anchor)) if emulated else None
+    return tensor_cores, errors(_ckd("fused", hs, ws, ht, wt, anchor)), errors(_ckd("materialised", hs, ws, ht, wt,
+                                                                                       anchor))
 
 
 CASES = ((1, False), (1e2, False), (1e2, True), (1e4, False), (1e4, True))
@@ -265,7 +224,7 @@ CASES = ((1, False), (1e2, False), (1e2, True), (1e4, False), (1e4, True))
 def main() -> int:
     torch.set_num_threads(2)
     columns = ["materialised 16-bit", "materialised fp32", "float64 forms", "TC Gram, f64 P", "TC Gram, split P",
-               "fp32 forms", "factor, f64 Gram", "factor, int8 Gram"]
+               "fp32 forms", "TC strips", "TC strips, int8 G"]
     print(f"N = {N}, V = {V}, H_s = {H_S}, H_t = {H_T}, tau = {TAU}: max |error| of the similarity logits "
           "cos/tau (student-student and teacher-student) against float64\n")
     print("| dtype | head cond | hidden | median R | " + " | ".join(columns) + " |")
@@ -278,15 +237,19 @@ def main() -> int:
         cells = [f"{errors[c]:.1e}" if c in errors else "-" for c in columns]
         hidden = ("leaning" if lean else "random") + (", shared heads" if shared else "")
         print(f"| {str(dtype).split('.')[1]} | {cond:g} | {hidden} | {ratio:.0f} | " + " | ".join(cells) + " |")
-    print("\nGradients of sum c cos/tau (random c) w.r.t. the student's hidden states and head, normwise relative "
-          "error against float64, before the final rounding to the input dtype\n")
-    print("| dtype | head cond | hidden | logit op d hidden | logit op d head | factor d hidden | factor d head |")
+    print("\nfused_linear_ckd_loss (tau = 0.5, mean, the float32 loss of torch.autocast): relative error of the loss "
+          "and normwise of the gradients (16-bit) of the student's hidden states and head against float64; TC: the "
+          "emulated CUDA backend (tensor-core operands), CPU: the CPU backend (fp32 strips, float64 head gradient), "
+          "materialised: 16-bit logits + ckd_loss\n")
+    print("| dtype | head cond | hidden | anchor | TC loss / d hidden / d head | CPU | materialised |")
     print("|---|---|---|---|---|---|---|")
     for dtype in (torch.bfloat16, torch.float16):
         for cond, lean in CASES:
-            errors = gradient_case(dtype, cond, lean)
-            print(f"| {str(dtype).split('.')[1]} | {cond:g} | {'leaning' if lean else 'random'} | "
-                  + " | ".join(f"{e:.1e}" for e in errors) + " |")
+            for anchor in ("student", "teacher"):
+                cells = [" / ".join(f"{e:.1e}" for e in errs) if errs else "-"
+                         for errs in gradient_case(dtype, cond, lean, anchor)]
+                print(f"| {str(dtype).split('.')[1]} | {cond:g} | {'leaning' if lean else 'random'} | {anchor} | "
+                      + " | ".join(cells) + " |")
     return 0
 
 

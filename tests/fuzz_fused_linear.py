@@ -11,6 +11,7 @@ the same loss on logits materialised in the inputs' dtype (ckd_loss / kd_loss on
 floor for results that both routes get (nearly) exact. Errors are normwise: the largest error over the largest
 expected magnitude of each tensor, after the distinct upstream weights of "none" terms are applied.
 """
+import contextlib
 import dataclasses
 import math
 
@@ -52,9 +53,9 @@ class FusedLinearCase:
 
 
 @st.composite
-def fused_linear_cases(draw, loss):
+def fused_linear_cases(draw, loss, dtypes=DTYPES):
     n, vocab = draw(st.integers(1, 48)), draw(st.integers(1, 300))
-    dtype = draw(st.sampled_from(DTYPES))
+    dtype = draw(st.sampled_from(dtypes))
     masked = draw(st.booleans())
     if loss == "ckd":
         hyper = (("anchor", draw(st.sampled_from(("student", "teacher")))),
@@ -222,17 +223,21 @@ def _error(actual, expected, scale):
     return error / scale if scale > 0 else error
 
 
-def run_fused_linear_case(case):
+def run_fused_linear_case(case, fused_backend=contextlib.nullcontext):
+    """`fused_backend()`: the context the fused loss runs in (switches.on_backend(...)); the oracle and the
+    materialised route run outside it."""
     student, teacher, mask, labels = build(case)
     if case.bad_label in ("negative", "past_vocab"):
         try:
-            _run(case, "fused", student, teacher, mask, labels)
+            with fused_backend():
+                _run(case, "fused", student, teacher, mask, labels)
         except ValueError as error:
             assert str(error).startswith("fused_linear_kd_loss: labels must be class indices in [0, V)"), str(error)
             return
         raise AssertionError("a label outside the vocabulary on a valid token was accepted")
     if case.non_finite_head:
-        out = _run(case, "fused", student, teacher, mask, labels)
+        with fused_backend():
+            out = _run(case, "fused", student, teacher, mask, labels)
         if mask is None or bool(mask.any()):
             assert torch.isnan(out).any(), f"a {case.non_finite_head} in a head gave {out}"
         return
@@ -247,7 +252,8 @@ def run_fused_linear_case(case):
     grads = iter(torch.autograd.grad(expected, present))
     expected_grads = [None if x is None else next(grads) for x in s64]
     scales = _gradient_scales(case, s64, t64, mask, labels)
-    fused = _errors(case, "fused", student, teacher, mask, labels, expected.detach(), expected_grads, scales)
+    with fused_backend():
+        fused = _errors(case, "fused", student, teacher, mask, labels, expected.detach(), expected_grads, scales)
     clean = [tuple(None if x is None else oracle_input(x, k == 0).to(case.dtype) for k, x in enumerate(side))
              for side in (student, teacher)]  # the logit route's F.linear would spread masked NaN into dW
     materialised = _errors(case, "materialised", *clean, mask, labels, expected.detach(), expected_grads, scales)

@@ -289,6 +289,51 @@ def test_kd_gemms_are_the_policys_on_16_bit_operands(reduction, workspace):
     assert not [s for s in conversions.shapes if len(s) == 2 and s[0] * s[1] in heads_elements], conversions.shapes
 
 
+class PolicyGemms(TorchDispatchMode):
+    """Records each GEMM policy call (ckd_ext::gemm_similarity / gemm_product) as (op, operand dtype, output shape):
+    a similarity's operands are its two matrices, a product's its rows (the coefficients are rounded to them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.ckd_ext.gemm_similarity.default:
+            self.calls.append(("similarity", args[0].dtype, (args[0].shape[0], args[1].shape[0])))
+        elif func is torch.ops.ckd_ext.gemm_product.default:
+            self.calls.append(("product", args[2].dtype, tuple(args[0].shape)))
+        return out
+
+
+@skip_unless("emulated")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+@pytest.mark.parametrize("anchor", ("student", "teacher"))
+def test_ckd_strips_and_head_gradient_on_tensor_cores(anchor, dtype):
+    """16-bit inputs on the emulated CUDA backend (docs/math.md 8.3): the strips' logits are three GEMMs of the unit
+    rows' two 16-bit parts, their coefficient products four (the student's 16-bit rows as they are, the anchors in
+    three parts), the head gradient three (the 16-bit heads as they are, one vocabulary chunk here, against the Gram
+    gradients' combination in three parts); no GEMM multiplies fp32 rows, and the float64 ones are the Gram
+    matrices' vocabulary chunks and the N x K forms (the O(V K^2 + N K^2) part). Loss and gradients within the
+    16-bit TOLERANCE of the float64 oracle; measured (the largest error over the largest entry; student / teacher
+    anchor): bf16 loss 6.3e-4 / 7.1e-4, hidden 3.9e-3 / 4.6e-3, weight 3.3e-3 / 3.5e-3, bias 2.9e-3 / 3.1e-3; fp16
+    4.8e-4 / 9.1e-5, 4.1e-4 / 4.1e-4, 3.0e-4 / 6.0e-4, 2.7e-4 / 4.9e-4: to two digits the CPU backend's (fp32 strips,
+    float64 head gradient), the final rounding to 16 bits dominating. benchmarks/precision_forms.py measures the
+    strips' logits where they differ (cancellation ratios up to ~2000)."""
+    vocab, n, k_s, k = 40, 35, 7, 17  # heads()' 5 x 7 tokens, H_s 6 and H_t 9 with biases
+    student, teacher = heads(vocab=vocab, dtype=dtype, seed=29)
+    with on_backend("emulated"), PolicyGemms() as gemms:
+        compare(*ckd_fns(anchor=anchor), student, teacher, dtype)
+    sixteen_bit = [c for c in gemms.calls if c[1] == dtype]
+    assert sorted(sixteen_bit, key=str) == sorted(
+        [("similarity", dtype, (n, n))] * 6 + [("product", dtype, (n, k_s))] * 4
+        + [("similarity", dtype, (vocab, k_s))] * 3, key=str)
+    others = [c for c in gemms.calls if c[1] != dtype]
+    assert {c[1] for c in others} == {torch.float64}, others
+    # the Gram rows (K_s x K) and the teacher's block, the forms N x K_s / N x K_t, their K x K gradients
+    assert all(max(shape) <= max(n, k) and (n, n) != shape for _, _, shape in others), others
+
+
 def test_kd_gemms_on_the_cpu_backend(workspace):
     """The same walk on the CPU backend, fp32: one GEMM per product (no split), four per chunk, all counted."""
     tokens, vocab, rows = 35, 40, 8
@@ -458,6 +503,29 @@ def test_float64_terms_past_twenty_keep_their_exponential_tail():
     grads = torch.autograd.grad(fused.sum(), (hs, ws))
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), (s64, w64))):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@skip_unless("emulated")
+@pytest.mark.parametrize("anchor", ("student", "teacher"))
+def test_torch_compile_fullgraph_tensor_core_strips(anchor):
+    """bf16 on the emulated backend, where the strips and the head gradient take 16-bit parts (StripOperands, a
+    NamedTuple of tensors through the strips' autograd.Function): torch.compile(fullgraph=True) traces them and
+    agrees with eager."""
+    student, teacher = heads(dtype=torch.bfloat16, seed=16)
+    fn = ckd_fns(anchor=anchor, mask=random_mask((5, 7), seed=16))[0]
+
+    def step(hs, ws, bs):
+        return fn((hs, ws, bs), teacher) * 2.0
+
+    torch._dynamo.reset()
+    with on_backend("emulated"):
+        expected = step(*student)
+        expected_grads = torch.autograd.grad(expected, student)
+        actual = torch.compile(step, fullgraph=True, backend="aot_eager")(*student)
+        actual_grads = torch.autograd.grad(actual, student)
+    torch.testing.assert_close(actual, expected)
+    for a, e in zip(actual_grads, expected_grads):
+        torch.testing.assert_close(a, e)
 
 
 @skip_unless("emulated")

@@ -13,6 +13,7 @@ Profiles (tests/conftest.py): "ci" (default; fixed seed, 300 examples per loss) 
     run_case(Case(...))                         # raises the same assertion
 """
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -334,6 +335,17 @@ def test_fused_linear_ckd_cpu(case):
     event(f"dtype {str(case.dtype).replace('torch.', '')}")
     event(f"head ratio 10^{round(case.log_head_ratio)}")
     run_fused_linear_case(case)
+
+
+@skip_unless("emulated")
+@settings(max_examples=max(30, _EXAMPLES // 3))
+@given(case=fused_linear_cases("ckd", dtypes=(torch.bfloat16, torch.float16)))
+def test_fused_linear_ckd_emulated_16_bit(case):
+    """16-bit fused-linear CKD on the emulated backend, where the strips and the head gradient take tensor-core
+    operands (16-bit parts, docs/math.md 8.3), against the same bounds (the materialised route on the CPU)."""
+    event(f"dtype {str(case.dtype).replace('torch.', '')}")
+    event(f"head ratio 10^{round(case.log_head_ratio)}")
+    run_fused_linear_case(case, fused_backend=functools.partial(on_backend, "emulated"))
 
 
 @settings(max_examples=max(30, _EXAMPLES // 3))

@@ -13,17 +13,18 @@ from .._extension import require_extension
 from ..custom_ops import _once_differentiable
 from ..losses import _output
 from ..rows import EPS, accumulation_dtype, reduce_row_terms, scatter_rows, softplus_contrast
-from . import sharded_heads, vocab_parallel
-from ._common import _autocast_inputs, _chunk_rows, _without_autocast, _workspace_bytes
+from . import sharded_heads, split_operands, vocab_parallel
+from ._common import _autocast_inputs, _chunk_rows, _gemm_converts, _without_autocast, _workspace_bytes
 
 # The bilinear forms of fused-linear CKD (the heads' K x K Gram matrices, the N x K products with them, the row norms
 # and positives) run in float64 for every input dtype: a form [h_i, 1]^T G [h_j, 1] sums terms as large as
 # |h_i| |G| |h_j|, and for nearly collinear head columns they cancel to a far smaller inner product, so its rounding
 # is the product of both rows' cancellation ratios where materialised logits suffer their sum (measured: float32
 # forms gave 10x the float32 logits' gradient error at a head condition number of 1e5, float64 forms the same). They
-# are O(V K^2 + N K^2) next to the N^2 K similarity strips, which run in the accumulation dtype. Tensor-core
-# candidates (fp32-accumulated Gram or products, 16-bit splits) were measured against float64 and lose u32 R_i R_j:
-# worse than materialised 16-bit logits beyond cancellation ratios R ~ 50 (docs/math.md 8.3).
+# are O(V K^2 + N K^2) next to the N^2 K similarity strips, which run in the accumulation dtype, or on tensor cores
+# for 16-bit inputs (StripOperands). Tensor-core forms (fp32-accumulated Gram or products, 16-bit splits) were
+# measured against float64 and lose u32 R_i R_j: worse than materialised 16-bit logits beyond cancellation ratios
+# R ~ 50 (docs/math.md 8.3).
 FORMS_DTYPE = torch.float64
 
 
@@ -112,13 +113,44 @@ class _HeadGrams(torch.autograd.Function):
         width = student_weight.shape[1]
         student = _head_columns(student_weight, student_bias)
         teacher = [] if teacher_weight is None else _head_columns(teacher_weight, teacher_bias)
-        for rows, chunk in _vocabulary_chunks(student, teacher, scales, ctx.dtype):
-            head_grad = chunk.new_empty(chunk.shape[0], split)
-            torch.ops.ckd_ext.gemm_product(head_grad, chunk, combination, False)
+        operand_dtype = _tensor_core_dtype(student + teacher)
+        if operand_dtype is not None:
+            # The 16-bit heads as they are, the combination (with the heads' scales folded into its rows) in three
+            # 16-bit parts: tensor-core GEMMs whose error is fp32's (docs/math.md 8.3), not float64's rate.
+            scaled = torch.cat([combination[:split] * scales[0], combination[split:] * scales[1]])
+            parts = split_operands.split(scaled.T, operand_dtype, HEAD_GRADIENT_PARTS)
+            ones = torch.ones(2, dtype=scales.dtype, device=scales.device)
+            chunks = ((rows, split_operands.similarity(split_operands.as_they_are(chunk), parts))
+                      for rows, chunk in _vocabulary_chunks(student, teacher, ones, operand_dtype))
+        else:
+            chunks = ((rows, _chunk_product(chunk, combination))
+                      for rows, chunk in _vocabulary_chunks(student, teacher, scales, ctx.dtype))
+        for rows, head_grad in chunks:
             grad_weight[rows] = head_grad[:, :width]
             if grad_bias is not None:
                 grad_bias[rows] = head_grad[:, width]
         return (grad_weight if need_weight else None), (grad_bias if need_bias else None), None, None, None, None, None
+
+
+# The head gradient's combination of Gram gradients in 16-bit parts on tensor cores: three (2^-24, fp32's unit).
+HEAD_GRADIENT_PARTS = 3
+
+
+def _chunk_product(chunk: Tensor, combination: Tensor) -> Tensor:
+    head_grad = chunk.new_empty(chunk.shape[0], combination.shape[1])
+    torch.ops.ckd_ext.gemm_product(head_grad, chunk, combination, False)
+    return head_grad
+
+
+def _tensor_core_dtype(blocks: List[Tensor]) -> Optional[torch.dtype]:
+    """The heads' 16-bit dtype where every block has it and the backend multiplies it as it is, else None."""
+    dtypes = {b.dtype for b in blocks}
+    if len(dtypes) != 1:
+        return None
+    (dtype,) = dtypes
+    if dtype not in (torch.bfloat16, torch.float16) or _gemm_converts(dtype, str(blocks[0].device)):
+        return None
+    return dtype
 
 
 def _hidden_rows(hidden: Tensor, with_bias: bool, dtype: torch.dtype, mask: Optional[Tensor]) -> Tensor:
@@ -140,12 +172,28 @@ def _clamped_norm(squared: Tensor, eps: Tensor) -> Tensor:
     return torch.where(torch.isnan(squared), squared, norm)
 
 
+class StripOperands(NamedTuple):
+    """The strips' rows as tensor cores multiply them (docs/math.md 8.3, "The strips on tensor cores"): the logits
+    from the unit rows of the student's logit space in 16-bit parts (`logit_anchors`, `logit_candidates`; the same
+    similarities as <a_i, b_j>, computed without the forms' cancellation), the coefficient products with the
+    anchors and candidates themselves as 16-bit parts or rows (`anchors`, `candidates`)."""
+
+    logit_anchors: split_operands.SplitRows
+    logit_candidates: split_operands.SplitRows
+    anchors: split_operands.SplitRows
+    candidates: split_operands.SplitRows
+
+
 def _strip_logits(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, start: int,
-                  stop: int, scales: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+                  stop: int, scales: Optional[Tuple[Tensor, Tensor]] = None,
+                  operands: Optional[StripOperands] = None) -> Tensor:
     """<a_i, b_j> / tau for the anchors start..stop, times alpha_i beta_j with `scales` = (alpha, beta) (rows given
-    raw, their inverse norms as scales: normalisation commutes with the GEMM, docs/math.md 6.1); -inf where j == i or
-    j is not valid."""
-    logits = torch.ops.ckd_ext.gemm_similarity(anchors[start:stop], candidates)
+    raw, their inverse norms as scales: normalisation commutes with the GEMM, docs/math.md 6.1), from `operands`'
+    logit rows where given; -inf where j == i or j is not valid."""
+    if operands is not None:
+        logits = split_operands.similarity(operands.logit_anchors.rows(start, stop), operands.logit_candidates)
+    else:
+        logits = torch.ops.ckd_ext.gemm_similarity(anchors[start:stop], candidates)
     if scales is not None:
         logits.mul_(scales[0][start:stop, None]).mul_(scales[1][None, :])
     logits.div_(tau)
@@ -156,7 +204,8 @@ def _strip_logits(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], 
 
 
 def strip_lse(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float,
-              scales: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, int]:
+              scales: Optional[Tuple[Tensor, Tensor]] = None,
+              operands: Optional[StripOperands] = None) -> Tuple[Tensor, int]:
     """(lse, strip rows): lse_i = LSE over the valid rows j != i of alpha_i beta_j <a_i, b_j> / tau (-inf without
     any; alpha = beta = 1 without `scales`), in the GEMM's accumulation dtype, walked in anchor strips whose R x N
     logits fit a quarter of the workspace budget."""
@@ -166,31 +215,41 @@ def strip_lse(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau:
     lse = torch.empty(rows, dtype=dtype, device=anchors.device)
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        lse[start:stop] = torch.logsumexp(_strip_logits(anchors, candidates, valid, tau, start, stop, scales), dim=1)
+        lse[start:stop] = torch.logsumexp(_strip_logits(anchors, candidates, valid, tau, start, stop, scales,
+                                                        operands), dim=1)
     return lse, step
 
 
 def strip_lse_backward(anchors: Tensor, candidates: Tensor, valid: Optional[Tensor], tau: float, lse: Tensor,
                        grad_lse: Tensor, step: int, scales: Optional[Tuple[Tensor, Tensor]],
-                       grad_anchors: Optional[Tensor], grad_candidates: Optional[Tensor]) -> None:
+                       grad_anchors: Optional[Tensor], grad_candidates: Optional[Tensor],
+                       operands: Optional[StripOperands] = None) -> None:
     """Adds the gradient of sum_i grad_lse_i lse_i (strip_lse's) with respect to the scaled anchors alpha_i a_i into
     `grad_anchors` and with respect to the scaled candidates beta_j b_j into `grad_candidates` (either None; they may
     be one buffer, when anchors and candidates are the same rows): d(alpha a)_i += sum_j W_ij beta_j b_j,
-    d(beta b)_j += sum_i W_ij alpha_i a_i, W_ij = grad_lse_i exp(logit_ij - lse_i) / tau, recomputed strip by strip."""
+    d(beta b)_j += sum_i W_ij alpha_i a_i, W_ij = grad_lse_i exp(logit_ij - lse_i) / tau, recomputed strip by strip
+    (with `operands`, the logits from its logit rows and the products with its anchors and candidates in parts)."""
     # Anchors without a candidate (lse = -inf) have no gradient (not 0 * NaN).
     weight = torch.where(torch.isinf(lse), torch.zeros_like(grad_lse), grad_lse) / tau
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     rows = anchors.shape[0]
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        logits = _strip_logits(anchors, candidates, valid, tau, start, stop, scales)
+        logits = _strip_logits(anchors, candidates, valid, tau, start, stop, scales, operands)
         coefficients = torch.exp(logits - lse[start:stop, None]) * weight[start:stop, None]
         if grad_anchors is not None:
             anchor_coefficients = coefficients if scales is None else coefficients * scales[1][None, :]
-            torch.ops.ckd_ext.gemm_product(grad_anchors[start:stop], anchor_coefficients, candidates, True)
+            if operands is None:
+                torch.ops.ckd_ext.gemm_product(grad_anchors[start:stop], anchor_coefficients, candidates, True)
+            else:
+                split_operands.product(grad_anchors[start:stop], anchor_coefficients, operands.candidates, True)
         if grad_candidates is not None:
             candidate_coefficients = coefficients if scales is None else coefficients * scales[0][start:stop, None]
-            torch.ops.ckd_ext.gemm_product(grad_candidates, candidate_coefficients.T, anchors[start:stop], True)
+            if operands is None:
+                torch.ops.ckd_ext.gemm_product(grad_candidates, candidate_coefficients.T, anchors[start:stop], True)
+            else:
+                split_operands.product(grad_candidates, candidate_coefficients.T.contiguous(),
+                                       operands.anchors.rows(start, stop), True)
 
 
 class _StripLSE(torch.autograd.Function):
@@ -198,10 +257,10 @@ class _StripLSE(torch.autograd.Function):
     backward recomputes each strip from the saved lse (nothing N x N is ever held)."""
 
     @staticmethod
-    def forward(ctx, anchors, candidates, valid, tau):
-        lse, step = strip_lse(anchors, candidates, valid, tau)
+    def forward(ctx, anchors, candidates, valid, tau, operands):
+        lse, step = strip_lse(anchors, candidates, valid, tau, operands=operands)
         ctx.save_for_backward(anchors, candidates, valid, lse)
-        ctx.tau, ctx.step = tau, step
+        ctx.tau, ctx.step, ctx.operands = tau, step, operands
         return lse
 
     @staticmethod
@@ -212,8 +271,8 @@ class _StripLSE(torch.autograd.Function):
         grad_anchors = torch.zeros_like(anchors) if need_anchors else None
         grad_candidates = torch.zeros_like(candidates) if need_candidates else None
         strip_lse_backward(anchors, candidates, valid, ctx.tau, lse, grad_lse, ctx.step, None, grad_anchors,
-                           grad_candidates)
-        return grad_anchors, grad_candidates, None, None
+                           grad_candidates, ctx.operands)
+        return grad_anchors, grad_candidates, None, None, None
 
 
 class _Grams(NamedTuple):
@@ -259,11 +318,13 @@ def _teacher_side(teacher_rows: Tensor, grams: _Grams) -> _TeacherSide:
                         _clamped_norm((_FormProduct.apply(ht, grams.teacher) * ht).sum(dim=1), teacher_eps))
 
 
-def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: float, anchor: str, dtype, lse_of):
+def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: float, anchor: str, dtype, lse_of,
+               strip_dtype: Optional[torch.dtype] = None):
     """Per-row CKD terms from the student's rows [h, 1] and the teacher's side (docs/math.md 8.1), in `dtype`: every
     inner product of logits is a bilinear form of the rows (FORMS_DTYPE) in the heads' Gram matrices.
-    `lse_of(anchors, candidates)`, on rows in `dtype`, is the log-sum-exp over the negatives (single process, or the
-    ring)."""
+    `lse_of(anchors, candidates, operands)`, on rows in `dtype`, is the log-sum-exp over the negatives (single
+    process, or the ring); `operands` (StripOperands or None) are the strips' tensor-core rows where `strip_dtype`
+    (the student's 16-bit dtype, where the backend multiplies it as it is) is given."""
     eps_floor = torch.finfo(student_rows.dtype).tiny
     student_scale = _downscale(student_rows.detach().abs().amax(dim=1))
     hs = student_rows * student_scale.unsqueeze(1)
@@ -275,37 +336,82 @@ def _ckd_terms(student_rows: Tensor, teacher: _TeacherSide, grams: _Grams, tau: 
     candidates = hs / student_norm.unsqueeze(1)
     positives = (pt * candidates).sum(dim=1) / (teacher_norm * tau)
     anchors = pt / teacher_norm.unsqueeze(1) if anchor == "teacher" else ps / student_norm.unsqueeze(1)
+    operands = None
+    if strip_dtype is not None:
+        operands = _strip_operands(strip_dtype, student_rows, student_scale, student_norm, anchors, grams.student,
+                                   teacher_norm if anchor == "teacher" else None, pt)
     # LSE over all candidates minus the positive = softplus(LSE over the negatives - positive), without cancellation
     # where the positive dominates (as the fused ops, docs/math.md 6.2); the teacher anchor's negatives are j != i.
-    lse = lse_of(anchors.to(dtype), candidates.to(dtype))
+    lse = lse_of(anchors.to(dtype), candidates.to(dtype), operands)
     return softplus_contrast(lse.to(positives.dtype), positives).to(dtype)
 
 
-def local_terms(student_rows, teacher: _TeacherSide, grams, tau, anchor, valid, dtype):
+# The strips on tensor cores (docs/math.md 8.3): the logits from the unit rows x_j / |s_j| of the student's logit
+# space, x_j = F hs_j with G_ss = F^T F, in LOGIT_PARTS 16-bit parts (2^-16 of each entry, where materialised
+# 16-bit logits lose 2^-9); the coefficient products, the exact gradients of the forms' similarities, with the
+# anchors in ANCHOR_PARTS parts and the student's 16-bit rows as they are.
+LOGIT_PARTS, ANCHOR_PARTS = 2, 3
+# Added to G_ss's diagonal before its Cholesky factorisation, relative to each diagonal entry (plus float64's
+# rounding of the largest): a singular or nearly singular G_ss (tied or zero columns, K_s > V) still factors. It
+# moves a logit by ~2^-36 R_i R_j (R the rows' cancellation ratios), below the parts' 2^-16 up to R ~ 1000.
+FACTOR_JITTER = 2.0 ** -36
+
+
+def _strip_operands(strip_dtype: torch.dtype, student_rows: Tensor, student_scale: Tensor, student_norm: Tensor,
+                    anchors: Tensor, student_gram: Tensor, teacher_norm: Optional[Tensor],
+                    teacher_products: Tensor) -> StripOperands:
+    """The strips' tensor-core rows (StripOperands) from the forms' values, outside autograd (the coefficient
+    products are the gradients of <a_i, b_j>; the logit rows only evaluate it). The teacher anchor's logit rows are
+    the coordinates of pt_i in the same basis, F^-T pt_i (a triangular solve). A factorisation that fails (a NaN or
+    infinite head) gives NaN logits, hence a NaN loss, without a host synchronisation."""
+    with torch.no_grad():
+        gram = student_gram.detach()
+        diagonal = gram.diagonal()
+        floor = gram.shape[0] * 2.0 ** -52 * (diagonal.max() if diagonal.numel() else diagonal.new_zeros(()))
+        lower, info = torch.linalg.cholesky_ex(gram + torch.diag(FACTOR_JITTER * diagonal + floor))
+        factor = torch.where(info == 0, lower.T, torch.full_like(lower, float("nan")))
+        norm = student_norm.detach().unsqueeze(1)
+        hs = student_rows.detach() * student_scale.unsqueeze(1)
+        unit = torch.ops.ckd_ext.gemm_similarity(hs, factor) / norm
+        if teacher_norm is None:
+            logit_anchors = unit
+        else:
+            logit_anchors = torch.linalg.solve_triangular(factor, teacher_products.detach(), upper=True,
+                                                          left=False) / teacher_norm.detach().unsqueeze(1)
+        rows = student_rows.detach().to(strip_dtype)  # the 16-bit inputs themselves, [h, 1], 0 where masked: exact
+        return StripOperands(split_operands.split(logit_anchors, strip_dtype, LOGIT_PARTS),
+                             split_operands.split(unit, strip_dtype, LOGIT_PARTS),
+                             split_operands.split(anchors.detach(), strip_dtype, ANCHOR_PARTS),
+                             split_operands.as_they_are(rows, (norm.squeeze(1) / student_scale).float()))
+
+
+def local_terms(student_rows, teacher: _TeacherSide, grams, tau, anchor, valid, dtype, strip_dtype=None):
     """Per-row CKD terms over this process's rows (0 on rows that take no part)."""
     terms = _ckd_terms(student_rows, teacher, grams, tau, anchor, dtype,
-                       lambda a, b: _StripLSE.apply(a, b, valid, float(tau)))
+                       lambda a, b, operands: _StripLSE.apply(a, b, valid, float(tau), operands), strip_dtype)
     return terms if valid is None else torch.where(valid, terms, torch.zeros((), dtype=terms.dtype,
                                                                                   device=terms.device))
 
 
-def _local_ckd(student_rows, teacher_rows, grams, tau, anchor, valid, dtype):
-    return local_terms(student_rows, _teacher_side(teacher_rows, grams), grams, tau, anchor, valid, dtype)
+def _local_ckd(student_rows, teacher_rows, grams, tau, anchor, valid, dtype, strip_dtype=None):
+    return local_terms(student_rows, _teacher_side(teacher_rows, grams), grams, tau, anchor, valid, dtype,
+                       strip_dtype)
 
 
 def _global_ckd(student_rows, teacher_rows, grams, tau, anchor, prepared, reduction, global_batch, group, signature,
-                dtype):
+                dtype, strip_dtype):
     """The global batch of all ranks' valid rows (docs/distributed.md): the (K_s + K_t)-wide rows [h, 1] are what is
-    gathered or passed (the Gram matrices come from the heads alone, which DDP keeps identical on every rank)."""
+    gathered or passed (the Gram matrices come from the heads alone, which DDP keeps identical on every rank). The
+    ring's blocks are the strips' rows as they are (its GEMMs do not take the tensor-core operands)."""
     mask = prepared.mask
     if mask is not None:
         student_rows, teacher_rows = student_rows[mask], teacher_rows[mask]
     layout = distributed.gather_layout(student_rows.shape[0], student_rows.device, group, signature)
     terms = distributed.own_row_terms(
         student_rows, teacher_rows, layout, group, global_batch,
-        lambda s, t, padding: _local_ckd(s, t, grams, tau, anchor, padding, dtype),
+        lambda s, t, padding: _local_ckd(s, t, grams, tau, anchor, padding, dtype, strip_dtype),
         lambda: _ckd_terms(student_rows, _teacher_side(teacher_rows, grams), grams, tau, anchor, dtype,
-                           lambda a, b: distributed.ring_lse(a, b, float(tau), layout, group)))
+                           lambda a, b, _: distributed.ring_lse(a, b, float(tau), layout, group)))
     if reduction != "none":
         return distributed.row_share(terms, layout, reduction)
     return scatter_rows(terms, prepared)
@@ -423,6 +529,7 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
         _check_teacher_gram(fn, teacher_gram, *given_teacher, p.teacher_weight.dtype, vocab_parallel_group)
     require_extension()  # the workspace budget that sizes the strips is the extension's
     dtype = accumulation_dtype(p.student_hidden.dtype)
+    strip_dtype = _strip_dtype(p.student_hidden)
     teacher_magnitude = (_head_magnitude(p.teacher_weight, p.teacher_bias) if teacher_gram is None
                          else teacher_gram.magnitude)
     magnitudes = torch.stack([_head_magnitude(p.student_weight, p.student_bias).to(FORMS_DTYPE),
@@ -447,8 +554,16 @@ def _fused_linear_ckd(fn, inputs, tau, anchor, mask, reduction, global_batch, gr
             ("teacher_bias (given or None)", p.teacher_bias is not None), ("anchor", anchor), ("tau", float(tau)),
             ("reduction", reduction)))
         return _global_ckd(student_rows, teacher_rows, grams, tau, anchor, p, reduction, global_batch, group,
-                           signature, dtype)
-    return reduce_row_terms(_local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype), p, reduction)
+                           signature, dtype, strip_dtype)
+    return reduce_row_terms(_local_ckd(student_rows, teacher_rows, grams, tau, anchor, p.mask, dtype, strip_dtype),
+                            p, reduction)
+
+
+def _strip_dtype(hidden: Tensor) -> Optional[torch.dtype]:
+    """The 16-bit dtype the strips' tensor-core operands take (StripOperands), where the backend multiplies the
+    student's 16-bit dtype as it is (CUDA, the emulated backend); None where it converts it (the CPU backend: the
+    strips multiply fp32 rows) or the student is not 16-bit."""
+    return _tensor_core_dtype([hidden])
 
 
 def _head_magnitude(weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -15,7 +15,7 @@ from ..rows import accumulation_dtype, reduce_row_terms
 from . import sharded_heads
 from ._common import _autocast_inputs, _chunk_rows, _without_autocast
 from .ckd import (FORMS_DTYPE, _downscale, _Grams, _HeadGrams, _TeacherSide, _head_magnitude, _hidden_rows,
-                  local_terms)
+                  _strip_dtype, local_terms)
 
 
 def _gathered_rows(weight: Tensor, bias, ids: Tensor, dtype: torch.dtype) -> Tensor:
@@ -110,5 +110,6 @@ def _fused_linear_topk_ckd(hidden, weight, bias, p, temperature, tau, reduction)
     projection = _TopKHeadProjection.apply(weight, bias, teacher.ids, teacher.coefficients, teacher.tail_mean,
                                            head_scales[0], FORMS_DTYPE)
     rows = _hidden_rows(hidden, bias is not None, FORMS_DTYPE, p.mask)
-    terms = local_terms(rows, _TeacherSide(projection, teacher.norms), grams, tau, "student", p.mask, dtype)
+    terms = local_terms(rows, _TeacherSide(projection, teacher.norms), grams, tau, "student", p.mask, dtype,
+                        _strip_dtype(hidden))
     return reduce_row_terms(terms, p, reduction)
