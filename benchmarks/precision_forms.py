@@ -21,7 +21,8 @@ is exact (checked). Candidates, G = B^T B the heads' Gram matrix, P = H~ G the p
     TC strips          float64 forms, the strips' logits from the package's own tensor-core operands
                        (ckd_ext.fused_linear.ckd._strip_operands: the unit rows of the student's logit space in two
                        16-bit parts, from G_ss = F^T F): what CUDA runs for 16-bit inputs
-    TC strips, int8 G  the same with G exact from 15 int8 GEMMs of 7-bit slices of the heads (not built yet)
+    TC strips, int8 G  the same with G exact from 15 int8 GEMMs of 7-bit slices of the heads, as the package
+                       computes it for 16-bit heads on tensor cores (split_operands.int8_slices)
 """
 from __future__ import annotations
 
@@ -40,8 +41,6 @@ from ckd_ext.fused_linear import split_operands  # noqa: E402
 
 N, V, H_S, H_T, TAU = 256, 4000, 64, 128, 0.5
 VOCAB_CHUNK = 4096
-INT8_SLICES, INT8_MAX_ORDER = 5, 4  # slices a, b of 7 bits each, products with a + b <= 4: 15 GEMMs
-INT32_EXACT_ROWS = (2 ** 31 - 1) // 127 ** 2  # 133144 products of two int8 slices sum exactly in int32
 
 
 def _mm(a, b):
@@ -82,31 +81,16 @@ def _tensor_core_gram(b):
     return gram
 
 
-def int8_gram(b, slices=INT8_SLICES, max_order=INT8_MAX_ORDER):
-    """G = B^T B of a 16-bit head from int8 GEMMs: each column scaled by a power of two 2^-e_k (|entries| < 1, so
-    that no slice reaches 128), cut
-    into 7-bit slices I_a (|I_a| <= 127, B = sum_a I_a 2^(-7(a+1)) 2^e_k + a remainder below 2^(-7 slices)), and
-    G = sum over a + b <= max_order of I_a^T I_b 2^(-7(a+b+2)), scaled back. Each I_a^T I_b is exact in int32 while
-    V 127^2 < 2^31 (V <= 133144: a larger vocabulary is summed in chunks). Returns G (float64) and the GEMM count."""
-    b = b.double()
-    if b.shape[0] > INT32_EXACT_ROWS:
-        raise ValueError(f"int8_gram: sum the vocabulary in chunks of at most {INT32_EXACT_ROWS} rows")
-    exponent = torch.floor(torch.log2(b.abs().amax(0).clamp_min(1e-300))) + 1  # |entries| / 2^e < 1, strictly
-    rest = b * torch.pow(2.0, -exponent)
-    pieces = []
-    for _ in range(slices):
-        piece = torch.trunc(rest * 128)
-        pieces.append(piece.to(torch.int8))
-        rest = rest * 128 - piece
-    gram = torch.zeros(b.shape[1], b.shape[1], dtype=torch.float64)
-    gemms = 0
-    for i in range(slices):
-        for j in range(slices - i):
-            if i + j <= max_order:
-                gram += torch._int_mm(pieces[i].T.contiguous(), pieces[j]).double() * 2.0 ** (-7 * (i + j + 2))
-                gemms += 1
-    scale = torch.pow(2.0, exponent)
-    return gram * scale[:, None] * scale[None], gemms
+def int8_gram(b):
+    """G = B^T B of a 16-bit head as fused-linear CKD computes it on tensor cores: the package's int8 slices and exact
+    int8 GEMMs (ckd_ext.fused_linear.split_operands), scaled back. Returns G (float64) and the GEMM count."""
+    exponents = split_operands.int8_exponents(b.abs().amax(0).float())
+    slices = split_operands.int8_slices(b, exponents)
+    calls = ckd_ext.require_extension().gemm_calls()
+    gram = split_operands.exact_gram_block(slices, slices)
+    calls = ckd_ext.require_extension().gemm_calls() - calls
+    scale = torch.ldexp(torch.ones(b.shape[1], dtype=torch.float64), exponents)
+    return gram * scale[:, None] * scale[None], calls
 
 
 def _cosines(s, t):

@@ -181,9 +181,14 @@ def _gemm_product_fake(out, coef, rows, accumulate):
     return None
 
 
+def _gemm_exact_int8_fake(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.float64)
+
+
 # The GEMM policy's products (csrc/orchestration/gemm.h) as ops, for the fused-linear losses' orchestration. They have
 # no autograd of their own: their callers are autograd.Functions whose backward issues the products it needs.
-GEMM_OPS = {"gemm_similarity": _gemm_similarity_fake, "gemm_product": _gemm_product_fake}
+GEMM_OPS = {"gemm_similarity": _gemm_similarity_fake, "gemm_product": _gemm_product_fake,
+            "gemm_exact_int8": _gemm_exact_int8_fake}
 
 
 def _register():

@@ -28,7 +28,8 @@
      "(Tensor grad_sample, Tensor grad_class, Tensor student, Tensor teacher, Tensor? mask, float temperature, "      \
      "float tau, float w_sample, float w_class, bool symmetric, str reduction) -> Tensor")                           \
   OP(gemm_similarity, "(Tensor a, Tensor b) -> Tensor")                                                               \
-  OP(gemm_product, "(Tensor(a!) out, Tensor coef, Tensor rows, bool accumulate) -> ()")
+  OP(gemm_product, "(Tensor(a!) out, Tensor coef, Tensor rows, bool accumulate) -> ()")                               \
+  OP(gemm_exact_int8, "(Tensor a, Tensor b) -> Tensor")
 
 TORCH_LIBRARY(ckd_ext, m) {
 #define CKD_EXT_DEFINE(name, signature) m.def(#name signature);

@@ -303,6 +303,8 @@ class PolicyGemms(TorchDispatchMode):
             self.calls.append(("similarity", args[0].dtype, (args[0].shape[0], args[1].shape[0])))
         elif func is torch.ops.ckd_ext.gemm_product.default:
             self.calls.append(("product", args[2].dtype, tuple(args[0].shape)))
+        elif func is torch.ops.ckd_ext.gemm_exact_int8.default:
+            self.calls.append(("exact_int8", args[0].dtype, (args[0].shape[0], args[1].shape[0])))
         return out
 
 
@@ -310,11 +312,12 @@ class PolicyGemms(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("anchor", ("student", "teacher"))
 def test_ckd_strips_and_head_gradient_on_tensor_cores(anchor, dtype):
-    """16-bit inputs on the emulated CUDA backend (docs/math.md 8.3): the strips' logits are three GEMMs of the unit
-    rows' two 16-bit parts, their coefficient products four (the student's 16-bit rows as they are, the anchors in
-    three parts), the head gradient three (the 16-bit heads as they are, one vocabulary chunk here, against the Gram
-    gradients' combination in three parts); no GEMM multiplies fp32 rows, and the float64 ones are the Gram
-    matrices' vocabulary chunks and the N x K forms (the O(V K^2 + N K^2) part). Loss and gradients within the
+    """16-bit inputs on the emulated CUDA backend (docs/math.md 8.3): the Gram matrices are 15 exact int8 GEMMs each
+    (the student's rows [G_ss | G_st] and the teacher's block, one vocabulary chunk here), the strips' logits three
+    GEMMs of the unit rows' two 16-bit parts, their coefficient products four (the student's 16-bit rows as they
+    are, the anchors in three parts), the head gradient three (the 16-bit heads as they are against the Gram
+    gradients' combination in three parts); no GEMM multiplies fp32 rows, and the float64 ones are the N x K forms
+    and their K x K gradients (the O(N K^2) part). Loss and gradients within the
     16-bit TOLERANCE of the float64 oracle; measured (the largest error over the largest entry; student / teacher
     anchor): bf16 loss 6.3e-4 / 7.1e-4, hidden 3.9e-3 / 4.6e-3, weight 3.3e-3 / 3.5e-3, bias 2.9e-3 / 3.1e-3; fp16
     4.8e-4 / 9.1e-5, 4.1e-4 / 4.1e-4, 3.0e-4 / 6.0e-4, 2.7e-4 / 4.9e-4: to two digits the CPU backend's (fp32 strips,
@@ -328,10 +331,13 @@ def test_ckd_strips_and_head_gradient_on_tensor_cores(anchor, dtype):
     assert sorted(sixteen_bit, key=str) == sorted(
         [("similarity", dtype, (n, n))] * 6 + [("product", dtype, (n, k_s))] * 4
         + [("similarity", dtype, (vocab, k_s))] * 3, key=str)
-    others = [c for c in gemms.calls if c[1] != dtype]
+    exact = [c for c in gemms.calls if c[1] == torch.int8]
+    assert sorted(exact, key=str) == sorted([("exact_int8", torch.int8, (k_s, k))] * 15
+                                            + [("exact_int8", torch.int8, (k - k_s, k - k_s))] * 15, key=str)
+    others = [c for c in gemms.calls if c[1] not in (dtype, torch.int8)]
     assert {c[1] for c in others} == {torch.float64}, others
-    # the Gram rows (K_s x K) and the teacher's block, the forms N x K_s / N x K_t, their K x K gradients
-    assert all(max(shape) <= max(n, k) and (n, n) != shape for _, _, shape in others), others
+    # the forms N x K_s / N x K_t and their K x K gradients
+    assert all(max(shape) <= n and (n, n) != shape for _, _, shape in others), others
 
 
 def test_kd_gemms_on_the_cpu_backend(workspace):

@@ -165,6 +165,38 @@ def test_policy_ops_opcheck():
         torch.library.opcheck(torch.ops.ckd_ext.gemm_similarity.default, (a, b))
         coef = torch.randn(4, 5, generator=gen)
         torch.library.opcheck(torch.ops.ckd_ext.gemm_product.default, (torch.zeros(4, 6), coef, b, True))
+    a8, b8 = (torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8) for shape in ((4, 9), (3, 9)))
+    torch.library.opcheck(torch.ops.ckd_ext.gemm_exact_int8.default, (a8, b8))
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "emulated"])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (5, 3, 7), (17, 16, 64)])
+def test_exact_int8_op_is_exact(backend_name, m, n, k):
+    """gemm_exact_int8: a @ b^T of int8 operands as float64 integers, equal to the int64 product (every shape, the
+    extremes +-127 included), one GEMM per block of k."""
+    gen = torch.Generator().manual_seed(m * 100 + n * 10 + k)
+    a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    a[0, :] = 127
+    b[0, :] = -127
+    with on_backend(backend_name):
+        calls = ext.gemm_calls()
+        out = torch.ops.ckd_ext.gemm_exact_int8(a, b)
+        calls = ext.gemm_calls() - calls
+    assert out.dtype == torch.float64 and calls == 1
+    assert torch.equal(out, (a.long() @ b.long().T).double())
+
+
+def test_exact_int8_op_blocks_k_within_int32():
+    """Past 133144 terms of 127^2 an int32 accumulator would overflow: the op sums blocks of at most that many in
+    float64 (two GEMMs here), exactly."""
+    k = 133144 + 1000
+    a = torch.full((2, k), 127, dtype=torch.int8)
+    b = torch.full((3, k), 127, dtype=torch.int8)
+    calls = ext.gemm_calls()
+    out = torch.ops.ckd_ext.gemm_exact_int8(a, b)
+    assert ext.gemm_calls() - calls == 2
+    assert (out == 127 ** 2 * k).all() and 127 ** 2 * k >= 2 ** 31
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -17,7 +17,8 @@ from . import sharded_heads, split_operands, vocab_parallel
 from ._common import _autocast_inputs, _chunk_rows, _gemm_converts, _without_autocast, _workspace_bytes
 
 # The bilinear forms of fused-linear CKD (the heads' K x K Gram matrices, the N x K products with them, the row norms
-# and positives) run in float64 for every input dtype: a form [h_i, 1]^T G [h_j, 1] sums terms as large as
+# and positives) run in float64 for every input dtype (the Gram matrices of 16-bit heads on tensor cores come exactly
+# from int8 GEMMs, _exact_gram): a form [h_i, 1]^T G [h_j, 1] sums terms as large as
 # |h_i| |G| |h_j|, and for nearly collinear head columns they cancel to a far smaller inner product, so its rounding
 # is the product of both rows' cancellation ratios where materialised logits suffer their sum (measured: float32
 # forms gave 10x the float32 logits' gradient error at a head condition number of 1e5, float64 forms the same). They
@@ -45,14 +46,15 @@ def _downscale(magnitude: Tensor) -> Tensor:
     return torch.where(torch.isfinite(magnitude), scale, torch.full_like(magnitude, float("nan")))
 
 
-def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Tensor,
-                       dtype: torch.dtype) -> Iterator[Tuple[slice, Tensor]]:
+def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Tensor, dtype: torch.dtype,
+                       entry_bytes: Optional[int] = None) -> Iterator[Tuple[slice, Tensor]]:
     """(rows, [c_s B_s | c_t B_t][rows] in `dtype`) over the vocabulary, one reused buffer of a quarter of the
-    workspace budget."""
+    workspace budget (`entry_bytes`: what the caller holds per entry of a chunk, its size by default)."""
     blocks = student + teacher
     vocab, width = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
     split = sum(b.shape[1] for b in student)
-    step = min(vocab, _chunk_rows(4 * width * torch.finfo(dtype).bits // 8, blocks[0].device))
+    entry_bytes = torch.finfo(dtype).bits // 8 if entry_bytes is None else entry_bytes
+    step = min(vocab, _chunk_rows(4 * width * entry_bytes, blocks[0].device))
     buffer = torch.empty(step, width, dtype=dtype, device=blocks[0].device)
     for start in range(0, vocab, step):
         rows = slice(start, min(start + step, vocab))
@@ -67,7 +69,8 @@ def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Ten
 
 class _HeadGrams(torch.autograd.Function):
     """(G_ss, G_ts, G_tt) = (B_s^T B_s, B_t^T B_s, B_t^T B_t) of the scaled heads B_s = c_s [W_s | b_s],
-    B_t = c_t [W_t | b_t], accumulated in `dtype` over vocabulary chunks (K x K each, never V x K beyond a chunk).
+    B_t = c_t [W_t | b_t], accumulated in `dtype` over vocabulary chunks (K x K each, never V x K beyond a chunk;
+    16-bit heads on tensor cores: exactly, from int8 GEMMs of their slices, _exact_gram).
     Backward: dB_s = B_s (dG_ss + dG_ss^T) + B_t dG_ts, times c_s, chunk by chunk; the teacher gets nothing.
     Without a teacher head (teacher_weight None: the top-k teacher, docs/math.md 9.6) G_ts and G_tt are empty
     (0 x K_s, 0 x 0) and only G_ss is formed."""
@@ -78,13 +81,18 @@ class _HeadGrams(torch.autograd.Function):
         teacher = [] if teacher_weight is None else _head_columns(teacher_weight, teacher_bias)
         split = sum(b.shape[1] for b in student)
         width = split + sum(b.shape[1] for b in teacher)
-        gram = torch.zeros(width, width, dtype=dtype, device=student_weight.device)
-        for _, chunk in _vocabulary_chunks(student, teacher, scales, dtype):
-            # The student's rows [G_ss | G_st] and (unless cached) the teacher's diagonal block; G_ts is G_st^T.
-            # Products of the GEMM policy (counted; float64 operands: float64 GEMMs).
-            gram[:split].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, :split].T, chunk.T))
-            if teacher and cached_teacher_gram is None:
-                gram[split:, split:].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, split:].T, chunk[:, split:].T))
+        operand_dtype = _tensor_core_dtype(student + teacher)
+        if operand_dtype is not None:  # 16-bit heads on tensor cores: exactly, from int8 slices
+            gram = _exact_gram(student, teacher, scales, operand_dtype, cached_teacher_gram is None)
+        else:
+            gram = torch.zeros(width, width, dtype=dtype, device=student_weight.device)
+            for _, chunk in _vocabulary_chunks(student, teacher, scales, dtype):
+                # The student's rows [G_ss | G_st] and (unless cached) the teacher's diagonal block; G_ts is G_st^T.
+                # Products of the GEMM policy (counted; float64 operands: float64 GEMMs).
+                gram[:split].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, :split].T, chunk.T))
+                if teacher and cached_teacher_gram is None:
+                    gram[split:, split:].add_(torch.ops.ckd_ext.gemm_similarity(chunk[:, split:].T,
+                                                                                chunk[:, split:].T))
         student_gram = gram[:split, :split].clone()
         cross_gram = gram[:split, split:].T.contiguous()
         teacher_gram = gram[split:, split:].clone() if cached_teacher_gram is None else cached_teacher_gram.clone()
@@ -134,6 +142,33 @@ class _HeadGrams(torch.autograd.Function):
 
 # The head gradient's combination of Gram gradients in 16-bit parts on tensor cores: three (2^-24, fp32's unit).
 HEAD_GRADIENT_PARTS = 3
+# What the exact Gram holds per entry of a vocabulary chunk: the 16-bit copy, the fp32 remainder and its truncation,
+# the int8 slices (split_operands.int8_slices).
+_EXACT_GRAM_ENTRY_BYTES = 2 + 4 + 4 + split_operands.INT8_SLICES
+
+
+def _exact_gram(student: List[Tensor], teacher: List[Tensor], scales: Tensor, dtype: torch.dtype,
+                teacher_block: bool) -> Tensor:
+    """The student's rows [G_ss | G_st] of the scaled heads' Gram matrix and, with `teacher_block`, G_tt (K x K,
+    float64) from int8 tensor-core GEMMs of the 16-bit heads' slices (docs/math.md 8.3): exact up to each entry's
+    bits past 35 below its column's largest (one scale per column over the whole vocabulary)."""
+    blocks = student + teacher
+    split = sum(b.shape[1] for b in student)
+    width = split + sum(b.shape[1] for b in teacher)
+    device = blocks[0].device
+    exponents = split_operands.int8_exponents(torch.cat([b.detach().abs().amax(0).float() for b in blocks]))
+    gram = torch.zeros(width, width, dtype=torch.float64, device=device)
+    ones = torch.ones(2, dtype=scales.dtype, device=device)
+    for _, chunk in _vocabulary_chunks(student, teacher, ones, dtype, _EXACT_GRAM_ENTRY_BYTES):
+        slices = split_operands.int8_slices(chunk, exponents)
+        gram[:split].add_(split_operands.exact_gram_block([x[:, :split] for x in slices], slices))
+        if teacher and teacher_block:
+            teacher_slices = [x[:, split:] for x in slices]
+            gram[split:, split:].add_(split_operands.exact_gram_block(teacher_slices, teacher_slices))
+    column_scale = torch.ldexp(torch.ones(width, dtype=torch.float64, device=device), exponents.to(device))
+    column_scale[:split] *= scales[0]
+    column_scale[split:] *= scales[1]
+    return gram * column_scale.unsqueeze(1) * column_scale.unsqueeze(0)
 
 
 def _chunk_product(chunk: Tensor, combination: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ Every part product is one of the GEMM policy's (csrc/orchestration/gemm.h), so i
 reproduces it; backends that convert 16-bit operands (the CPU's) never get here."""
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -78,3 +78,40 @@ def product(out: Tensor, coefficients: Tensor, rows: SplitRows, accumulate: bool
     for index, (part, scale) in enumerate(zip(rows.parts, rows.scales)):
         coef = coefficients if scale is None else coefficients / scale.unsqueeze(0)
         torch.ops.ckd_ext.gemm_product(out, coef, part, accumulate or index > 0)
+
+
+# Exact Gram matrices of 16-bit heads on int8 tensor cores (docs/math.md 8.3): each column scaled by the power of two
+# that brings its largest entry below 1, cut into INT8_SLICES slices of 7 bits (|slice| <= 127), and the products of
+# the slices a, b with a + b <= INT8_ORDER: 15 exact int8 GEMMs, the dropped ones and the bits past the fifth slice
+# below 2^-35 of each column's largest entry.
+INT8_SLICES, INT8_ORDER = 5, 4
+
+
+def int8_exponents(column_max: Tensor) -> Tensor:
+    """e_k with |B_vk| < 2^e_k for the largest |entry| of each column (0 for a zero column), int32."""
+    return torch.frexp(column_max)[1]
+
+
+def int8_slices(chunk: Tensor, exponents: Tensor) -> List[Tensor]:
+    """The int8 slices I_a of chunk 2^-e (per column): chunk 2^-e = sum_a I_a 2^(-7(a+1)) + (below 2^-35). 16-bit
+    entries have at most 11 significant bits, so every remainder is exact in float32."""
+    rest = torch.ldexp(chunk.float(), -exponents.to(chunk.device))
+    out = []
+    for _ in range(INT8_SLICES):
+        rest = rest * 128
+        piece = torch.trunc(rest)
+        out.append(piece.to(torch.int8))
+        rest = rest - piece
+    return out
+
+
+def exact_gram_block(left: List[Tensor], right: List[Tensor]) -> Tensor:
+    """sum over a + b <= INT8_ORDER of 2^(-7(a+b+2)) left[a]^T right[b] (chunk rows x columns slices), float64: each
+    product one gemm_exact_int8 of the GEMM policy."""
+    out = None
+    for i, x in enumerate(left):
+        for j, y in enumerate(right):
+            if i + j <= INT8_ORDER:
+                term = torch.ops.ckd_ext.gemm_exact_int8(x.T, y.T).mul_(2.0 ** (-7 * (i + j + 2)))
+                out = term if out is None else out.add_(term)
+    return out

@@ -154,4 +154,47 @@ void gemm_product(const at::Tensor& out, const at::Tensor& coef, const at::Tenso
   }
 }
 
+namespace {
+
+// at::_int_mm on CUDA takes a (m x k) with m > 16 and k a multiple of 8, and b^T (k x n) with n a multiple of 8:
+// zero rows and columns pad the operands there (they add nothing to the exact sums).
+at::Tensor padded(const at::Tensor& x, int64_t rows, int64_t cols) {
+  if (x.size(0) == rows && x.size(1) == cols) return x.contiguous();
+  at::Tensor out = at::zeros({rows, cols}, x.options());
+  out.narrow(0, 0, x.size(0)).narrow(1, 0, x.size(1)).copy_(x);
+  return out;
+}
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+}  // namespace
+
+at::Tensor gemm_exact_int8(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2, "gemm_exact_int8: a and b must be 2-D, got ", a.dim(), "-D and ",
+              b.dim(), "-D");
+  TORCH_CHECK(a.scalar_type() == at::kChar && b.scalar_type() == at::kChar, "gemm_exact_int8: a and b must be int8, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.size(1) == b.size(1), "gemm_exact_int8: a is ", a.sizes(), ", b ", b.sizes(), " (k must agree)");
+  TORCH_CHECK(a.device() == b.device(), "gemm_exact_int8: a and b must be on one device");
+  const int64_t m = a.size(0), n = b.size(0), k = a.size(1);
+  at::Tensor out = at::zeros({m, n}, a.options().dtype(at::kDouble));
+  if (m == 0 || n == 0 || k == 0) return out;
+  const bool cuda = device_kind(a) == DeviceKind::Cuda;
+  for (int64_t start = 0; start < k; start += kInt8ExactDepth) {
+    const int64_t depth = std::min(kInt8ExactDepth, k - start);
+    const at::Tensor a_block = a.narrow(1, start, depth), b_block = b.narrow(1, start, depth);
+    g_gemm_calls.fetch_add(1, std::memory_order_relaxed);
+    if (cuda) {
+      const int64_t padded_depth = round_up(depth, 8);
+      const at::Tensor a_op = padded(a_block, std::max<int64_t>(m, 17), padded_depth);
+      const at::Tensor b_op = padded(b_block, round_up(n, 8), padded_depth);
+      out.add_(at::_int_mm(a_op, b_op.t()).narrow(0, 0, m).narrow(1, 0, n));
+    } else {
+      // The same integers: every product and partial sum is an integer below 2^53, exact in float64.
+      out.add_(at::mm(a_block.to(at::kDouble), b_block.to(at::kDouble).t()));
+    }
+  }
+  return out;
+}
+
 }  // namespace ckd

@@ -57,7 +57,16 @@ int64_t gemm_calls();
 //   gemm_similarity   a (m x k) @ b (n x k)^T, a new m x n tensor in accumulation_type(a's dtype); a, b one dtype.
 //   gemm_product      out (m x k) [+]= coef (m x n) @ rows (n x k): coef and out in the accumulation dtype of the
 //                     rows' dtype, the rows in theirs (16-bit rows on tensor cores: coef rounded to their dtype).
+//   gemm_exact_int8   a (m x k) @ b (n x k)^T of int8 operands, exactly, a new m x n float64 tensor: int8 GEMMs
+//                     with int32 accumulation (tensor cores on CUDA) over blocks of kInt8ExactDepth along k, whose
+//                     sums cannot leave int32 (127^2 k < 2^31), added in float64 (exact below 2^53). Elsewhere the
+//                     same integers from a float64 GEMM. The fused-linear CKD's exact Gram matrices of 16-bit heads
+//                     cut into int8 slices (docs/math.md 8.3) are its one user.
 at::Tensor gemm_similarity(const at::Tensor& a, const at::Tensor& b);
 void gemm_product(const at::Tensor& out, const at::Tensor& coef, const at::Tensor& rows, bool accumulate);
+at::Tensor gemm_exact_int8(const at::Tensor& a, const at::Tensor& b);
+
+// The longest k whose int8 products (|x| <= 127) an int32 accumulator sums exactly: 127^2 k < 2^31.
+constexpr int64_t kInt8ExactDepth = ((int64_t{1} << 31) - 1) / (127 * 127);
 
 }  // namespace ckd
