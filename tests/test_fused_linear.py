@@ -310,6 +310,36 @@ class PolicyGemms(TorchDispatchMode):
 
 @skip_unless("emulated")
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_exact_gram_of_16_bit_heads(dtype, workspace):
+    """The Gram matrix of 16-bit heads from int8 slices (fused_linear/ckd.py _exact_gram, on the emulated backend's
+    int8 products) is the float64 one to within 2^-33 |B_k| |B_l| per entry (the slices keep 35 bits below each
+    column's largest entry; measured: 0 in bf16, 2.6e-12 in fp16), with columns whose scales span the dtype's range
+    (bf16 10^-39, a subnormal, to 10^30; fp16 10^-7 to 10^4), a zero column and several vocabulary chunks."""
+    from ckd_ext.fused_linear.ckd import _exact_gram, _head_columns
+    workspace(8 * 4 * 12 * 23)  # vocabulary chunks of 8 rows
+    g = torch.Generator().manual_seed(31)
+    exponents = (torch.tensor([-39.0, -20.0, -3.0, 0.0, 2.0, 30.0]) if dtype == torch.bfloat16
+                 else torch.tensor([-7.0, -4.0, -1.0, 0.0, 2.0, 4.0]))
+    student_weight = (torch.randn(50, 6, generator=g, dtype=torch.float64) * 10.0 ** exponents).to(dtype)
+    student_weight[:, 1] = 0
+    teacher_weight = torch.randn(50, 4, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(50, generator=g, dtype=torch.float64).to(dtype)
+    student, teacher = _head_columns(student_weight, bias), _head_columns(teacher_weight, None)
+    scales = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    with on_backend("emulated"):
+        gram = _exact_gram(student, teacher, scales, dtype, True)
+    b = torch.cat([student_weight.double() * 0.5, bias.double().unsqueeze(1) * 0.5, teacher_weight.double() * 2.0], 1)
+    expected = b.T @ b
+    norms = b.norm(dim=0)
+    split = 7
+    assert gram.dtype == torch.float64
+    assert (gram[:split] - expected[:split]).abs().le(2.0 ** -33 * norms[:split, None] * norms[None]).all()
+    assert (gram[split:, split:] - expected[split:, split:]).abs().le(
+        2.0 ** -33 * norms[split:, None] * norms[None, split:]).all()
+
+
+@skip_unless("emulated")
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
 @pytest.mark.parametrize("anchor", ("student", "teacher"))
 def test_ckd_strips_and_head_gradient_on_tensor_cores(anchor, dtype):
     """16-bit inputs on the emulated CUDA backend (docs/math.md 8.3): the Gram matrices are 15 exact int8 GEMMs each

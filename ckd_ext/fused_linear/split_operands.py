@@ -1,7 +1,8 @@
-"""Products of float32 / float64 values on tensor cores: an operand given as 16-bit parts whose sum is its value to
-about 2^-8 per part (docs/math.md 8.3, where benchmarks/precision_forms.py measures the products built from them).
-Every part product is one of the GEMM policy's (csrc/orchestration/gemm.h), so it is counted and the emulated backend
-reproduces it; backends that convert 16-bit operands (the CPU's) never get here."""
+"""Products on tensor cores more precise than their operands' 16 bits (docs/math.md 8.3, where
+benchmarks/precision_forms.py measures them): float32 / float64 values as 16-bit parts whose sum is the value to
+about 2^-8 per part, and 16-bit values as int8 slices whose products are exact. Every part product is one of the GEMM
+policy's (csrc/orchestration/gemm.h), so it is counted and the emulated backend reproduces it; backends that convert
+16-bit operands (the CPU's) never get here."""
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional, Tuple
