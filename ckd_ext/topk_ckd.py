@@ -131,7 +131,7 @@ class _TopKCKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, ids, logprobs, log_normalizer, logit_sum, logit_square_sum, valid, temperature, tau,
                 reduction):
-        from .fused_linear.ckd import strip_lse
+        from .fused_linear.strips import strip_lse
 
         operand = _operand(student, valid)
         teacher = teacher_rows(ids, logprobs, log_normalizer, logit_sum, logit_square_sum, valid, temperature,
@@ -155,7 +155,7 @@ class _TopKCKD(torch.autograd.Function):
     @staticmethod
     @_once_differentiable
     def backward(ctx, grad_loss):
-        from .fused_linear.ckd import strip_lse_backward
+        from .fused_linear.strips import strip_lse_backward
 
         student, ids, logprobs, log_normalizer, logit_sum, logit_square_sum, valid, lse, positives = ctx.saved_tensors
         temperature, tau, reduction, step = ctx.args
