@@ -9,9 +9,9 @@ materialised 16-bit route through ckd_loss.
 
     python benchmarks/precision_forms.py          # prints the two markdown tables of docs/math.md 8.3
 
-Tensor-core arithmetic is reproduced as the emulated backend does (16-bit operands are exact in fp32, fp32
-accumulation): a GEMM of 16-bit operands is an fp32 GEMM of their fp32 copies; an int8 GEMM with int32 accumulation
-is exact (checked). Candidates, G = B^T B the heads' Gram matrix, P = H~ G the products the strips read:
+Tensor-core arithmetic is the package's own products on the CPU backend, whose GEMM of 16-bit operands is an fp32
+GEMM of their exact fp32 copies, the tensor cores' arithmetic (16-bit products exact in fp32, fp32 accumulation) as
+the emulated backend reproduces it; an int8 GEMM with int32 accumulation is exact (checked). Candidates, G = B^T B the heads' Gram matrix, P = H~ G the products the strips read:
     float64 forms      G and P accumulated in float64, fp32 strips (the CPU backend's)
     TC Gram, f64 P     G from fp32-accumulated GEMMs of the 16-bit head over vocabulary chunks of 4096 rows, the
                        chunks summed in float64; P in float64
@@ -49,28 +49,12 @@ def _mm(a, b):
 
 
 def split_mm(a, b, dtype, a_parts, b_parts):
-    """a @ b on tensor cores as the emulated backend computes it: `a` in a_parts 16-bit parts of the package's split
-    (ckd_ext.fused_linear.split_operands; 0: `a` is 16-bit and taken as it is), `b`'s columns likewise; the part
-    products i + j < max(a_parts, b_parts), each fp32-accumulated, summed in fp32."""
+    """a @ b on tensor cores: `a` in a_parts 16-bit parts of the package's split (ckd_ext.fused_linear.split_operands;
+    0: `a` is 16-bit and taken as it is), `b`'s columns likewise; the part products i + j < max(a_parts, b_parts),
+    each fp32-accumulated, summed in fp32 (split_operands.similarity)."""
     a_split = split_operands.split(a, dtype, a_parts) if a_parts else split_operands.as_they_are(a)
     b_split = split_operands.split(b.T, dtype, b_parts) if b_parts else split_operands.as_they_are(b.T)
-    return emulated_similarity(a_split, b_split)
-
-
-def emulated_similarity(a, b):
-    """split_operands.similarity(a, b) in the emulated backend's arithmetic, without the extension's ops."""
-    terms = max(len(a.parts), len(b.parts))
-    out = 0
-    for i, (x, x_scale) in enumerate(zip(a.parts, a.scales)):
-        for j, (y, y_scale) in enumerate(zip(b.parts, b.scales)):
-            if i + j < terms:
-                term = _mm(x, y.T)
-                if x_scale is not None:
-                    term = term / x_scale[:, None]
-                if y_scale is not None:
-                    term = term / y_scale[None, :]
-                out = out + term
-    return out
+    return split_operands.similarity(a_split, b_split)
 
 
 def _tensor_core_gram(b):
@@ -120,7 +104,7 @@ def _tensor_core_strip_logits(gram, hs, ht, dtype):
         anchors = ps / ns[:, None] if anchor == "student" else pt / nt[:, None]
         operands = fused_ckd._strip_operands(dtype, hs64, ones, ns, anchors, gram[sl, sl],
                                              nt if anchor == "teacher" else None, pt)
-        out.append(emulated_similarity(operands.logit_anchors, operands.logit_candidates).double() / TAU)
+        out.append(split_operands.similarity(operands.logit_anchors, operands.logit_candidates).double() / TAU)
     return tuple(out)
 
 

@@ -47,10 +47,11 @@ def _downscale(magnitude: Tensor) -> Tensor:
     return torch.where(torch.isfinite(magnitude), scale, torch.full_like(magnitude, float("nan")))
 
 
-def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Tensor, dtype: torch.dtype,
+def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Optional[Tensor], dtype: torch.dtype,
                        entry_bytes: Optional[int] = None) -> Iterator[Tuple[slice, Tensor]]:
-    """(rows, [c_s B_s | c_t B_t][rows] in `dtype`) over the vocabulary, one reused buffer of a quarter of the
-    workspace budget (`entry_bytes`: what the caller holds per entry of a chunk, its size by default)."""
+    """(rows, [c_s B_s | c_t B_t][rows] in `dtype`; [B_s | B_t] as they are without `scales`) over the vocabulary,
+    one reused buffer of a quarter of the workspace budget (`entry_bytes`: what the caller holds per entry of a
+    chunk, its size by default)."""
     blocks = student + teacher
     vocab, width = blocks[0].shape[0], sum(b.shape[1] for b in blocks)
     split = sum(b.shape[1] for b in student)
@@ -63,8 +64,9 @@ def _vocabulary_chunks(student: List[Tensor], teacher: List[Tensor], scales: Ten
         for b in blocks:
             chunk[:, column:column + b.shape[1]].copy_(b[rows])
             column += b.shape[1]
-        chunk[:, :split].mul_(scales[0])
-        chunk[:, split:].mul_(scales[1])
+        if scales is not None:
+            chunk[:, :split].mul_(scales[0])
+            chunk[:, split:].mul_(scales[1])
         yield rows, chunk
 
 
@@ -126,11 +128,10 @@ class _HeadGrams(torch.autograd.Function):
         if operand_dtype is not None:
             # The 16-bit heads as they are, the combination (with the heads' scales folded into its rows) in three
             # 16-bit parts: tensor-core GEMMs whose error is fp32's (docs/math.md 8.3), not float64's rate.
-            scaled = torch.cat([combination[:split] * scales[0], combination[split:] * scales[1]])
+            scaled = combination * _column_scales(scales, split, combination.shape[0]).unsqueeze(1)
             parts = split_operands.split(scaled.T, operand_dtype, HEAD_GRADIENT_PARTS)
-            ones = torch.ones(2, dtype=scales.dtype, device=scales.device)
             chunks = ((rows, split_operands.similarity(split_operands.as_they_are(chunk), parts))
-                      for rows, chunk in _vocabulary_chunks(student, teacher, ones, operand_dtype))
+                      for rows, chunk in _vocabulary_chunks(student, teacher, None, operand_dtype))
         else:
             chunks = ((rows, _chunk_product(chunk, combination))
                       for rows, chunk in _vocabulary_chunks(student, teacher, scales, ctx.dtype))
@@ -159,17 +160,19 @@ def _exact_gram(student: List[Tensor], teacher: List[Tensor], scales: Tensor, dt
     device = blocks[0].device
     exponents = split_operands.int8_exponents(torch.cat([b.detach().abs().amax(0).float() for b in blocks]))
     gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-    ones = torch.ones(2, dtype=scales.dtype, device=device)
-    for _, chunk in _vocabulary_chunks(student, teacher, ones, dtype, _EXACT_GRAM_ENTRY_BYTES):
+    for _, chunk in _vocabulary_chunks(student, teacher, None, dtype, _EXACT_GRAM_ENTRY_BYTES):
         slices = split_operands.int8_slices(chunk, exponents)
         gram[:split].add_(split_operands.exact_gram_block([x[:, :split] for x in slices], slices))
         if teacher and teacher_block:
             teacher_slices = [x[:, split:] for x in slices]
             gram[split:, split:].add_(split_operands.exact_gram_block(teacher_slices, teacher_slices))
-    column_scale = torch.ldexp(torch.ones(width, dtype=torch.float64, device=device), exponents.to(device))
-    column_scale[:split] *= scales[0]
-    column_scale[split:] *= scales[1]
+    column_scale = torch.ldexp(_column_scales(scales, split, width), exponents.to(device))
     return gram * column_scale.unsqueeze(1) * column_scale.unsqueeze(0)
+
+
+def _column_scales(scales: Tensor, split: int, width: int) -> Tensor:
+    """The heads' scales per column of B = [B_s | B_t]: c_s for the first `split`, c_t for the rest."""
+    return torch.cat([scales[0].expand(split), scales[1].expand(width - split)])
 
 
 def _chunk_product(chunk: Tensor, combination: Tensor) -> Tensor:
@@ -304,8 +307,9 @@ def _strip_operands(strip_dtype: torch.dtype, student_rows: Tensor, student_scal
         lower, info = torch.linalg.cholesky_ex(gram + torch.diag(FACTOR_JITTER * diagonal + floor))
         factor = torch.where(info == 0, lower.T, torch.full_like(lower, float("nan")))
         norm = student_norm.detach().unsqueeze(1)
-        hs = student_rows.detach() * student_scale.unsqueeze(1)
-        unit = torch.ops.ckd_ext.gemm_similarity(hs, factor) / norm
+        # x_j / |s_j| of the scaled rows hs_j = c_j [h_j, 1] (c_j a power of two: exact after the product)
+        unit = torch.ops.ckd_ext.gemm_similarity(student_rows.detach(), factor)
+        unit.mul_(student_scale.unsqueeze(1) / norm)
         if teacher_norm is None:
             logit_anchors = unit
         else:
